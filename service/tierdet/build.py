@@ -1,0 +1,104 @@
+"""``tierdet build``: spec + weights -> verified ONNX -> runnable Triton repository.
+
+Layout under the home folder (``TIERDET_HOME``, default ~/.cache/tierdet):
+  weights/<official file>         verified downloads
+  onnx/<model>.onnx, .json        built models and their provenance
+  repository/<target>/<model>/    what tritonserver loads
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tierdet import __version__
+from tierdet.repository import Target, install_model
+from tierdet.specs import ModelSpec, get_spec
+from tierdet.weights import WeightsSource, resolve_checkpoint, sha256_file
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    spec: ModelSpec
+    onnx: Path
+    provenance: dict[str, str]
+
+
+def onnx_path(home: Path, name: str) -> Path:
+    return home / "onnx" / f"{name}.onnx"
+
+
+def load_built(home: Path, name: str) -> BuiltModel | None:
+    path = onnx_path(home, name)
+    meta = path.with_suffix(".json")
+    if not (path.is_file() and meta.is_file()):
+        return None
+    return BuiltModel(get_spec(name), path, json.loads(meta.read_text()))
+
+
+def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
+                progress: bool = True) -> BuiltModel:
+    """Export ``spec`` with ``source`` weights and check the result runs."""
+    from tierdet.export.onnx_export import export_onnx, load_network
+
+    steps = tqdm(total=4, desc=f"build {spec.name}", disable=not progress,
+                 bar_format="{desc}: {n}/{total} {postfix}")
+    steps.set_postfix_str("weights")
+    checkpoint = resolve_checkpoint(spec, source, home / "weights", progress=progress)
+    steps.update()
+    steps.set_postfix_str("network")
+    network = load_network(spec, checkpoint, source.seed)
+    steps.update()
+    steps.set_postfix_str("export")
+    provenance = {
+        "weights": source.describe(),
+        "weights_sha256": sha256_file(checkpoint) if checkpoint else "",
+        "built_with": f"tierdet {__version__}",
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = export_onnx(spec, network, onnx_path(home, spec.name), metadata=provenance)
+    steps.update()
+    steps.set_postfix_str("verify")
+    verify_onnx(spec, path)
+    provenance["onnx_sha256"] = sha256_file(path)
+    path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    steps.update()
+    steps.close()
+    return BuiltModel(spec, path, provenance)
+
+
+def verify_onnx(spec: ModelSpec, path: Path) -> None:
+    """The exported file loads in ONNX Runtime and answers a batch of 2."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = np.zeros((2, spec.input_size, spec.input_size, 3), np.uint8)
+    out = session.run(None, {"images": batch})[0]
+    if out.shape != (2, spec.max_detections, 6):
+        raise RuntimeError(f"{path}: output shape {out.shape}, expected "
+                           f"(2, {spec.max_detections}, 6)")
+
+
+def ensure_built(names: Iterable[str], source: WeightsSource, home: Path,
+                 rebuild: bool = False, progress: bool = True) -> list[BuiltModel]:
+    built = []
+    for name in names:
+        existing = None if rebuild else load_built(home, name)
+        built.append(existing or build_model(get_spec(name), source, home, progress))
+    return built
+
+
+def assemble(models: Iterable[BuiltModel], home: Path, target: Target = "cpu-local",
+             intra_op_threads: int = 0) -> Path:
+    """Install built models into ``home/repository/<target>``; returns that folder."""
+    repository = home / "repository" / target
+    for model in models:
+        install_model(repository, model.spec, target, model.onnx, model.provenance,
+                      intra_op_threads)
+    return repository

@@ -1,0 +1,159 @@
+"""The ``tierdet`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from tierdet import __version__
+from tierdet.config import ConfigError, default_home, load_settings
+from tierdet.specs import DEFAULT_MODELS, SPECS
+
+
+def _models(text: str | None, all_models: bool = False) -> list[str]:
+    if all_models:
+        return list(SPECS)
+    names = [m.strip() for m in (text or ",".join(DEFAULT_MODELS)).split(",") if m.strip()]
+    unknown = [m for m in names if m not in SPECS]
+    if unknown:
+        raise SystemExit(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(SPECS)}")
+    return names
+
+
+def _weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="official",
+                   help="'official' (download from the spec URL, sha256-verified), "
+                        "'random[:SEED]' (untrained, for tests), or a checkpoint path "
+                        "(default: official)")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tierdet.build import assemble, build_model
+    from tierdet.specs import get_spec
+    from tierdet.weights import WeightsSource
+
+    source = WeightsSource.parse(args.weights)
+    built = [build_model(get_spec(m), source, args.home) for m in _models(args.models, args.all)]
+    for model in built:
+        print(f"{model.spec.name}: {model.onnx} ({model.provenance['weights']})")
+    repository = assemble(built, args.home, args.target, args.threads)
+    print(f"repository: {repository}")
+    return 0
+
+
+def cmd_repo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tierdet.repository import COMMITTED_ROOT, generate
+
+    if not args.check:
+        for path in generate(COMMITTED_ROOT):
+            print(path.relative_to(COMMITTED_ROOT.parent))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = {p.relative_to(tmp): p.read_text() for p in generate(Path(tmp))}
+    drift = [str(rel) for rel, text in fresh.items()
+             if not (COMMITTED_ROOT / rel).is_file() or (COMMITTED_ROOT / rel).read_text() != text]
+    if drift:
+        print("model_repository/ differs from the specs; run `tierdet repo generate`:\n  "
+              + "\n  ".join(drift))
+        return 1
+    print(f"model_repository/ matches the specs ({len(fresh)} configs)")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tierdet.up import run_stack
+    from tierdet.weights import WeightsSource
+
+    settings = load_settings(http_port=args.port, grpc_port=args.grpc_port, http_host=args.host,
+                             grpc_host=args.host)
+    asyncio.run(run_stack(settings, _models(args.models), WeightsSource.parse(args.weights),
+                          args.home, (args.triton_http_port, args.triton_grpc_port,
+                                      args.triton_metrics_port), args.threads))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tierdet.server import run_gateway
+
+    asyncio.run(run_gateway(load_settings(http_port=args.port, grpc_port=args.grpc_port)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierdet", description=__doc__)
+    p.add_argument("--version", action="version", version=f"tierdet {__version__}")
+    p.add_argument("--home", type=Path, default=default_home(),
+                   help="folder for weights, built models and the Triton repository "
+                        "(env TIERDET_HOME; default ~/.cache/tierdet)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export models to ONNX and assemble a Triton repository",
+                       description="Turn model specs + weights into ONNX files (normalise, "
+                                   "network, decode, NMS in one graph) and install them into "
+                                   "HOME/repository/TARGET.")
+    b.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
+    b.add_argument("--all", action="store_true", help="build every model in the registry")
+    _weights_arg(b)
+    b.add_argument("--target", default="cpu-local", choices=["cpu-local", "cpu"],
+                   help="repository flavour to assemble (gpu engines are built on the GPU host)")
+    b.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per model (0: all cores)")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("repo", help="regenerate the committed model_repository/ configs",
+                       description="Rewrite model_repository/<target>/<model>/config.pbtxt "
+                                   "from the specs; --check reports drift instead.")
+    r.add_argument("repo_command", choices=["generate"])
+    r.add_argument("--check", action="store_true", help="exit 1 if the files differ")
+    r.set_defaults(func=cmd_repo)
+
+    u = sub.add_parser("up", help="build if needed, start Triton and the gateway",
+                       description="Build missing models, run tritonserver (from the "
+                                   "nvidia-pytriton wheel) as a supervised child on loopback, "
+                                   "wait until ready, then serve HTTP and gRPC. Ctrl-C or "
+                                   "SIGTERM stops both.")
+    u.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
+    _weights_arg(u)
+    u.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=None, help="gateway HTTP port (default 8080)")
+    u.add_argument("--grpc-port", type=int, default=None, help="gateway gRPC port (default 50051)")
+    u.add_argument("--triton-http-port", type=int, default=8000)
+    u.add_argument("--triton-grpc-port", type=int, default=8001)
+    u.add_argument("--triton-metrics-port", type=int, default=8002)
+    u.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per model (0: all cores)")
+    u.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("serve", help="run the gateway against an existing Triton",
+                       description="Serve HTTP and gRPC, forwarding to Triton at "
+                                   "TIERDET_TRITON_URL. Configuration comes from TIERDET_* "
+                                   "environment variables (see README).")
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--grpc-port", type=int, default=None)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The ONNX exporter narrates every optimisation pass at INFO.
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Gateway settings: defaults, overridable by ``TIERDET_*`` environment variables.
+
+The same names are used by ``tierdet up``/``serve`` flags, docker-compose
+and the Helm chart, so there is one way to configure the service.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+ENV_PREFIX = "TIERDET_"
+
+
+class Settings(BaseModel):
+    model_config = {"frozen": True}
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    # Triton's gRPC endpoint (host:port).
+    triton_url: str = "127.0.0.1:8001"
+    # Models the gateway serves; empty: every model Triton has ready.
+    models: tuple[str, ...] = ()
+    default_model: str = "efficientdet-d0"
+    default_score_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    # Limits applied before any decoding work.
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    # Upper bound on one Triton call when the request sets no budget.
+    request_timeout_s: float = Field(10.0, gt=0)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``TIERDET_<FIELD>`` variables; ``overrides`` win."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            values[name] = tuple(m for m in raw.split(",") if m) if name == "models" else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration:\n{exc}") from None
+
+
+def default_home() -> Path:
+    """Where built models and the runnable repository live (``TIERDET_HOME``)."""
+    return Path(os.environ.get("TIERDET_HOME") or Path.home() / ".cache" / "tierdet")

@@ -1,0 +1,1 @@
+"""Model export (build-time only: needs the ``build`` extra with torch)."""

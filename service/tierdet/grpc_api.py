@@ -1,0 +1,97 @@
+"""gRPC front end: tierdet.v1.Detector, plus standard health and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from tierdet.detector import DetectionService
+from tierdet.errors import GRPC_CODE_KEY, ApiError, ErrorCode
+from tierdet.proto import detection_pb2 as pb
+from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.validation import DetectOptions
+
+log = logging.getLogger("tierdet.grpc")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> None:
+    trailing = [(GRPC_CODE_KEY, exc.code.value)]
+    if exc.retry_after_s is not None:
+        trailing.append(("retry-after", str(max(1, round(exc.retry_after_s)))))
+    context.set_trailing_metadata(tuple(trailing))
+    await context.abort(exc.grpc_status, f"{exc.code.value}: {exc.message}")
+
+
+def options_from_request(request: pb.DetectRequest) -> DetectOptions:
+    try:
+        return DetectOptions(
+            model=request.model or None,
+            score_threshold=(request.score_threshold
+                             if request.HasField("score_threshold") else None),
+            max_detections=(request.max_detections
+                            if request.HasField("max_detections") else None),
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ApiError(ErrorCode.INVALID_OPTION, f"{where}: {first.get('msg')}") from None
+
+
+class DetectorServicer(pb_grpc.DetectorServicer):
+    def __init__(self, service: DetectionService) -> None:
+        self.service = service
+
+    async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
+                     context: grpc.aio.ServicerContext) -> pb.DetectResponse:
+        try:
+            result = await self.service.detect(request.image, options_from_request(request),
+                                               protocol="grpc")
+        except ApiError as exc:
+            await _abort(context, exc)
+        except Exception:
+            log.exception("unhandled error")
+            await _abort(context, ApiError(ErrorCode.INTERNAL, "internal error"))
+        t = result.timing
+        return pb.DetectResponse(
+            model=result.model, width=result.width, height=result.height,
+            detections=[pb.Detection(x1=d.x1, y1=d.y1, x2=d.x2, y2=d.y2, score=d.score,
+                                     class_id=d.class_id, class_name=d.class_name)
+                        for d in result.detections],
+            timing=pb.Timing(decode_ms=t.decode_ms, preprocess_ms=t.preprocess_ms,
+                             infer_ms=t.infer_ms, postprocess_ms=t.postprocess_ms,
+                             total_ms=t.total_ms),
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[pb.ModelInfo(**i) for i in self.service.model_infos()])
+
+
+def create_grpc_server(
+    service: DetectionService, address: str, max_message_bytes: int
+) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+    """A grpc.aio server bound to ``address``; returns it, its health servicer and port."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ])
+    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    return server, health_servicer, port
+
+
+async def set_health(health_servicer: health.HealthServicer, ready: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if ready
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

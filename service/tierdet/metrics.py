@@ -1,0 +1,52 @@
+"""Prometheus metrics of the gateway: stable names, low-cardinality labels.
+
+Labels only take values from closed sets: protocol (http, grpc), model
+(registry names), outcome (ok, bad_input, shed, timeout, error), stage.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Buckets span a fast GPU answer (ms) to a slow CPU D7 (seconds).
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                   1.0, 1.5, 2.5, 5.0, 10.0)
+OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tierdet_requests", "Detect requests answered, by outcome.",
+            ["protocol", "model", "outcome"], registry=r)
+        self.latency = Histogram(
+            "tierdet_request_duration_seconds",
+            "End-to-end detect latency at the gateway (successful requests).",
+            ["protocol", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram(
+            "tierdet_stage_duration_seconds",
+            "Time spent in each stage of a detect request.",
+            ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge(
+            "tierdet_inflight_requests", "Detect requests being processed.", registry=r)
+        self.images = Counter(
+            "tierdet_images", "Images answered successfully, by model.", ["model"],
+            registry=r)
+        self.model_ready = Gauge(
+            "tierdet_model_ready", "1 if Triton reports the model ready.", ["model"],
+            registry=r)
+        self.triton_up = Gauge(
+            "tierdet_triton_up", "1 if the gateway can reach Triton.", registry=r)
+
+    def observe_ok(self, protocol: str, model: str, total_s: float,
+                   stages: dict[str, float]) -> None:
+        self.requests.labels(protocol, model, "ok").inc()
+        self.latency.labels(protocol, model).observe(total_s)
+        self.images.labels(model).inc()
+        for stage, seconds in stages.items():
+            self.stage.labels(stage, model).observe(seconds)
+
+    def observe_failure(self, protocol: str, model: str, outcome: str) -> None:
+        self.requests.labels(protocol, model, outcome).inc()

@@ -1,0 +1,95 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DetectRequest(_message.Message):
+    __slots__ = ("image", "model", "score_threshold", "max_detections")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    model: str
+    score_threshold: float
+    max_detections: int
+    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+
+class Detection(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2", "score", "class_id", "class_name")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    class_id: int
+    class_name: str
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., score: _Optional[float] = ..., class_id: _Optional[int] = ..., class_name: _Optional[str] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("decode_ms", "preprocess_ms", "infer_ms", "postprocess_ms", "total_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    INFER_MS_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    preprocess_ms: float
+    infer_ms: float
+    postprocess_ms: float
+    total_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., infer_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class DetectResponse(_message.Message):
+    __slots__ = ("model", "width", "height", "detections", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    width: int
+    height: int
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_COCO_AP_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_M_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    input_size: int
+    preprocessing: str
+    published_coco_ap: float
+    params_m: float
+    ready: bool
+    weights: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,126 @@
+"""Triton model repositories, rendered from the model specs.
+
+Targets:
+- ``cpu-local``: python backend running ONNX Runtime, for the tritonserver
+  binary in the ``nvidia-pytriton`` wheel (no onnxruntime backend there).
+- ``cpu``: Triton's own onnxruntime backend, for NVIDIA's container on hosts
+  without a GPU.
+- ``gpu``: ``tensorrt_plan``, engines built from the same ONNX on the GPU.
+
+``model_repository/<target>/<model>/config.pbtxt`` in git is exactly what
+``render_config`` produces without provenance (``tierdet repo generate``
+rewrites it, a test fails on drift). A runnable repository is assembled
+elsewhere from those configs plus built model files, with the weights'
+provenance recorded as config parameters the gateway reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from tierdet.specs import SPECS, ModelSpec
+
+Target = Literal["cpu-local", "cpu", "gpu"]
+TARGETS: tuple[Target, ...] = ("cpu-local", "cpu", "gpu")
+INPUT_NAME = "images"
+OUTPUT_NAME = "detections"
+MODEL_FILES: dict[str, str] = {"cpu-local": "model.onnx", "cpu": "model.onnx", "gpu": "model.plan"}
+PROVENANCE_PREFIX = "tierdet."
+PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
+COMMITTED_ROOT = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def _params(items: Mapping[str, str]) -> list[str]:
+    # json.dumps quotes and escapes the way protobuf text format reads them.
+    return [f"parameters {{ key: {json.dumps(k)} value {{ string_value: "
+            f"{json.dumps(v, ensure_ascii=False)} }} }}" for k, v in items.items()]
+
+
+def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
+                  provenance: Mapping[str, str] | None = None) -> str:
+    """config.pbtxt text for ``spec`` on ``target``."""
+    b = spec.batching
+    size = spec.input_size
+    lines = [
+        "# Generated from tierdet.specs by `tierdet repo generate`; do not edit.",
+        f'name: "{spec.name}"',
+    ]
+    if target == "cpu-local":
+        lines.append('backend: "python"')
+    elif target == "cpu":
+        lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
+    else:
+        lines += ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"']
+    lines += [
+        f"max_batch_size: {b.max_batch_size}",
+        f'input [ {{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [ {size}, {size}, 3 ] }} ]',
+        f'output [ {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 '
+        f"dims: [ {spec.max_detections}, 6 ] }} ]",
+        "dynamic_batching {",
+        f"  max_queue_delay_microseconds: {b.max_queue_delay_us}",
+        f"  priority_levels: {b.priority_levels}",
+        f"  default_priority_level: {b.priority_levels}",
+        "  default_queue_policy {",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {b.default_timeout_us}",
+        "    allow_timeout_override: true",
+        "  }",
+        "}",
+        f"instance_group [ {{ kind: {'KIND_GPU' if target == 'gpu' else 'KIND_CPU'} count: 1 }} ]",
+        "model_warmup [ {",
+        '  name: "zeros" batch_size: 1',
+        f'  inputs {{ key: "{INPUT_NAME}" value {{ data_type: TYPE_UINT8 '
+        f"dims: [ {size}, {size}, 3 ] zero_data: true }} }}",
+        "} ]",
+    ]
+    if target == "cpu-local":
+        lines += _params({"onnx_file": "model.onnx", "intra_op_threads": str(intra_op_threads)})
+    elif target == "cpu":
+        lines += _params({"intra_op_thread_count": str(intra_op_threads)})
+    lines += _params({PROVENANCE_PREFIX + k: v for k, v in (provenance or {}).items()})
+    return "\n".join(lines) + "\n"
+
+
+def generate(root: Path = COMMITTED_ROOT, specs: Iterable[ModelSpec] | None = None) -> list[Path]:
+    """(Re)write the committed config templates; returns the files written."""
+    written = []
+    for target in TARGETS:
+        for spec in specs or SPECS.values():
+            path = root / target / spec.name / "config.pbtxt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render_config(spec, target))
+            written.append(path)
+    return written
+
+
+def install_model(repository: Path, spec: ModelSpec, target: Target, model_file: Path,
+                  provenance: Mapping[str, str], intra_op_threads: int = 0) -> Path:
+    """Place one built model into a runnable repository (idempotent)."""
+    model_dir = repository / spec.name
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    dest = version_dir / MODEL_FILES[target]
+    if dest.resolve() != model_file.resolve():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(model_file, tmp)
+        tmp.replace(dest)
+    if target == "cpu-local":
+        shutil.copyfile(PYTHON_MODEL, version_dir / "model.py")
+    (model_dir / "config.pbtxt").write_text(
+        render_config(spec, target, intra_op_threads, provenance))
+    return model_dir
+
+
+def installed_models(repository: Path) -> list[str]:
+    """Models in ``repository`` that have a config and a model file."""
+    if not repository.is_dir():
+        return []
+    return sorted(
+        d.name for d in repository.iterdir()
+        if (d / "config.pbtxt").is_file() and any((d / "1" / f).is_file()
+                                                  for f in set(MODEL_FILES.values()))
+    )

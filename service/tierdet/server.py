@@ -1,0 +1,90 @@
+"""Run the gateway: HTTP and gRPC front ends in one event loop.
+
+Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
+within ``grace_s``, then exit. ``tierdet serve`` and the container
+entrypoint both call ``run_gateway``: there is one way to start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvicorn
+
+from tierdet.config import Settings
+from tierdet.detector import DetectionService
+from tierdet.grpc_api import create_grpc_server, set_health
+from tierdet.http_api import create_app
+from tierdet.metrics import Metrics
+from tierdet.triton_client import TritonClient
+from tierdet.validation import limit_decoder_pixels
+
+log = logging.getLogger("tierdet")
+REFRESH_S = 1.0
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: ours stop HTTP and gRPC together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+async def _watch_models(service: DetectionService, health_servicer, stop: asyncio.Event) -> None:
+    """Keep readiness current, so a restarted Triton is picked up by itself."""
+    while not stop.is_set():
+        try:
+            ready, _ = await service.readiness()
+            await set_health(health_servicer, ready)
+        except Exception:
+            log.exception("model refresh failed")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), REFRESH_S)
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
+                      grace_s: float = 10.0) -> None:
+    limit_decoder_pixels(settings.max_image_pixels)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    triton = TritonClient(settings.triton_url)
+    service = DetectionService(settings, triton, Metrics())
+    await service.refresh()
+    for info in service.model_infos():
+        log.info("model %s: ready=%s weights=%s", info["name"], info["ready"], info["weights"])
+
+    grpc_server, health_servicer, grpc_port = create_grpc_server(
+        service, f"{settings.grpc_host}:{settings.grpc_port}",
+        max_message_bytes=settings.max_image_bytes + 64 * 1024)
+    await grpc_server.start()
+    http = _Uvicorn(uvicorn.Config(
+        create_app(service), host=settings.http_host, port=settings.http_port,
+        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=int(grace_s),
+        lifespan="off"))
+    http_task = asyncio.create_task(http.serve())
+    watch_task = asyncio.create_task(_watch_models(service, health_servicer, stop))
+    log.info("gateway listening: http://%s:%d grpc %s:%d, triton %s", settings.http_host,
+             settings.http_port, settings.grpc_host, grpc_port, settings.triton_url)
+    stop_task = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task.done() and not stop.is_set():
+            raise RuntimeError(f"the HTTP server stopped: cannot serve on "
+                               f"{settings.http_host}:{settings.http_port}?")
+    finally:
+        stop_task.cancel()
+        log.info("shutting down: finishing in-flight requests (grace %.0f s)", grace_s)
+        await set_health(health_servicer, False)
+        http.should_exit = True
+        await asyncio.gather(grpc_server.stop(grace_s), http_task, return_exceptions=True)
+        watch_task.cancel()
+        await triton.close()
+        log.info("gateway stopped")

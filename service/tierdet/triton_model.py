@@ -1,0 +1,46 @@
+"""Triton python-backend model: runs one exported ONNX file with ONNX Runtime.
+
+Used by the ``cpu-local`` target (the pip-installed tritonserver has the
+python backend but no onnxruntime backend). Copied into each model's
+version folder as ``model.py`` when a repository is assembled. It runs
+inside Triton's python stub, so it imports only numpy and onnxruntime.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+INPUT = "images"
+OUTPUT = "detections"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"],
+                            params.get("onnx_file", "model.onnx"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        # Triton's dynamic batcher hands over several requests at once: run
+        # them as one ONNX batch and split the result back per request.
+        arrays = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
+        try:
+            out = self.session.run([OUTPUT], {INPUT: np.concatenate(arrays)})[0]
+        except Exception as exc:  # one bad batch must not kill the model
+            error = pb_utils.TritonError(f"onnxruntime failed: {exc}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        responses, start = [], 0
+        for array in arrays:
+            stop = start + array.shape[0]
+            tensor = pb_utils.Tensor(OUTPUT, np.ascontiguousarray(out[start:stop]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            start = stop
+        return responses

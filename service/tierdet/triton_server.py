@@ -1,0 +1,162 @@
+"""Run the pip-installed tritonserver (from ``nvidia-pytriton``) as a child process.
+
+The wheel carries a real ``tritonserver`` and the python backend, but it
+needs help to run outside NVIDIA's container (see DESIGN.md):
+- a backend folder holding ``python/`` with the backend library, its utils
+  module and the stub for *this* Python version (the wheel keeps the stubs
+  elsewhere);
+- ``LD_LIBRARY_PATH`` with the wheel's bundled libs and this Python's
+  ``lib/`` (without them the stub dies and the server hangs on zombies);
+- ``PATH`` starting with this interpreter's folder, which is how the stub
+  finds numpy and onnxruntime for model.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TritonError(RuntimeError):
+    pass
+
+
+def _pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _bundled_libs() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"
+
+
+def prepare_backends(workdir: Path) -> Path:
+    """Assemble the backend folder the binary needs; returns its path."""
+    root = _pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    python_dir = workdir / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in (root / "backends/python/libtriton_python.so",
+                root / "backends/python/triton_python_backend_utils.py", stub):
+        dest = python_dir / src.name
+        if not dest.exists() or dest.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dest)
+    return workdir / "backends"
+
+
+def triton_env() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = [str(_bundled_libs()), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        [p for p in libs if p] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@dataclass
+class LocalTriton:
+    """A tritonserver child bound to ``host`` serving ``repository``."""
+
+    repository: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8010
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    models: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        binary = _pytriton_root() / "bin" / "tritonserver"
+        cmd = [
+            str(binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={prepare_backends(self.workdir)}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+            # A model that fails to load is reported, the others still serve.
+            "--model-control-mode=explicit", "--exit-on-error=false",
+            "--strict-readiness=false", "--exit-timeout-secs=10",
+            "--log-verbose=0",
+        ]
+        cmd += [f"--load-model={m}" for m in self.models]
+        return cmd
+
+    def start(self) -> None:
+        if self.process and self.process.poll() is None:
+            return
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.command(), env=triton_env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, not Triton
+        )
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=1.0) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    def model_ready(self, model: str) -> bool:
+        return self._get(f"/v2/models/{model}/ready") == 200
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict[str, bool]:
+        """Wait until the server is live and every model loaded or failed."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise TritonError(f"tritonserver exited with code {self.process.returncode}"
+                                  + (f"; see {self.log_path}" if self.log_path else ""))
+            if self._get("/v2/health/live") == 200:
+                states = {m: self.model_ready(m) for m in self.models}
+                if all(states.values()):
+                    return states
+            time.sleep(0.2)
+        states = {m: self.model_ready(m) for m in self.models}
+        if not any(states.values()) and self.models:
+            raise TritonError(f"no model became ready within {timeout_s:.0f} s"
+                              + (f"; see {self.log_path}" if self.log_path else ""))
+        return states
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -1,0 +1,66 @@
+"""``tierdet up``: build what is missing, run Triton as a supervised child, serve.
+
+Triton is restarted if it dies (with backoff); the gateway notices by its
+own readiness polling, so no request path knows about the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from tierdet.build import assemble, ensure_built
+from tierdet.config import Settings
+from tierdet.server import run_gateway
+from tierdet.triton_server import LocalTriton
+from tierdet.weights import WeightsSource
+
+log = logging.getLogger("tierdet.up")
+
+
+async def supervise(triton: LocalTriton, stop: asyncio.Event, max_backoff_s: float = 30.0) -> None:
+    backoff = 1.0
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        if stop.is_set() or triton.alive():
+            backoff = 1.0 if triton.alive() else backoff
+            continue
+        log.error("tritonserver exited (code %s); restarting in %.0f s",
+                  triton.process.returncode if triton.process else None, backoff)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff)
+        if stop.is_set():
+            break
+        triton.start()
+        backoff = min(backoff * 2, max_backoff_s)
+
+
+async def run_stack(settings: Settings, models: list[str], source: WeightsSource, home: Path,
+                    triton_ports: tuple[int, int, int], threads: int) -> None:
+    built = ensure_built(models, source, home)
+    repository = assemble(built, home, "cpu-local", intra_op_threads=threads)
+    http_port, grpc_port, metrics_port = triton_ports
+    triton = LocalTriton(repository, home / "triton", host="127.0.0.1", http_port=http_port,
+                         grpc_port=grpc_port, metrics_port=metrics_port, models=models,
+                         log_path=home / "triton.log")
+    log.info("starting tritonserver (log: %s)", triton.log_path)
+    triton.start()
+    stop = asyncio.Event()
+    try:
+        states = await asyncio.to_thread(triton.wait_ready)
+        for name, ready in states.items():
+            if not ready:
+                log.error("model %s failed to load; see %s", name, triton.log_path)
+        settings = settings.model_copy(update={"triton_url": triton.grpc_url,
+                                               "models": tuple(models)})
+        supervisor = asyncio.create_task(supervise(triton, stop))
+        await run_gateway(settings, stop)
+        stop.set()
+        await supervisor
+    finally:
+        stop.set()
+        await asyncio.to_thread(triton.stop)
+        log.info("tritonserver stopped")
