@@ -41,13 +41,17 @@ def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int]
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     canvas = np.empty((size, size, 3), np.uint8)
     canvas[:] = pad_rgb
-    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    # Shrinking with INTER_AREA averages like effdet's (antialiased) PIL resize;
+    # INTER_LINEAR would alias fine detail away.
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=interp)
     # Boxes map back with the scale actually applied on each axis.
     return canvas, Geometry(new_w / w, new_h / h, w, h)
 
 
 def stretch(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
-    """Resize to size x size ignoring aspect (DAMO-YOLO's evaluation transform)."""
+    """Resize to size x size ignoring aspect, exactly as DAMO-YOLO's evaluation
+    transform does (cv2 INTER_LINEAR): its golden outputs depend on it."""
     h, w = image.shape[:2]
     resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
     return resized, Geometry(size / w, size / h, w, h)

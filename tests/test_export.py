@@ -1,0 +1,104 @@
+"""The exported graph equals the PyTorch model it came from, NMS included."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tierdet.specs import SPECS
+
+torchvision = pytest.importorskip("torchvision")  # build extra
+
+
+def _inputs(seed: int, batch: int, size: int) -> np.ndarray:
+    from tierdet.export.random_weights import calibration_images
+
+    g = torch.Generator().manual_seed(seed)
+    images = calibration_images(batch, size, g).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _match(a: np.ndarray, b: np.ndarray, atol: float) -> None:
+    """Detections [K, 6] equal up to the order of equal scores."""
+    a, b = a[a[:, 4] > 0], b[b[:, 4] > 0]
+    assert len(a) == len(b)
+    for row in a:
+        dist = np.abs(b - row).max(axis=1)
+        assert dist.min() <= atol, (row, b[dist.argmin()])
+
+
+@pytest.fixture(scope="module")
+def d0_network():
+    from tierdet.export.onnx_export import load_network
+
+    return load_network(SPECS["efficientdet-d0"], None, seed=0)
+
+
+def test_random_weights_are_deterministic_and_onnx_matches_torch(built_d0, d0_network):
+    from tierdet.export.onnx_export import wrap_for_export
+
+    spec = built_d0.spec
+    session = ort.InferenceSession(str(built_d0.onnx), providers=["CPUExecutionProvider"])
+    images = _inputs(1, 3, spec.input_size)
+    got = session.run(None, {"images": images})[0]
+    with torch.no_grad():
+        want = wrap_for_export(spec, d0_network)(torch.from_numpy(images)).numpy()
+    assert got.shape == (3, spec.max_detections, 6)
+    assert (got[..., 4] > 0.05).any(), "random weights must give non-trivial scores"
+    for g, w in zip(got, want, strict=True):
+        _match(g, w, atol=2e-2)
+
+
+def test_batch_axis_is_dynamic_and_items_are_independent(built_d0):
+    session = ort.InferenceSession(str(built_d0.onnx), providers=["CPUExecutionProvider"])
+    images = _inputs(2, 2, built_d0.spec.input_size)
+    both = session.run(None, {"images": images})[0]
+    for i in range(2):
+        alone = session.run(None, {"images": images[i:i + 1]})[0][0]
+        _match(alone, both[i], atol=1e-2)
+
+
+def test_in_graph_nms_equals_effdet_detbenchpredict(built_d0, d0_network):
+    """After NMS, our graph answers what effdet's own predictor answers."""
+    from effdet import DetBenchPredict
+
+    spec = built_d0.spec
+    bench = DetBenchPredict(d0_network.module.model).eval()
+    bench.max_detection_points = spec.pre_nms_top_k  # TensorRT's TopK limit, see specs
+    images = _inputs(3, 2, spec.input_size)
+    mean = torch.tensor(spec.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.preprocessing.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - mean) / std
+    with torch.no_grad():
+        ref = bench(x).numpy()
+    ref[..., 5] -= 1  # effdet reports class slot + 1
+    ref[ref[..., 4] <= 0] = 0
+    session = ort.InferenceSession(str(built_d0.onnx), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images})[0]
+    for g, r in zip(got, ref, strict=True):
+        _match(g, r, atol=2e-2)
+
+
+def test_nms_op_matches_torchvision():
+    """The custom op's ONNX translation keeps exactly what torchvision keeps."""
+    from tierdet.export.nms import CUSTOM_TRANSLATIONS, nms_keep
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 300, 2, generator=g) * 200
+    wh = torch.rand(2, 300, 2, generator=g) * 60 + 1
+    boxes = torch.cat([xy, xy + wh], dim=2)
+    scores = torch.rand(2, 300, generator=g)
+    want = nms_keep(boxes, scores, 0.5)
+
+    class Keep(torch.nn.Module):
+        def forward(self, b, s):
+            return nms_keep(b, s, 0.5)
+
+    program = torch.onnx.export(Keep().eval(), (boxes, scores), dynamo=True,
+                                custom_translation_table=CUSTOM_TRANSLATIONS)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: t.numpy() for i, t in
+                             zip(session.get_inputs(), (boxes, scores), strict=True)})[0]
+    assert want.sum() > 10 and (want.numpy() == got).all()

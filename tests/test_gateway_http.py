@@ -1,0 +1,165 @@
+"""HTTP /v1/detect on the real stack: tritonserver + gateway over loopback."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+
+import onnxruntime as ort
+import pytest
+from conftest import TEST_MODEL, encode, photos
+from tierdet import imaging, validation
+from tierdet.detector import detections_from_rows
+from tierdet.specs import SPECS
+
+
+def _assert_inside(body: dict) -> None:
+    for d in body["detections"]:
+        assert 0 <= d["x1"] < d["x2"] <= body["width"]
+        assert 0 <= d["y1"] < d["y2"] <= body["height"]
+        assert 0 <= d["score"] <= 1 and d["class_name"]
+
+
+@pytest.mark.parametrize("name", list(photos()))
+def test_detect_photo_multipart(client, name):
+    image = photos()[name]
+    r = client.post("/v1/detect", files={"image": (f"{name}.jpg", encode(image), "image/jpeg")},
+                    data={"score_threshold": "0.05"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (image.shape[1], image.shape[0])
+    assert body["model"] == TEST_MODEL
+    assert body["timing"]["total_ms"] >= body["timing"]["infer_ms"] > 0
+    _assert_inside(body)
+
+
+def test_detect_json_base64_and_raw_body_agree(client):
+    data = encode(photos()["astronaut"], ".png")
+    as_json = client.post("/v1/detect", json={"image": base64.b64encode(data).decode(),
+                                              "score_threshold": 0.05, "max_detections": 5})
+    raw = client.post("/v1/detect?score_threshold=0.05&max_detections=5", content=data,
+                      headers={"content-type": "image/png"})
+    assert as_json.status_code == raw.status_code == 200
+    assert as_json.json()["detections"] == raw.json()["detections"]
+    assert len(raw.json()["detections"]) <= 5
+
+
+def test_gateway_equals_onnxruntime_on_the_same_tensor(client, triton):
+    """Same ONNX file, same preprocessed tensor, same mapping back."""
+    spec = SPECS[TEST_MODEL]
+    session = ort.InferenceSession(str(triton.repository / TEST_MODEL / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    for name, image in photos().items():
+        data = encode(image)
+        decoded = validation.decode_image(data, 1 << 30, 1 << 30)
+        tensor, geometry = imaging.prepare(decoded, spec.input_size, spec.preprocessing)
+        rows = session.run(None, {"images": tensor[None]})[0][0]
+        want = detections_from_rows(rows, spec, geometry, 0.05, spec.max_detections)
+        got = client.post("/v1/detect", files={"image": ("x.jpg", data, "image/jpeg")},
+                          data={"score_threshold": "0.05"}).json()["detections"]
+        assert len(got) == len(want), name
+        for g in got:  # equal up to the order of tied scores
+            assert any(abs(g["score"] - w.score) < 1e-4 and g["class_id"] == w.class_id
+                       and max(abs(g["x1"] - w.x1), abs(g["y1"] - w.y1), abs(g["x2"] - w.x2),
+                               abs(g["y2"] - w.y2)) < 0.05 for w in want), (name, g)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that declares a huge image (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64)
+
+
+JPEG = encode(photos()["coffee"])
+BAD_REQUESTS = [
+    ("empty file", dict(files={"image": ("a.jpg", b"", "image/jpeg")}), 400, "empty_image"),
+    ("truncated jpeg", dict(files={"image": ("a.jpg", JPEG[:200], "image/jpeg")}), 400,
+     "unreadable_image"),
+    ("header then garbage", dict(files={"image": ("a.jpg", JPEG[:20] + b"\x00" * 5000,
+                                                  "image/jpeg")}), 400, "unreadable_image"),
+    ("not an image", dict(files={"image": ("a.txt", b"hello world", "text/plain")}), 415,
+     "unsupported_media_type"),
+    ("wrong content type", dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
+     "unsupported_media_type"),
+    ("too many bytes", dict(content=b"\xff\xd8\xff" + b"\x00" * (9 * 1024 * 1024),
+                            headers={"content-type": "image/jpeg"}), 413, "image_too_large"),
+    ("bomb header", dict(content=_png_header_only(50_000, 50_000),
+                         headers={"content-type": "image/png"}), 413, "too_many_pixels"),
+    ("threshold above 1", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                               data={"score_threshold": "2"}), 422, "invalid_option"),
+    ("zero detections", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                             data={"max_detections": "0"}), 422, "invalid_option"),
+    ("threshold not a number", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                                    data={"score_threshold": "high"}), 422, "invalid_option"),
+    ("unknown model", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                           data={"model": "yolo-9000"}), 422, "unknown_model"),
+    ("path as model", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                           data={"model": "../../etc/passwd"}), 422, "invalid_option"),
+    ("no image field", dict(files={"picture": ("a.jpg", JPEG, "image/jpeg")}), 400,
+     "empty_image"),
+    ("malformed json", dict(content=b"{not json", headers={"content-type": "application/json"}),
+     400, "invalid_json"),
+    ("json array", dict(json=[1, 2]), 400, "invalid_json"),
+    ("bad base64", dict(json={"image": "@@@"}), 400, "invalid_base64"),
+    ("unknown json field", dict(json={"image": "", "colour": "red"}), 422, "invalid_option"),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,status,code", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_error(client, case, kwargs, status, code):
+    r = client.post("/v1/detect", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert "Traceback" not in r.text
+
+
+def test_still_serving_after_bad_input(client):
+    for _, kwargs, _, _ in BAD_REQUESTS:
+        client.post("/v1/detect", **kwargs)
+    assert client.get("/healthz").status_code == 200
+    assert client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")}
+                       ).status_code == 200
+
+
+def test_unknown_route_is_json_404(client):
+    r = client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_models_health_readiness_and_openapi(client):
+    models = client.get("/v1/models").json()
+    (d0,) = [m for m in models["models"] if m["name"] == TEST_MODEL]
+    assert d0["ready"] and d0["weights"].startswith("random (seed 0)")
+    assert d0["published_coco_ap"] == SPECS[TEST_MODEL].coco_ap
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["models"] == [TEST_MODEL]
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+
+
+def test_metrics_count_requests_per_model(client):
+    client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")})
+    text = client.get("/metrics").text
+    assert f'tierdet_requests_total{{model="{TEST_MODEL}",outcome="ok",protocol="http"}}' in text
+    assert "tierdet_request_duration_seconds_bucket" in text
+    assert f'tierdet_model_ready{{model="{TEST_MODEL}"}} 1.0' in text
+
+
+def test_random_weights_are_announced_in_the_startup_log(gateway):
+    log = gateway.log.read_text()
+    assert "RANDOM weights" in log and TEST_MODEL in log
+
+
+def test_concurrent_requests_all_answered(client):
+    import concurrent.futures
+
+    def one(_):
+        return client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")}
+                           ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(16))) == [200] * 16

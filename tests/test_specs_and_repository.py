@@ -1,0 +1,57 @@
+"""The spec registry drives the committed Triton configs; drift fails here."""
+
+import re
+import subprocess
+import sys
+
+from tierdet.labels import COCO80, COCO90
+from tierdet.repository import COMMITTED_ROOT, TARGETS, render_config
+from tierdet.specs import SPECS
+
+
+def test_every_spec_is_complete():
+    for name, spec in SPECS.items():
+        assert name == spec.name
+        assert spec.input_size % 128 == 0 or spec.input_size == 416
+        assert 0 < spec.coco_ap < 100
+        assert spec.labels.num_classes in (80, 90)
+        if spec.official_weights:
+            assert spec.official_weights.url.startswith("https://")
+            assert re.fullmatch(r"[0-9a-f]{64}", spec.official_weights.sha256)
+
+
+def test_label_sets_agree_on_coco_category_ids():
+    # Both families report the same category id for the same class name.
+    assert COCO90.lookup(0) == (1, "person") == COCO80.lookup(0)
+    assert COCO90.lookup(89) == (90, "toothbrush") == COCO80.lookup(79)
+    assert COCO90.lookup(11) is None  # slot 11 is COCO id 12, unused
+    assert sum(c is not None for c in COCO90.category_ids) == 80
+
+
+def test_committed_configs_match_the_specs():
+    result = subprocess.run([sys.executable, "-m", "tierdet.cli", "repo", "generate", "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_config_batches_dynamically():
+    for target in TARGETS:
+        for spec in SPECS.values():
+            text = (COMMITTED_ROOT / target / spec.name / "config.pbtxt").read_text()
+            assert "dynamic_batching {" in text
+            assert int(re.search(r"max_batch_size: (\d+)", text).group(1)) >= 8
+            assert "timeout_action: REJECT" in text
+
+
+def test_targets_pick_their_backend():
+    spec = SPECS["efficientdet-d0"]
+    assert 'backend: "python"' in render_config(spec, "cpu-local")
+    assert 'backend: "onnxruntime"' in render_config(spec, "cpu")
+    gpu = render_config(spec, "gpu")
+    assert 'platform: "tensorrt_plan"' in gpu and "KIND_GPU" in gpu
+
+
+def test_provenance_is_escaped_into_the_config():
+    text = render_config(SPECS["efficientdet-d0"], "cpu-local",
+                         provenance={"weights": 'file /tmp/a "b"\\c'})
+    assert r'string_value: "file /tmp/a \"b\"\\c"' in text

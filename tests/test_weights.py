@@ -1,0 +1,83 @@
+"""Official weights: downloaded over real HTTP, sha256-verified, cached."""
+
+import dataclasses
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+from tierdet.specs import SPECS, OfficialWeights
+from tierdet.weights import WeightsError, WeightsSource, download, resolve_checkpoint
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture()
+def file_server(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/served; counts GETs."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "ckpt.pth").write_bytes(PAYLOAD)
+    hits: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def test_download_verifies_and_caches(file_server, tmp_path):
+    base, hits = file_server
+    good = hashlib.sha256(PAYLOAD).hexdigest()
+    dest = tmp_path / "cache" / "ckpt.pth"
+    assert download(f"{base}/ckpt.pth", good, dest, progress=False).read_bytes() == PAYLOAD
+    download(f"{base}/ckpt.pth", good, dest, progress=False)
+    assert len(hits) == 1  # the second call used the verified cache
+
+
+def test_wrong_digest_is_refused_and_not_cached(file_server, tmp_path):
+    base, _ = file_server
+    dest = tmp_path / "cache" / "ckpt.pth"
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        download(f"{base}/ckpt.pth", "0" * 64, dest, progress=False)
+    assert not dest.exists() and not list(dest.parent.glob("*.part"))
+
+
+def test_missing_file_is_a_clear_error(file_server, tmp_path):
+    base, _ = file_server
+    with pytest.raises(WeightsError, match="404"):
+        download(f"{base}/nope.pth", "0" * 64, tmp_path / "x.pth", progress=False)
+
+
+def test_official_source_goes_through_the_spec(file_server, tmp_path):
+    base, _ = file_server
+    spec = dataclasses.replace(SPECS["efficientdet-d0"], official_weights=OfficialWeights(
+        f"{base}/ckpt.pth", hashlib.sha256(PAYLOAD).hexdigest()))
+    path = resolve_checkpoint(spec, WeightsSource.parse("official"), tmp_path, progress=False)
+    assert path == tmp_path / "ckpt.pth" and path.read_bytes() == PAYLOAD
+
+
+def test_weights_argument_forms(tmp_path):
+    assert WeightsSource.parse("random").seed == 0
+    assert WeightsSource.parse("random:7").seed == 7
+    assert "NOT trained" in WeightsSource.parse("random:7").describe()
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"x")
+    assert WeightsSource.parse(str(ckpt)) == WeightsSource("file", path=Path(ckpt))
+    with pytest.raises(WeightsError):
+        WeightsSource.parse("random:x")
+    with pytest.raises(WeightsError):
+        WeightsSource.parse(str(tmp_path / "missing.pth"))
