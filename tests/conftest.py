@@ -8,11 +8,6 @@ skip the export; CI starts from a clean clone and builds once.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,41 +15,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from tierdet.localstack import GatewayProcess, start_triton
+from tierdet.triton_server import LocalTriton
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_MODEL = "efficientdet-d0"
 TEST_WEIGHTS = "random:0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 @pytest.fixture(scope="session")
@@ -81,65 +47,33 @@ class Triton:
     http_url: str
     metrics_url: str
     repository: Path
+    server: LocalTriton
 
 
 @pytest.fixture(scope="session")
 def triton(home: Path, built_d0, tmp_path_factory) -> Iterator[Triton]:
-    from tierdet.build import assemble
-    from tierdet.triton_server import LocalTriton
-
-    repository = assemble([built_d0], home, "cpu-local", intra_op_threads=2)
-    work = tmp_path_factory.mktemp("triton")
-    server = LocalTriton(repository, work, http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), models=[TEST_MODEL],
-                         log_path=work / "triton.log")
-    server.start()
+    server = start_triton([built_d0], home, tmp_path_factory.mktemp("triton"), threads=2)
     try:
-        states = server.wait_ready(120)
-        assert all(states.values()), (work / "triton.log").read_text()[-3000:]
         yield Triton(server.grpc_url, server.http_url,
-                     f"http://127.0.0.1:{server.metrics_port}/metrics", repository)
+                     f"http://127.0.0.1:{server.metrics_port}/metrics", server.repository,
+                     server)
     finally:
         server.stop()
 
 
-@dataclass
-class Gateway:
-    http: str
-    grpc: str
-    process: subprocess.Popen
-    log: Path
-
-
-def start_gateway(triton_url: str, log: Path, **env: str) -> Gateway:
-    http_port, grpc_port = free_port(), free_port()
-    environ = {
-        **os.environ,
-        "TIERDET_TRITON_URL": triton_url,
-        "TIERDET_HTTP_PORT": str(http_port),
-        "TIERDET_GRPC_PORT": str(grpc_port),
-        **{f"TIERDET_{k.upper()}": v for k, v in env.items()},
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "tierdet.cli", "serve"], env=environ,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    gw = Gateway(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log)
-    wait_http(gw.http + "/readyz", 60, proc)
-    return gw
-
-
 @pytest.fixture(scope="session")
-def gateway(triton: Triton, tmp_path_factory) -> Iterator[Gateway]:
+def gateway(triton: Triton, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     # A small byte limit keeps the 413 test cheap.
-    gw = start_gateway(triton.grpc_url, log, max_image_bytes=str(8 * 1024 * 1024))
+    gw = GatewayProcess.start(triton.grpc_url, log, max_image_bytes=str(8 * 1024 * 1024))
     try:
         yield gw
     finally:
-        stop_process(gw.process)
+        gw.stop()
 
 
 @pytest.fixture(scope="session")
-def client(gateway: Gateway) -> Iterator[httpx.Client]:
+def client(gateway: GatewayProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.http, timeout=30.0) as c:
         yield c
 

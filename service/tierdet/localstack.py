@@ -1,0 +1,108 @@
+"""Start the real stack on loopback from Python: for tests and benchmarks.
+
+``tierdet up`` is the user-facing way; this module gives tests and
+benchmark scripts the same pieces with free ports and handles to stop them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tierdet.build import BuiltModel, assemble
+from tierdet.triton_server import LocalTriton
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def start_triton(models: Iterable[BuiltModel], home: Path, workdir: Path,
+                 threads: int = 0, timeout_s: float = 120.0) -> LocalTriton:
+    models = list(models)
+    repository = assemble(models, home, "cpu-local", intra_op_threads=threads)
+    server = LocalTriton(repository, workdir, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), models=[m.spec.name for m in models],
+                         log_path=workdir / "triton.log")
+    server.start()
+    try:
+        states = server.wait_ready(timeout_s)
+    except Exception:
+        server.stop()
+        raise
+    if not all(states.values()):
+        server.stop()
+        raise RuntimeError(f"models not ready: {states}; see {server.log_path}")
+    return server
+
+
+@dataclass
+class GatewayProcess:
+    http: str
+    grpc: str
+    process: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, triton_url: str, log: Path, timeout_s: float = 60.0,
+              **settings: str) -> GatewayProcess:
+        """``tierdet serve`` in a child process; ``settings`` become TIERDET_* vars."""
+        http_port, grpc_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "TIERDET_TRITON_URL": triton_url,
+            "TIERDET_HTTP_PORT": str(http_port),
+            "TIERDET_GRPC_PORT": str(grpc_port),
+            **{f"TIERDET_{k.upper()}": v for k, v in settings.items()},
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "tierdet.cli", "serve"], env=env,
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        gateway = cls(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log)
+        try:
+            wait_http(gateway.http + "/readyz", timeout_s, proc)
+        except Exception:
+            stop_process(proc)
+            raise
+        return gateway
+
+    def stop(self) -> int:
+        return stop_process(self.process)

@@ -1,0 +1,74 @@
+"""`tierdet up` starts Triton and the gateway with one command and stops both."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+from conftest import TEST_MODEL, TEST_WEIGHTS, encode, photos
+from tierdet.localstack import free_port, wait_http
+
+
+@pytest.fixture()
+def up(home, built_d0, tmp_path):
+    ports = {name: free_port() for name in ("http", "grpc", "t_http", "t_grpc", "t_metrics")}
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tierdet.cli", "--home", str(home), "up", "--models", TEST_MODEL,
+         "--weights", TEST_WEIGHTS, "--port", str(ports["http"]), "--grpc-port",
+         str(ports["grpc"]), "--triton-http-port", str(ports["t_http"]), "--triton-grpc-port",
+         str(ports["t_grpc"]), "--triton-metrics-port", str(ports["t_metrics"]), "--threads", "1"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    yield proc, ports, log
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _tritons(parent: psutil.Process) -> list[psutil.Process]:
+    return [c for c in parent.children(recursive=True) if c.name() == "tritonserver"]
+
+
+def test_up_serves_then_stops_cleanly_on_sigterm(up):
+    proc, ports, log = up
+    base = f"http://127.0.0.1:{ports['http']}"
+    wait_http(base + "/readyz", 120, proc)
+    r = httpx.post(base + "/v1/detect", timeout=30,
+                   files={"image": ("a.jpg", encode(photos()["chelsea"]), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["model"] == TEST_MODEL
+    # Triton answers on loopback only.
+    assert httpx.get(f"http://127.0.0.1:{ports['t_http']}/v2/health/ready").status_code == 200
+    (triton,) = _tritons(psutil.Process(proc.pid))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE
+    text = log.read_text()
+    assert "RANDOM weights" in text and "gateway stopped" in text
+
+
+def test_up_restarts_a_crashed_triton(up):
+    proc, ports, log = up
+    base = f"http://127.0.0.1:{ports['http']}"
+    wait_http(base + "/readyz", 120, proc)
+    (triton,) = _tritons(psutil.Process(proc.pid))
+    triton.kill()
+    # Readiness drops, then comes back without restarting `tierdet up`.
+    deadline = time.monotonic() + 60
+    saw_down = False
+    while time.monotonic() < deadline:
+        status = httpx.get(base + "/readyz", timeout=5).status_code
+        saw_down |= status == 503
+        if saw_down and status == 200:
+            break
+        time.sleep(0.2)
+    assert saw_down and status == 200, log.read_text()[-3000:]
+    r = httpx.post(base + "/v1/detect", timeout=30,
+                   files={"image": ("a.jpg", encode(photos()["coffee"]), "image/jpeg")})
+    assert r.status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
