@@ -141,12 +141,27 @@ def test_models_health_readiness_and_openapi(client):
     assert {"multipart/form-data", "application/json"} <= set(body)
 
 
+def _samples(text: str, name: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name]
+
+
 def test_metrics_count_requests_per_model(client):
+    def ok_count() -> float:
+        text = client.get("/metrics").text
+        return sum(s.value for s in _samples(text, "tierdet_requests_total")
+                   if s.labels == {"protocol": "http", "tier": "balanced",
+                                   "model": TEST_MODEL, "outcome": "ok"})
+
+    before = ok_count()
     client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")})
+    assert ok_count() == before + 1
     text = client.get("/metrics").text
-    assert f'tierdet_requests_total{{model="{TEST_MODEL}",outcome="ok",protocol="http"}}' in text
-    assert "tierdet_request_duration_seconds_bucket" in text
-    assert f'tierdet_model_ready{{model="{TEST_MODEL}"}} 1.0' in text
+    assert _samples(text, "tierdet_request_duration_seconds_bucket")
+    (ready,) = _samples(text, "tierdet_model_ready")
+    assert ready.labels == {"model": TEST_MODEL} and ready.value == 1.0
 
 
 def test_random_weights_are_announced_in_the_startup_log(gateway):
@@ -154,12 +169,15 @@ def test_random_weights_are_announced_in_the_startup_log(gateway):
     assert "RANDOM weights" in log and TEST_MODEL in log
 
 
-def test_concurrent_requests_all_answered(client):
+def test_concurrent_requests_without_budget_are_all_answered(client):
+    """A pinned model without a budget queues (up to the request timeout)."""
     import concurrent.futures
 
     def one(_):
-        return client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")}
-                           ).status_code
+        r = client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                        data={"model": TEST_MODEL})
+        return r.status_code, r.text[:200]
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        assert list(pool.map(one, range(16))) == [200] * 16
+        results = list(pool.map(one, range(16)))
+    assert [status for status, _ in results] == [200] * 16, results

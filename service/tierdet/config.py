@@ -25,12 +25,21 @@ class Settings(BaseModel):
     triton_url: str = "127.0.0.1:8001"
     # Models the gateway serves; empty: every model Triton has ready.
     models: tuple[str, ...] = ()
-    default_model: str = "efficientdet-d0"
+    # Routing: tiers file (YAML; built-in realtime/balanced/accurate when
+    # unset), the tier for requests that name neither tier, budget nor model,
+    # and the measured latency profile (`tierdet profile`).
+    tiers_file: Path | None = None
+    default_tier: str = "balanced"
+    profile_file: Path | None = None
+    # A model is chosen only if predicted * (1 + frac) + ms fits the budget.
+    route_margin_frac: float = Field(0.15, ge=0.0, le=2.0)
+    route_margin_ms: float = Field(5.0, ge=0.0)
     default_score_threshold: float = Field(0.25, ge=0.0, le=1.0)
     # Limits applied before any decoding work.
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
-    # Upper bound on one Triton call when the request sets no budget.
+    # Budget for requests pinned to a model without a budget, and the bound
+    # on a degraded answer.
     request_timeout_s: float = Field(10.0, gt=0)
     log_level: str = "info"
 

@@ -1,8 +1,9 @@
 """The detect use case, shared by the HTTP and gRPC front ends.
 
-decode (limits first) -> choose model -> resize -> Triton -> boxes back to
-image pixels. Front ends only translate their wire format to and from the
-dataclasses here; every error is an ``ApiError``.
+limits + decode -> route (budget, profile, backlog) -> resize -> Triton
+(deadline and priority travel with the call) -> boxes back to image pixels.
+Front ends only translate their wire format to and from the dataclasses
+here; every error is an ``ApiError``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from tierdet import imaging, validation
 from tierdet.config import Settings
 from tierdet.errors import ApiError, ErrorCode
 from tierdet.metrics import Metrics
+from tierdet.profile import LatencyProfile
+from tierdet.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
 from tierdet.specs import SPECS, ModelSpec
 from tierdet.triton_client import TritonClient
 
@@ -45,12 +48,22 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Routing:
+    tier: str | None
+    budget_ms: float
+    predicted_ms: float
+    actual_ms: float
+    degraded: bool
+
+
+@dataclass(frozen=True)
 class DetectResult:
     model: str
     width: int
     height: int
     detections: list[Detection]
     timing: Timing
+    routing: Routing
 
 
 @dataclass
@@ -86,11 +99,20 @@ def detections_from_rows(rows: np.ndarray, spec: ModelSpec, geometry: imaging.Ge
     return out
 
 
+def build_router(settings: Settings) -> Router:
+    tiers = TierConfig.load(settings.tiers_file, settings.default_tier)
+    latency = LatencyModel(LatencyProfile.load(settings.profile_file))
+    return Router(SPECS, tiers, latency, default_budget_ms=settings.request_timeout_s * 1e3,
+                  margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms)
+
+
 class DetectionService:
-    def __init__(self, settings: Settings, triton: TritonClient, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, triton: TritonClient, metrics: Metrics,
+                 router: Router | None = None) -> None:
         self.settings = settings
         self.triton = triton
         self.metrics = metrics
+        self.router = router or build_router(settings)
         self.table = ModelTable()
 
     # -- model table -----------------------------------------------------
@@ -113,6 +135,7 @@ class DetectionService:
             state.ready = bool(index) and index.get(name) == "READY"
             if state.ready and not was_ready:
                 await self._read_provenance(state)
+                await self._probe_latency(spec)
             self.metrics.model_ready.labels(name).set(1 if state.ready else 0)
 
     async def _read_provenance(self, state: ModelState) -> None:
@@ -125,6 +148,22 @@ class DetectionService:
             log.warning("model %s serves RANDOM weights: %s", state.spec.name, state.weights)
         else:
             log.info("model %s ready, weights: %s", state.spec.name, state.weights)
+
+    async def _probe_latency(self, spec: ModelSpec) -> None:
+        """Seed the router with one measurement of a model it has no profile for."""
+        latency = self.router.latency
+        if spec.name in latency.profile.models:
+            return
+        image = np.full((1, spec.input_size, spec.input_size, 3), 114, np.uint8)
+        try:
+            for _ in range(2):  # the first call may pay one-off costs
+                start = time.perf_counter()
+                await self.triton.infer(spec.name, image, timeout_s=60.0)
+            ms = (time.perf_counter() - start) * 1e3
+        except ApiError:
+            return
+        latency.finish(spec.name, latency.admit(spec.name), ms)
+        log.info("model %s: no latency profile; measured %.1f ms at batch 1", spec.name, ms)
 
     def ready_models(self) -> list[str]:
         return [n for n, s in self.table.states.items() if s.ready]
@@ -139,80 +178,127 @@ class DetectionService:
         ]
 
     async def readiness(self) -> tuple[bool, str]:
-        """Ready: Triton reachable, and the default model (or, with none
-        configured, at least one model) ready. Other models may be down: they
-        are reported in /v1/models and not served."""
+        """Ready: Triton reachable and at least one model ready. Models that
+        are down are reported in /v1/models and not routed to."""
         await self.refresh()
         if not self.table.triton_up:
             return False, "triton is unreachable"
-        ready = self.ready_models()
-        default = self.settings.default_model
-        if default in self.table.states and default not in ready:
-            return False, f"default model {default} is not ready"
-        if not ready:
+        if not self.ready_models():
             return False, "no model is ready"
         return True, "ready"
 
     # -- detect ----------------------------------------------------------
 
-    def choose_model(self, options: validation.DetectOptions) -> ModelSpec:
-        name = options.model or self.settings.default_model
-        spec = SPECS.get(name)
-        if spec is None or (self.settings.models and name not in self.settings.models):
+    def _check_names(self, options: validation.DetectOptions) -> RouteRequest:
+        """Cheap checks before any decoding: the model and tier must exist."""
+        if options.model is not None and (
+                options.model not in SPECS
+                or (self.settings.models and options.model not in self.settings.models)):
             served = ", ".join(sorted(self.table.states)) or "none"
-            raise ApiError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}; served: {served}")
-        state = self.table.states.get(name)
-        if state is None or not state.ready:
-            raise ApiError(ErrorCode.MODEL_NOT_READY, f"model {name} is not ready",
+            raise ApiError(ErrorCode.UNKNOWN_MODEL,
+                           f"unknown model {options.model!r}; served: {served}")
+        request = RouteRequest(model=options.model, tier=options.tier, sla_ms=options.sla_ms)
+        self.router.tier_for(request)  # raises on an unknown tier
+        if options.model is not None and options.model not in self.ready_models():
+            raise ApiError(ErrorCode.MODEL_NOT_READY, f"model {options.model} is not ready",
                            retry_after_s=2.0)
-        return spec
+        return request
 
-    def _decode_and_prepare(self, data: bytes, spec: ModelSpec
-                            ) -> tuple[np.ndarray, imaging.Geometry, float, float]:
+    def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         image = validation.decode_image(data, self.settings.max_image_bytes,
                                         self.settings.max_image_pixels)
-        t1 = time.perf_counter()
-        tensor, geometry = imaging.prepare(image, spec.input_size, spec.preprocessing)
-        return tensor, geometry, t1 - t0, time.perf_counter() - t1
+        return image, time.perf_counter() - t0
 
-    async def detect(self, data: bytes, options: validation.DetectOptions,
-                     protocol: str) -> DetectResult:
-        start = time.perf_counter()
-        model = options.model or self.settings.default_model
+    @staticmethod
+    def _prepare(image: np.ndarray, spec: ModelSpec
+                 ) -> tuple[np.ndarray, imaging.Geometry, float]:
+        t0 = time.perf_counter()
+        tensor, geometry = imaging.prepare(image, spec.input_size, spec.preprocessing)
+        return tensor, geometry, time.perf_counter() - t0
+
+    async def detect(self, data: bytes, options: validation.DetectOptions, protocol: str,
+                     received: float | None = None, deadline_ms: float | None = None
+                     ) -> DetectResult:
+        """``received``: perf_counter() when the request arrived; ``deadline_ms``:
+        the transport's own deadline from ``received`` (gRPC), if any."""
+        start = received if received is not None else time.perf_counter()
+        tier: str | None = options.tier
+        model = options.model or "none"
         self.metrics.inflight.inc()
         try:
-            spec = self.choose_model(options)
-            # OpenCV releases the GIL: decode in a worker thread keeps the
+            request = self._check_names(options)
+            if deadline_ms is not None:
+                request = RouteRequest(request.model, request.tier, request.sla_ms, deadline_ms)
+            # OpenCV releases the GIL: decoding in a worker thread keeps the
             # event loop answering other requests meanwhile.
-            tensor, geometry, decode_s, prep_s = await asyncio.to_thread(
-                self._decode_and_prepare, data, spec)
-            t_infer = time.perf_counter()
-            rows = await self.triton.infer(spec.name, tensor[None],
-                                           timeout_s=self.settings.request_timeout_s)
-            t_post = time.perf_counter()
-            threshold = (options.score_threshold if options.score_threshold is not None
-                         else self.settings.default_score_threshold)
-            limit = min(options.max_detections or spec.max_detections, spec.max_detections)
-            detections = detections_from_rows(rows[0], spec, geometry, threshold, limit)
-            end = time.perf_counter()
+            image, decode_s = await asyncio.to_thread(self._decode, data)
+            decision = self.router.decide(request, _ms_since(start), self.ready_models())
+            tier, model = decision.tier, decision.model
+            result = await self._run(decision, image, options, start, decode_s)
         except ApiError as exc:
-            self.metrics.observe_failure(protocol, model if model in SPECS else "unknown",
+            self.metrics.observe_failure(protocol, tier, model if model in SPECS else "none",
                                          _outcome(exc))
+            raise
+        except Exception:
+            self.metrics.observe_failure(protocol, tier, model if model in SPECS else "none",
+                                         "error")
             raise
         finally:
             self.metrics.inflight.dec()
-        stages = {"decode": decode_s, "preprocess": prep_s, "infer": t_post - t_infer,
-                  "postprocess": end - t_post}
-        self.metrics.observe_ok(protocol, spec.name, end - start, stages)
+        self._observe(protocol, result)
+        return result
+
+    async def _run(self, decision: Decision, image: np.ndarray,
+                   options: validation.DetectOptions, start: float, decode_s: float
+                   ) -> DetectResult:
+        spec = SPECS[decision.model]
+        latency = self.router.latency
+        predicted_triton = latency.admit(spec.name)
+        observed: float | None = None
+        try:
+            tensor, geometry, prep_s = await asyncio.to_thread(self._prepare, image, spec)
+            timeout_s = (self.settings.request_timeout_s if decision.degraded
+                         else decision.timeout_s(_ms_since(start)))
+            t_infer = time.perf_counter()
+            rows = await self.triton.infer(spec.name, tensor[None], timeout_s=timeout_s,
+                                           priority=decision.priority)
+            t_post = time.perf_counter()
+            observed = (t_post - t_infer) * 1e3
+        finally:
+            latency.finish(spec.name, predicted_triton, observed)
+        threshold = (options.score_threshold if options.score_threshold is not None
+                     else self.settings.default_score_threshold)
+        limit = min(options.max_detections or spec.max_detections, spec.max_detections)
+        detections = detections_from_rows(rows[0], spec, geometry, threshold, limit)
+        end = time.perf_counter()
         timing = Timing(decode_s * 1e3, prep_s * 1e3, (t_post - t_infer) * 1e3,
                         (end - t_post) * 1e3, (end - start) * 1e3)
-        return DetectResult(spec.name, geometry.width, geometry.height, detections, timing)
+        routing = Routing(decision.tier, decision.budget_ms, decision.predicted_ms,
+                          timing.total_ms, decision.degraded)
+        return DetectResult(spec.name, geometry.width, geometry.height, detections, timing,
+                            routing)
+
+    def _observe(self, protocol: str, result: DetectResult) -> None:
+        t, r = result.timing, result.routing
+        stages = {"decode": t.decode_ms / 1e3, "preprocess": t.preprocess_ms / 1e3,
+                  "infer": t.infer_ms / 1e3, "postprocess": t.postprocess_ms / 1e3}
+        in_slo = t.total_ms <= r.budget_ms and not r.degraded
+        self.metrics.observe_ok(protocol, r.tier, result.model, t.total_ms / 1e3, stages,
+                                in_slo, r.predicted_ms / 1e3)
+        if r.degraded:
+            self.metrics.degraded.labels(r.tier or "none", result.model).inc()
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
 
 
 def _outcome(exc: ApiError) -> str:
     if exc.code is ErrorCode.DEADLINE_EXCEEDED:
         return "timeout"
+    if exc.code is ErrorCode.SLA_UNATTAINABLE:
+        return "shed"
     if exc.http_status < 500:
         return "bad_input"
     return "error"

@@ -21,6 +21,8 @@ class ErrorCode(str, Enum):
     INVALID_BASE64 = "invalid_base64"
     INVALID_OPTION = "invalid_option"
     UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_TIER = "unknown_tier"
+    SLA_UNATTAINABLE = "sla_unattainable"
     MODEL_NOT_READY = "model_not_ready"
     TRITON_UNAVAILABLE = "triton_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -39,6 +41,9 @@ _STATUS: dict[ErrorCode, tuple[int, grpc.StatusCode]] = {
     ErrorCode.TOO_MANY_PIXELS: (413, grpc.StatusCode.INVALID_ARGUMENT),
     ErrorCode.INVALID_OPTION: (422, grpc.StatusCode.INVALID_ARGUMENT),
     ErrorCode.UNKNOWN_MODEL: (422, grpc.StatusCode.INVALID_ARGUMENT),
+    ErrorCode.UNKNOWN_TIER: (422, grpc.StatusCode.INVALID_ARGUMENT),
+    # Shed at admission: no model can answer within the budget right now.
+    ErrorCode.SLA_UNATTAINABLE: (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorCode.MODEL_NOT_READY: (503, grpc.StatusCode.UNAVAILABLE),
     ErrorCode.TRITON_UNAVAILABLE: (503, grpc.StatusCode.UNAVAILABLE),
     ErrorCode.DEADLINE_EXCEEDED: (504, grpc.StatusCode.DEADLINE_EXCEEDED),

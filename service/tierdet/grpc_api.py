@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +36,8 @@ def options_from_request(request: pb.DetectRequest) -> DetectOptions:
                              if request.HasField("score_threshold") else None),
             max_detections=(request.max_detections
                             if request.HasField("max_detections") else None),
+            tier=request.tier or None,
+            sla_ms=request.sla_ms if request.HasField("sla_ms") else None,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -48,15 +51,19 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
+        received = time.perf_counter()
+        remaining_s = context.time_remaining()
+        deadline_ms = remaining_s * 1e3 if remaining_s is not None else None
         try:
             result = await self.service.detect(request.image, options_from_request(request),
-                                               protocol="grpc")
+                                               protocol="grpc", received=received,
+                                               deadline_ms=deadline_ms)
         except ApiError as exc:
             await _abort(context, exc)
         except Exception:
             log.exception("unhandled error")
             await _abort(context, ApiError(ErrorCode.INTERNAL, "internal error"))
-        t = result.timing
+        t, r = result.timing, result.routing
         return pb.DetectResponse(
             model=result.model, width=result.width, height=result.height,
             detections=[pb.Detection(x1=d.x1, y1=d.y1, x2=d.x2, y2=d.y2, score=d.score,
@@ -65,6 +72,9 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             timing=pb.Timing(decode_ms=t.decode_ms, preprocess_ms=t.preprocess_ms,
                              infer_ms=t.infer_ms, postprocess_ms=t.postprocess_ms,
                              total_ms=t.total_ms),
+            routing=pb.Routing(tier=r.tier or "", budget_ms=r.budget_ms,
+                               predicted_ms=r.predicted_ms, actual_ms=r.actual_ms,
+                               degraded=r.degraded),
         )
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802

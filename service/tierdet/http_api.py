@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -24,12 +25,13 @@ from tierdet.schemas import (
     ErrorResponse,
     ModelInfo,
     ModelsResponse,
+    TierOut,
 )
 from tierdet.validation import DetectOptions
 
 log = logging.getLogger("tierdet.http")
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503, 504)}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 502, 503, 504)}
 _DETECT_BODY = {
     "requestBody": {
         "required": True,
@@ -41,6 +43,8 @@ _DETECT_BODY = {
                     "model": {"type": "string"},
                     "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
                     "max_detections": {"type": "integer", "minimum": 1},
+                    "tier": {"type": "string"},
+                    "sla_ms": {"type": "number", "exclusiveMinimum": 0},
                 }}},
             "application/json": {"schema": DetectJsonRequest.model_json_schema()},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -124,16 +128,22 @@ def create_app(service: DetectionService) -> FastAPI:
     @app.post("/v1/detect", response_model=DetectResponse, responses=_ERRORS,
               openapi_extra=_DETECT_BODY, summary="Detect objects in one image")
     async def detect(request: Request) -> DetectResponse:
+        received = time.perf_counter()
         data, options = await parse_detect_request(request)
-        result = await service.detect(data, options, protocol="http")
+        result = await service.detect(data, options, protocol="http", received=received)
         return DetectResponse(
             model=result.model, width=result.width, height=result.height,
-            detections=[asdict(d) for d in result.detections], timing=asdict(result.timing))
+            detections=[asdict(d) for d in result.detections], timing=asdict(result.timing),
+            routing=asdict(result.routing))
 
-    @app.get("/v1/models", response_model=ModelsResponse, summary="Models and readiness")
+    @app.get("/v1/models", response_model=ModelsResponse, summary="Models, tiers, readiness")
     async def models() -> ModelsResponse:
-        return ModelsResponse(default_model=service.settings.default_model,
-                              models=[ModelInfo(**info) for info in service.model_infos()])
+        tiers = service.router.tiers
+        return ModelsResponse(
+            default_tier=tiers.default,
+            tiers=[TierOut(name=t.name, budget_ms=t.budget_ms, models=list(t.models),
+                           degrade=t.degrade) for t in tiers.tiers.values()],
+            models=[ModelInfo(**info) for info in service.model_infos()])
 
     @app.get("/healthz", summary="The gateway process is alive")
     async def healthz() -> dict[str, str]:

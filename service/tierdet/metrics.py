@@ -1,6 +1,7 @@
 """Prometheus metrics of the gateway: stable names, low-cardinality labels.
 
-Labels only take values from closed sets: protocol (http, grpc), model
+Labels only take values from closed sets: protocol (http, grpc), tier
+(configured names, or "none" for pinned models and bare budgets), model
 (registry names), outcome (ok, bad_input, shed, timeout, error), stage.
 """
 
@@ -11,7 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Buckets span a fast GPU answer (ms) to a slow CPU D7 (seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                    1.0, 1.5, 2.5, 5.0, 10.0)
+RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error")
+NO_TIER = "none"
 
 
 class Metrics:
@@ -20,7 +23,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "tierdet_requests", "Detect requests answered, by outcome.",
-            ["protocol", "model", "outcome"], registry=r)
+            ["protocol", "tier", "model", "outcome"], registry=r)
         self.latency = Histogram(
             "tierdet_request_duration_seconds",
             "End-to-end detect latency at the gateway (successful requests).",
@@ -29,6 +32,16 @@ class Metrics:
             "tierdet_stage_duration_seconds",
             "Time spent in each stage of a detect request.",
             ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.slo = Counter(
+            "tierdet_slo_requests", "Requests with a budget, by whether the answer met it "
+            "(shed and failed requests count as missed).", ["tier", "result"], registry=r)
+        self.degraded = Counter(
+            "tierdet_degraded", "Answers served late by the fastest model (tier allows it).",
+            ["tier", "model"], registry=r)
+        self.prediction_ratio = Histogram(
+            "tierdet_latency_prediction_ratio",
+            "Actual / predicted end-to-end latency of routed requests.", ["model"],
+            buckets=RATIO_BUCKETS, registry=r)
         self.inflight = Gauge(
             "tierdet_inflight_requests", "Detect requests being processed.", registry=r)
         self.images = Counter(
@@ -40,13 +53,19 @@ class Metrics:
         self.triton_up = Gauge(
             "tierdet_triton_up", "1 if the gateway can reach Triton.", registry=r)
 
-    def observe_ok(self, protocol: str, model: str, total_s: float,
-                   stages: dict[str, float]) -> None:
-        self.requests.labels(protocol, model, "ok").inc()
+    def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
+                   stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:
+        tier = tier or NO_TIER
+        self.requests.labels(protocol, tier, model, "ok").inc()
         self.latency.labels(protocol, model).observe(total_s)
         self.images.labels(model).inc()
+        self.slo.labels(tier, "met" if in_slo else "missed").inc()
+        if predicted_s > 0:
+            self.prediction_ratio.labels(model).observe(total_s / predicted_s)
         for stage, seconds in stages.items():
             self.stage.labels(stage, model).observe(seconds)
 
-    def observe_failure(self, protocol: str, model: str, outcome: str) -> None:
-        self.requests.labels(protocol, model, outcome).inc()
+    def observe_failure(self, protocol: str, tier: str | None, model: str, outcome: str) -> None:
+        self.requests.labels(protocol, tier or NO_TIER, model, outcome).inc()
+        if outcome in ("shed", "timeout", "error"):
+            self.slo.labels(tier or NO_TIER, "missed").inc()

@@ -36,12 +36,23 @@ class TimingOut(BaseModel):
     total_ms: float
 
 
+class RoutingOut(BaseModel):
+    tier: str | None = Field(..., description="Tier applied; null for a pinned model or "
+                             "a bare sla_ms.")
+    budget_ms: float = Field(..., description="The latency budget the router worked to.")
+    predicted_ms: float = Field(..., description="Predicted end-to-end latency at admission.")
+    actual_ms: float = Field(..., description="Measured end-to-end latency at the gateway.")
+    degraded: bool = Field(..., description="True when no model fitted and the tier allowed "
+                           "serving the fastest one late.")
+
+
 class DetectResponse(BaseModel):
     model: str
     width: int
     height: int
     detections: list[DetectionOut]
     timing: TimingOut
+    routing: RoutingOut
 
 
 class ModelInfo(BaseModel):
@@ -55,8 +66,16 @@ class ModelInfo(BaseModel):
     weights: str = Field(..., description="Provenance: official, file <path>, or random.")
 
 
+class TierOut(BaseModel):
+    name: str
+    budget_ms: float
+    models: list[str]
+    degrade: bool
+
+
 class ModelsResponse(BaseModel):
-    default_model: str
+    default_tier: str
+    tiers: list[TierOut]
     models: list[ModelInfo]
 
 

@@ -7,6 +7,7 @@ stay cheap (no torch, no onnxruntime): the gateway reads it at start-up.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -47,16 +48,39 @@ IMAGENET = Preprocessing(
 RAW_STRETCH = Preprocessing(resize="stretch")
 
 
+DigestKind = Literal["sha256", "sha256-prefix", "none"]
+_MIN_PREFIX = 8  # torch.hub's convention: the file name carries >= 8 hex digits
+
+
 @dataclass(frozen=True)
 class OfficialWeights:
-    """Where the published checkpoint lives and the digest it must have."""
+    """Where the published checkpoint lives and what its bytes must hash to.
+
+    ``sha256`` is the full digest where one is known. Where only a prefix is
+    published (torch.hub style, in the file name) it holds that prefix: a
+    weaker check, enough against a truncated or swapped file, not against a
+    crafted collision. Empty means no digest is published anywhere we could
+    find; the build then records the digest it saw so it can be pinned.
+    """
 
     url: str
-    sha256: str
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.sha256)
+        if not re.fullmatch(r"[0-9a-f]*", self.sha256) or 0 < n < _MIN_PREFIX or n > 64:
+            raise ValueError(f"{self.url}: sha256 must be 64 lowercase hex digits, a prefix "
+                             f"of at least {_MIN_PREFIX}, or empty; got {self.sha256!r}")
 
     @property
     def filename(self) -> str:
         return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def digest_kind(self) -> DigestKind:
+        if len(self.sha256) == 64:
+            return "sha256"
+        return "sha256-prefix" if self.sha256 else "none"
 
 
 @dataclass(frozen=True)
@@ -93,9 +117,8 @@ class ModelSpec:
 _EFFDET_RELEASE = "https://github.com/rwightman/efficientdet-pytorch/releases/download/v0.1/"
 
 
-def _effdet(
-    level: int, size: int, ap: float, params_m: float, file: str, sha256: str
-) -> ModelSpec:
+def _effdet(level: int, size: int, ap: float, params_m: float, file: str,
+            sha256: str) -> ModelSpec:
     return ModelSpec(
         name=f"efficientdet-d{level}",
         family=Family.EFFICIENTDET,
@@ -109,16 +132,59 @@ def _effdet(
     )
 
 
-# AP: effdet 0.4.1's published val2017 figures for its port of the TF weights.
-# sha256: the release file names carry the first 8 hex digits; the full digests
-# were measured from the release files (see README, "Model zoo").
+_DAMO_RELEASE = "https://idstcv.oss-cn-zhangjiakou.aliyuncs.com/DAMO-YOLO/release_model/"
+
+
+def _damoyolo(variant: str, size: int, ap: float, params_m: float, path: str,
+              nms_iou: float) -> ModelSpec:
+    return ModelSpec(
+        name=f"damoyolo-{variant}",
+        family=Family.DAMOYOLO,
+        arch=variant,  # key of tierdet.models.damoyolo.VARIANTS
+        input_size=size,
+        preprocessing=RAW_STRETCH,
+        labels=COCO80,
+        coco_ap=ap,
+        params_m=params_m,
+        # No digest of these files is published (nor in their names).
+        official_weights=OfficialWeights(url=_DAMO_RELEASE + path),
+        nms_iou=nms_iou,
+    )
+
+
+# EfficientDet. AP: effdet 0.4.1's val2017 figures for its port of the TF
+# weights (its README). Params: the EfficientDet paper (Table 2; D7 shares
+# D6's network). sha256: D0-D4 full digests measured from the release files
+# by a third party, whose first 8 hex digits are the official file names'
+# hash fragment; D5-D7: only that fragment is published (a prefix check).
+#
+# DAMO-YOLO. AP, params and checkpoints: the tinyvision/damo-yolo README
+# (commit 319572e), the rows without distillation ("T 42.0", not "T* 43.6"),
+# which are the checkpoints named here. nms_iou: the configs' nms_iou_thre
+# (0.65 for the nano configs, 0.7 for the others).
 SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        _effdet(
-            0, 512, 34.2, 3.9, "tf_efficientdet_d0_34-f153e0cf.pth",
-            "f153e0cfe3c987981ab2d02ce32c8a5fa0b4092bc97abcf95c887e2e05bd4003",
-        ),
+        _effdet(0, 512, 34.2, 3.9, "tf_efficientdet_d0_34-f153e0cf.pth",
+                "f153e0cfe3c987981ab2d02ce32c8a5fa0b4092bc97abcf95c887e2e05bd4003"),
+        _effdet(1, 640, 40.1, 6.6, "tf_efficientdet_d1_40-a30f94af.pth",
+                "a30f94afc3326a6ef7a61c1657baefe3ea7168139006fbf0fe41807260b885b8"),
+        _effdet(2, 768, 43.4, 8.1, "tf_efficientdet_d2_43-8107aa99.pth",
+                "8107aa9988942c88b909158e14de3319870d64e75bacbe4806c3b84aa8c700e3"),
+        _effdet(3, 896, 47.1, 12.0, "tf_efficientdet_d3_47-0b525f35.pth",
+                "0b525f352fea3c768fd1a3cc885f1016d24d1b99cf299e8861e784a4ec2f0eff"),
+        _effdet(4, 1024, 49.2, 20.7, "tf_efficientdet_d4_49-f56376d9.pth",
+                "f56376d93b7f0a5e75eb7d6a54ab6a767c230d4bcb2d44510392f53c781f40a0"),
+        _effdet(5, 1280, 51.2, 33.7, "tf_efficientdet_d5_51-c79f9be6.pth", "c79f9be6"),
+        _effdet(6, 1280, 52.0, 51.9, "tf_efficientdet_d6_52-4eda3773.pth", "4eda3773"),
+        _effdet(7, 1536, 53.1, 51.9, "tf_efficientdet_d7_53-6d1d7a95.pth", "6d1d7a95"),
+        _damoyolo("ns", 416, 32.3, 1.41, "ckpt/before_distill/damoyolo_nano_small.pth", 0.65),
+        _damoyolo("nm", 416, 38.2, 2.71, "ckpt/before_distill/damoyolo_nano_middle.pth", 0.65),
+        _damoyolo("nl", 416, 40.5, 5.69, "ckpt/before_distill/damoyolo_nano_large.pth", 0.65),
+        _damoyolo("t", 640, 42.0, 8.5, "clean_model_0317/damoyolo_tinynasL20_T_420.pth", 0.7),
+        _damoyolo("s", 640, 46.0, 16.3, "clean_model_0317/damoyolo_tinynasL25_S_460.pth", 0.7),
+        _damoyolo("m", 640, 49.2, 28.2, "clean_model_0317/damoyolo_tinynasL35_M_492.pth", 0.7),
+        _damoyolo("l", 640, 50.8, 42.1, "clean_model_0317/damoyolo_tinynasL45_L_508.pth", 0.7),
     )
 }
 
@@ -142,6 +208,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "SPECS",
     "Batching",
+    "DigestKind",
     "Family",
     "ModelSpec",
     "OfficialWeights",

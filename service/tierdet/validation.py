@@ -31,6 +31,11 @@ class DetectOptions(BaseModel):
                                           description="Drop detections scoring below this.")
     max_detections: int | None = Field(None, ge=1, le=1000,
                                        description="Return at most this many detections.")
+    tier: str | None = Field(None, min_length=1, max_length=64,
+                             pattern=r"^[a-z0-9][a-z0-9._-]*$",
+                             description="A named tier (budget + allowed models).")
+    sla_ms: float | None = Field(None, gt=0, le=600_000,
+                                 description="Latency budget in ms, end to end at the gateway.")
 
 
 def sniff_format(data: bytes) -> str | None:

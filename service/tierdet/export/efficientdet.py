@@ -7,7 +7,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tierdet.export.network import Network, on_pixels
 from tierdet.specs import ModelSpec
+
+# Random weights: gains on the output convs. Box codes feed exp(), so they
+# must stay small; class logits moderate (saturated scores tie, and ties make
+# NMS order arbitrary).
+RANDOM_DAMP = {"model.box_net.predict": 0.05, "model.class_net.predict": 0.1}
+# effdet starts class logits at -4.6 (a 1% prior); -2 puts random scores
+# around the gateway's default threshold instead.
+RANDOM_CLASS_BIAS = -2.0
 
 
 class EfficientDetNetwork(nn.Module):
@@ -55,14 +64,35 @@ def decode_boxes(codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return torch.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], dim=2)
 
 
-def create_efficientdet(spec: ModelSpec, checkpoint: Path | None) -> nn.Module:
-    """The bare effdet model; freshly initialised when ``checkpoint`` is None."""
+def create_efficientdet(spec: ModelSpec, checkpoint: Path | None,
+                        input_size: int | None = None) -> nn.Module:
+    """The bare effdet model; freshly initialised when ``checkpoint`` is None.
+
+    ``input_size`` other than the spec's changes only the anchors (the
+    weights do not depend on it): reduced-cost tests use it.
+    """
     from effdet import create_model
 
     # pretrained_backbone=False: offline, effdet would otherwise hang on a hub
     # download for the ImageNet backbone.
-    kwargs = {"pretrained_backbone": False, "num_classes": spec.labels.num_classes}
+    size = input_size or spec.input_size
+    kwargs = {"pretrained_backbone": False, "num_classes": spec.labels.num_classes,
+              "image_size": (size, size)}
     if checkpoint is not None:
         kwargs["checkpoint_path"] = str(checkpoint)
     model = create_model(spec.arch, bench_task="", **kwargs)
     return model.eval()
+
+
+def build_network(spec: ModelSpec, checkpoint: Path | None, seed: int,
+                  input_size: int | None = None) -> Network:
+    """EfficientDet from a checkpoint, or seeded random weights."""
+    size = input_size or spec.input_size
+    network = EfficientDetNetwork(create_efficientdet(spec, checkpoint, size))
+    if checkpoint is None:
+        from tierdet.export.random_weights import randomize_
+
+        randomize_(network, seed, on_pixels(network, spec.preprocessing), size,
+                   damp=RANDOM_DAMP)
+        network.model.class_net.predict.conv_pw.bias.data.fill_(RANDOM_CLASS_BIAS)
+    return Network(network.eval(), scores_are_logits=True)

@@ -3,51 +3,40 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tierdet.export.network import Network
 from tierdet.export.nms import CUSTOM_TRANSLATIONS
 from tierdet.export.postprocess import DetectionHead, ExportWrapper
 from tierdet.specs import Family, ModelSpec
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "detections"
+# Outputs of a raw export (network only, no NMS): for parity tests and debugging.
+RAW_OUTPUT_NAMES = ("boxes", "scores")
 OPSET = 18  # the dynamo exporter's native opset; 17 fails on EfficientDet's Pad
 
-
-@dataclass
-class Network:
-    """A family's network, normalised to (boxes xyxy, scores) on float input."""
-
-    module: nn.Module
-    scores_are_logits: bool
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "RAW_OUTPUT_NAMES", "Network", "export_onnx",
+           "load_network", "wrap_for_export"]
 
 
-def load_network(spec: ModelSpec, checkpoint: Path | None, seed: int | None) -> Network:
-    """Build ``spec``'s network from a checkpoint, or seeded random weights."""
+def load_network(spec: ModelSpec, checkpoint: Path | None, seed: int | None,
+                 input_size: int | None = None) -> Network:
+    """Build ``spec``'s network from a checkpoint, or seeded random weights.
+
+    ``input_size`` (default: the spec's) lets tests build a network for a
+    smaller input; the weights do not depend on it.
+    """
     if spec.family is Family.EFFICIENTDET:
-        from tierdet.export.efficientdet import EfficientDetNetwork, create_efficientdet
-
-        network = EfficientDetNetwork(create_efficientdet(spec, checkpoint))
-        damp = {"model.box_net.predict": 0.05, "model.class_net.predict": 0.1}
-        logits = True
+        from tierdet.export.efficientdet import build_network
+    elif spec.family is Family.DAMOYOLO:
+        from tierdet.export.damoyolo import build_network
     else:
-        raise NotImplementedError(f"family {spec.family.value} has no exporter yet")
-    if checkpoint is None:
-        from tierdet.export.random_weights import randomize_
-
-        mean = torch.tensor(spec.preprocessing.mean).view(1, 3, 1, 1)
-        std = torch.tensor(spec.preprocessing.std).view(1, 3, 1, 1)
-        randomize_(network, seed or 0, lambda x: network((x - mean) / std),
-                   spec.input_size, damp=damp)
-        if spec.family is Family.EFFICIENTDET:
-            # effdet starts class logits at -4.6 (a 1% prior); -2 puts random
-            # scores around the gateway's default threshold instead.
-            network.model.class_net.predict.conv_pw.bias.data.fill_(-2.0)
-    return Network(network.eval(), logits)
+        raise NotImplementedError(f"family {spec.family.value} has no exporter")
+    return build_network(spec, checkpoint, seed or 0, input_size)
 
 
 def wrap_for_export(spec: ModelSpec, network: Network) -> ExportWrapper:
@@ -57,20 +46,47 @@ def wrap_for_export(spec: ModelSpec, network: Network) -> ExportWrapper:
                          spec.preprocessing.std).eval()
 
 
+class RawWrapper(nn.Module):
+    """uint8 NHWC pixels -> normalise -> network: (boxes, scores) before NMS.
+
+    The same front half as :class:`ExportWrapper`, so a raw graph checks the
+    network's export apart from the detection head's.
+    """
+
+    def __init__(self, export_wrapper: ExportWrapper) -> None:
+        super().__init__()
+        self.inner = export_wrapper
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float()
+        x = (x - self.inner.mean) * self.inner.inv_std
+        return self.inner.network(x)
+
+
 def export_onnx(spec: ModelSpec, network: Network, path: Path,
-                metadata: dict[str, str] | None = None) -> Path:
-    """Write ``spec``'s full graph (normalise ... NMS) to ``path``."""
+                metadata: dict[str, str] | None = None, raw: bool = False,
+                input_size: int | None = None) -> Path:
+    """Write ``spec``'s full graph (normalise ... NMS) to ``path``.
+
+    ``raw=True`` stops before the detection head: outputs ``boxes`` [B,N,4]
+    and ``scores`` [B,N,C] (logits for EfficientDet), never served, for
+    parity tests. ``input_size`` must match the one the network was built for.
+    """
     import onnx
 
-    wrapper = wrap_for_export(spec, network)
-    example = torch.zeros(2, spec.input_size, spec.input_size, 3, dtype=torch.uint8)
+    module: nn.Module = wrap_for_export(spec, network)
+    outputs = [OUTPUT_NAME]
+    if raw:
+        module, outputs = RawWrapper(module).eval(), list(RAW_OUTPUT_NAMES)
+    size = input_size or spec.input_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (example,), str(tmp),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            module, (example,), str(tmp),
+            input_names=[INPUT_NAME], output_names=outputs,
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
             opset_version=OPSET, dynamo=True, external_data=False,
             custom_translation_table=CUSTOM_TRANSLATIONS, verbose=False,

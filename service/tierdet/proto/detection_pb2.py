@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdet/proto/detection.proto\x12\ntierdet.v1\"\x8f\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x11\n\x0f_max_detections\"p\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x06 \x01(\x05\x12\x12\n\nclass_name\x18\x07 \x01(\t\"n\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08infer_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x8d\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12)\n\ndetections\x18\x04 \x03(\x0b\x32\x15.tierdet.v1.Detection\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.tierdet.v1.Timing\"\x13\n\x11ListModelsRequest\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\x12\x19\n\x11published_coco_ap\x18\x05 \x01(\x01\x12\x10\n\x08params_m\x18\x06 \x01(\x01\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x0f\n\x07weights\x18\x08 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tierdet.v1.ModelInfo2\x98\x01\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x19.tierdet.v1.DetectRequest\x1a\x1a.tierdet.v1.DetectResponse\x12K\n\nListModels\x12\x1d.tierdet.v1.ListModelsRequest\x1a\x1e.tierdet.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdet/proto/detection.proto\x12\ntierdet.v1\"\xbd\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x13\n\x06sla_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x11\n\x0f_max_detectionsB\t\n\x07_sla_ms\"p\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x06 \x01(\x05\x12\x12\n\nclass_name\x18\x07 \x01(\t\"n\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08infer_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"e\n\x07Routing\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x11\n\tbudget_ms\x18\x02 \x01(\x01\x12\x14\n\x0cpredicted_ms\x18\x03 \x01(\x01\x12\x11\n\tactual_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\"\xb3\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12)\n\ndetections\x18\x04 \x03(\x0b\x32\x15.tierdet.v1.Detection\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.tierdet.v1.Timing\x12$\n\x07routing\x18\x06 \x01(\x0b\x32\x13.tierdet.v1.Routing\"\x13\n\x11ListModelsRequest\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\x12\x19\n\x11published_coco_ap\x18\x05 \x01(\x01\x12\x10\n\x08params_m\x18\x06 \x01(\x01\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x0f\n\x07weights\x18\x08 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tierdet.v1.ModelInfo2\x98\x01\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x19.tierdet.v1.DetectRequest\x1a\x1a.tierdet.v1.DetectResponse\x12K\n\nListModels\x12\x1d.tierdet.v1.ListModelsRequest\x1a\x1e.tierdet.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierdet.proto.detection_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DETECTREQUEST']._serialized_start=46
-  _globals['_DETECTREQUEST']._serialized_end=189
-  _globals['_DETECTION']._serialized_start=191
-  _globals['_DETECTION']._serialized_end=303
-  _globals['_TIMING']._serialized_start=305
-  _globals['_TIMING']._serialized_end=415
-  _globals['_DETECTRESPONSE']._serialized_start=418
-  _globals['_DETECTRESPONSE']._serialized_end=559
-  _globals['_LISTMODELSREQUEST']._serialized_start=561
-  _globals['_LISTMODELSREQUEST']._serialized_end=580
-  _globals['_MODELINFO']._serialized_start=583
-  _globals['_MODELINFO']._serialized_end=744
-  _globals['_LISTMODELSRESPONSE']._serialized_start=746
-  _globals['_LISTMODELSRESPONSE']._serialized_end=805
-  _globals['_DETECTOR']._serialized_start=808
-  _globals['_DETECTOR']._serialized_end=960
+  _globals['_DETECTREQUEST']._serialized_end=235
+  _globals['_DETECTION']._serialized_start=237
+  _globals['_DETECTION']._serialized_end=349
+  _globals['_TIMING']._serialized_start=351
+  _globals['_TIMING']._serialized_end=461
+  _globals['_ROUTING']._serialized_start=463
+  _globals['_ROUTING']._serialized_end=564
+  _globals['_DETECTRESPONSE']._serialized_start=567
+  _globals['_DETECTRESPONSE']._serialized_end=746
+  _globals['_LISTMODELSREQUEST']._serialized_start=748
+  _globals['_LISTMODELSREQUEST']._serialized_end=767
+  _globals['_MODELINFO']._serialized_start=770
+  _globals['_MODELINFO']._serialized_end=931
+  _globals['_LISTMODELSRESPONSE']._serialized_start=933
+  _globals['_LISTMODELSRESPONSE']._serialized_end=992
+  _globals['_DETECTOR']._serialized_start=995
+  _globals['_DETECTOR']._serialized_end=1147
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "model", "score_threshold", "max_detections")
+    __slots__ = ("image", "model", "score_threshold", "max_detections", "tier", "sla_ms")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SLA_MS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     model: str
     score_threshold: float
     max_detections: int
-    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+    tier: str
+    sla_ms: float
+    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., tier: _Optional[str] = ..., sla_ms: _Optional[float] = ...) -> None: ...
 
 class Detection(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2", "score", "class_id", "class_name")
@@ -50,19 +54,35 @@ class Timing(_message.Message):
     total_ms: float
     def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., infer_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
+class Routing(_message.Message):
+    __slots__ = ("tier", "budget_ms", "predicted_ms", "actual_ms", "degraded")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    budget_ms: float
+    predicted_ms: float
+    actual_ms: float
+    degraded: bool
+    def __init__(self, tier: _Optional[str] = ..., budget_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., actual_ms: _Optional[float] = ..., degraded: _Optional[bool] = ...) -> None: ...
+
 class DetectResponse(_message.Message):
-    __slots__ = ("model", "width", "height", "detections", "timing")
+    __slots__ = ("model", "width", "height", "detections", "timing", "routing")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     model: str
     width: int
     height: int
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     timing: Timing
-    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    routing: Routing
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

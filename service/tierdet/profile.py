@@ -1,0 +1,112 @@
+"""Latency profiles: how long each model takes per batch size on this hardware.
+
+``tierdet profile`` measures them through the running Triton and writes a
+JSON file; the gateway's router loads it and corrects it online. The file
+is per machine: a profile from a GPU host says nothing about a CPU host.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILE_VERSION = 1
+
+
+@dataclass
+class ModelProfile:
+    """Median Triton round-trip per batch size, in milliseconds."""
+
+    batch_ms: dict[int, float]
+
+    def service_ms(self, batch: int) -> float:
+        """Latency of one batch of ``batch`` images (interpolated if unmeasured)."""
+        if batch in self.batch_ms:
+            return self.batch_ms[batch]
+        sizes = sorted(self.batch_ms)
+        below = max((b for b in sizes if b <= batch), default=sizes[0])
+        above = min((b for b in sizes if b >= batch), default=sizes[-1])
+        if below == above:  # outside the measured range: scale linearly
+            return self.batch_ms[below] * batch / below
+        t = (batch - below) / (above - below)
+        return self.batch_ms[below] * (1 - t) + self.batch_ms[above] * t
+
+    def marginal_ms(self) -> float:
+        """Cost one more queued image adds when the model is busy: the
+        per-image time at the largest measured batch. On a CPU this is about
+        the batch-1 time; on a GPU it is much less (batching pays)."""
+        largest = max(self.batch_ms)
+        return self.batch_ms[largest] / largest
+
+
+@dataclass
+class LatencyProfile:
+    models: dict[str, ModelProfile] = field(default_factory=dict)
+    machine: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": PROFILE_VERSION, "machine": self.machine,
+            "models": {name: {"batch_ms": {str(b): round(ms, 3) for b, ms in p.batch_ms.items()}}
+                       for name, p in sorted(self.models.items())},
+        }, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LatencyProfile:
+        raw = json.loads(text)
+        if raw.get("version") != PROFILE_VERSION:
+            raise ValueError(f"profile version {raw.get('version')} != {PROFILE_VERSION}")
+        models = {name: ModelProfile({int(b): float(ms) for b, ms in m["batch_ms"].items()})
+                  for name, m in raw["models"].items()}
+        return cls(models, raw.get("machine", ""))
+
+    @classmethod
+    def load(cls, path: Path | None) -> LatencyProfile:
+        if path is None or not path.is_file():
+            return cls()
+        return cls.from_json(path.read_text())
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+
+
+def machine_id() -> str:
+    return f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
+
+
+async def measure(triton_url: str, models: dict[str, int], batches: tuple[int, ...] = (1, 2, 4, 8),
+                  runs: int = 10, warmup: int = 2) -> LatencyProfile:
+    """Median latency per (model, batch) through Triton, one request at a time.
+
+    ``models`` maps model name -> input size. Inputs are mid-grey images:
+    the graphs' cost does not depend on pixel values except for NMS, which
+    is bounded by the fixed top-k.
+    """
+    import time
+
+    import numpy as np
+
+    from tierdet.triton_client import TritonClient
+
+    client = TritonClient(triton_url)
+    profile = LatencyProfile(machine=machine_id())
+    try:
+        for name, size in models.items():
+            timings: dict[int, float] = {}
+            for batch in batches:
+                images = np.full((batch, size, size, 3), 114, np.uint8)
+                samples = []
+                for i in range(warmup + runs):
+                    start = time.perf_counter()
+                    await client.infer(name, images, timeout_s=120.0)
+                    if i >= warmup:
+                        samples.append((time.perf_counter() - start) * 1e3)
+                timings[batch] = statistics.median(samples)
+            profile.models[name] = ModelProfile(timings)
+    finally:
+        await client.close()
+    return profile

@@ -1,0 +1,235 @@
+"""Route each request to the most accurate model that can answer within its budget.
+
+For every candidate the router predicts when the answer would be ready:
+
+    predicted = elapsed (decode so far)
+              + backlog (work already admitted to the device, all models)
+              + service time of this model at batch 1
+              + fixed gateway overhead
+
+and picks the highest-AP model whose prediction, with a safety margin,
+fits the budget. The device is treated as shared: on a CPU (and largely on
+one GPU) every model's requests compete for the same cores, so a long D1
+backlog slows a D0 answer too. Service times come from the measured
+profile, corrected online by the ratio of observed to predicted Triton
+latency (EWMA per model). When nothing fits the request is shed at once
+(or, where its tier allows, served by the fastest model and marked
+degraded): work that cannot make its deadline is never queued.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierdet.errors import ApiError, ErrorCode
+from tierdet.profile import LatencyProfile
+from tierdet.specs import ModelSpec
+
+# Prior for a model with no profile and no observation yet: slow enough that
+# it is only chosen when nothing measured fits.
+UNKNOWN_SERVICE_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    budget_ms: float
+    models: tuple[str, ...] = ()  # empty: every served model
+    degrade: bool = False  # nothing fits: serve the fastest model late, marked
+    priority: int = 2  # Triton priority level (1 = first)
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    t.name: t for t in (
+        Tier("realtime", 150.0, priority=1),
+        Tier("balanced", 500.0, degrade=True),
+        Tier("accurate", 3000.0, degrade=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    tiers: dict[str, Tier]
+    default: str
+
+    @classmethod
+    def load(cls, path: Path | None, default: str) -> TierConfig:
+        """Tiers from a YAML/JSON file ({tiers: {name: {budget_ms, models,
+        degrade, priority}}}), or the built-in ones."""
+        tiers = dict(DEFAULT_TIERS)
+        if path is not None:
+            import yaml
+
+            raw = yaml.safe_load(path.read_text()) or {}
+            tiers = {name: Tier(name=name, budget_ms=float(t["budget_ms"]),
+                                models=tuple(t.get("models") or ()),
+                                degrade=bool(t.get("degrade", False)),
+                                priority=int(t.get("priority", 2)))
+                     for name, t in (raw.get("tiers") or {}).items()}
+            default = raw.get("default", default)
+        if default not in tiers:
+            raise ValueError(f"default tier {default!r} is not among {sorted(tiers)}")
+        return cls(tiers, default)
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What the client asked for; every field optional."""
+
+    model: str | None = None
+    tier: str | None = None
+    sla_ms: float | None = None
+    deadline_ms: float | None = None  # e.g. the gRPC call deadline, from now
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    tier: str | None
+    budget_ms: float
+    predicted_ms: float
+    degraded: bool
+    priority: int
+
+    def timeout_s(self, elapsed_ms: float, floor_ms: float = 1.0) -> float:
+        """Time left for the Triton call: the budget minus what is spent."""
+        return max(floor_ms, self.budget_ms - elapsed_ms) / 1e3
+
+
+@dataclass
+class _ModelLoad:
+    inflight: int = 0
+    ratio: float = 1.0  # observed / predicted Triton time, EWMA
+    observed_ms: float | None = None  # EWMA of batch-1-equivalent latency
+
+
+@dataclass
+class LatencyModel:
+    """Predicts service time per model; tracks admitted work (thread-safe)."""
+
+    profile: LatencyProfile
+    alpha: float = 0.2
+    loads: dict[str, _ModelLoad] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _load(self, model: str) -> _ModelLoad:
+        return self.loads.setdefault(model, _ModelLoad())
+
+    def base_ms(self, model: str) -> float:
+        """Profiled (or observed) batch-1 latency, before online correction."""
+        prof = self.profile.models.get(model)
+        if prof is not None:
+            return prof.service_ms(1)
+        load = self.loads.get(model)
+        return load.observed_ms if load and load.observed_ms else UNKNOWN_SERVICE_MS
+
+    def marginal_ms(self, model: str) -> float:
+        prof = self.profile.models.get(model)
+        return prof.marginal_ms() if prof is not None else self.base_ms(model)
+
+    def service_ms(self, model: str) -> float:
+        return self.base_ms(model) * self._load(model).ratio
+
+    def backlog_ms(self) -> float:
+        """Work admitted but not finished, on the shared device."""
+        return sum(load.inflight * self.marginal_ms(name) * load.ratio
+                   for name, load in self.loads.items())
+
+    def predict_ms(self, model: str) -> float:
+        """Triton time for a request admitted now (queue + service)."""
+        return self.backlog_ms() + self.service_ms(model)
+
+    def admit(self, model: str) -> float:
+        """Count a request as in flight; returns its predicted Triton time."""
+        with self._lock:
+            predicted = self.predict_ms(model)
+            self._load(model).inflight += 1
+            return predicted
+
+    def finish(self, model: str, predicted_ms: float, observed_ms: float | None) -> None:
+        """Release an admitted request; learn from its latency if it completed."""
+        with self._lock:
+            load = self._load(model)
+            load.inflight = max(0, load.inflight - 1)
+            if observed_ms is None or predicted_ms <= 0:
+                return
+            if model in self.profile.models:
+                ratio = min(4.0, max(0.25, observed_ms / (predicted_ms / load.ratio)))
+                load.ratio += self.alpha * (ratio - load.ratio)
+            elif load.inflight == 0:
+                # No profile: learn the batch-1 time itself, from answers that
+                # did not queue behind others of this model.
+                prev = load.observed_ms
+                load.observed_ms = observed_ms if prev is None else (
+                    prev + self.alpha * (observed_ms - prev))
+
+
+class Router:
+    def __init__(self, specs: Mapping[str, ModelSpec], tiers: TierConfig,
+                 latency: LatencyModel, default_budget_ms: float,
+                 margin_frac: float = 0.15, margin_ms: float = 5.0,
+                 overhead_ms: float = 3.0) -> None:
+        self.specs = specs
+        self.tiers = tiers
+        self.latency = latency
+        self.default_budget_ms = default_budget_ms
+        self.margin_frac = margin_frac
+        self.margin_ms = margin_ms
+        self.overhead_ms = overhead_ms
+
+    def _fits(self, predicted_ms: float, budget_ms: float) -> bool:
+        return predicted_ms * (1 + self.margin_frac) + self.margin_ms <= budget_ms
+
+    def _budget(self, req: RouteRequest, tier: Tier | None) -> float:
+        if req.sla_ms is not None:
+            budget = req.sla_ms
+        else:
+            budget = tier.budget_ms if tier else self.default_budget_ms
+        # A transport deadline (gRPC) is a hard limit: the client stops waiting.
+        return budget if req.deadline_ms is None else min(budget, req.deadline_ms)
+
+    def tier_for(self, req: RouteRequest) -> Tier | None:
+        if req.tier is not None:
+            tier = self.tiers.tiers.get(req.tier)
+            if tier is None:
+                raise ApiError(ErrorCode.UNKNOWN_TIER, f"unknown tier {req.tier!r}; tiers: "
+                               f"{', '.join(sorted(self.tiers.tiers))}")
+            return tier
+        if req.model is not None or req.sla_ms is not None:
+            return None  # pinned model or explicit budget: no tier applies
+        return self.tiers.tiers[self.tiers.default]
+
+    def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
+        tier = self.tier_for(req)
+        budget = self._budget(req, tier)
+        ready = set(ready)
+        if req.model is not None:
+            candidates = [req.model]
+        else:
+            allowed = tier.models if tier and tier.models else tuple(ready)
+            candidates = [m for m in allowed if m in ready and m in self.specs]
+        if not candidates:
+            raise ApiError(ErrorCode.MODEL_NOT_READY, "no model is ready for this request",
+                           retry_after_s=2.0)
+        priority = tier.priority if tier else (1 if budget < self.default_budget_ms else 2)
+        backlog = self.latency.backlog_ms()
+        predicted = {m: elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
+                     for m in candidates}
+        fitting = [m for m in candidates if self._fits(predicted[m], budget)]
+        if fitting:
+            best = max(fitting, key=lambda m: (self.specs[m].coco_ap, -predicted[m]))
+            return Decision(best, tier.name if tier else None, budget, predicted[best],
+                            False, priority)
+        fastest = min(candidates, key=lambda m: predicted[m])
+        if tier is not None and tier.degrade and req.sla_ms is None and req.deadline_ms is None:
+            return Decision(fastest, tier.name, budget, predicted[fastest], True, priority)
+        wait_s = max(0.0, predicted[fastest] - budget) / 1e3
+        raise ApiError(ErrorCode.SLA_UNATTAINABLE,
+                       f"no model can answer within {budget:.0f} ms now (fastest: {fastest}, "
+                       f"predicted {predicted[fastest]:.0f} ms)",
+                       retry_after_s=max(1.0, math.ceil(wait_s)))

@@ -1,0 +1,161 @@
+"""The decision rule: which model a budget gets, and when a request is shed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tierdet.errors import ApiError, ErrorCode
+from tierdet.profile import LatencyProfile, ModelProfile
+from tierdet.routing import LatencyModel, RouteRequest, Router, Tier, TierConfig
+from tierdet.specs import SPECS
+
+BASE = SPECS["efficientdet-d0"]
+# name -> (published AP, batch-1 ms, batch-8 ms): a CPU-like profile.
+ZOO = {"fast": (30.0, 15.0, 120.0), "mid": (35.0, 50.0, 400.0), "slow": (41.0, 110.0, 880.0)}
+SPEC_TABLE = {n: dataclasses.replace(BASE, name=n, coco_ap=ap) for n, (ap, _, _) in ZOO.items()}
+TIERS = TierConfig({
+    "realtime": Tier("realtime", 70.0, priority=1),
+    "balanced": Tier("balanced", 300.0, degrade=True),
+    "small-only": Tier("small-only", 1000.0, models=("fast",)),
+}, default="balanced")
+READY = list(ZOO)
+
+
+def router(profile: dict | None = None) -> Router:
+    prof = LatencyProfile({n: ModelProfile({1: b1, 8: b8}) for n, (_, b1, b8) in
+                           (profile or ZOO).items()})
+    return Router(SPEC_TABLE, TIERS, LatencyModel(prof), default_budget_ms=10_000,
+                  margin_frac=0.1, margin_ms=5.0, overhead_ms=2.0)
+
+
+@pytest.mark.parametrize("budget,expected", [(30, "fast"), (70, "mid"), (140, "slow"),
+                                             (5000, "slow")])
+def test_tighter_budget_gets_a_faster_model(budget, expected):
+    d = router().decide(RouteRequest(sla_ms=budget), elapsed_ms=3.0, ready=READY)
+    assert d.model == expected and not d.degraded
+    assert d.predicted_ms * 1.1 + 5 <= budget
+
+
+def test_time_already_spent_counts():
+    assert router().decide(RouteRequest(sla_ms=140), 3.0, READY).model == "slow"
+    assert router().decide(RouteRequest(sla_ms=140), 40.0, READY).model == "mid"
+
+
+def test_impossible_budget_is_shed_at_once_with_retry_after():
+    with pytest.raises(ApiError) as info:
+        router().decide(RouteRequest(sla_ms=10), 3.0, READY)
+    assert info.value.code is ErrorCode.SLA_UNATTAINABLE
+    assert info.value.http_status == 503 and info.value.retry_after_s >= 1
+
+
+def test_backlog_on_the_shared_device_moves_requests_to_faster_models():
+    r = router()
+    assert r.decide(RouteRequest(sla_ms=200), 3.0, READY).model == "slow"
+    for _ in range(1):
+        r.latency.admit("slow")  # one D1-like request in flight: ~110 ms of work
+    assert r.decide(RouteRequest(sla_ms=200), 3.0, READY).model == "mid"
+    for _ in range(3):
+        r.latency.admit("slow")
+    with pytest.raises(ApiError):
+        r.decide(RouteRequest(sla_ms=200), 3.0, READY)
+
+
+def test_finished_work_leaves_the_backlog():
+    r = router()
+    predicted = r.latency.admit("slow")
+    assert r.latency.backlog_ms() == pytest.approx(110.0)
+    r.latency.finish("slow", predicted, observed_ms=110.0)
+    assert r.latency.backlog_ms() == 0
+
+
+def test_observed_latency_corrects_the_profile():
+    r = router()
+    for _ in range(20):  # the machine is twice as slow as profiled
+        r.latency.finish("mid", r.latency.admit("mid"), observed_ms=100.0)
+    assert r.latency.service_ms("mid") == pytest.approx(100.0, rel=0.05)
+    assert r.decide(RouteRequest(sla_ms=70), 3.0, READY).model == "fast"
+
+
+def test_gpu_like_profile_queues_cheaply():
+    r = router({"mid": (35.0, 10.0, 16.0)})  # batch 8 costs 1.6x batch 1
+    assert r.latency.marginal_ms("mid") == pytest.approx(2.0)
+    for _ in range(8):
+        r.latency.admit("mid")
+    assert r.latency.backlog_ms() == pytest.approx(16.0)
+
+
+def test_default_tier_applies_without_budget_tier_or_model():
+    d = router().decide(RouteRequest(), 3.0, READY)
+    assert d.tier == "balanced" and d.budget_ms == 300 and d.model == "slow"
+
+
+def test_tier_budget_priority_and_allowed_models():
+    d = router().decide(RouteRequest(tier="realtime"), 3.0, READY)
+    assert (d.model, d.priority, d.budget_ms) == ("mid", 1, 70)
+    assert router().decide(RouteRequest(tier="small-only"), 3.0, READY).model == "fast"
+
+
+def test_degrading_tier_serves_the_fastest_model_marked():
+    r = router()
+    for _ in range(4):
+        r.latency.admit("slow")
+    d = r.decide(RouteRequest(tier="balanced"), 3.0, READY)
+    assert d.degraded and d.model == "fast"
+
+
+def test_explicit_budget_is_never_degraded():
+    r = router()
+    for _ in range(4):
+        r.latency.admit("slow")
+    with pytest.raises(ApiError):
+        r.decide(RouteRequest(tier="balanced", sla_ms=100), 3.0, READY)
+
+
+def test_pinned_model_must_fit_its_budget():
+    assert router().decide(RouteRequest(model="slow"), 3.0, READY).model == "slow"
+    with pytest.raises(ApiError) as info:
+        router().decide(RouteRequest(model="slow", sla_ms=50), 3.0, READY)
+    assert info.value.code is ErrorCode.SLA_UNATTAINABLE
+
+
+def test_transport_deadline_tightens_the_budget():
+    d = router().decide(RouteRequest(sla_ms=1000, deadline_ms=70), 3.0, READY)
+    assert d.budget_ms == 70 and d.model == "mid"
+
+
+def test_only_ready_models_are_candidates():
+    assert router().decide(RouteRequest(sla_ms=5000), 3.0, ["fast", "mid"]).model == "mid"
+    with pytest.raises(ApiError) as info:
+        router().decide(RouteRequest(sla_ms=5000), 3.0, [])
+    assert info.value.code is ErrorCode.MODEL_NOT_READY
+
+
+def test_unknown_tier_is_refused():
+    with pytest.raises(ApiError) as info:
+        router().decide(RouteRequest(tier="platinum"), 3.0, READY)
+    assert info.value.code is ErrorCode.UNKNOWN_TIER
+
+
+def test_unprofiled_model_learns_from_observations():
+    r = Router(SPEC_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
+    assert r.latency.service_ms("mid") >= 1000  # unknown: assumed slow
+    r.latency.finish("mid", r.latency.admit("mid"), observed_ms=40.0)
+    assert r.latency.service_ms("mid") == pytest.approx(40.0)
+
+
+def test_tiers_file(tmp_path):
+    path = tmp_path / "tiers.yaml"
+    path.write_text("default: fast\ntiers:\n  fast: {budget_ms: 80, priority: 1}\n"
+                    "  slow: {budget_ms: 2000, models: [mid, slow], degrade: true}\n")
+    config = TierConfig.load(path, "balanced")
+    assert config.default == "fast"
+    assert config.tiers["slow"] == Tier("slow", 2000.0, ("mid", "slow"), True, 2)
+
+
+def test_profile_round_trips_through_json():
+    prof = LatencyProfile({"mid": ModelProfile({1: 50.0, 4: 190.0})}, machine="x")
+    back = LatencyProfile.from_json(prof.to_json())
+    assert back.models["mid"].service_ms(2) == pytest.approx(50 + (190 - 50) / 3)
+    assert back.models["mid"].service_ms(8) == pytest.approx(380.0)
