@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from tierdet.errors import ApiError, ErrorCode
 from tierdet.profile import LatencyProfile, ModelProfile
-from tierdet.routing import LatencyModel, RouteRequest, Router, Tier, TierConfig
+from tierdet.routing import LatencyModel, Router, RouteRequest, Tier, TierConfig
 from tierdet.specs import SPECS
 
 BASE = SPECS["efficientdet-d0"]

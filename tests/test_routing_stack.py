@@ -6,7 +6,6 @@ import time
 
 import grpc
 import pytest
-
 from conftest import TEST_MODEL, encode, photos
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
