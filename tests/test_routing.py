@@ -158,3 +158,16 @@ def test_profile_round_trips_through_json():
     back = LatencyProfile.from_json(prof.to_json())
     assert back.models["mid"].service_ms(2) == pytest.approx(50 + (190 - 50) / 3)
     assert back.models["mid"].service_ms(8) == pytest.approx(380.0)
+
+
+def test_batching_settings_come_from_the_profile():
+    from tierdet.profile import tuned_batching
+    from tierdet.specs import Batching
+
+    spec_bound = Batching(max_queue_delay_us=5000)
+    cpu = ModelProfile({1: 50.0, 8: 400.0})  # a batch costs its images: no gain
+    gpu = ModelProfile({1: 8.0, 8: 16.0})
+    assert tuned_batching(spec_bound, cpu).max_queue_delay_us == 0
+    assert tuned_batching(spec_bound, gpu).max_queue_delay_us == 2000
+    assert tuned_batching(spec_bound, ModelProfile({1: 40.0, 8: 40.0})).max_queue_delay_us == 5000
+    assert tuned_batching(spec_bound, None) == spec_bound

@@ -85,3 +85,20 @@ def test_grpc_impossible_budget_is_resource_exhausted(stub):
         stub.Detect(pb.DetectRequest(image=JPEG, sla_ms=1), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(info.value.trailing_metadata())["tierdet-error-code"] == "sla_unattainable"
+
+
+def test_profile_command_measures_through_triton(triton, tmp_path):
+    import subprocess
+    import sys
+
+    from tierdet.profile import LatencyProfile
+
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tierdet.cli", "profile", "--models", TEST_MODEL,
+         "--triton-url", triton.grpc_url, "--batches", "1,2", "--runs", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = LatencyProfile.load(out)
+    ms = profile.models[TEST_MODEL].batch_ms
+    assert set(ms) == {1, 2} and 0 < ms[1] < ms[2] * 1.5

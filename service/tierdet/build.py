@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tierdet import __version__
+from tierdet.profile import LatencyProfile, tuned_batching
 from tierdet.repository import Target, install_model
 from tierdet.specs import ModelSpec, get_spec
 from tierdet.weights import WeightsSource, resolve_checkpoint, sha256_file
@@ -95,10 +96,12 @@ def ensure_built(names: Iterable[str], source: WeightsSource, home: Path,
 
 
 def assemble(models: Iterable[BuiltModel], home: Path, target: Target = "cpu-local",
-             intra_op_threads: int = 0) -> Path:
-    """Install built models into ``home/repository/<target>``; returns that folder."""
+             intra_op_threads: int = 0, profile: LatencyProfile | None = None) -> Path:
+    """Install built models into ``home/repository/<target>``; returns that folder.
+    With a latency ``profile``, each model's queue delay is tuned from it."""
     repository = home / "repository" / target
     for model in models:
+        measured = profile.models.get(model.spec.name) if profile else None
         install_model(repository, model.spec, target, model.onnx, model.provenance,
-                      intra_op_threads)
+                      intra_op_threads, tuned_batching(model.spec.batching, measured))
     return repository

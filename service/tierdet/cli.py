@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tierdet import __version__
+from tierdet import __version__, engines
 from tierdet.config import ConfigError, default_home, load_settings
 from tierdet.specs import DEFAULT_MODELS, SPECS
 
@@ -77,6 +77,40 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure latency per model and batch size through Triton; write the profile."""
+    import tempfile
+
+    from tierdet.build import ensure_built
+    from tierdet.localstack import start_triton
+    from tierdet.profile import measure
+    from tierdet.specs import get_spec
+    from tierdet.weights import WeightsSource
+
+    names = _models(args.models)
+    sizes = {name: get_spec(name).input_size for name in names}
+    batches = tuple(int(b) for b in args.batches.split(","))
+    server = None
+    url = args.triton_url
+    if url is None:
+        built = ensure_built(names, WeightsSource.parse(args.weights), args.home)
+        server = start_triton(built, args.home, Path(tempfile.mkdtemp(prefix="tierdet-")),
+                              threads=args.threads)
+        url = server.grpc_url
+    try:
+        profile = asyncio.run(measure(url, sizes, batches, runs=args.runs))
+    finally:
+        if server is not None:
+            server.stop()
+    out = args.out or args.home / "profile.json"
+    profile.save(out)
+    print(f"{'model':<18}" + "".join(f"{'b=' + str(b):>10}" for b in batches) + "  ms")
+    for name, prof in profile.models.items():
+        print(f"{name:<18}" + "".join(f"{prof.batch_ms[b]:>10.1f}" for b in batches))
+    print(f"profile: {out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tierdet.server import run_gateway
 
@@ -129,6 +163,21 @@ def parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per model (0: all cores)")
     u.set_defaults(func=cmd_up)
 
+    pr = sub.add_parser("profile", help="measure latency per model and batch size",
+                        description="Send batches of 1..N images to each model through "
+                                    "Triton, one request at a time, and write the median "
+                                    "latencies to a profile the router loads "
+                                    "(default HOME/profile.json). Without --triton-url a "
+                                    "local tritonserver is started for the measurement.")
+    pr.add_argument("--models", help="comma-separated names (default: the default models)")
+    _weights_arg(pr)
+    pr.add_argument("--batches", default="1,2,4,8", help="batch sizes (default 1,2,4,8)")
+    pr.add_argument("--runs", type=int, default=10, help="timed runs per batch size")
+    pr.add_argument("--triton-url", help="profile this Triton (host:port gRPC) instead")
+    pr.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (local)")
+    pr.add_argument("--out", type=Path, help="output file (default HOME/profile.json)")
+    pr.set_defaults(func=cmd_profile)
+
     s = sub.add_parser("serve", help="run the gateway against an existing Triton",
                        description="Serve HTTP and gRPC, forwarding to Triton at "
                                    "TIERDET_TRITON_URL. Configuration comes from TIERDET_* "
@@ -136,6 +185,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None)
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("engines", help="TensorRT plans for the gpu repository (on a GPU host)",
+                       description="Build fp16 TensorRT plans from the built ONNX models on "
+                                   "this GPU (cached per GPU model and TensorRT version) and "
+                                   "write HOME/repository/gpu. The same code runs as "
+                                   "`python3 engines.py` inside NVIDIA's TensorRT container.")
+    engines.add_arguments(e)
+    e.set_defaults(func=engines.run)
     return p
 
 

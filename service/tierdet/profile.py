@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from tierdet.specs import Batching
 
 PROFILE_VERSION = 1
 
@@ -72,6 +74,23 @@ class LatencyProfile:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json())
+
+
+def tuned_batching(batching: Batching, profile: ModelProfile | None) -> Batching:
+    """Dynamic-batching settings from measurements, bounded by the spec's.
+
+    Waiting for company only pays where a batch costs less than its images
+    one by one (GPUs). On a CPU a batch of n costs about n singles, so any
+    queue delay is pure added latency: it is set to 0 there.
+    """
+    if profile is None:
+        return batching
+    single = profile.service_ms(1)
+    if profile.marginal_ms() > 0.7 * single:
+        return replace(batching, max_queue_delay_us=0)
+    # A quarter of a batch-1 run: enough for a burst to coalesce.
+    delay_us = min(batching.max_queue_delay_us, int(single * 1e3 * 0.25))
+    return replace(batching, max_queue_delay_us=delay_us)
 
 
 def machine_id() -> str:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from tierdet.specs import SPECS, ModelSpec
+from tierdet.specs import SPECS, Batching, ModelSpec
 
 Target = Literal["cpu-local", "cpu", "gpu"]
 TARGETS: tuple[Target, ...] = ("cpu-local", "cpu", "gpu")
@@ -41,9 +41,11 @@ def _params(items: Mapping[str, str]) -> list[str]:
 
 
 def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
-                  provenance: Mapping[str, str] | None = None) -> str:
-    """config.pbtxt text for ``spec`` on ``target``."""
-    b = spec.batching
+                  provenance: Mapping[str, str] | None = None,
+                  batching: Batching | None = None) -> str:
+    """config.pbtxt text for ``spec`` on ``target``; ``batching`` (tuned from a
+    latency profile) replaces the spec's defaults."""
+    b = batching or spec.batching
     size = spec.input_size
     lines = [
         "# Generated from tierdet.specs by `tierdet repo generate`; do not edit.",
@@ -98,7 +100,8 @@ def generate(root: Path = COMMITTED_ROOT, specs: Iterable[ModelSpec] | None = No
 
 
 def install_model(repository: Path, spec: ModelSpec, target: Target, model_file: Path,
-                  provenance: Mapping[str, str], intra_op_threads: int = 0) -> Path:
+                  provenance: Mapping[str, str], intra_op_threads: int = 0,
+                  batching: Batching | None = None) -> Path:
     """Place one built model into a runnable repository (idempotent)."""
     model_dir = repository / spec.name
     version_dir = model_dir / "1"
@@ -111,7 +114,7 @@ def install_model(repository: Path, spec: ModelSpec, target: Target, model_file:
     if target == "cpu-local":
         shutil.copyfile(PYTHON_MODEL, version_dir / "model.py")
     (model_dir / "config.pbtxt").write_text(
-        render_config(spec, target, intra_op_threads, provenance))
+        render_config(spec, target, intra_op_threads, provenance, batching))
     return model_dir
 
 

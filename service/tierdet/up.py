@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tierdet.build import assemble, ensure_built
 from tierdet.config import Settings
+from tierdet.profile import LatencyProfile
 from tierdet.server import run_gateway
 from tierdet.triton_server import LocalTriton
 from tierdet.weights import WeightsSource
@@ -41,7 +42,14 @@ async def supervise(triton: LocalTriton, stop: asyncio.Event, max_backoff_s: flo
 async def run_stack(settings: Settings, models: list[str], source: WeightsSource, home: Path,
                     triton_ports: tuple[int, int, int], threads: int) -> None:
     built = ensure_built(models, source, home)
-    repository = assemble(built, home, "cpu-local", intra_op_threads=threads)
+    profile_path = settings.profile_file or home / "profile.json"
+    profile = LatencyProfile.load(profile_path)
+    if profile.models:
+        log.info("latency profile: %s (%s)", profile_path, ", ".join(profile.models))
+    else:
+        log.info("no latency profile at %s: the router measures models at start "
+                 "(run `tierdet profile` for per-batch figures)", profile_path)
+    repository = assemble(built, home, "cpu-local", intra_op_threads=threads, profile=profile)
     http_port, grpc_port, metrics_port = triton_ports
     triton = LocalTriton(repository, home / "triton", host="127.0.0.1", http_port=http_port,
                          grpc_port=grpc_port, metrics_port=metrics_port, models=models,
@@ -54,8 +62,9 @@ async def run_stack(settings: Settings, models: list[str], source: WeightsSource
         for name, ready in states.items():
             if not ready:
                 log.error("model %s failed to load; see %s", name, triton.log_path)
-        settings = settings.model_copy(update={"triton_url": triton.grpc_url,
-                                               "models": tuple(models)})
+        settings = settings.model_copy(update={
+            "triton_url": triton.grpc_url, "models": tuple(models),
+            "profile_file": profile_path if profile.models else None})
         supervisor = asyncio.create_task(supervise(triton, stop))
         await run_gateway(settings, stop)
         stop.set()
