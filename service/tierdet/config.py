@@ -41,6 +41,8 @@ class Settings(BaseModel):
     # Budget for requests pinned to a model without a budget, and the bound
     # on a degraded answer.
     request_timeout_s: float = Field(10.0, gt=0)
+    # Evaluation records written by `tierdet eval`, exported as AP gauges.
+    eval_dir: Path | None = None
     log_level: str = "info"
 
     @classmethod

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tierdet import imaging, validation
+from tierdet.accuracy import latest_and_previous, load_records
 from tierdet.config import Settings
 from tierdet.errors import ApiError, ErrorCode
 from tierdet.metrics import Metrics
@@ -114,6 +115,7 @@ class DetectionService:
         self.metrics = metrics
         self.router = router or build_router(settings)
         self.table = ModelTable()
+        self.accuracy: dict = {}
 
     # -- model table -----------------------------------------------------
 
@@ -137,6 +139,28 @@ class DetectionService:
                 await self._read_provenance(state)
                 await self._probe_latency(spec)
             self.metrics.model_ready.labels(name).set(1 if state.ready else 0)
+            self.metrics.published_ap.labels(name).set(spec.coco_ap)
+
+    def refresh_accuracy(self) -> None:
+        """Re-read evaluation records (cheap: a folder of small JSON files)."""
+        records = load_records(self.settings.eval_dir)
+        self.accuracy = latest_and_previous(records)
+        self.metrics.set_accuracy(records)
+
+    def measured_ap(self, model: str) -> dict[str, float]:
+        """Latest gateway-path AP of ``model`` per "dataset[/tier]"."""
+        return {f"{d}/{t}" if t else d: latest.metrics.get("AP", float("nan"))
+                for (m, t, d, source), (latest, _) in self.accuracy.items()
+                if m == model and source == "gateway"}
+
+    async def refresh_statistics(self) -> None:
+        """Batch-size counts from Triton for every ready model (for /metrics)."""
+        for name in self.ready_models():
+            try:
+                stats = await self.triton.batch_executions(name)
+            except Exception:
+                continue
+            self.metrics.triton_batches.update(name, stats)
 
     async def _read_provenance(self, state: ModelState) -> None:
         try:
@@ -173,7 +197,8 @@ class DetectionService:
             {"name": name, "family": st.spec.family.value, "input_size": st.spec.input_size,
              "preprocessing": st.spec.preprocessing.resize,
              "published_coco_ap": st.spec.coco_ap, "params_m": st.spec.params_m,
-             "ready": st.ready, "weights": st.weights}
+             "ready": st.ready, "weights": st.weights,
+             "measured_ap": self.measured_ap(name)}
             for name, st in sorted(self.table.states.items())
         ]
 

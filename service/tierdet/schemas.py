@@ -64,6 +64,9 @@ class ModelInfo(BaseModel):
     params_m: float
     ready: bool
     weights: str = Field(..., description="Provenance: official, file <path>, or random.")
+    measured_ap: dict[str, float] = Field(
+        default_factory=dict, description="AP (0..1) measured by `tierdet eval` through the "
+        "gateway, keyed by dataset (or dataset/tier); compare with published_coco_ap (%).")
 
 
 class TierOut(BaseModel):

@@ -24,6 +24,7 @@ from tierdet.validation import limit_decoder_pixels
 
 log = logging.getLogger("tierdet")
 REFRESH_S = 1.0
+STATS_EVERY = 5  # refresh ticks between polls of Triton's statistics
 
 
 class _Uvicorn(uvicorn.Server):
@@ -36,12 +37,17 @@ class _Uvicorn(uvicorn.Server):
 
 async def _watch_models(service: DetectionService, health_servicer, stop: asyncio.Event) -> None:
     """Keep readiness current, so a restarted Triton is picked up by itself."""
+    ticks = 0
     while not stop.is_set():
         try:
             ready, _ = await service.readiness()
             await set_health(health_servicer, ready)
+            if ticks % STATS_EVERY == 0:
+                await service.refresh_statistics()
+                service.refresh_accuracy()
         except Exception:
             log.exception("model refresh failed")
+        ticks += 1
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), REFRESH_S)
 

@@ -75,6 +75,17 @@ class TritonClient:
                                                               client_timeout=timeout_s)
         return {m["name"]: m.get("state", "") for m in index.get("models", [])}
 
+    async def batch_executions(self, model: str, timeout_s: float = 2.0) -> dict[int, int]:
+        """Cumulative executions per batch size for ``model`` (statistics API)."""
+        stats = await self._client.get_inference_statistics(model, as_json=True,
+                                                            client_timeout=timeout_s)
+        out: dict[int, int] = {}
+        for entry in stats.get("model_stats", []):
+            for batch in entry.get("batch_stats", []):
+                size = int(batch["batch_size"])
+                out[size] = out.get(size, 0) + int(batch["compute_infer"]["count"])
+        return out
+
     async def provenance(self, model: str, timeout_s: float = 2.0) -> dict[str, str]:
         """The ``tierdet.*`` parameters written into the model's config at build time."""
         config = await self._client.get_model_config(model, as_json=True,
