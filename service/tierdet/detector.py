@@ -72,6 +72,8 @@ class ModelState:
     spec: ModelSpec
     ready: bool = False
     weights: str = "unknown"
+    status: str = "UNKNOWN"  # Triton's state: READY, UNAVAILABLE, LOADING, ...
+    reason: str = ""  # why it is not ready (Triton's load error), if known
 
 
 @dataclass
@@ -134,7 +136,9 @@ class DetectionService:
                 continue
             state = self.table.states.setdefault(name, ModelState(spec))
             was_ready = state.ready
-            state.ready = bool(index) and index.get(name) == "READY"
+            state.status, state.reason = (index or {}).get(
+                name, ("UNREACHABLE" if index is None else "NOT_LOADED", ""))
+            state.ready = state.status == "READY"
             if state.ready and not was_ready:
                 await self._read_provenance(state)
                 await self._probe_latency(spec)
@@ -197,7 +201,8 @@ class DetectionService:
             {"name": name, "family": st.spec.family.value, "input_size": st.spec.input_size,
              "preprocessing": st.spec.preprocessing.resize,
              "published_coco_ap": st.spec.coco_ap, "params_m": st.spec.params_m,
-             "ready": st.ready, "weights": st.weights,
+             "ready": st.ready, "status": st.status, "reason": st.reason,
+             "weights": st.weights,
              "measured_ap": self.measured_ap(name)}
             for name, st in sorted(self.table.states.items())
         ]

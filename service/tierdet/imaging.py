@@ -20,16 +20,28 @@ class Geometry:
     height: int
 
 
+# Transparent pixels are shown over white, as a browser on a white page would.
+ALPHA_BACKGROUND = 255.0
+
+
 def to_rgb(image: np.ndarray) -> np.ndarray:
-    """Any decoded OpenCV image (gray, BGR, BGRA; 8 or 16 bit) -> RGB uint8."""
+    """Any decoded OpenCV image (gray, gray+alpha, BGR, BGRA; 8/16-bit or float)
+    -> RGB uint8, alpha composited over white."""
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 2:  # gray + alpha
+        image = cv2.cvtColor(image[:, :, :1], cv2.COLOR_GRAY2BGR), image[:, :, 1]
+        image = np.dstack(image)
     if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+        alpha = image[:, :, 3:].astype(np.float32) / 255.0
+        blended = image[:, :, :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+        image = np.round(blended).astype(np.uint8)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -63,6 +63,8 @@ class ModelInfo(BaseModel):
     published_coco_ap: float
     params_m: float
     ready: bool
+    status: str = Field(..., description="Triton's state: READY, UNAVAILABLE, LOADING, ...")
+    reason: str = Field("", description="Why the model is not ready (Triton's load error).")
     weights: str = Field(..., description="Provenance: official, file <path>, or random.")
     measured_ap: dict[str, float] = Field(
         default_factory=dict, description="AP (0..1) measured by `tierdet eval` through the "

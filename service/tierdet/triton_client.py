@@ -10,10 +10,15 @@ from tritonclient.utils import InferenceServerException
 from tierdet.errors import ApiError, ErrorCode
 from tierdet.repository import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
 
-# Keep-alive pings let a dead Triton be noticed on idle channels too.
+# Keep-alive pings let a dead Triton be noticed on idle channels too; short
+# reconnect backoff lets a restarted Triton be used again within a second or
+# two (gRPC's default backoff grows to minutes).
 _CHANNEL_ARGS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 2_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
@@ -69,11 +74,13 @@ class TritonClient:
         except InferenceServerException:
             return False
 
-    async def repository_models(self, timeout_s: float = 2.0) -> dict[str, str]:
-        """Model name -> state (READY, UNAVAILABLE, ...) as Triton reports it."""
+    async def repository_models(self, timeout_s: float = 2.0) -> dict[str, tuple[str, str]]:
+        """Model name -> (state, reason) as Triton reports it: READY, UNAVAILABLE
+        (with the load error as reason), LOADING, ..."""
         index = await self._client.get_model_repository_index(as_json=True,
                                                               client_timeout=timeout_s)
-        return {m["name"]: m.get("state", "") for m in index.get("models", [])}
+        return {m["name"]: (m.get("state", ""), m.get("reason", ""))
+                for m in index.get("models", [])}
 
     async def batch_executions(self, model: str, timeout_s: float = 2.0) -> dict[int, int]:
         """Cumulative executions per batch size for ``model`` (statistics API)."""

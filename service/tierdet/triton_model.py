@@ -8,6 +8,7 @@ inside Triton's python stub, so it imports only numpy and onnxruntime.
 
 import json
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -27,11 +28,15 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        # Fault injection for tests only (a slow model): never set in production.
+        self.delay_s = float(params.get("test_delay_ms", "0")) / 1e3
 
     def execute(self, requests):
         # Triton's dynamic batcher hands over several requests at once: run
         # them as one ONNX batch and split the result back per request.
         arrays = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
+        if self.delay_s:
+            time.sleep(self.delay_s)
         try:
             out = self.session.run([OUTPUT], {INPUT: np.concatenate(arrays)})[0]
         except Exception as exc:  # one bad batch must not kill the model

@@ -13,6 +13,7 @@ needs help to run outside NVIDIA's container (see DESIGN.md):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -133,17 +134,28 @@ class LocalTriton:
     def model_ready(self, model: str) -> bool:
         return self._get(f"/v2/models/{model}/ready") == 200
 
+    def model_states(self) -> dict[str, str]:
+        """Model -> Triton state (READY, UNAVAILABLE, LOADING, ...); {} if unreachable."""
+        request = urllib.request.Request(self.http_url + "/v2/repository/index", data=b"{}",
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=2.0) as resp:
+                index = json.loads(resp.read())
+        except (OSError, ValueError):
+            return {}
+        return {m["name"]: m.get("state", "") for m in index}
+
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, bool]:
-        """Wait until the server is live and every model loaded or failed."""
+        """Wait until the server is live and every model has loaded or failed."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
                 raise TritonError(f"tritonserver exited with code {self.process.returncode}"
                                   + (f"; see {self.log_path}" if self.log_path else ""))
             if self._get("/v2/health/live") == 200:
-                states = {m: self.model_ready(m) for m in self.models}
-                if all(states.values()):
-                    return states
+                states = self.model_states()
+                if all(states.get(m) in ("READY", "UNAVAILABLE") for m in self.models):
+                    return {m: states[m] == "READY" for m in self.models}
             time.sleep(0.2)
         states = {m: self.model_ready(m) for m in self.models}
         if not any(states.values()) and self.models:

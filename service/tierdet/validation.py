@@ -60,8 +60,6 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
     try:
         if fmt == "png" and data[12:16] == b"IHDR":
             return struct.unpack(">II", data[16:24])
-        if fmt == "gif":
-            return struct.unpack("<HH", data[6:10])
         if fmt == "bmp":
             w, h = struct.unpack("<ii", data[18:26])
             return abs(w), abs(h)
@@ -117,16 +115,20 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     fmt = sniff_format(data)
     if fmt is None:
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                       "not a supported image (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+                       "not a supported image (JPEG, PNG, WebP, BMP, TIFF)")
     size = header_size(data, fmt)
     if size is not None and size[0] * size[1] > max_pixels:
         raise ApiError(ErrorCode.TOO_MANY_PIXELS,
                        f"the image declares {size[0]}x{size[1]} pixels; "
                        f"the limit is {max_pixels} pixels")
-    # IMREAD_COLOR applies EXIF orientation; ANYDEPTH keeps 16-bit precision
-    # until to_rgb scales it down.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8),
-                         cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    if fmt == "gif":
+        # OpenCV's wheels carry no GIF decoder; refuse clearly rather than guess.
+        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                       "GIF images are not supported: send a frame as PNG or JPEG")
+    # JPEG: IMREAD_COLOR applies EXIF orientation and converts CMYK. Others:
+    # IMREAD_UNCHANGED keeps alpha (composited in to_rgb) and 16-bit depth.
+    flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None or image.size == 0:
         raise ApiError(ErrorCode.UNREADABLE_IMAGE, f"the {fmt} image could not be decoded")
     if image.shape[0] * image.shape[1] > max_pixels:

@@ -89,7 +89,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap")
+    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason")
     class MeasuredApEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     MEASURED_AP_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     input_size: int
@@ -115,10 +117,40 @@ class ModelInfo(_message.Message):
     ready: bool
     weights: str
     measured_ap: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    status: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class DetectFrame(_message.Message):
+    __slots__ = ("frame_id", "request")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    request: DetectRequest
+    def __init__(self, frame_id: _Optional[int] = ..., request: _Optional[_Union[DetectRequest, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "retry_after_s")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    retry_after_s: float
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
+class DetectFrameResult(_message.Message):
+    __slots__ = ("frame_id", "response", "error")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    response: DetectResponse
+    error: Error
+    def __init__(self, frame_id: _Optional[int] = ..., response: _Optional[_Union[DetectResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class DetectorStub:
                 request_serializer=tierdet_dot_proto_dot_detection__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tierdet_dot_proto_dot_detection__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.DetectStream = channel.stream_stream(
+                '/tierdet.v1.Detector/DetectStream',
+                request_serializer=tierdet_dot_proto_dot_detection__pb2.DetectFrame.SerializeToString,
+                response_deserializer=tierdet_dot_proto_dot_detection__pb2.DetectFrameResult.FromString,
+                _registered_method=True)
 
 
 class DetectorServicer:
@@ -63,6 +68,19 @@ class DetectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetectStream(self, request_iterator, context):
+        """Detect objects in a stream of frames (video): one result per frame, in
+        the order sent. Each frame carries its own options and budget (tier,
+        sla_ms). A frame that fails is answered with its error and the stream
+        goes on. Back-pressure: the server holds at most a bounded number of
+        frames per stream (TIERDET_STREAM_MAX_INFLIGHT, read and not yet
+        answered) and stops reading at the bound, so a consumer that reads
+        results slowly slows the sender instead of growing server memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +93,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tierdet_dot_proto_dot_detection__pb2.ListModelsRequest.FromString,
                     response_serializer=tierdet_dot_proto_dot_detection__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DetectStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DetectStream,
+                    request_deserializer=tierdet_dot_proto_dot_detection__pb2.DetectFrame.FromString,
+                    response_serializer=tierdet_dot_proto_dot_detection__pb2.DetectFrameResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +154,33 @@ class Detector:
             '/tierdet.v1.Detector/ListModels',
             tierdet_dot_proto_dot_detection__pb2.ListModelsRequest.SerializeToString,
             tierdet_dot_proto_dot_detection__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetectStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tierdet.v1.Detector/DetectStream',
+            tierdet_dot_proto_dot_detection__pb2.DetectFrame.SerializeToString,
+            tierdet_dot_proto_dot_detection__pb2.DetectFrameResult.FromString,
             options,
             channel_credentials,
             insecure,

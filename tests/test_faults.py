@@ -1,0 +1,152 @@
+"""Faults on the real stack: Triton dies, a model fails to load, Triton is slow,
+the gateway is told to stop. Each test runs its own Triton and gateway."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+import pytest
+from conftest import TEST_MODEL, encode, photos
+from tierdet.build import assemble
+from tierdet.localstack import GatewayProcess, free_port
+from tierdet.profile import LatencyProfile, ModelProfile
+from tierdet.repository import install_model
+from tierdet.specs import SPECS
+from tierdet.triton_server import LocalTriton
+
+JPEG = encode(photos()["astronaut"])
+BROKEN = "efficientdet-d7"  # any registry name; its model file is garbage here
+
+
+def _triton(repository, work, models) -> LocalTriton:
+    server = LocalTriton(repository, work, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), models=models, log_path=work / "triton.log")
+    server.start()
+    server.wait_ready(120)
+    return server
+
+
+def _detect(base: str, timeout: float = 30.0, **fields) -> tuple[int, dict, float]:
+    """(status, body, perf_counter() when the answer arrived)."""
+    r = httpx.post(base + "/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                   data={k: str(v) for k, v in fields.items()}, timeout=timeout)
+    return r.status_code, r.json(), time.perf_counter()
+
+
+def _wait_status(url: str, want: int, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            if httpx.get(url, timeout=2).status_code == want:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer {want} within {timeout_s} s")
+
+
+@pytest.fixture()
+def own_stack(home, built_d0, tmp_path):
+    repository = assemble([built_d0], home / "fault-repo", "cpu-local", intra_op_threads=1)
+    triton = _triton(repository, tmp_path, [TEST_MODEL])
+    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log")
+    yield triton, gateway
+    gateway.stop()
+    triton.stop()
+
+
+def test_triton_killed_under_load_fails_fast_then_recovers(own_stack):
+    triton, gateway = own_stack
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(_detect, gateway.http, model=TEST_MODEL) for _ in range(6)]
+        time.sleep(0.3)  # requests are queued at Triton now
+        killed_at = time.perf_counter()
+        triton.process.send_signal(signal.SIGKILL)
+        results = [f.result(timeout=30) for f in futures]
+    failed = [(s, b, t) for s, b, t in results if s != 200]
+    assert failed, "some requests must have been in flight when Triton died"
+    for status, body, done in failed:
+        assert status == 503 and body["error"]["code"] == "triton_unavailable"
+        assert done - killed_at < 0.1 + 0.05, f"answered {done - killed_at:.3f} s after the kill"
+    _wait_status(gateway.http + "/readyz", 503, 5)
+    assert _detect(gateway.http)[0] == 503
+    triton.process.wait()
+    triton.start()  # same ports, same repository
+    recovered = _wait_status(gateway.http + "/readyz", 200, 60)
+    assert _detect(gateway.http)[0] == 200
+    print(f"recovered {recovered:.1f} s after Triton was restarted")
+
+
+def test_readiness_recovers_within_5s_once_triton_is_back(own_stack):
+    triton, gateway = own_stack
+    triton.stop()
+    _wait_status(gateway.http + "/readyz", 503, 10)
+    triton.start()
+    triton.wait_ready(120)  # Triton itself ready: from here the gateway has 5 s
+    assert _wait_status(gateway.http + "/readyz", 200, 5.0) <= 5.0
+    assert _detect(gateway.http)[0] == 200
+
+
+def test_model_that_fails_to_load_is_reported_and_others_serve(home, built_d0, tmp_path):
+    repository = assemble([built_d0], home / "broken-repo", "cpu-local", intra_op_threads=1)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not an onnx file")
+    install_model(repository, SPECS[BROKEN], "cpu-local", garbage, {"weights": "garbage"})
+    triton = _triton(repository, tmp_path, [TEST_MODEL, BROKEN])
+    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log",
+                                   models=f"{TEST_MODEL},{BROKEN}")
+    try:
+        models = {m["name"]: m for m in httpx.get(gateway.http + "/v1/models").json()["models"]}
+        assert models[TEST_MODEL]["ready"] and not models[BROKEN]["ready"]
+        assert models[BROKEN]["status"] == "UNAVAILABLE" and models[BROKEN]["reason"]
+        assert httpx.get(gateway.http + "/readyz").status_code == 200
+        status, body, _ = _detect(gateway.http, sla_ms=60_000)
+        assert status == 200 and body["model"] == TEST_MODEL  # routed around it
+        status, body, _ = _detect(gateway.http, model=BROKEN)
+        assert status == 503 and body["error"]["code"] == "model_not_ready"
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def test_slow_triton_deadlines_are_enforced_and_counted(home, built_d0, tmp_path):
+    """Triton turns slow after the profile was measured: admitted requests that
+    cannot finish in time end as 504, at their deadline, and are counted."""
+    repository = home / "slow-repo"
+    install_model(repository, built_d0.spec, "cpu-local", built_d0.onnx, built_d0.provenance,
+                  intra_op_threads=1)
+    config = repository / TEST_MODEL / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "test_delay_ms" '
+                                           'value { string_value: "600" } }\n')
+    profile = tmp_path / "profile.json"
+    LatencyProfile({TEST_MODEL: ModelProfile({1: 60.0})}).save(profile)
+    triton = _triton(repository, tmp_path, [TEST_MODEL])
+    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log",
+                                   profile_file=str(profile))
+    try:
+        start = time.perf_counter()
+        status, body, done = _detect(gateway.http, sla_ms=300)
+        assert status == 504 and body["error"]["code"] == "deadline_exceeded"
+        assert done - start < 0.3 + 0.2  # answered at the deadline, not after Triton
+        metrics = httpx.get(gateway.http + "/metrics").text
+        assert 'outcome="timeout"' in metrics
+    finally:
+        gateway.stop()
+        triton.stop()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(triton, tmp_path):
+    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(_detect, gateway.http, model=TEST_MODEL) for _ in range(6)]
+        time.sleep(0.2)
+        gateway.process.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=60) for f in futures]
+    assert [status for status, _, _ in results] == [200] * 6
+    assert gateway.process.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(gateway.http + "/healthz", timeout=2)
+    assert "gateway stopped" in gateway.log.read_text()
