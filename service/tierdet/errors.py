@@ -28,6 +28,9 @@ class ErrorCode(str, Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INFERENCE_FAILED = "inference_failed"
     NOT_FOUND = "not_found"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal_error"
 
 
@@ -49,6 +52,9 @@ _STATUS: dict[ErrorCode, tuple[int, grpc.StatusCode]] = {
     ErrorCode.DEADLINE_EXCEEDED: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     ErrorCode.INFERENCE_FAILED: (502, grpc.StatusCode.INTERNAL),
     ErrorCode.NOT_FOUND: (404, grpc.StatusCode.NOT_FOUND),
+    ErrorCode.UNAUTHENTICATED: (401, grpc.StatusCode.UNAUTHENTICATED),
+    ErrorCode.FORBIDDEN: (403, grpc.StatusCode.PERMISSION_DENIED),
+    ErrorCode.RATE_LIMITED: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorCode.INTERNAL: (500, grpc.StatusCode.INTERNAL),
 }
 

@@ -1,0 +1,68 @@
+"""API keys: hashed, constant-time compared, 401 vs 403, per-key token buckets."""
+
+from __future__ import annotations
+
+import pytest
+from tierdet.errors import ApiError, ErrorCode
+from tierdet.security import ApiKey, KeyRing, bearer, hash_key
+
+ALICE = ApiKey("alice", hash_key("alice-secret"), rate_per_s=2, burst=3)
+BOB = ApiKey("bob", hash_key("bob-secret"), tiers=("realtime",), models=("damoyolo-ns",))
+RING = KeyRing((ALICE, BOB))
+
+
+def _code(fn) -> ErrorCode:
+    with pytest.raises(ApiError) as info:
+        fn()
+    return info.value.code
+
+
+def test_no_keys_configured_means_open():
+    assert KeyRing().authenticate(None) is None
+
+
+def test_missing_or_unknown_key_is_401():
+    assert _code(lambda: RING.authenticate(None)) is ErrorCode.UNAUTHENTICATED
+    assert _code(lambda: RING.authenticate("nope")) is ErrorCode.UNAUTHENTICATED
+    assert ApiError(ErrorCode.UNAUTHENTICATED, "").http_status == 401
+
+
+def test_known_key_is_identified_by_its_hash_only():
+    assert RING.authenticate("alice-secret") == ALICE
+    assert "alice-secret" not in repr(RING)
+
+
+def test_known_key_outside_its_grant_is_403():
+    key = RING.authenticate("bob-secret")
+    RING.authorize(key, "realtime", None)
+    assert _code(lambda: RING.authorize(key, "accurate", None)) is ErrorCode.FORBIDDEN
+    assert _code(lambda: RING.authorize(key, None, "efficientdet-d7")) is ErrorCode.FORBIDDEN
+    assert ApiError(ErrorCode.FORBIDDEN, "").http_status == 403
+
+
+def test_rate_limit_is_a_token_bucket_with_retry_after():
+    ring = KeyRing((ALICE,))
+    for _ in range(3):  # the burst
+        ring.take(ALICE, now=100.0)
+    with pytest.raises(ApiError) as info:
+        ring.take(ALICE, now=100.0)
+    assert info.value.code is ErrorCode.RATE_LIMITED and info.value.http_status == 429
+    assert info.value.retry_after_s >= 1
+    ring.take(ALICE, now=100.6)  # 2 tokens/s: one more after half a second
+
+
+def test_keys_file(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - name: ci\n    sha256: {hash_key('k')}\n    rate_per_s: 5\n")
+    ring = KeyRing.load(path)
+    assert ring.authenticate("k").rate_per_s == 5
+    path.write_text("keys:\n  - name: bad\n    sha256: plaintext-key\n")
+    with pytest.raises(ValueError):
+        KeyRing.load(path)
+
+
+def test_bearer_forms():
+    assert bearer("Bearer abc", None) == "abc"
+    assert bearer("bearer abc ", None) == "abc"
+    assert bearer(None, "xyz") == "xyz"
+    assert bearer("Basic abc", None) is None
