@@ -13,6 +13,7 @@ needs help to run outside NVIDIA's container (see DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,6 +106,8 @@ class LocalTriton:
     def start(self) -> None:
         if self.process and self.process.poll() is None:
             return
+        if self.process is not None:
+            self._reap_group()  # stubs of a crashed server would hold memory and shm
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command(), env=triton_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -164,11 +167,18 @@ class LocalTriton:
         return states
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if not self.alive():
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        """Kill what is left of the server's process group (python stubs)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()

@@ -1,0 +1,83 @@
+{{/* Names: <release>-tierdet (or fullnameOverride), then -gateway / -triton / ... */}}
+{{- define "tierdet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tierdet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's name; call with (list $ "gateway"). */}}
+{{- define "tierdet.component" -}}
+{{- $root := index . 0 -}}
+{{- printf "%s-%s" (include "tierdet.fullname" $root) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "tierdet.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "tierdet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component; call with (list $ "gateway"). */}}
+{{- define "tierdet.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "tierdet.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{/* image reference; call with (list $ .Values.images.gateway). */}}
+{{- define "tierdet.image" -}}
+{{- $root := index . 0 -}}
+{{- $image := index . 1 -}}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- end -}}
+
+{{- define "tierdet.modelsClaim" -}}
+{{- default (include "tierdet.component" (list . "models")) .Values.persistence.existingClaim -}}
+{{- end -}}
+
+{{/* The model volume's mount point, TIERDET_HOME in every container. */}}
+{{- define "tierdet.home" -}}/var/lib/tierdet{{- end -}}
+
+{{/*
+Checks across values that a JSON schema cannot express; a failed check stops
+the install with its message.
+*/}}
+{{- define "tierdet.validate" -}}
+{{- $models := .Values.models -}}
+{{- range $tier, $spec := .Values.tiers -}}
+{{- range $spec.models -}}
+{{- if not (has . $models) -}}
+{{- fail (printf "tiers.%s.models: %s is not in models (%s)" $tier . (join ", " $models)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not (hasKey .Values.tiers .Values.defaultTier) -}}
+{{- fail (printf "defaultTier %s is not one of tiers (%s)" .Values.defaultTier (join ", " (keys .Values.tiers | sortAlpha))) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A value as an environment string. YAML numbers may arrive as float64, which
+would print 20971520 as 2.097152e+07: whole numbers are printed as integers.
+*/}}
+{{- define "tierdet.envValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,342 @@
+"""The TensorRT engine step (service/tierdet/engines.py) with real stand-in executables.
+
+No GPU here: the tests write a small ``trtexec`` and ``nvidia-smi`` that
+behave like the real ones at the interface engines.py uses (the TensorRT
+banner, the flags, the engine file, exit codes) and record each call. The
+build runs as the containers run it: ``python3 -I -S engines.py`` (no
+site-packages, so a non-stdlib import would fail), and through
+``tierdet engines``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from deploy_support import ENGINES_PY, REPO, run_tool
+from tierdet import engines
+from tierdet.repository import render_config
+from tierdet.specs import get_spec
+
+MODELS = ("efficientdet-d0", "damoyolo-s", "damoyolo-ns")
+
+FAKE_TRTEXEC = '''#!{python}
+"""Stand-in for TensorRT's trtexec: banner, flags, engine file, exit code."""
+import json, os, sys, time
+print("&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec " + " ".join(sys.argv[1:]))
+if sys.argv[1:] == ["--help"]:
+    print("=== Model Options ===")
+    sys.exit(0)
+args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
+with open(os.environ["FAKE_TRTEXEC_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+model = os.path.basename(args["onnx"])[:-len(".onnx")]
+if model in os.environ.get("FAKE_TRTEXEC_FAIL", "").split(","):
+    print("[E] Error[4]: [network.cpp::validate] unsupported layer")
+    print("&&&& FAILED TensorRT.trtexec")
+    sys.exit(1)
+time.sleep(float(os.environ.get("FAKE_TRTEXEC_SLEEP", "0")))
+with open(args["onnx"], "rb") as f:
+    onnx = f.read()
+with open(args["saveEngine"], "wb") as f:
+    f.write(b"PLAN" + onnx + repr(sorted(args.items())).encode())
+print("&&&& PASSED TensorRT.trtexec")
+'''
+
+FAKE_NVIDIA_SMI = '''#!/bin/sh
+# Stand-in for nvidia-smi --query-gpu=name --format=csv,noheader
+[ "$1" = "--query-gpu=name" ] && [ "$2" = "--format=csv,noheader" ] || exit 64
+[ -n "$FAKE_GPU_EXIT" ] && { echo "NVIDIA-SMI has failed" >&2; exit "$FAKE_GPU_EXIT"; }
+printf '%s\\n' "${FAKE_GPUS:-NVIDIA H100 80GB HBM3}" | tr ';' '\\n'
+'''
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "trtexec.log"
+    monkeypatch.setenv("FAKE_TRTEXEC_LOG", str(log))
+    for name in ("FAKE_TRTEXEC_FAIL", "FAKE_TRTEXEC_SLEEP", "FAKE_GPUS", "FAKE_GPU_EXIT"):
+        monkeypatch.delenv(name, raising=False)
+    return {
+        "trtexec": _executable(bin_dir / "trtexec",
+                               FAKE_TRTEXEC.format(python=sys.executable, version="100500")),
+        "trtexec-8.6": _executable(bin_dir / "trtexec-8.6",
+                                   FAKE_TRTEXEC.format(python=sys.executable, version="8601")),
+        "nvidia-smi": _executable(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI),
+        "log": log,
+    }
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A TIERDET_HOME as `tierdet build` leaves it: ONNX files plus provenance."""
+    home = tmp_path / "home"
+    (home / "onnx").mkdir(parents=True)
+    for name in MODELS:
+        onnx = home / "onnx" / f"{name}.onnx"
+        onnx.write_bytes(f"onnx graph of {name}".encode())
+        provenance = {"weights": "official", "weights_sha256": "ab" * 32,
+                      "built_with": "tierdet test", "built_at": "2026-01-01T00:00:00+00:00",
+                      "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest()}
+        onnx.with_suffix(".json").write_text(json.dumps(provenance))
+    return home
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Path:
+    """gpu configs as `tierdet repo generate` writes them into model_repository/gpu."""
+    root = tmp_path / "templates"
+    for name in MODELS:
+        (root / name).mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(render_config(get_spec(name), "gpu"))
+    return root
+
+
+def _build(home: Path, templates: Path, tools: dict[str, Path], *extra: str,
+           trtexec: str = "trtexec", via: str = "script") -> subprocess.CompletedProcess[str]:
+    args = ["build", "--templates", str(templates), "--trtexec", str(tools[trtexec]),
+            "--nvidia-smi", str(tools["nvidia-smi"]), *extra]
+    if via == "script":  # as in the TensorRT container: stdlib only, no tierdet install
+        argv = [sys.executable, "-I", "-S", str(ENGINES_PY), "--home", str(home), *args]
+    else:
+        argv = [sys.executable, "-m", "tierdet.cli", "--home", str(home), "engines", *args]
+    return run_tool(argv, cwd=REPO)
+
+
+def _calls(tools: dict[str, Path]) -> list[list[str]]:
+    log = tools["log"]
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return calls
+
+
+def _built_models(calls: list[list[str]]) -> list[str]:
+    return sorted(Path(next(a for a in c if a.startswith("--onnx="))[7:]).stem for c in calls)
+
+
+def _report(home: Path) -> dict:
+    (report,) = (home / "engines").glob("*/report.json")
+    return json.loads(report.read_text())
+
+
+def test_first_start_builds_fp16_engines_and_writes_the_gpu_repository(home, templates, tools):
+    result = _build(home, templates, tools)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    calls = _calls(tools)
+    assert _built_models(calls) == sorted(MODELS)
+    d0 = next(c for c in calls if "efficientdet-d0.onnx" in " ".join(c))
+    assert "--fp16" in d0
+    assert "--minShapes=images:1x512x512x3" in d0
+    assert "--optShapes=images:8x512x512x3" in d0
+    assert "--maxShapes=images:8x512x512x3" in d0
+    ns = next(c for c in calls if "damoyolo-ns.onnx" in " ".join(c))
+    assert "--maxShapes=images:8x416x416x3" in ns
+
+    key = "nvidia-h100-80gb-hbm3_trt10.5.0"
+    repository = home / "repository" / "gpu"
+    for name in MODELS:
+        plan = repository / name / "1" / "model.plan"
+        assert plan.read_bytes() == (home / "engines" / key / f"{name}.plan").read_bytes()
+        assert plan.read_bytes().startswith(b"PLAN" + f"onnx graph of {name}".encode())
+        # The config is exactly what tierdet's own renderer makes for the gpu
+        # target, with the ONNX provenance plus the engine it was built into.
+        provenance = json.loads((home / "onnx" / f"{name}.json").read_text())
+        provenance["engine"] = "TensorRT 10.5.0 fp16 on NVIDIA H100 80GB HBM3, batch 1..8"
+        expected = render_config(get_spec(name), "gpu", provenance=provenance)
+        assert (repository / name / "config.pbtxt").read_text() == expected
+    report = _report(home)
+    assert report["key"] == key
+    assert {m: r["status"] for m, r in report["models"].items()} == dict.fromkeys(MODELS, "built")
+
+
+def test_a_matching_cache_skips_the_build(home, templates, tools):
+    assert _build(home, templates, tools).returncode == 0
+    _calls(tools)
+    (home / "repository" / "gpu" / "damoyolo-s").rename(home / "lost")  # repository is rebuilt
+
+    result = _build(home, templates, tools, via="cli")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _calls(tools) == []
+    assert "damoyolo-s: cached" in result.stdout
+    assert sorted(p.name for p in (home / "repository" / "gpu").iterdir()) == sorted(MODELS)
+    assert {r["status"] for r in _report(home)["models"].values()} == {"cached"}
+
+
+def test_a_new_gpu_model_or_tensorrt_version_rebuilds(home, templates, tools, monkeypatch):
+    assert _build(home, templates, tools).returncode == 0
+    _calls(tools)
+
+    monkeypatch.setenv("FAKE_GPUS", "NVIDIA L4")
+    assert _build(home, templates, tools).returncode == 0
+    assert _built_models(_calls(tools)) == sorted(MODELS)
+
+    result = _build(home, templates, tools, trtexec="trtexec-8.6")
+    assert result.returncode == 0
+    assert _built_models(_calls(tools)) == sorted(MODELS)
+    keys = sorted(p.name for p in (home / "engines").iterdir())
+    assert keys == ["nvidia-h100-80gb-hbm3_trt10.5.0", "nvidia-l4_trt10.5.0",
+                    "nvidia-l4_trt8.6.1"]
+    # Back on the first GPU and TensorRT: its cache still matches.
+    monkeypatch.delenv("FAKE_GPUS")
+    assert _build(home, templates, tools).returncode == 0
+    assert _calls(tools) == []
+
+
+def test_a_new_onnx_export_rebuilds_that_model_only(home, templates, tools):
+    assert _build(home, templates, tools).returncode == 0
+    _calls(tools)
+    (home / "onnx" / "damoyolo-s.onnx").write_bytes(b"re-exported graph")
+
+    assert _build(home, templates, tools).returncode == 0
+    assert _built_models(_calls(tools)) == ["damoyolo-s"]
+    plan = home / "repository" / "gpu" / "damoyolo-s" / "1" / "model.plan"
+    assert plan.read_bytes().startswith(b"PLANre-exported graph")
+
+
+def test_a_failing_model_is_reported_and_left_out_while_the_others_serve(
+        home, templates, tools, monkeypatch):
+    assert _build(home, templates, tools).returncode == 0  # all three served before
+    _calls(tools)
+    (home / "onnx" / "damoyolo-s.onnx").write_bytes(b"graph with an unsupported layer")
+    monkeypatch.setenv("FAKE_TRTEXEC_FAIL", "damoyolo-s")
+
+    result = _build(home, templates, tools)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "LEFT OUT (failed to build): damoyolo-s" in result.stdout
+    assert _built_models(_calls(tools)) == ["damoyolo-s"]  # the others came from the cache
+    repository = home / "repository" / "gpu"
+    # The stale damoyolo-s from the last run is gone with the rest of the old repository.
+    assert sorted(p.name for p in repository.iterdir()) == ["damoyolo-ns", "efficientdet-d0"]
+    failed = _report(home)["models"]["damoyolo-s"]
+    assert failed["status"] == "failed"
+    assert "trtexec exited 1" in failed["detail"]
+    assert "unsupported layer" in failed["detail"]  # the log tail says why
+    cache = next((home / "engines").iterdir())
+    assert not (cache / "damoyolo-s.plan").exists()
+    assert (cache / "damoyolo-s.log").is_file()
+
+    # Restarts (new Triton pods) do not fail again on the same inputs...
+    result = _build(home, templates, tools)
+    assert result.returncode == 0 and _calls(tools) == []
+    assert "not retried" in _report(home)["models"]["damoyolo-s"]["detail"]
+    # ...unless asked to,
+    assert _build(home, templates, tools, "--retry-failed").returncode == 0
+    assert _built_models(_calls(tools)) == ["damoyolo-s"]
+    # and a fixed export is built at once; only the model that changed.
+    monkeypatch.delenv("FAKE_TRTEXEC_FAIL")
+    (home / "onnx" / "damoyolo-s.onnx").write_bytes(b"graph without the layer")
+    assert _build(home, templates, tools).returncode == 0
+    assert _built_models(_calls(tools)) == ["damoyolo-s"]
+    assert not (cache / "damoyolo-s.failed.json").exists()
+    assert sorted(p.name for p in repository.iterdir()) == sorted(MODELS)
+
+
+def test_models_without_onnx_or_template_are_reported(home, templates, tools):
+    (templates / "damoyolo-ns" / "config.pbtxt").unlink()
+    result = _build(home, templates, tools,
+                    "--models", "efficientdet-d0,damoyolo-ns,efficientdet-d7")
+    assert result.returncode == 0, result.stdout + result.stderr
+    models = _report(home)["models"]
+    assert models["efficientdet-d0"]["status"] == "built"
+    assert "no gpu config template" in models["damoyolo-ns"]["detail"]
+    assert "no built ONNX" in models["efficientdet-d7"]["detail"]
+    assert sorted(p.name for p in (home / "repository" / "gpu").iterdir()) == ["efficientdet-d0"]
+
+
+def test_nothing_built_is_an_error(home, templates, tools, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTEXEC_FAIL", ",".join(MODELS))
+    result = _build(home, templates, tools)
+    assert result.returncode == 1
+    assert "repository" in result.stdout and "EMPTY" in result.stdout
+
+
+def test_a_hung_trtexec_is_stopped_and_retried_next_time(home, templates, tools, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "30")
+    result = _build(home, templates, tools, "--models", "damoyolo-ns", "--timeout-s", "1")
+    assert result.returncode == 1
+    assert "timed out after 1 s" in _report(home)["models"]["damoyolo-ns"]["detail"]
+    _calls(tools)
+    monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "0")  # e.g. the GPU was busy
+    assert _build(home, templates, tools, "--models", "damoyolo-ns").returncode == 0
+    assert _built_models(_calls(tools)) == ["damoyolo-ns"]
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"FAKE_GPU_EXIT": "9"}, "no GPU visible"),
+    ({"FAKE_GPUS": "NVIDIA A100-SXM4-80GB;NVIDIA L4"}, "GPUs of different models"),
+])
+def test_no_gpu_or_mixed_gpus_stop_the_build(home, templates, tools, monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = _build(home, templates, tools)
+    assert result.returncode == 2
+    assert message in result.stdout
+    assert _calls(tools) == []
+
+
+def test_cache_key_names_the_gpu_and_tensorrt(tools):
+    result = run_tool([sys.executable, "-I", "-S", str(ENGINES_PY), "key",
+                       "--trtexec", str(tools["trtexec-8.6"]),
+                       "--nvidia-smi", str(tools["nvidia-smi"])])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "nvidia-h100-80gb-hbm3_trt8.6.1"
+
+
+@pytest.mark.parametrize(("banner", "version"), [
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v8203] # trtexec", "8.2.3"),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec", "8.6.1"),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec", "10.3.0"),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v101100] # trtexec", "10.11.0"),
+])
+def test_tensorrt_version_from_the_trtexec_banner(banner, version):
+    assert engines.parse_tensorrt_banner(banner) == version
+
+
+def test_shapes_come_from_the_generated_config():
+    for name in MODELS:
+        spec = get_spec(name)
+        shapes = engines.shapes_from_config(render_config(spec, "gpu"))
+        assert (shapes.size, shapes.max_batch) == (spec.input_size,
+                                                   spec.batching.max_batch_size)
+
+
+def test_wait_for_the_model_builder(home, tmp_path):
+    def wait(*extra: str) -> int:
+        return run_tool([sys.executable, "-I", "-S", str(ENGINES_PY), "--home", str(home),
+                         "wait", *extra]).returncode
+
+    assert wait("--models", "efficientdet-d0,damoyolo-s") == 0
+    assert wait("--models", "efficientdet-d0,efficientdet-d7", "--wait-s", "0.2") == 1
+    repository = tmp_path / "cpu"
+    assert wait("--models", "efficientdet-d0", "--repository", str(repository)) == 1
+    (repository / "efficientdet-d0").mkdir(parents=True)
+    (repository / "efficientdet-d0" / "config.pbtxt").write_text("name: \"efficientdet-d0\"\n")
+    assert wait("--models", "efficientdet-d0", "--repository", str(repository)) == 0
+
+
+def test_engines_py_imports_nothing_but_the_standard_library():
+    # -I -S: no site-packages and no script folder on sys.path, as in the
+    # TensorRT container where tierdet is not installed.
+    code = (f"import runpy, sys; sys.argv = ['engines.py', '--help']\n"
+            f"try:\n    runpy.run_path({str(ENGINES_PY)!r}, run_name='__main__')\n"
+            f"except SystemExit as e:\n    assert e.code == 0\n"
+            f"mods = sorted(m for m in sys.modules if m.split('.')[0] not in "
+            f"sys.stdlib_module_names and m != '__main__')\n"
+            f"print(mods)")
+    result = run_tool([sys.executable, "-I", "-S", "-c", code], env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

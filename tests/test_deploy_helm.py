@@ -1,0 +1,534 @@
+"""deploy/helm/tierdet: rendered by Helm itself, every manifest schema-checked.
+
+Helm v4's Go SDK (PyPI helm-python-sdk, no helm binary) loads, lints and
+renders the chart for the default, GPU and CPU values; kubernetes-validate
+checks each manifest strictly (unknown fields rejected) against the oldest
+Kubernetes the chart supports and the newest it knows; ServiceMonitor and
+PrometheusRule are checked against the prometheus-operator CRDs kept in
+tests/schemas; promtool checks every PromQL expression, including the
+prometheus-adapter queries the autoscalers depend on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_support import (
+    CHART,
+    NON_SETTINGS_ENV,
+    SCHEMAS,
+    compose,
+    dockerfile_from,
+    image_release,
+    run_tool,
+    settings_env_names,
+    tool,
+)
+from helm_python import Chart, HelmError, HelmValuesError, lint
+from tierdet.config import Settings
+from tierdet.metrics import Metrics
+from tierdet.routing import TierConfig
+from tierdet.specs import SPECS
+
+RELEASE, NAMESPACE = "tierdet", "inference"
+VARIANTS = {"default": None, "gpu": "values-gpu.yaml", "cpu": "values-cpu.yaml"}
+# The chart's kubeVersion floor, and the newest schemas kubernetes-validate has.
+KUBE_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
+CRDS = {"ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml",
+        "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
+REQUIRED_TIERS = {"realtime", "balanced", "accurate"}
+
+
+@cache
+def chart() -> Chart:
+    return Chart.load(CHART)
+
+
+def overlay(variant: str) -> dict[str, Any] | None:
+    name = VARIANTS[variant]
+    return yaml.safe_load((CHART / name).read_text()) if name else None
+
+
+def render(values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    files = chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [doc for path, text in sorted(files.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+@cache
+def manifests(variant: str) -> tuple[dict[str, Any], ...]:
+    return tuple(render(overlay(variant)))
+
+
+def one(variant: str, kind: str, component: str | None = None) -> dict[str, Any]:
+    found = [m for m in manifests(variant) if m["kind"] == kind and (
+        component is None
+        or m["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
+    assert len(found) == 1, f"{kind}/{component}: {len(found)} found"
+    return found[0]
+
+
+def pod_spec(variant: str, component: str) -> dict[str, Any]:
+    return one(variant, "Deployment", component)["spec"]["template"]["spec"]
+
+
+def container(variant: str, component: str, name: str | None = None) -> dict[str, Any]:
+    spec = pod_spec(variant, component)
+    return next(c for c in spec["containers"] + spec.get("initContainers", [])
+                if name is None or c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+def flags(args: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for arg in args:
+        key, _, value = arg[2:].partition("=")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+# --- Helm loads, lints and renders it -------------------------------------------------------
+
+
+def test_helm_lint_is_clean():
+    for variant in VARIANTS:
+        report = lint(CHART, overlay(variant), strict=True, namespace=NAMESPACE)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        assert not problems, f"{variant}: {problems}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_renders_the_whole_deployment(variant):
+    kinds = sorted((m["kind"], m["metadata"]["name"]) for m in manifests(variant))
+    expected = {
+        ("ConfigMap", "tierdet-gateway"), ("Deployment", "tierdet-gateway"),
+        ("Deployment", "tierdet-triton"), ("HorizontalPodAutoscaler", "tierdet-gateway"),
+        ("HorizontalPodAutoscaler", "tierdet-triton"), ("Job", "tierdet-model-builder-1"),
+        ("PersistentVolumeClaim", "tierdet-models"), ("PodDisruptionBudget", "tierdet-gateway"),
+        ("PodDisruptionBudget", "tierdet-triton"), ("PrometheusRule", "tierdet"),
+        ("Service", "tierdet-gateway"), ("Service", "tierdet-triton"),
+        ("ServiceAccount", "tierdet"), ("ServiceMonitor", "tierdet-gateway"),
+        ("ServiceMonitor", "tierdet-triton"),
+    }
+    assert set(kinds) == expected
+
+
+# --- every manifest is valid Kubernetes -----------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_manifests_validate_strictly_against_kubernetes(variant, kube):
+    for manifest in manifests(variant):
+        if manifest["kind"] in CRDS:
+            continue
+        try:
+            kubernetes_validate.validate(manifest, kube, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{manifest['kind']}/{manifest['metadata']['name']} (k8s {kube}): "
+                        f"{exc.message}")
+
+
+def test_kubernetes_validate_rejects_an_unknown_field():
+    deployment = copy.deepcopy(one("default", "Deployment", "gateway"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+def _strict(schema: Any) -> Any:
+    """Reject fields a structural CRD schema does not declare (the API server prunes
+    or, with strict field validation, refuses them)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((SCHEMAS / CRDS[kind]).read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_operator_objects_match_the_prometheus_operator_crds(variant):
+    for manifest in manifests(variant):
+        if manifest["kind"] not in CRDS:
+            continue
+        assert manifest["apiVersion"] == "monitoring.coreos.com/v1"
+        errors = list(crd_validator(manifest["kind"]).iter_errors(manifest))
+        assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+
+
+def test_crd_check_rejects_a_misspelt_field():
+    monitor = copy.deepcopy(one("default", "ServiceMonitor", "gateway"))
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert list(crd_validator("ServiceMonitor").iter_errors(monitor))
+
+
+# --- values.schema.json ---------------------------------------------------------------------
+
+
+@cache
+def values_schema() -> dict[str, Any]:
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def test_values_schema_is_valid_and_the_shipped_values_pass():
+    jsonschema.Draft7Validator.check_schema(values_schema())
+    validator = jsonschema.Draft7Validator(values_schema())
+    for variant in VARIANTS:
+        merged = chart().merge_values(overlay(variant))
+        errors = list(validator.iter_errors(merged))
+        assert not errors, [f"{variant} {list(e.path)}: {e.message}" for e in errors]
+        chart().validate_schema(overlay(variant))
+
+
+@pytest.mark.parametrize("bad", [
+    {"target": "tpu"},
+    {"models": []},
+    {"tiers": {"realtime": {"budget_ms": -5, "models": ["damoyolo-s"]}}},
+    {"gateway": {"ports": {"http": "eighty"}}},
+    {"gateway": {"settings": {"max_image_size": 1}}},  # not a setting
+    {"triton": {"autoscaling": {"queueTimeUsPerRequest": 0}}},
+    {"persistence": {"size": "lots"}},
+    {"tritonn": {}},
+])
+def test_a_bad_value_is_rejected_by_the_schema_and_by_helm(bad):
+    merged = chart().merge_values(bad)
+    assert list(jsonschema.Draft7Validator(values_schema()).iter_errors(merged))
+    with pytest.raises(HelmValuesError, match="values don't meet the specifications"):
+        chart().render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_tiers_must_name_the_three_levels():
+    values = chart().merge_values(None)
+    del values["tiers"]["accurate"]
+    assert list(jsonschema.Draft7Validator(values_schema()).iter_errors(values))
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"tiers": {"realtime": {"budget_ms": 20, "models": ["efficientdet-d7"]}}},
+     "tiers.realtime.models: efficientdet-d7 is not in models"),
+    ({"defaultTier": "fastest"}, "defaultTier fastest is not one of tiers"),
+])
+def test_cross_value_checks_stop_the_install(bad, message):
+    with pytest.raises(HelmError, match=re.escape(message)):
+        chart().render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_gateway_settings_in_the_schema_are_settings_fields():
+    names = values_schema()["properties"]["gateway"]["properties"]["settings"]["properties"]
+    assert set(names) <= set(Settings.model_fields)
+
+
+# --- the gateway ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gateway_environment_is_valid_settings_pointing_at_triton(variant):
+    gateway = container(variant, "gateway")
+    env = env_of(gateway)
+    unknown = {k for k in env if k.startswith("TIERDET_")} - settings_env_names() - \
+        NON_SETTINGS_ENV
+    assert not unknown
+    settings = Settings.from_env(env)  # raises on a bad value (e.g. 2.097152e+07)
+    assert settings.max_image_bytes == 20971520
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports == {"http": settings.http_port, "grpc": settings.grpc_port}
+    service = one(variant, "Service", "triton")
+    host, port = settings.triton_url.rsplit(":", 1)
+    assert host == service["metadata"]["name"]
+    assert int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tiers_file_loads_in_the_gateway_router(variant, tmp_path):
+    config_map = one(variant, "ConfigMap", "gateway")
+    env = env_of(container(variant, "gateway"))
+    mount = next(m for m in container(variant, "gateway")["volumeMounts"]
+                 if m["name"] == "config")
+    assert env["TIERDET_TIERS_FILE"] == f"{mount['mountPath']}/tiers.yaml"
+    path = tmp_path / "tiers.yaml"
+    path.write_text(config_map["data"]["tiers.yaml"])
+    tiers = TierConfig.load(path, env["TIERDET_DEFAULT_TIER"])  # the gateway's own loader
+    assert set(tiers.tiers) >= REQUIRED_TIERS
+    served = set(_models(variant))
+    for tier in tiers.tiers.values():
+        assert tier.budget_ms > 0 and tier.models
+        assert set(tier.models) <= served <= set(SPECS)
+
+
+def _models(variant: str) -> list[str]:
+    job = one(variant, "Job", "model-builder")
+    (builder,) = job["spec"]["template"]["spec"]["containers"]
+    _weights, target, models = builder["args"]
+    assert builder["command"] == ["tierdet-build-missing"] and target == "cpu"
+    return models.split(",")
+
+
+def test_a_latency_profile_is_mounted_when_given(tmp_path):
+    profile = json.dumps({"version": 1, "machine": "gpu-node",
+                          "models": {"damoyolo-s": {"batch_ms": {"1": 4.2}}}})
+    (deployment,) = [m for m in render({"latencyProfile": profile})
+                     if m["kind"] == "Deployment"
+                     and m["metadata"]["name"].endswith("gateway")]
+    env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+    assert env["TIERDET_PROFILE_FILE"] == "/etc/tierdet/profile.json"
+    assert "TIERDET_PROFILE_FILE" not in env_of(container("default", "gateway"))
+
+
+# --- Triton ---------------------------------------------------------------------------------
+
+
+def _probe(c: dict[str, Any], kind: str) -> tuple[str, int]:
+    get = c[f"{kind}Probe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    return get["path"], ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_probes_health_on_its_http_port(variant):
+    triton = container(variant, "triton", "triton")
+    assert _probe(triton, "startup") == ("/v2/health/live", 8000)
+    assert _probe(triton, "liveness") == ("/v2/health/live", 8000)
+    assert _probe(triton, "readiness") == ("/v2/health/ready", 8000)
+    args = flags(triton["args"])
+    assert (args["http-port"], args["grpc-port"], args["metrics-port"]) == (["8000"], ["8001"],
+                                                                           ["8002"])
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_gpu_triton_serves_engines_built_on_its_own_gpu(variant):
+    spec = pod_spec(variant, "triton")
+    triton = container(variant, "triton", "triton")
+    engines = container(variant, "triton", "engines")
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == \
+        engines["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert engines["command"] == ["python3", "/opt/tierdet/engines.py"]
+    build = flags(engines["args"][1:])
+    assert engines["args"][0] == "build"
+    assert build["models"] == [",".join(_models(variant))]
+    repository = build["repository"][0]
+    assert flags(triton["args"])["model-repository"] == [repository]
+    assert env_of(engines)["TIERDET_HOME"] == "/var/lib/tierdet"
+    shared = {m["name"] for m in engines["volumeMounts"]} & {m["name"] for m in
+                                                             triton["volumeMounts"]}
+    assert {"models", "repository"} <= shared
+    assert {v["name"]: v for v in spec["volumes"]}["repository"] == {"name": "repository",
+                                                                     "emptyDir": {}}
+    assert "--allow-gpu-metrics=false" not in triton["args"]
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_the_engines_init_container_arguments_parse_as_engines_py_does(retry):
+    import argparse
+
+    from tierdet import engines
+
+    (deployment,) = [m for m in render({"triton": {"engines": {"retryFailed": retry}}})
+                     if m["kind"] == "Deployment" and m["metadata"]["name"].endswith("triton")]
+    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--home")
+    engines.add_arguments(parser)
+    args = parser.parse_args(init["args"])
+    assert args.engines_func is engines.cmd_build and args.retry_failed is retry
+    assert args.wait_s == 3600 and args.timeout_s == 3600
+
+
+def test_cpu_triton_loads_exactly_the_models_from_the_cpu_repository():
+    triton = container("cpu", "triton", "triton")
+    assert "nvidia.com/gpu" not in json.dumps(pod_spec("cpu", "triton"))
+    args = flags(triton["args"])
+    assert args["model-repository"] == ["/var/lib/tierdet/repository/cpu"]
+    assert args["model-control-mode"] == ["explicit"]
+    assert args["load-model"] == _models("cpu")
+    wait = container("cpu", "triton", "wait-for-models")
+    assert wait["command"][-2:] == ["engines", "wait"]
+    assert flags(wait["args"])["repository"] == ["/var/lib/tierdet/repository/cpu"]
+
+
+def test_the_cpu_init_container_command_is_a_real_tierdet_command():
+    from tierdet import cli
+
+    wait = container("cpu", "triton", "wait-for-models")
+    args = cli.parser().parse_args(wait["command"][1:] + wait["args"])
+    assert args.engines_command == "wait" and args.home == Path("/var/lib/tierdet")
+
+
+def test_triton_image_matches_compose_and_the_engines_release():
+    values = chart().merge_values(None)
+    image = f"{values['images']['triton']['repository']}:{values['images']['triton']['tag']}"
+    assert image == compose()["services"]["triton"]["image"]
+    (tensorrt,) = dockerfile_from("engines")
+    assert image_release(image) == image_release(tensorrt)
+
+
+# --- scaling and metrics --------------------------------------------------------------------
+
+
+@cache
+def adapter_rules() -> list[dict[str, Any]]:
+    values = yaml.safe_load((CHART / "prometheus-adapter-values.yaml").read_text())
+    return values["rules"]["custom"]
+
+
+def _series_name(query: str) -> str:
+    match = re.match(r"\s*([a-zA-Z_:][\w:]*)", query)
+    assert match, query
+    return match.group(1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_autoscalers_use_metrics_the_adapter_serves_from_the_recording_rules(variant):
+    records = {r["record"] for g in one(variant, "PrometheusRule")["spec"]["groups"]
+               for r in g["rules"] if "record" in r}
+    served = {r["name"]["as"]: _series_name(r["seriesQuery"]) for r in adapter_rules()}
+    assert set(served.values()) <= records
+    for component, metric in (("gateway", "tierdet_gateway_requests_per_second"),
+                              ("triton", "tierdet_triton_queue_time_per_request_us")):
+        hpa = one(variant, "HorizontalPodAutoscaler", component)
+        assert hpa["spec"]["scaleTargetRef"]["name"] == \
+            one(variant, "Deployment", component)["metadata"]["name"]
+        pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        assert pods == [metric] and metric in served
+    gateway_hpa = one(variant, "HorizontalPodAutoscaler", "gateway")
+    assert {m["type"] for m in gateway_hpa["spec"]["metrics"]} == {"Resource", "Pods"}
+
+
+def test_queue_time_rule_divides_triton_queue_time_by_successful_requests():
+    (rule,) = [r for g in one("default", "PrometheusRule")["spec"]["groups"] for r in g["rules"]
+               if r.get("record") == "tierdet:triton_queue_time_per_request_us:rate1m"]
+    numerator, denominator = rule["expr"].split("\n/\n")
+    assert "rate(nv_inference_queue_duration_us{" in numerator
+    assert "rate(nv_inference_request_success{" in denominator
+    assert 'service="tierdet-triton"' in numerator and 'namespace="inference"' in numerator
+
+
+def _promtool_rules(tmp_path: Path, groups: list[dict[str, Any]]) -> None:
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    result = run_tool([tool("promtool"), "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prometheus_rules_pass_promtool(variant, tmp_path):
+    _promtool_rules(tmp_path, one(variant, "PrometheusRule")["spec"]["groups"])
+
+
+def test_adapter_queries_pass_promtool(tmp_path):
+    # prometheus-adapter fills these templates per request; any filled-in form must parse.
+    fill = {"<<.Series>>": "tierdet:some_series", "<<.GroupBy>>": "pod",
+            "<<.LabelMatchers>>": 'namespace="inference",pod=~"a|b"'}
+    rules = []
+    for i, rule in enumerate(adapter_rules()):
+        query = rule["metricsQuery"]
+        for key, value in fill.items():
+            query = query.replace(key, value)
+        assert "<<" not in query
+        rules += [{"record": f"adapter:metrics_query_{i}", "expr": query},
+                  {"record": f"adapter:series_query_{i}", "expr": rule["seriesQuery"]}]
+    _promtool_rules(tmp_path, [{"name": "adapter", "rules": rules}])
+
+
+def test_promtool_is_really_checking(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
+        {"record": "x:y", "expr": "sum by (pod) (rate(foo[1m])"}]}]}))
+    assert run_tool([tool("promtool"), "check", "rules", str(path)]).returncode != 0
+
+
+def test_rules_use_only_metrics_the_gateway_exports():
+    exported = set()
+    for family in Metrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+        exported |= {family.name + s for s in suffixes.get(family.type, [""])}
+    text = json.dumps(one("default", "PrometheusRule")["spec"])
+    used = set(re.findall(r"\btierdet_[a-z_]+", text))
+    assert used and used <= exported, used - exported
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_monitors_scrape_named_ports_of_the_services(variant):
+    for component, port in (("gateway", "http"), ("triton", "metrics")):
+        monitor = one(variant, "ServiceMonitor", component)
+        service = one(variant, "Service", component)
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+            service["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"][0]["port"] == port
+        assert port in {p["name"] for p in service["spec"]["ports"]}
+        assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+
+
+# --- availability and security --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_disruption_budgets_and_services_select_their_pods(variant):
+    for component in ("gateway", "triton"):
+        labels = one(variant, "Deployment", component)["spec"]["template"]["metadata"]["labels"]
+        pdb = one(variant, "PodDisruptionBudget", component)
+        assert pdb["spec"]["selector"]["matchLabels"] == labels
+        assert one(variant, "Service", component)["spec"]["selector"] == labels
+        # The HPA owns the replica count.
+        assert "replicas" not in one(variant, "Deployment", component)["spec"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_runs_as_non_root_on_a_read_only_root(variant):
+    pods = [m["spec"]["template"]["spec"] for m in manifests(variant)
+            if m["kind"] in ("Deployment", "Job")]
+    assert len(pods) == 3
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, c["name"]
+            assert sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_tierdet_variable_in_the_chart_is_one_the_service_reads(variant):
+    known = settings_env_names() | NON_SETTINGS_ENV
+    for manifest in manifests(variant):
+        text = json.dumps(manifest)
+        unknown = set(re.findall(r'"name": "(TIERDET_[A-Z_]+)"', text)) - known
+        assert not unknown, f"{manifest['kind']}: {unknown}"
+
+
+def test_model_volume_survives_uninstall_and_is_shared():
+    pvc = one("default", "PersistentVolumeClaim")
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    claims = {v["persistentVolumeClaim"]["claimName"]
+              for m in manifests("default") if m["kind"] in ("Deployment", "Job")
+              for v in m["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {pvc["metadata"]["name"]}
+    existing = render({"persistence": {"existingClaim": "shared-models"}})
+    assert not [m for m in existing if m["kind"] == "PersistentVolumeClaim"]
