@@ -78,6 +78,25 @@ def client(gateway: GatewayProcess) -> Iterator[httpx.Client]:
         yield c
 
 
+@pytest.fixture(scope="session")
+def busy_gateway(triton: Triton, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """A second gateway (same Triton) for tests that load it concurrently: batches,
+    streams. Its router learns latencies under that load; kept apart, what it
+    learns cannot shed other tests' requests on the default 500 ms tier."""
+    log = tmp_path_factory.mktemp("busy-gateway") / "gateway.log"
+    gw = GatewayProcess.start(triton.grpc_url, log, max_image_bytes=str(8 * 1024 * 1024))
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(scope="session")
+def busy_client(busy_gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=busy_gateway.http, timeout=30.0) as c:
+        yield c
+
+
 def photos() -> dict[str, np.ndarray]:
     """Real photographs shipped with scikit-image (RGB uint8)."""
     import skimage.data

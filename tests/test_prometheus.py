@@ -9,12 +9,10 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-
 from conftest import REPO, TEST_MODEL, encode, photos
 from tierdet.accuracy import EvalRecord
 from tierdet.dashboards import DASHBOARDS, DATASOURCE, OUT_DIR, all_exprs, render

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from tierdet.labels import COCO80, COCO90
 from tierdet.repository import COMMITTED_ROOT, TARGETS, render_config
 from tierdet.specs import SPECS
@@ -17,7 +18,33 @@ def test_every_spec_is_complete():
         assert spec.labels.num_classes in (80, 90)
         if spec.official_weights:
             assert spec.official_weights.url.startswith("https://")
-            assert re.fullmatch(r"[0-9a-f]{64}", spec.official_weights.sha256)
+            # A full digest, a published prefix (weaker), or none: see specs.OfficialWeights.
+            assert re.fullmatch(r"|[0-9a-f]{8,64}", spec.official_weights.sha256)
+
+
+def test_the_zoo_is_complete_and_agrees_with_the_architectures():
+    from tierdet.models.damoyolo import VARIANTS
+    from tierdet.specs import Family
+
+    assert [s.name for s in SPECS.values()] == (
+        [f"efficientdet-d{i}" for i in range(8)]
+        + [f"damoyolo-{v}" for v in ("ns", "nm", "nl", "t", "s", "m", "l")])
+    for spec in SPECS.values():
+        if spec.family is Family.DAMOYOLO:
+            assert spec.input_size == VARIANTS[spec.arch].input_size
+            assert spec.labels is COCO80 and spec.preprocessing.resize == "stretch"
+            assert spec.nms_iou == (0.65 if spec.arch.startswith("n") else 0.7)
+        else:
+            assert spec.labels is COCO90 and spec.preprocessing.resize == "letterbox"
+            assert spec.nms_iou == 0.5  # effdet's batched_nms threshold
+
+
+def test_effdet_sizes_match_effdet_configs():
+    effdet = pytest.importorskip("effdet")
+    for spec in SPECS.values():
+        if spec.arch.startswith("tf_efficientdet"):
+            size = tuple(effdet.get_efficientdet_config(spec.arch).image_size)
+            assert size == (spec.input_size, spec.input_size), spec.name
 
 
 def test_label_sets_agree_on_coco_category_ids():

@@ -81,3 +81,47 @@ def test_weights_argument_forms(tmp_path):
         WeightsSource.parse("random:x")
     with pytest.raises(WeightsError):
         WeightsSource.parse(str(tmp_path / "missing.pth"))
+
+
+def test_a_published_prefix_is_checked(file_server, tmp_path):
+    """D5-D7 publish only the first 8 hex digits (in the file name): they are
+    checked, a wrong prefix is refused, and a cached copy is re-checked."""
+    base, hits = file_server
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    dest = tmp_path / "cache" / "ckpt.pth"
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        download(f"{base}/ckpt.pth", "0" * 8, dest, progress=False)
+    assert not dest.exists()
+    assert download(f"{base}/ckpt.pth", digest[:8], dest, progress=False).read_bytes() == PAYLOAD
+    download(f"{base}/ckpt.pth", digest[:8], dest, progress=False)
+    assert len(hits) == 2  # the refused fetch, then the good one; the third call hit the cache
+    dest.write_bytes(b"tampered")
+    download(f"{base}/ckpt.pth", digest[:8], dest, progress=False)
+    assert dest.read_bytes() == PAYLOAD and len(hits) == 3
+
+
+def test_no_published_digest_downloads_and_logs_the_digest(file_server, tmp_path, caplog):
+    base, _ = file_server
+    with caplog.at_level("WARNING", logger="tierdet.weights"):
+        path = download(f"{base}/ckpt.pth", "", tmp_path / "ckpt.pth", progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert hashlib.sha256(PAYLOAD).hexdigest() in caplog.text
+    assert "nothing was verified" in caplog.text
+
+
+@pytest.mark.parametrize("digest", ["f153e0c", "F153E0CF", "x" * 64, "0" * 65])
+def test_malformed_digests_are_refused_in_the_spec(digest):
+    with pytest.raises(ValueError):
+        OfficialWeights("https://example.org/w.pth", digest)
+
+
+def test_digest_kinds_of_the_registry():
+    kinds = {name: spec.official_weights.digest_kind for name, spec in SPECS.items()}
+    assert {kinds[f"efficientdet-d{i}"] for i in range(5)} == {"sha256"}
+    assert {kinds[f"efficientdet-d{i}"] for i in (5, 6, 7)} == {"sha256-prefix"}
+    assert {k for n, k in kinds.items() if n.startswith("damoyolo-")} == {"none"}
+    for spec in SPECS.values():
+        # effdet's file names carry the digest's first 8 hex digits (torch.hub style).
+        fragment = spec.official_weights.filename.rsplit("-", 1)[-1].removesuffix(".pth")
+        if spec.name.startswith("efficientdet-"):
+            assert spec.official_weights.sha256.startswith(fragment)

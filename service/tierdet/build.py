@@ -59,6 +59,9 @@ def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
     provenance = {
         "weights": source.describe(),
         "weights_sha256": sha256_file(checkpoint) if checkpoint else "",
+        "weights_digest_check": digest_check(spec, source),
+        # Counted on the exported module (DAMO-YOLO: RepConvs fused), for the docs.
+        "params": str(sum(p.numel() for p in network.module.parameters())),
         "built_with": f"tierdet {__version__}",
         "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -71,6 +74,16 @@ def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
     steps.update()
     steps.close()
     return BuiltModel(spec, path, provenance)
+
+
+def digest_check(spec: ModelSpec, source: WeightsSource) -> str:
+    """How strongly the checkpoint's bytes were checked against a published digest."""
+    if source.kind != "official" or spec.official_weights is None:
+        return "none (not an official download)"
+    official = spec.official_weights
+    return {"sha256": "sha256",
+            "sha256-prefix": f"sha256 prefix ({len(official.sha256)} hex digits)",
+            "none": "none (no digest published)"}[official.digest_kind]
 
 
 def verify_onnx(spec: ModelSpec, path: Path) -> None:

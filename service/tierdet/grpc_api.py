@@ -1,19 +1,24 @@
-"""gRPC front end: tierdet.v1.Detector, plus standard health and reflection."""
+"""gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), plus
+standard health and reflection."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 from pydantic import ValidationError
 
-from tierdet.detector import DetectionService
+from tierdet.detector import DetectionService, DetectResult
 from tierdet.errors import GRPC_CODE_KEY, ApiError, ErrorCode
+from tierdet.limits import FrontendLimits
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.streaming import ordered_map
 from tierdet.validation import DetectOptions
 
 log = logging.getLogger("tierdet.grpc")
@@ -45,15 +50,43 @@ def options_from_request(request: pb.DetectRequest) -> DetectOptions:
         raise ApiError(ErrorCode.INVALID_OPTION, f"{where}: {first.get('msg')}") from None
 
 
+def detect_response(result: DetectResult) -> pb.DetectResponse:
+    t, r = result.timing, result.routing
+    return pb.DetectResponse(
+        model=result.model, width=result.width, height=result.height,
+        detections=[pb.Detection(x1=d.x1, y1=d.y1, x2=d.x2, y2=d.y2, score=d.score,
+                                 class_id=d.class_id, class_name=d.class_name)
+                    for d in result.detections],
+        timing=pb.Timing(decode_ms=t.decode_ms, preprocess_ms=t.preprocess_ms,
+                         infer_ms=t.infer_ms, postprocess_ms=t.postprocess_ms,
+                         total_ms=t.total_ms),
+        routing=pb.Routing(tier=r.tier or "", budget_ms=r.budget_ms,
+                           predicted_ms=r.predicted_ms, actual_ms=r.actual_ms,
+                           degraded=r.degraded),
+    )
+
+
+def _deadline_ms(context: grpc.aio.ServicerContext) -> float | None:
+    remaining_s = context.time_remaining()
+    return remaining_s * 1e3 if remaining_s is not None else None
+
+
 class DetectorServicer(pb_grpc.DetectorServicer):
-    def __init__(self, service: DetectionService) -> None:
+    def __init__(self, service: DetectionService, limits: FrontendLimits | None = None) -> None:
         self.service = service
+        self.limits = limits or FrontendLimits.from_env()
+        registry = service.metrics.registry
+        self.frames_held = Gauge(
+            "tierdet_stream_frames_held", "Frames read from DetectStream calls and not yet "
+            "answered (all streams); at most TIERDET_STREAM_MAX_INFLIGHT per stream.",
+            registry=registry)
+        self.streams_open = Gauge("tierdet_streams_open", "DetectStream calls in progress.",
+                                  registry=registry)
 
     async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
         received = time.perf_counter()
-        remaining_s = context.time_remaining()
-        deadline_ms = remaining_s * 1e3 if remaining_s is not None else None
+        deadline_ms = _deadline_ms(context)
         try:
             result = await self.service.detect(request.image, options_from_request(request),
                                                protocol="grpc", received=received,
@@ -63,19 +96,41 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         except Exception:
             log.exception("unhandled error")
             await _abort(context, ApiError(ErrorCode.INTERNAL, "internal error"))
-        t, r = result.timing, result.routing
-        return pb.DetectResponse(
-            model=result.model, width=result.width, height=result.height,
-            detections=[pb.Detection(x1=d.x1, y1=d.y1, x2=d.x2, y2=d.y2, score=d.score,
-                                     class_id=d.class_id, class_name=d.class_name)
-                        for d in result.detections],
-            timing=pb.Timing(decode_ms=t.decode_ms, preprocess_ms=t.preprocess_ms,
-                             infer_ms=t.infer_ms, postprocess_ms=t.postprocess_ms,
-                             total_ms=t.total_ms),
-            routing=pb.Routing(tier=r.tier or "", budget_ms=r.budget_ms,
-                               predicted_ms=r.predicted_ms, actual_ms=r.actual_ms,
-                               degraded=r.degraded),
-        )
+        return detect_response(result)
+
+    async def DetectStream(self, request_iterator: AsyncIterator[pb.DetectFrame],  # noqa: N802
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.DetectFrameResult]:
+        self.streams_open.inc()
+        try:
+            # Each result is yielded only once the previous one is written, and
+            # ordered_map reads no further than the bound: a slow reader on the
+            # other end stops us reading, and HTTP/2 flow control stops its sender.
+            async for result in ordered_map(aiter(request_iterator), self._frame,
+                                            self.limits.stream_max_inflight, self.frames_held):
+                yield result
+        finally:
+            self.streams_open.dec()
+
+    async def _frame(self, frame: pb.DetectFrame) -> pb.DetectFrameResult:
+        """One frame's answer; its failure is reported in it, never raised.
+
+        The call's deadline is not a frame's: it bounds the whole stream (and
+        cancels it when it passes). Each frame is budgeted by its own sla_ms
+        or tier, so a long-running stream keeps its tiers' degrade rules."""
+        received = time.perf_counter()
+        try:
+            result = await self.service.detect(
+                frame.request.image, options_from_request(frame.request), protocol="grpc",
+                received=received)
+        except ApiError as exc:
+            return pb.DetectFrameResult(frame_id=frame.frame_id, error=pb.Error(
+                code=exc.code.value, message=exc.message, retry_after_s=exc.retry_after_s or 0.0))
+        except Exception:
+            log.exception("unhandled error in a stream frame")
+            return pb.DetectFrameResult(frame_id=frame.frame_id, error=pb.Error(
+                code=ErrorCode.INTERNAL.value, message="internal error"))
+        return pb.DetectFrameResult(frame_id=frame.frame_id, response=detect_response(result))
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -83,14 +138,15 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
 
 def create_grpc_server(
-    service: DetectionService, address: str, max_message_bytes: int
+    service: DetectionService, address: str, max_message_bytes: int,
+    limits: FrontendLimits | None = None,
 ) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
     """A grpc.aio server bound to ``address``; returns it, its health servicer and port."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ])
-    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(service), server)
+    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(service, limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,27 +1,41 @@
-"""HTTP front end (FastAPI): /v1/detect, /v1/models, health, metrics."""
+"""HTTP front end (FastAPI): /v1/detect (+ batch, rendered), /v1/models, health,
+metrics, and the web page at /."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tierdet import __version__
-from tierdet.detector import DetectionService
+from tierdet import __version__, render, validation
+from tierdet.batch import (
+    BATCH_BODY_DOC,
+    BatchItemOut,
+    BatchOutcome,
+    BatchResponse,
+    parse_batch_request,
+    run_batch,
+)
+from tierdet.detector import DetectionService, DetectResult
 from tierdet.errors import ApiError, ErrorCode
+from tierdet.limits import FrontendLimits
 from tierdet.schemas import (
     DetectJsonRequest,
     DetectResponse,
+    ErrorBody,
     ErrorResponse,
     ModelInfo,
     ModelsResponse,
@@ -30,8 +44,24 @@ from tierdet.schemas import (
 from tierdet.validation import DetectOptions
 
 log = logging.getLogger("tierdet.http")
+WEB_DIR = Path(__file__).with_name("web")
+# The page loads only its own script and style, and draws uploads from blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+# Query parameters of /v1/detect that are not detect options.
+_NOT_OPTIONS = frozenset({"render"})
 
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 502, 503, 504)}
+_IMAGE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+_DETECT_RESPONSES: dict[int | str, dict[str, object]] = {
+    **_ERRORS,
+    200: {"description": "Detections as JSON, or with `render=true` the annotated image.",
+          "content": {"image/jpeg": _IMAGE_SCHEMA, "image/png": _IMAGE_SCHEMA}},
+}
 _DETECT_BODY = {
     "requestBody": {
         "required": True,
@@ -69,7 +99,7 @@ def _invalid_option(exc: ValidationError | RequestValidationError) -> ApiError:
 async def parse_detect_request(request: Request) -> tuple[bytes, DetectOptions]:
     """Image bytes and options from multipart, JSON or a raw image body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    query = {k: v for k, v in request.query_params.items()}
+    query = {k: v for k, v in request.query_params.items() if k not in _NOT_OPTIONS}
     try:
         if ctype == "multipart/form-data":
             form = await request.form()
@@ -100,7 +130,34 @@ async def parse_detect_request(request: Request) -> tuple[bytes, DetectOptions]:
                    "with an 'image' file, application/json with base64 'image', or image/*")
 
 
-def create_app(service: DetectionService) -> FastAPI:
+def detect_response(result: DetectResult) -> DetectResponse:
+    return DetectResponse(
+        model=result.model, width=result.width, height=result.height,
+        detections=[asdict(d) for d in result.detections], timing=asdict(result.timing),
+        routing=asdict(result.routing))
+
+
+def _batch_item(outcome: BatchOutcome) -> BatchItemOut:
+    if outcome.result is not None:
+        return BatchItemOut(index=outcome.index, filename=outcome.filename,
+                            result=detect_response(outcome.result))
+    error = outcome.error or ApiError(ErrorCode.INTERNAL, "no result")  # never both None
+    return BatchItemOut(index=outcome.index, filename=outcome.filename,
+                        error=ErrorBody(code=error.code.value, message=error.message))
+
+
+def _rendered(data: bytes, result: DetectResult, service: DetectionService,
+              fmt: render.ImageFormat) -> bytes:
+    """The request's image with its detections drawn. The detector does not hand
+    back its decoded pixels, so decode again: the bytes already passed the limits."""
+    settings = service.settings
+    image = validation.decode_image(data, settings.max_image_bytes, settings.max_image_pixels)
+    return render.encode(render.draw(image, result.detections), fmt)
+
+
+def create_app(service: DetectionService, limits: FrontendLimits | None = None) -> FastAPI:
+    limits = limits or FrontendLimits.from_env()
+    index_html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
     app = FastAPI(
         title="tierdet", version=__version__,
         description="Object detection that answers within your latency budget.",
@@ -125,16 +182,42 @@ def create_app(service: DetectionService) -> FastAPI:
         log.exception("unhandled error")  # the trace goes to the log, never the client
         return error_response(ApiError(ErrorCode.INTERNAL, "internal error"))
 
-    @app.post("/v1/detect", response_model=DetectResponse, responses=_ERRORS,
+    @app.post("/v1/detect", response_model=DetectResponse, responses=_DETECT_RESPONSES,
               openapi_extra=_DETECT_BODY, summary="Detect objects in one image")
-    async def detect(request: Request) -> DetectResponse:
+    async def detect(
+        request: Request,
+        render_image: bool = Query(False, alias="render", description=(
+            "Answer with the image, boxes drawn (JPEG, or PNG if Accept prefers it) "
+            "instead of JSON.")),
+    ) -> DetectResponse | Response:
         received = time.perf_counter()
         data, options = await parse_detect_request(request)
         result = await service.detect(data, options, protocol="http", received=received)
-        return DetectResponse(
-            model=result.model, width=result.width, height=result.height,
-            detections=[asdict(d) for d in result.detections], timing=asdict(result.timing),
-            routing=asdict(result.routing))
+        if render_image:
+            fmt = render.negotiate(request.headers.get("accept"))
+            body = await asyncio.to_thread(_rendered, data, result, service, fmt)
+            return Response(body, media_type=render.MEDIA_TYPES[fmt], headers={
+                "Vary": "Accept", "X-Tierdet-Model": result.model,
+                "X-Tierdet-Detections": str(len(result.detections)),
+                "X-Tierdet-Total-Ms": f"{result.timing.total_ms:.1f}"})
+        return detect_response(result)
+
+    @app.post("/v1/detect/batch", response_model=BatchResponse, responses=_ERRORS,
+              openapi_extra=BATCH_BODY_DOC, summary="Detect objects in several images",
+              description="Every image is answered on its own: a failed image carries its "
+                          f"error code and the others their detections. At most "
+                          f"{limits.batch_max_images} images per call "
+                          "(TIERDET_BATCH_MAX_IMAGES).")
+    async def detect_batch(request: Request) -> BatchResponse:
+        try:
+            images, options = await parse_batch_request(
+                request, limits.batch_max_images, service.settings.max_image_bytes)
+        except ValidationError as exc:
+            raise _invalid_option(exc) from None
+        outcomes = await run_batch(service, images, options, limits.batch_concurrency)
+        items = [_batch_item(o) for o in outcomes]
+        failed = sum(1 for item in items if item.error is not None)
+        return BatchResponse(results=items, succeeded=len(items) - failed, failed=failed)
 
     @app.get("/v1/models", response_model=ModelsResponse, summary="Models, tiers, readiness")
     async def models() -> ModelsResponse:
@@ -164,4 +247,9 @@ def create_app(service: DetectionService) -> FastAPI:
         return Response(generate_latest(service.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index_html, headers=PAGE_HEADERS)
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app

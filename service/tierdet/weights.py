@@ -2,12 +2,16 @@
 
 Downloads are verified against the spec's sha256 before they enter the
 cache, written to a temporary file and renamed, so an interrupted or
-tampered download never poisons the cache.
+tampered download never poisons the cache. Where only a digest prefix is
+published the check covers that prefix (weaker, as in torch.hub); where no
+digest is published at all the file is taken as served and its sha256 is
+logged and recorded in the build's provenance, so it can be pinned.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from tqdm import tqdm
 from tierdet.specs import ModelSpec
 
 CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 class WeightsError(RuntimeError):
@@ -66,10 +71,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def digest_matches(actual: str, expected: str) -> bool:
+    """``expected`` is a full sha256, a prefix of one, or empty (nothing known)."""
+    return actual.startswith(expected)
+
+
 def download(url: str, sha256: str, dest: Path, timeout_s: float = 60.0,
              progress: bool = True) -> Path:
-    """Fetch ``url`` to ``dest`` unless a verified copy is already there."""
-    if dest.is_file() and sha256_file(dest) == sha256:
+    """Fetch ``url`` to ``dest`` unless a verified copy is already there.
+
+    ``sha256`` is the full digest, a published prefix of it, or "" when
+    none is published (then nothing can be verified: the digest is logged).
+    """
+    if dest.is_file() and digest_matches(sha256_file(dest), sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -86,10 +100,15 @@ def download(url: str, sha256: str, dest: Path, timeout_s: float = 60.0,
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
         raise WeightsError(f"download of {url} failed: {exc}") from exc
-    if digest.hexdigest() != sha256:
+    if not digest_matches(digest.hexdigest(), sha256):
         part.unlink(missing_ok=True)
         raise WeightsError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, "
                            f"expected {sha256}; the file was discarded")
+    if len(sha256) < 64:
+        log.warning("%s: %s; sha256 of the file is %s", url,
+                    f"only the sha256 prefix {sha256} is published and was checked"
+                    if sha256 else "no sha256 is published, nothing was verified",
+                    digest.hexdigest())
     part.replace(dest)
     return dest
 

@@ -11,11 +11,15 @@ from tierdet.export.network import Network, on_pixels
 from tierdet.models.damoyolo import DamoYolo, build_damoyolo, load_official_state_dict
 from tierdet.specs import ModelSpec
 
-# Random weights: gains on the head's output convs. The box-side
-# distributions need small logits (a peaked softmax snaps every side to a
-# whole bin, and boxes stop depending on the image); the class logits need
-# moderate ones (saturated sigmoids tie, and ties make NMS order arbitrary).
-RANDOM_DAMP = {"model.head.gfl_reg": 0.3, "model.head.gfl_cls": 0.3}
+# Random weights: the largest head logit on calibration images. Feature
+# scales and tails differ a lot between variants, so each head conv is scaled
+# to this bound rather than by a fixed gain. Photos reach 2-6x the bound
+# (measured on scikit-image's photos): 3 keeps top scores of Nl and S near,
+# but rarely at, 1.0 and those of T and L above 0.5. Box-side logits must not
+# be peaked (a one-hot softmax snaps every side to a whole bin, and boxes stop
+# depending on the image); class logits must not saturate (scores of 1.0 tie,
+# and ties make NMS order arbitrary).
+RANDOM_LOGIT_MAX = 3.0
 # The official head starts class logits at -4.6 (a 1% prior); -2 puts random
 # scores around the gateway's default threshold instead.
 RANDOM_CLASS_BIAS = -2.0
@@ -48,6 +52,25 @@ def load_checkpoint(model: DamoYolo, checkpoint: Path) -> DamoYolo:
     return load_official_state_dict(model, content)
 
 
+@torch.no_grad()
+def _scale_head_(model: DamoYolo, seed: int, size: int) -> None:
+    """Scale the random head so its logits stay within RANDOM_LOGIT_MAX per level."""
+    from tierdet.export.random_weights import calibration_images
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    features = model.neck(model.backbone(calibration_images(2, size, generator)))
+    head = model.head
+    for feature, cls_conv, reg_conv in zip(features, head.gfl_cls, head.gfl_reg, strict=True):
+        for conv in (cls_conv, reg_conv):
+            logits = nn.functional.conv2d(feature, conv.weight, None, conv.stride,
+                                          conv.padding)
+            conv.weight.mul_(RANDOM_LOGIT_MAX / logits.abs().max())
+        # The biases are the only parameters randomize_ leaves alone: set them
+        # so the weights depend on the seed alone.
+        cls_conv.bias.fill_(RANDOM_CLASS_BIAS)
+        reg_conv.bias.zero_()
+
+
 def build_network(spec: ModelSpec, checkpoint: Path | None, seed: int,
                   input_size: int | None = None) -> Network:
     """DAMO-YOLO from a checkpoint, or seeded random weights; RepConvs fused."""
@@ -57,14 +80,9 @@ def build_network(spec: ModelSpec, checkpoint: Path | None, seed: int,
     else:
         from tierdet.export.random_weights import randomize_
 
-        randomize_(network, seed, on_pixels(network, spec.preprocessing),
-                   input_size or spec.input_size, damp=RANDOM_DAMP)
-        head = network.model.head
-        # The head's biases are the only parameters randomize_ leaves alone;
-        # set them so the weights depend on the seed alone.
-        for cls_conv, reg_conv in zip(head.gfl_cls, head.gfl_reg, strict=True):
-            cls_conv.bias.data.fill_(RANDOM_CLASS_BIAS)
-            reg_conv.bias.data.zero_()
+        size = input_size or spec.input_size
+        randomize_(network, seed, on_pixels(network, spec.preprocessing), size)
+        _scale_head_(network.model, seed, size)
     # Fuse after BN calibration: each RepConv branch's statistics go into the fold.
     network.model.fuse()
     return Network(network.eval(), scores_are_logits=False)

@@ -13,6 +13,10 @@ from torch import nn
 
 from tierdet.export.nms import nms_keep
 
+# Rank of a suppressed candidate: below any logit or probability. A finite
+# number rather than -inf keeps IsInf out of the graph (TensorRT coverage).
+SUPPRESSED = -1e30
+
 
 class DetectionHead(nn.Module):
     def __init__(self, pre_nms_top_k: int, max_detections: int, iou_threshold: float,
@@ -26,11 +30,12 @@ class DetectionHead(nn.Module):
     def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """boxes [B, N, 4] xyxy input pixels; scores [B, N, C] -> [B, K, 6]."""
         batch, _, num_classes = scores.shape
-        # Rank every (anchor, class) pair, as effdet and DAMO-YOLO do; sigmoid
-        # is monotonic, so it is applied to the survivors only.
+        # Rank every (anchor, class) pair, as effdet and DAMO-YOLO do. Ranking
+        # and NMS run on the scores as given: for logits that avoids the ties
+        # sigmoid makes near 1.0 in float32 (tied scores leave NMS order, and
+        # so which box survives, to the backend); sigmoid is monotonic, so it
+        # is applied to the final rows only.
         top_scores, top_idx = scores.reshape(batch, -1).topk(self.pre_nms_top_k, dim=1)
-        if self.scores_are_logits:
-            top_scores = top_scores.sigmoid()
         anchor = top_idx // num_classes
         cls = top_idx % num_classes
         cand = boxes.gather(1, anchor.unsqueeze(2).expand(-1, -1, 4))
@@ -38,9 +43,14 @@ class DetectionHead(nn.Module):
         extent = cand.abs().amax(dim=(1, 2), keepdim=True) + 1.0
         shift = extent * cls.to(cand.dtype).unsqueeze(2)
         keep = nms_keep(cand + shift, top_scores, self.iou_threshold)
-        ranked = torch.where(keep > 0, top_scores, torch.full_like(top_scores, -1.0))
+        ranked = torch.where(keep > 0, top_scores, torch.full_like(top_scores, SUPPRESSED))
         final_scores, final_idx = ranked.topk(self.max_detections, dim=1)
-        valid = final_scores > 0
+        valid = final_scores > SUPPRESSED
+        if self.scores_are_logits:
+            final_scores = final_scores.sigmoid()
+        # A probability of exactly 0 is no detection either (rows with score 0
+        # are the padding of the fixed-size output).
+        valid = valid & (final_scores > 0)
         out_boxes = cand.gather(1, final_idx.unsqueeze(2).expand(-1, -1, 4))
         out_cls = cls.gather(1, final_idx).to(cand.dtype)
         out_boxes = torch.where(valid.unsqueeze(2), out_boxes, torch.zeros_like(out_boxes))

@@ -1,0 +1,349 @@
+"""Open-loop load benchmark of budget routing (issue 4). Loopback only, bounded.
+
+Starts its own stack (models built with the given weights, a local
+tritonserver, the gateway with a freshly measured latency profile), then:
+
+1. capacity: saturated closed-loop throughput of the gateway on the fastest
+   model;
+2. for each rate (a multiple of capacity): Poisson arrivals with a mix of
+   budgets through the routed gateway, and the same arrivals against static
+   single-model deployments (the fastest model; the most accurate model that
+   fits the median budget) that have no routing and no admission control;
+3. gateway overhead: concurrency-1 p50 and saturated throughput of the
+   gateway vs Triton driven directly by tritonclient with the same tensor;
+4. dynamic batching on vs off for one model, straight at Triton.
+
+Every row is measured in this one run. Example:
+
+    python benchmarks/load.py --models damoyolo-ns,efficientdet-d0,damoyolo-t,efficientdet-d1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+from tierdet.build import assemble, ensure_built
+from tierdet.config import default_home
+from tierdet.localstack import GatewayProcess, start_triton
+from tierdet.profile import LatencyProfile, measure
+from tierdet.repository import install_model
+from tierdet.routing import Router, TierConfig, LatencyModel
+from tierdet.specs import SPECS, Batching
+from tierdet.triton_client import TritonClient
+from tierdet.weights import WeightsSource
+
+
+@dataclass
+class Outcome:
+    status: int
+    latency_ms: float
+    model: str | None
+    budget_ms: float
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def photo_jpeg() -> bytes:
+    import skimage.data
+
+    ok, buf = cv2.imencode(".jpg", skimage.data.astronaut()[..., ::-1])
+    assert ok
+    return buf.tobytes()
+
+
+async def post(client: httpx.AsyncClient, image: bytes, fields: dict[str, str],
+               budget_ms: float) -> Outcome:
+    start = time.perf_counter()
+    try:
+        r = await client.post("/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
+                              data=fields)
+        status = r.status_code
+        model = r.json().get("model") if status == 200 else None
+    except httpx.HTTPError:
+        status, model = 599, None
+    return Outcome(status, (time.perf_counter() - start) * 1e3, model, budget_ms)
+
+
+async def open_loop(base: str, image: bytes, rate: float, count: int, max_s: float,
+                    make_fields, seed: int) -> tuple[list[Outcome], float]:
+    """Poisson arrivals at ``rate``/s, at most ``count`` requests or ``max_s`` seconds."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=base, timeout=60.0, limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        next_at = 0.0
+        for _ in range(count):
+            next_at += rng.expovariate(rate)
+            if next_at > max_s:
+                break
+            delay = start + next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            fields, budget = make_fields(rng)
+            tasks.append(asyncio.create_task(post(client, image, fields, budget)))
+        outcomes = await asyncio.gather(*tasks)
+        return outcomes, time.perf_counter() - start
+
+
+async def closed_loop(base: str, image: bytes, fields: dict[str, str], concurrency: int,
+                      count: int) -> tuple[list[Outcome], float]:
+    async with httpx.AsyncClient(base_url=base, timeout=60.0) as client:
+        remaining = count
+        results: list[Outcome] = []
+
+        async def worker():
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                results.append(await post(client, image, fields, 1e9))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+def summarize(name: str, outcomes: list[Outcome], wall_s: float, ap: dict[str, float]) -> dict:
+    n = len(outcomes)
+    ok = [o for o in outcomes if o.status == 200]
+    shed = [o for o in outcomes if o.status == 503]
+    in_slo = [o for o in ok if o.latency_ms <= o.budget_ms]
+    admitted = n - len(shed)
+    lat = [o.latency_ms for o in ok]
+    return {
+        "name": name, "n": n,
+        "in_slo": len(in_slo) / n if n else 0.0,
+        "admitted_in_slo": len(in_slo) / admitted if admitted else float("nan"),
+        "shed": len(shed) / n if n else 0.0,
+        "p50": pct(lat, 50), "p99": pct(lat, 99),
+        "shed_p99": pct([o.latency_ms for o in shed], 99),
+        "throughput": len(ok) / wall_s,
+        "eff_ap": sum(ap[o.model] for o in in_slo) / n if n else 0.0,
+        "models": {m: sum(1 for o in ok if o.model == m) for m in ap},
+    }
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"  {'deployment':<34}{'n':>5}{'in-SLO':>8}{'adm.SLO':>8}{'shed':>7}"
+          f"{'p50 ms':>8}{'p99 ms':>8}{'shed p99':>9}{'img/s':>7}{'eff AP':>8}  models")
+    for r in rows:
+        used = ", ".join(f"{m}:{c}" for m, c in r["models"].items() if c)
+        print(f"  {r['name']:<34}{r['n']:>5}{r['in_slo']:>8.1%}{r['admitted_in_slo']:>8.1%}"
+              f"{r['shed']:>7.1%}{r['p50']:>8.0f}{r['p99']:>8.0f}{r['shed_p99']:>9.1f}"
+              f"{r['throughput']:>7.1f}{r['eff_ap']:>8.2f}  {used}")
+
+
+async def direct_vs_gateway(triton_url: str, gateway: str, model: str, runs: int,
+                            concurrency: int) -> None:
+    """Same tensor both ways: the gateway gets it as a BMP of the exact model input."""
+    spec = SPECS[model]
+    rng = np.random.default_rng(0)
+    tensor = rng.integers(0, 255, (spec.input_size, spec.input_size, 3), dtype=np.uint8)
+    ok, bmp = cv2.imencode(".bmp", tensor[..., ::-1])
+    assert ok
+    client = TritonClient(triton_url)
+    fields = {"model": model}
+    direct, via = [], []
+    async with httpx.AsyncClient(base_url=gateway, timeout=60.0) as http:
+        for i in range(runs + 5):  # interleaved: both see the same machine state
+            t0 = time.perf_counter()
+            await client.infer(model, tensor[None], timeout_s=60.0)
+            t1 = time.perf_counter()
+            r = await http.post("/v1/detect", files={"image": ("t.bmp", bmp.tobytes(),
+                                                              "image/bmp")}, data=fields)
+            t2 = time.perf_counter()
+            assert r.status_code == 200, r.text
+            if i >= 5:
+                direct.append((t1 - t0) * 1e3)
+                via.append((t2 - t1) * 1e3)
+
+        async def saturate(call, count: int) -> float:
+            remaining = count
+
+            async def worker():
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    await call()
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return count / (time.perf_counter() - start)
+
+        async def call_direct():
+            await client.infer(model, tensor[None], timeout_s=60.0)
+
+        async def call_gateway():
+            r = await http.post("/v1/detect", files={"image": ("t.bmp", bmp.tobytes(),
+                                                              "image/bmp")}, data=fields)
+            assert r.status_code == 200
+
+        sat_direct = await saturate(call_direct, runs)
+        sat_gateway = await saturate(call_gateway, runs)
+    await client.close()
+    d50, g50 = statistics.median(direct), statistics.median(via)
+    print(f"\n== gateway overhead, {model}, same tensor (BMP to the gateway), "
+          f"{runs} interleaved runs ==")
+    print(f"  concurrency 1 p50: direct Triton {d50:.1f} ms, gateway {g50:.1f} ms, "
+          f"ratio {g50 / d50:.3f} (target <= 1.05)")
+    print(f"  saturated (concurrency {concurrency}): direct {sat_direct:.1f} img/s, gateway "
+          f"{sat_gateway:.1f} img/s, ratio {sat_gateway / sat_direct:.3f} (target >= 0.95)")
+
+
+async def batching_on_off(triton_url: str, names: dict[str, int], size: int, requests: int,
+                          concurrency: int) -> None:
+    client = TritonClient(triton_url)
+    image = np.full((1, size, size, 3), 114, np.uint8)
+    print(f"\n== dynamic batching, direct to Triton, {requests} requests at concurrency "
+          f"{concurrency} ==")
+    for name, delay_us in names.items():
+        lat: list[float] = []
+        remaining = requests
+
+        async def worker(model=name, sink=lat):
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                await client.infer(model, image, timeout_s=120.0)
+                sink.append((time.perf_counter() - t0) * 1e3)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        print(f"  {name:<28} queue delay {delay_us:>5} us: {requests / wall:6.1f} img/s, "
+              f"p50 {pct(lat, 50):6.0f} ms, p99 {pct(lat, 99):6.0f} ms")
+    await client.close()
+
+
+def budget_mix(profile: LatencyProfile, models: list[str]) -> list[float]:
+    """Tight / medium / loose budgets scaled to this machine's measured latencies."""
+    singles = sorted(profile.models[m].service_ms(1) for m in models)
+    return [round(2.0 * singles[0] + 10), round(2.0 * singles[len(singles) // 2] + 10),
+            round(2.5 * singles[-1] + 10)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="damoyolo-ns,efficientdet-d0,damoyolo-t,efficientdet-d1")
+    p.add_argument("--weights", default="random:0")
+    p.add_argument("--rates", default="0.5,0.8,1.0,1.5,2.0", help="multiples of capacity")
+    p.add_argument("--requests", type=int, default=300, help="max requests per run")
+    p.add_argument("--max-seconds", type=float, default=40.0, help="max arrival span per run")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per model")
+    p.add_argument("--overhead-runs", type=int, default=60)
+    p.add_argument("--home", type=Path, default=default_home())
+    args = p.parse_args()
+    models = args.models.split(",")
+    work = Path(tempfile.mkdtemp(prefix="tierdet-load-"))
+    built = ensure_built(models, WeightsSource.parse(args.weights), args.home)
+    # Batching off twin of the first EfficientDet/whichever first model.
+    twin_spec = dataclasses.replace(SPECS[models[1] if len(models) > 1 else models[0]])
+    triton = start_triton(built, args.home, work, threads=args.threads)
+    gateway = None
+    try:
+        profile = asyncio.run(measure(triton.grpc_url, {m: SPECS[m].input_size for m in models},
+                                      batches=(1, 4), runs=8))
+        profile_path = work / "profile.json"
+        profile.save(profile_path)
+        print("== latency profile (ms) ==")
+        for m, prof in profile.models.items():
+            print(f"  {m:<18} b=1 {prof.service_ms(1):7.1f}   b=4 {prof.service_ms(4):7.1f}")
+        # Restart Triton with queue delays tuned from the profile, plus the
+        # batching-off twin of one model for the on/off comparison.
+        triton.stop()
+        repo = assemble(built, args.home, "cpu-local", intra_op_threads=args.threads,
+                        profile=profile)
+        twin_built = next(b for b in built if b.spec.name == twin_spec.name)
+        off = dataclasses.replace(twin_spec, name=f"{twin_spec.name}-nobatch",
+                                  batching=Batching(max_batch_size=1, max_queue_delay_us=0))
+        on = dataclasses.replace(twin_spec, name=f"{twin_spec.name}-batch",
+                                 batching=Batching(max_batch_size=8, max_queue_delay_us=5000))
+        for variant in (off, on):
+            install_model(repo, variant, "cpu-local", twin_built.onnx, twin_built.provenance,
+                          args.threads, variant.batching)
+        from tierdet.triton_server import LocalTriton
+        from tierdet.localstack import free_port
+
+        triton = LocalTriton(repo, work, http_port=free_port(), grpc_port=free_port(),
+                             metrics_port=free_port(), models=models + [off.name, on.name],
+                             log_path=work / "triton.log")
+        triton.start()
+        triton.wait_ready(180)
+        gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log",
+                                       profile_file=str(profile_path),
+                                       models=",".join(models))
+        run(args, models, profile, gateway, triton, off, on)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        triton.stop()
+    return 0
+
+
+def run(args, models, profile, gateway, triton, off, on) -> None:
+    image = photo_jpeg()
+    ap = {m: SPECS[m].coco_ap for m in models}
+    budgets = budget_mix(profile, models)
+    router = Router(SPECS, TierConfig.load(None, "balanced"), LatencyModel(profile), 10_000)
+    fastest = min(models, key=lambda m: profile.models[m].service_ms(1))
+    median = sorted(budgets)[1]
+    fits = [m for m in models if router._fits(profile.models[m].service_ms(1) + 5, median)]
+    best_static = max(fits or [fastest], key=lambda m: ap[m])
+    print(f"\nbudget mix (ms, equal shares): {budgets}; fastest: {fastest}; "
+          f"most accurate fitting the median budget ({median} ms): {best_static}")
+
+    outcomes, wall = asyncio.run(closed_loop(gateway.http, image, {"model": fastest},
+                                             concurrency=4, count=80))
+    capacity = len(outcomes) / wall
+    print(f"capacity (closed loop, concurrency 4, {fastest}): {capacity:.1f} img/s")
+
+    def routed(rng):
+        b = rng.choice(budgets)
+        return {"sla_ms": str(b)}, b
+
+    def static(model):
+        def fields(rng):
+            b = rng.choice(budgets)
+            return {"model": model}, b  # no budget sent: no routing, no shedding
+        return fields
+
+    for mult in (float(x) for x in args.rates.split(",")):
+        rate = mult * capacity
+        rows = []
+        for name, make in ((f"routed", routed), (f"static {fastest}", static(fastest)),
+                           (f"static {best_static}", static(best_static))):
+            outcomes, wall = asyncio.run(open_loop(gateway.http, image, rate, args.requests,
+                                                   args.max_seconds, make, seed=int(mult * 100)))
+            rows.append(summarize(name, outcomes, wall, ap))
+            time.sleep(2.0)  # let queues drain between runs
+        print(f"\n== {mult:.1f}x capacity = {rate:.1f} req/s ==")
+        print_rows(rows)
+        best = max(r["eff_ap"] for r in rows[1:])
+        print(f"  effective AP routed / best static: {rows[0]['eff_ap'] / best:.2f}x"
+              if best > 0 else "  best static effective AP is 0")
+
+    asyncio.run(direct_vs_gateway(triton.grpc_url, gateway.http, off.name.removesuffix(
+        "-nobatch"), args.overhead_runs, concurrency=4))
+    asyncio.run(batching_on_off(triton.grpc_url, {off.name: 0, on.name: 5000},
+                                SPECS[off.name.removesuffix("-nobatch")].input_size,
+                                requests=48, concurrency=8))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Measure tierdet-trained checkpoints through the real serving stack.
+
+Builds each checkpoint with the exporter (as ``tierdet build`` does), starts
+tritonserver and a gateway on loopback, and runs :func:`run_evaluation`
+through the gateway and on the bare ONNX file. The gateway child registers
+the trained specs before serving, so this works whether or not
+``tierdet.specs.SPECS`` lists them yet (registering twice is harmless).
+
+    python -m tierdet.accuracy_stack --data DIR --out results.json \\
+        damoyolo-ns-shapes=weights/damoyolo-ns-shapes.fp16.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from tierdet.build import BuiltModel, build_model
+from tierdet.config import default_home
+from tierdet.evaluation import EvalRecord, EvalReport, format_table, run_evaluation
+from tierdet.localstack import free_port, start_triton, stop_process, wait_http
+from tierdet.train import sidecar_path
+from tierdet.trained import trained_spec
+from tierdet.weights import WeightsSource
+
+_SERVE_WITH_TRAINED_SPECS = (
+    "import tierdet.specs as s; from tierdet.trained import trained_specs; "
+    "s.SPECS.update(trained_specs()); from tierdet.cli import main; main(['serve'])")
+
+
+def build_checkpoints(checkpoints: Mapping[str, Path], home: Path) -> list[BuiltModel]:
+    return [build_model(trained_spec(name), WeightsSource.parse(str(path)), home,
+                        progress=False) for name, path in checkpoints.items()]
+
+
+@contextmanager
+def serve(built: list[BuiltModel], home: Path, workdir: Path, threads: int = 2
+          ) -> Iterator[str]:
+    """Triton + gateway serving ``built``; yields the gateway's HTTP URL."""
+    triton = start_triton(built, home, workdir, threads=threads)
+    port = free_port()
+    env = {**os.environ, "TIERDET_TRITON_URL": triton.grpc_url,
+           "TIERDET_HTTP_PORT": str(port), "TIERDET_GRPC_PORT": str(free_port()),
+           "TIERDET_MODELS": ",".join(b.spec.name for b in built)}
+    with (workdir / "gateway.log").open("wb") as log:
+        gateway = subprocess.Popen([sys.executable, "-c", _SERVE_WITH_TRAINED_SPECS], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/readyz", 120.0, gateway)
+        yield url
+    finally:
+        stop_process(gateway)
+        triton.stop()
+
+
+def evaluate_checkpoints(checkpoints: Mapping[str, Path], data: Path, home: Path,
+                         split: str = "val", limit: int | None = None) -> list[EvalRecord]:
+    built = build_checkpoints(checkpoints, home)
+    records: list[EvalRecord] = []
+    with tempfile.TemporaryDirectory(prefix="tierdet-acc-") as tmp, \
+            serve(built, home, Path(tmp)) as url:
+        for model in built:
+            records += run_evaluation(data, split, url=url, model=model.spec.name,
+                                      onnx=model.onnx, limit=limit)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", metavar="MODEL=CHECKPOINT")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--home", type=Path, default=default_home())
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--record", action="store_true",
+                   help="also write the results into each checkpoint's JSON sidecar")
+    args = p.parse_args(argv)
+    checkpoints = {name: Path(path) for name, _, path in
+                   (c.partition("=") for c in args.checkpoints)}
+    records = evaluate_checkpoints(checkpoints, args.data, args.home, args.split, args.limit)
+    print(format_table(records))
+    EvalReport(records).save(args.out)
+    print(f"results: {args.out}")
+    if args.record:
+        command = shlex.join(["python", "-m", "tierdet.accuracy_stack", *sys.argv[1:]])
+        for name, path in checkpoints.items():
+            record_in_sidecar(path, [r for r in records if r.model == name], command)
+    return 0
+
+
+def record_in_sidecar(checkpoint: Path, records: list[EvalRecord], command: str) -> None:
+    """Add the serving-path AP to the checkpoint's training sidecar."""
+    side = sidecar_path(checkpoint)
+    meta = json.loads(side.read_text())
+    meta["serving_eval"] = {"command": command, "records": [asdict(r) for r in records]}
+    side.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data sets tierdet makes itself (for training and measuring small models offline)."""

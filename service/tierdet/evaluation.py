@@ -1,0 +1,312 @@
+"""COCO AP of a served model, measured two ways on the same images.
+
+* ``gateway``: every image goes through the running service (HTTP
+  ``/v1/detect``, multipart, ``score_threshold`` 0.001, ``max_detections`` 100):
+  decode, routing, resize, Triton, box mapping, JSON. This is what clients get.
+* ``onnx``: the built ONNX file run directly with ONNX Runtime, after the
+  same :func:`tierdet.imaging.prepare`, its rows mapped back to image pixels
+  here (not with the gateway's code), so a loss anywhere in the serving path
+  shows as a difference between the two.
+
+AP numbers come from pycocotools (IoU .50:.95, max 100 detections per image)
+and are fractions in 0..1; -1 means the split has no ground truth in that
+size range. Results are written as an :class:`EvalReport` JSON file, the
+schema the gateway can export as Prometheus gauges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from tierdet import imaging
+from tierdet.datasets.coco import CocoSplit, Sample, read_rgb
+from tierdet.labels import LabelSet
+from tierdet.specs import ModelSpec
+
+SCORE_THRESHOLD = 0.001  # COCO practice: rank everything, let AP weigh it
+MAX_DETECTIONS = 100
+SCHEMA_VERSION = 1
+
+Source = Literal["gateway", "onnx", "torch", "ground-truth"]
+
+
+@dataclass(frozen=True)
+class APResult:
+    ap: float
+    ap50: float
+    ap75: float
+    ap_small: float
+    ap_medium: float
+    ap_large: float
+
+    @classmethod
+    def from_stats(cls, stats: Sequence[float]) -> APResult:
+        return cls(*(round(float(s), 4) for s in stats[:6]))
+
+
+def coco_ap(gt: dict, detections: list[dict]) -> APResult:
+    """pycocotools bbox AP of ``detections`` (COCO result dicts) against ``gt``."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    # pycocotools narrates every step on stdout; a report is printed by us.
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO()
+        truth.dataset = gt
+        truth.createIndex()
+        if not detections:
+            return APResult(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        result = truth.loadRes(detections)
+        evaluator = COCOeval(truth, result, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return APResult.from_stats(evaluator.stats)
+
+
+def rows_to_coco(rows: np.ndarray, geometry: imaging.Geometry, labels: LabelSet,
+                 image_id: int, score_threshold: float = SCORE_THRESHOLD) -> list[dict]:
+    """Model rows [K, 6] (x1 y1 x2 y2 score slot, input pixels) -> COCO results."""
+    rows = rows[rows[:, 4] >= score_threshold]
+    boxes = imaging.boxes_to_image(rows[:, :4], geometry)
+    out = []
+    for (x1, y1, x2, y2), row in zip(boxes, rows, strict=True):
+        label = labels.lookup(int(row[5]))
+        if label is None or x2 <= x1 or y2 <= y1:
+            continue
+        out.append({"image_id": image_id, "category_id": label[0], "score": float(row[4]),
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+    return out
+
+
+def ground_truth_as_detections(gt: dict) -> list[dict]:
+    """Every annotation as a detection of score 1: AP must come out 1.0."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+             "bbox": list(a["bbox"])} for a in gt["annotations"] if not a.get("iscrowd")]
+
+
+# -- predictors ---------------------------------------------------------------
+
+RowsFn = Callable[[np.ndarray], np.ndarray]  # uint8 [B, S, S, 3] -> rows [B, K, 6]
+
+
+def predict_rows(run: RowsFn, samples: Iterable[Sample], spec: ModelSpec,
+                 batch_size: int = 8, input_size: int | None = None) -> list[dict]:
+    """Detections of a bare model function over ``samples``, COCO results."""
+    size = input_size or spec.input_size
+    out: list[dict] = []
+    batch: list[tuple[int, np.ndarray, imaging.Geometry]] = []
+
+    def flush() -> None:
+        rows = run(np.stack([tensor for _, tensor, _ in batch]))
+        for (image_id, _, geometry), image_rows in zip(batch, rows, strict=True):
+            out.extend(rows_to_coco(image_rows, geometry, spec.labels, image_id))
+        batch.clear()
+
+    for sample in samples:
+        tensor, geometry = imaging.prepare(read_rgb(sample.path), size, spec.preprocessing)
+        batch.append((sample.image_id, tensor, geometry))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return out
+
+
+def onnx_runner(path: Path, threads: int = 0) -> RowsFn:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def onnx_model_name(path: Path) -> str:
+    """The spec name the exporter wrote into the ONNX metadata."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    if "tierdet.model" not in props:
+        raise ValueError(f"{path}: no tierdet.model metadata; not built by tierdet build")
+    return props["tierdet.model"]
+
+
+@dataclass
+class GatewayAnswers:
+    detections: list[dict] = field(default_factory=list)
+    models: dict[str, int] = field(default_factory=dict)  # model -> images it answered
+
+
+def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = None,
+                    tier: str | None = None, concurrency: int = 4,
+                    timeout_s: float = 120.0) -> GatewayAnswers:
+    """Send every image to ``url``/v1/detect; a failed request raises."""
+    import httpx
+
+    form = {"score_threshold": str(SCORE_THRESHOLD), "max_detections": str(MAX_DETECTIONS)}
+    if model:
+        form["model"] = model
+    if tier:
+        form["tier"] = tier
+    answers = GatewayAnswers()
+    with httpx.Client(base_url=url, timeout=timeout_s) as client:
+        def one(sample: Sample) -> tuple[int, dict]:
+            files = {"image": (sample.path.name, sample.path.read_bytes())}
+            resp = client.post("/v1/detect", data=form, files=files)
+            if resp.status_code != 200:
+                raise RuntimeError(f"{sample.path}: HTTP {resp.status_code}: {resp.text}")
+            return sample.image_id, resp.json()
+
+        # A few requests in flight let Triton's dynamic batcher work as in production.
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for image_id, body in pool.map(one, samples):
+                answers.models[body["model"]] = answers.models.get(body["model"], 0) + 1
+                answers.detections.extend(
+                    {"image_id": image_id, "category_id": d["class_id"], "score": d["score"],
+                     "bbox": [d["x1"], d["y1"], d["x2"] - d["x1"], d["y2"] - d["y1"]]}
+                    for d in body["detections"])
+    return answers
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """A registered spec, or a tierdet-trained one not (yet) in the registry."""
+    from tierdet.specs import SPECS
+    from tierdet.trained import trained_specs
+
+    spec = SPECS.get(name) or trained_specs().get(name)
+    if spec is None:
+        raise KeyError(f"unknown model {name!r}")
+    return spec
+
+
+def run_evaluation(dataset: Path, split: str = "val", *, url: str | None = None,
+                   model: str | None = None, tier: str | None = None,
+                   onnx: Path | None = None, limit: int | None = None,
+                   concurrency: int = 4) -> list[EvalRecord]:
+    """Evaluate through the gateway at ``url`` and/or the bare ``onnx`` file,
+    on the first ``limit`` images of ``split`` (all by default)."""
+    data = CocoSplit(dataset, split)
+    samples = image_samples(data, limit)
+    gt = subset_gt(data.coco, {s.image_id for s in samples})
+    records: list[EvalRecord] = []
+    if url is not None:
+        answers = predict_gateway(url, samples, model=model, tier=tier,
+                                  concurrency=concurrency)
+        answered = max(answers.models, key=answers.models.__getitem__)
+        records.append(EvalRecord.of(coco_ap(gt, answers.detections), model=answered,
+                                     tier=tier, source="gateway", dataset=data.label,
+                                     split=split, images=len(samples), models=answers.models))
+    if onnx is not None:
+        spec = resolve_spec(onnx_model_name(onnx))
+        detections = predict_rows(onnx_runner(onnx), samples, spec)
+        records.append(EvalRecord.of(coco_ap(gt, detections), model=spec.name, tier=None,
+                                     source="onnx", dataset=data.label, split=split,
+                                     images=len(samples), onnx=str(onnx)))
+    return records
+
+
+def image_samples(data: CocoSplit, limit: int | None = None) -> list[Sample]:
+    """The split's images (ids and paths; boxes are not needed to predict)."""
+    return [Sample(info["id"], data.image_dir / info["file_name"], np.zeros((0, 4), np.float32),
+                   np.zeros(0, np.int64)) for info in data.coco["images"][:limit]]
+
+
+def subset_gt(gt: dict, image_ids: set[int]) -> dict:
+    """``gt`` restricted to some images: AP over exactly the images predicted."""
+    return {**gt, "images": [i for i in gt["images"] if i["id"] in image_ids],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids]}
+
+
+# -- the results file ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One measured AP: what was evaluated, on what, how, and when.
+
+    ``model`` is the model that answered (for a tier: the one that answered
+    most images; ``models`` has the full count). Gauges: one per AP field,
+    labelled by model, tier, dataset and source.
+    """
+
+    model: str
+    tier: str | None
+    source: Source
+    dataset: str
+    split: str
+    images: int
+    ap: float
+    ap50: float
+    ap75: float
+    ap_small: float
+    ap_medium: float
+    ap_large: float
+    evaluated_at: str  # ISO 8601, UTC
+    models: dict[str, int] = field(default_factory=dict)
+    onnx: str | None = None
+
+    @classmethod
+    def of(cls, result: APResult, *, model: str, tier: str | None, source: Source,
+           dataset: str, split: str, images: int, models: dict[str, int] | None = None,
+           onnx: str | None = None) -> EvalRecord:
+        return cls(model=model, tier=tier, source=source, dataset=dataset, split=split,
+                   images=images, **asdict(result), evaluated_at=_now(),
+                   models=dict(models or {model: images}), onnx=onnx)
+
+    @property
+    def result(self) -> APResult:
+        return APResult(self.ap, self.ap50, self.ap75, self.ap_small, self.ap_medium,
+                        self.ap_large)
+
+
+@dataclass
+class EvalReport:
+    records: list[EvalRecord] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"schema_version": self.schema_version,
+                "records": [asdict(r) for r in self.records]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        tmp.replace(path)  # a scraper never reads half a file
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> EvalReport:
+        body = json.loads(path.read_text())
+        if body.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema_version {body.get('schema_version')}, "
+                             f"expected {SCHEMA_VERSION}")
+        known = {f.name for f in fields(EvalRecord)}
+        return cls([EvalRecord(**{k: v for k, v in r.items() if k in known})
+                    for r in body["records"]])
+
+
+def format_table(records: Iterable[EvalRecord]) -> str:
+    head = (f"{'model':<24}{'tier':<10}{'source':<9}{'images':>7}{'AP':>8}{'AP50':>8}"
+            f"{'AP75':>8}{'APs':>8}{'APm':>8}{'APl':>8}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r.model:<24}{r.tier or '-':<10}{r.source:<9}{r.images:>7}"
+                     + "".join(f"{v:>8.3f}" for v in (r.ap, r.ap50, r.ap75, r.ap_small,
+                                                       r.ap_medium, r.ap_large)))
+    return "\n".join(lines)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
