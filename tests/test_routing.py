@@ -63,16 +63,16 @@ def test_backlog_on_the_shared_device_moves_requests_to_faster_models():
 
 def test_finished_work_leaves_the_backlog():
     r = router()
-    predicted = r.latency.admit("slow")
+    ticket = r.latency.admit("slow")
     assert r.latency.backlog_ms() == pytest.approx(110.0)
-    r.latency.finish("slow", predicted, observed_ms=110.0)
+    r.latency.finish(ticket, observed_ms=110.0)
     assert r.latency.backlog_ms() == 0
 
 
 def test_observed_latency_corrects_the_profile():
     r = router()
     for _ in range(20):  # the machine is twice as slow as profiled
-        r.latency.finish("mid", r.latency.admit("mid"), observed_ms=100.0)
+        r.latency.finish(r.latency.admit("mid"), observed_ms=100.0)
     assert r.latency.service_ms("mid") == pytest.approx(100.0, rel=0.05)
     assert r.decide(RouteRequest(sla_ms=70), 3.0, READY).model == "fast"
 
@@ -140,8 +140,36 @@ def test_unknown_tier_is_refused():
 def test_unprofiled_model_learns_from_observations():
     r = Router(SPEC_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
     assert r.latency.service_ms("mid") >= 1000  # unknown: assumed slow
-    r.latency.finish("mid", r.latency.admit("mid"), observed_ms=40.0)
+    r.latency.finish(r.latency.admit("mid"), observed_ms=40.0)
     assert r.latency.service_ms("mid") == pytest.approx(40.0)
+
+
+def test_queueing_does_not_inflate_the_learned_service_time():
+    """Answers that waited behind others say little about the model itself."""
+    r = Router(SPEC_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
+    r.latency.finish(r.latency.admit("mid"), observed_ms=40.0)
+    tickets = [r.latency.admit("mid") for _ in range(6)]  # a burst
+    for i, ticket in enumerate(tickets):
+        r.latency.finish(ticket, observed_ms=40.0 * (i + 1))  # each waited for the others
+    assert r.latency.service_ms("mid") == pytest.approx(40.0)
+    prof = router()
+    prof.latency.admit("fast")  # keeps the device busy for every request below
+    busy = [prof.latency.admit("mid") for _ in range(6)]
+    assert not any(t.idle for t in busy)
+    for ticket in busy:
+        prof.latency.finish(ticket, observed_ms=ticket.predicted_ms * 3)
+    assert prof.latency.service_ms("mid") < 50.0 * 1.6  # slow, bounded drift
+
+
+def test_corrections_decay_back_to_the_profile():
+    lm = LatencyModel(LatencyProfile({"mid": ModelProfile({1: 50.0})}), decay_s=10.0)
+    for _ in range(30):
+        lm.finish(lm.admit("mid"), observed_ms=150.0)
+    load = lm.loads["mid"]
+    assert lm._ratio(load, now=load.ratio_at) > 2.5
+    assert lm._ratio(load, now=load.ratio_at + 10.0) == pytest.approx(
+        1 + (lm._ratio(load, now=load.ratio_at) - 1) / 2)
+    assert lm._ratio(load, now=load.ratio_at + 600.0) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_tiers_file(tmp_path):

@@ -190,7 +190,7 @@ class DetectionService:
             ms = (time.perf_counter() - start) * 1e3
         except ApiError:
             return
-        latency.finish(spec.name, latency.admit(spec.name), ms)
+        latency.finish(latency.admit(spec.name), ms)
         log.info("model %s: no latency profile; measured %.1f ms at batch 1", spec.name, ms)
 
     def ready_models(self) -> list[str]:
@@ -284,7 +284,7 @@ class DetectionService:
                    ) -> DetectResult:
         spec = SPECS[decision.model]
         latency = self.router.latency
-        predicted_triton = latency.admit(spec.name)
+        ticket = latency.admit(spec.name)
         observed: float | None = None
         try:
             tensor, geometry, prep_s = await asyncio.to_thread(self._prepare, image, spec)
@@ -296,7 +296,7 @@ class DetectionService:
             t_post = time.perf_counter()
             observed = (t_post - t_infer) * 1e3
         finally:
-            latency.finish(spec.name, predicted_triton, observed)
+            latency.finish(ticket, observed)
         threshold = (options.score_threshold if options.score_threshold is not None
                      else self.settings.default_score_threshold)
         limit = min(options.max_detections or spec.max_detections, spec.max_detections)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,15 +106,36 @@ class Decision:
 class _ModelLoad:
     inflight: int = 0
     ratio: float = 1.0  # observed / predicted Triton time, EWMA
-    observed_ms: float | None = None  # EWMA of batch-1-equivalent latency
+    ratio_at: float = 0.0  # monotonic time of the last ratio update
+    observed_ms: float | None = None  # EWMA of batch-1 latency (models without profile)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: what was predicted, and whether the device was idle."""
+
+    model: str
+    predicted_ms: float  # Triton time (queue + service) predicted at admission
+    idle: bool  # nothing was in flight on the device when it was admitted
+    ratio: float  # the model's correction used for that prediction
 
 
 @dataclass
 class LatencyModel:
-    """Predicts service time per model; tracks admitted work (thread-safe)."""
+    """Predicts service time per model; tracks admitted work (thread-safe).
+
+    Learning is guarded against queueing: a model's own service time is
+    learned only from requests admitted to an idle device, so a burst cannot
+    inflate the estimate (and an inflated estimate sheds the very requests
+    that would correct it). Requests admitted behind others refine the
+    profile's ratio slowly, and every correction decays back towards the
+    profile (half-life ``decay_s``) when no new evidence arrives.
+    """
 
     profile: LatencyProfile
     alpha: float = 0.2
+    busy_alpha: float = 0.05
+    decay_s: float = 60.0
     loads: dict[str, _ModelLoad] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -132,38 +154,50 @@ class LatencyModel:
         prof = self.profile.models.get(model)
         return prof.marginal_ms() if prof is not None else self.base_ms(model)
 
+    def _ratio(self, load: _ModelLoad, now: float | None = None) -> float:
+        """The correction, relaxed towards 1.0 since its last update."""
+        if load.ratio == 1.0 or self.decay_s <= 0:
+            return load.ratio
+        age = (time.monotonic() if now is None else now) - load.ratio_at
+        keep = 0.5 ** (max(0.0, age) / self.decay_s)
+        return 1.0 + (load.ratio - 1.0) * keep
+
     def service_ms(self, model: str) -> float:
-        return self.base_ms(model) * self._load(model).ratio
+        return self.base_ms(model) * self._ratio(self._load(model))
 
     def backlog_ms(self) -> float:
         """Work admitted but not finished, on the shared device."""
-        return sum(load.inflight * self.marginal_ms(name) * load.ratio
+        return sum(load.inflight * self.marginal_ms(name) * self._ratio(load)
                    for name, load in self.loads.items())
 
     def predict_ms(self, model: str) -> float:
         """Triton time for a request admitted now (queue + service)."""
         return self.backlog_ms() + self.service_ms(model)
 
-    def admit(self, model: str) -> float:
-        """Count a request as in flight; returns its predicted Triton time."""
+    def admit(self, model: str) -> Ticket:
+        """Count a request as in flight."""
         with self._lock:
-            predicted = self.predict_ms(model)
-            self._load(model).inflight += 1
-            return predicted
+            idle = all(load.inflight == 0 for load in self.loads.values())
+            load = self._load(model)
+            ticket = Ticket(model, self.predict_ms(model), idle, self._ratio(load))
+            load.inflight += 1
+            return ticket
 
-    def finish(self, model: str, predicted_ms: float, observed_ms: float | None) -> None:
+    def finish(self, ticket: Ticket, observed_ms: float | None) -> None:
         """Release an admitted request; learn from its latency if it completed."""
         with self._lock:
-            load = self._load(model)
+            load = self._load(ticket.model)
             load.inflight = max(0, load.inflight - 1)
-            if observed_ms is None or predicted_ms <= 0:
+            if observed_ms is None or ticket.predicted_ms <= 0:
                 return
-            if model in self.profile.models:
-                ratio = min(4.0, max(0.25, observed_ms / (predicted_ms / load.ratio)))
-                load.ratio += self.alpha * (ratio - load.ratio)
-            elif load.inflight == 0:
-                # No profile: learn the batch-1 time itself, from answers that
-                # did not queue behind others of this model.
+            now = time.monotonic()
+            if ticket.model in self.profile.models:
+                current = self._ratio(load, now)
+                implied = ticket.ratio * observed_ms / ticket.predicted_ms
+                alpha = self.alpha if ticket.idle else self.busy_alpha
+                load.ratio = current + alpha * (min(4.0, max(0.25, implied)) - current)
+                load.ratio_at = now
+            elif ticket.idle:
                 prev = load.observed_ms
                 load.observed_ms = observed_ms if prev is None else (
                     prev + self.alpha * (observed_ms - prev))
