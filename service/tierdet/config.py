@@ -43,6 +43,14 @@ class Settings(BaseModel):
     request_timeout_s: float = Field(10.0, gt=0)
     # Evaluation records written by `tierdet eval`, exported as AP gauges.
     eval_dir: Path | None = None
+    # Security: API keys as sha256 hashes (YAML, see README); TLS for both
+    # listeners when a certificate and key are given.
+    api_keys_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Requests (HTTP) and calls (gRPC) served at once; beyond it HTTP answers
+    # 503 and gRPC RESOURCE_EXHAUSTED, so memory stays bounded under overload.
+    max_concurrency: int = Field(256, ge=1)
     log_level: str = "info"
 
     @classmethod

@@ -22,6 +22,7 @@ from tierdet.errors import ApiError, ErrorCode
 from tierdet.metrics import Metrics
 from tierdet.profile import LatencyProfile
 from tierdet.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
+from tierdet.security import ApiKey, KeyRing, bearer
 from tierdet.specs import SPECS, ModelSpec
 from tierdet.triton_client import TritonClient
 
@@ -116,6 +117,7 @@ class DetectionService:
         self.triton = triton
         self.metrics = metrics
         self.router = router or build_router(settings)
+        self.keys = KeyRing.load(settings.api_keys_file)
         self.table = ModelTable()
         self.accuracy: dict = {}
 
@@ -217,6 +219,27 @@ class DetectionService:
             return False, "no model is ready"
         return True, "ready"
 
+    # -- access --------------------------------------------------------
+
+    def admit_key(self, authorization: str | None, api_key: str | None,
+                  protocol: str) -> ApiKey | None:
+        """Authenticate and rate-limit a caller (no-op without configured keys)."""
+        try:
+            key = self.keys.authenticate(bearer(authorization, api_key))
+            self.keys.take(key)
+        except ApiError as exc:
+            self.metrics.observe_failure(protocol, None, "none", outcome_of(exc))
+            raise
+        return key
+
+    def authorize(self, key: ApiKey | None, options: validation.DetectOptions,
+                  protocol: str) -> None:
+        try:
+            self.keys.authorize(key, options.tier, options.model)
+        except ApiError as exc:
+            self.metrics.observe_failure(protocol, options.tier, "none", outcome_of(exc))
+            raise
+
     # -- detect ----------------------------------------------------------
 
     def _check_names(self, options: validation.DetectOptions) -> RouteRequest:
@@ -268,7 +291,7 @@ class DetectionService:
             result = await self._run(decision, image, options, start, decode_s)
         except ApiError as exc:
             self.metrics.observe_failure(protocol, tier, model if model in SPECS else "none",
-                                         _outcome(exc))
+                                         outcome_of(exc))
             raise
         except Exception:
             self.metrics.observe_failure(protocol, tier, model if model in SPECS else "none",
@@ -324,11 +347,16 @@ def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _outcome(exc: ApiError) -> str:
+def outcome_of(exc: ApiError) -> str:
+    """The metrics outcome label of a refusal."""
     if exc.code is ErrorCode.DEADLINE_EXCEEDED:
         return "timeout"
     if exc.code is ErrorCode.SLA_UNATTAINABLE:
         return "shed"
+    if exc.code in (ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN):
+        return "unauthorized"
+    if exc.code is ErrorCode.RATE_LIMITED:
+        return "rate_limited"
     if exc.http_status < 500:
         return "bad_input"
     return "error"

@@ -18,6 +18,7 @@ from tierdet.errors import GRPC_CODE_KEY, ApiError, ErrorCode
 from tierdet.limits import FrontendLimits
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.security import ApiKey
 from tierdet.streaming import ordered_map
 from tierdet.validation import DetectOptions
 
@@ -66,6 +67,13 @@ def detect_response(result: DetectResult) -> pb.DetectResponse:
     )
 
 
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value
+    return None
+
+
 def _deadline_ms(context: grpc.aio.ServicerContext) -> float | None:
     remaining_s = context.time_remaining()
     return remaining_s * 1e3 if remaining_s is not None else None
@@ -88,7 +96,10 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         received = time.perf_counter()
         deadline_ms = _deadline_ms(context)
         try:
-            result = await self.service.detect(request.image, options_from_request(request),
+            key = self._admit(context)
+            options = options_from_request(request)
+            self.service.authorize(key, options, "grpc")
+            result = await self.service.detect(request.image, options,
                                                protocol="grpc", received=received,
                                                deadline_ms=deadline_ms)
         except ApiError as exc:
@@ -101,18 +112,29 @@ class DetectorServicer(pb_grpc.DetectorServicer):
     async def DetectStream(self, request_iterator: AsyncIterator[pb.DetectFrame],  # noqa: N802
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[pb.DetectFrameResult]:
+        try:
+            key = self._admit(context)
+        except ApiError as exc:
+            await _abort(context, exc)
         self.streams_open.inc()
         try:
             # Each result is yielded only once the previous one is written, and
             # ordered_map reads no further than the bound: a slow reader on the
             # other end stops us reading, and HTTP/2 flow control stops its sender.
-            async for result in ordered_map(aiter(request_iterator), self._frame,
+            async def frame(f: pb.DetectFrame) -> pb.DetectFrameResult:
+                return await self._frame(f, key)
+
+            async for result in ordered_map(aiter(request_iterator), frame,
                                             self.limits.stream_max_inflight, self.frames_held):
                 yield result
         finally:
             self.streams_open.dec()
 
-    async def _frame(self, frame: pb.DetectFrame) -> pb.DetectFrameResult:
+    def _admit(self, context: grpc.aio.ServicerContext) -> ApiKey | None:
+        return self.service.admit_key(_metadata(context, "authorization"),
+                                      _metadata(context, "x-api-key"), "grpc")
+
+    async def _frame(self, frame: pb.DetectFrame, key: ApiKey | None) -> pb.DetectFrameResult:
         """One frame's answer; its failure is reported in it, never raised.
 
         The call's deadline is not a frame's: it bounds the whole stream (and
@@ -120,9 +142,10 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         or tier, so a long-running stream keeps its tiers' degrade rules."""
         received = time.perf_counter()
         try:
-            result = await self.service.detect(
-                frame.request.image, options_from_request(frame.request), protocol="grpc",
-                received=received)
+            options = options_from_request(frame.request)
+            self.service.authorize(key, options, "grpc")
+            result = await self.service.detect(frame.request.image, options, protocol="grpc",
+                                               received=received)
         except ApiError as exc:
             return pb.DetectFrameResult(frame_id=frame.frame_id, error=pb.Error(
                 code=exc.code.value, message=exc.message, retry_after_s=exc.retry_after_s or 0.0))
@@ -134,25 +157,32 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        try:
+            self._admit(context)
+        except ApiError as exc:
+            await _abort(context, exc)
         return pb.ListModelsResponse(models=[pb.ModelInfo(**i) for i in self.service.model_infos()])
 
 
 def create_grpc_server(
     service: DetectionService, address: str, max_message_bytes: int,
-    limits: FrontendLimits | None = None,
+    limits: FrontendLimits | None = None, credentials: grpc.ServerCredentials | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
-    """A grpc.aio server bound to ``address``; returns it, its health servicer and port."""
+    """A grpc.aio server bound to ``address`` (TLS with ``credentials``); returns it,
+    its health servicer and port."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ])
+    ], maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_DetectorServicer_to_server(DetectorServicer(service, limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
     return server, health_servicer, port
 
 

@@ -130,6 +130,69 @@ async def parse_detect_request(request: Request) -> tuple[bytes, DetectOptions]:
                    "with an 'image' file, application/json with base64 'image', or image/*")
 
 
+class BodyLimit:
+    """Refuse oversized request bodies while they stream in.
+
+    A declared Content-Length over the limit is answered 413 before a byte of
+    the body is read; a body without one (chunked) is counted as it arrives
+    and refused as soon as it passes the limit, so the gateway never holds
+    more than the limit of any request in memory.
+    """
+
+    def __init__(self, app, limit_for) -> None:
+        self.app = app
+        self.limit_for = limit_for  # path -> max body bytes, or None for no limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        limit = self.limit_for(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > limit
+            except ValueError:
+                response = error_response(ApiError(ErrorCode.INVALID_OPTION,
+                                                   "Content-Length is not a number"))
+                await response(scope, receive, send)
+                return
+            if too_large:
+                await _too_large(limit)(scope, receive, send)
+                return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(ErrorCode.IMAGE_TOO_LARGE,
+                               f"the request body passed the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    response = error_response(ApiError(ErrorCode.IMAGE_TOO_LARGE,
+                                       f"the request body is over the limit of {limit} bytes"))
+    response.headers["Connection"] = "close"  # the unread body must not be parsed as a request
+    return response
+
+
+def body_limits(max_image_bytes: int, batch_max_images: int):
+    """Per-path body limits: one image (base64 in JSON is 4/3 larger) plus room
+    for the form fields, times the batch size for the batch endpoint."""
+    one = max_image_bytes * 4 // 3 + 64 * 1024
+    limits = {"/v1/detect": one, "/v1/detect/batch": one * batch_max_images}
+
+    def limit_for(path: str) -> int | None:
+        return limits.get(path.rstrip("/"), 64 * 1024 if path.startswith("/v1/") else None)
+
+    return limit_for
+
+
 def detect_response(result: DetectResult) -> DetectResponse:
     return DetectResponse(
         model=result.model, width=result.width, height=result.height,
@@ -162,6 +225,13 @@ def create_app(service: DetectionService, limits: FrontendLimits | None = None) 
         title="tierdet", version=__version__,
         description="Object detection that answers within your latency budget.",
     )
+    app.add_middleware(BodyLimit, limit_for=body_limits(service.settings.max_image_bytes,
+                                                        limits.batch_max_images))
+
+    def _admit(request: Request):
+        """API key check and rate limit, before any body is read."""
+        return service.admit_key(request.headers.get("authorization"),
+                                 request.headers.get("x-api-key"), "http")
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -191,7 +261,9 @@ def create_app(service: DetectionService, limits: FrontendLimits | None = None) 
             "instead of JSON.")),
     ) -> DetectResponse | Response:
         received = time.perf_counter()
+        key = _admit(request)
         data, options = await parse_detect_request(request)
+        service.authorize(key, options, "http")
         result = await service.detect(data, options, protocol="http", received=received)
         if render_image:
             fmt = render.negotiate(request.headers.get("accept"))
@@ -209,18 +281,21 @@ def create_app(service: DetectionService, limits: FrontendLimits | None = None) 
                           f"{limits.batch_max_images} images per call "
                           "(TIERDET_BATCH_MAX_IMAGES).")
     async def detect_batch(request: Request) -> BatchResponse:
+        key = _admit(request)
         try:
             images, options = await parse_batch_request(
                 request, limits.batch_max_images, service.settings.max_image_bytes)
         except ValidationError as exc:
             raise _invalid_option(exc) from None
+        service.authorize(key, options, "http")
         outcomes = await run_batch(service, images, options, limits.batch_concurrency)
         items = [_batch_item(o) for o in outcomes]
         failed = sum(1 for item in items if item.error is not None)
         return BatchResponse(results=items, succeeded=len(items) - failed, failed=failed)
 
     @app.get("/v1/models", response_model=ModelsResponse, summary="Models, tiers, readiness")
-    async def models() -> ModelsResponse:
+    async def models(request: Request) -> ModelsResponse:
+        _admit(request)
         tiers = service.router.tiers
         return ModelsResponse(
             default_tier=tiers.default,

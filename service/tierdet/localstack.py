@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,14 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` dies."""
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
+              ca_file: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` dies. ``ca_file``
+    trusts a (self-signed) certificate for https URLs."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -85,8 +89,10 @@ class GatewayProcess:
     @classmethod
     def start(cls, triton_url: str, log: Path, timeout_s: float = 60.0,
               **settings: str) -> GatewayProcess:
-        """``tierdet serve`` in a child process; ``settings`` become TIERDET_* vars."""
+        """``tierdet serve`` in a child process; ``settings`` become TIERDET_* vars
+        (with ``tls_cert_file`` set, the URLs are https and the cert is trusted)."""
         http_port, grpc_port = free_port(), free_port()
+        cert = settings.get("tls_cert_file")
         env = {
             **os.environ,
             "TIERDET_TRITON_URL": triton_url,
@@ -96,9 +102,11 @@ class GatewayProcess:
         }
         proc = subprocess.Popen([sys.executable, "-m", "tierdet.cli", "serve"], env=env,
                                 stdout=log.open("wb"), stderr=subprocess.STDOUT)
-        gateway = cls(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log)
+        scheme = "https" if cert else "http"
+        gateway = cls(f"{scheme}://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log)
         try:
-            wait_http(gateway.http + "/readyz", timeout_s, proc)
+            wait_http(gateway.http + "/readyz", timeout_s, proc,
+                      ca_file=Path(cert) if cert else None)
         except Exception:
             stop_process(proc)
             raise

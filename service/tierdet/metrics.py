@@ -2,7 +2,8 @@
 
 Labels only take values from closed sets: protocol (http, grpc), tier
 (configured names, or "none" for pinned models and bare budgets), model
-(registry names), outcome (ok, bad_input, shed, timeout, error), stage.
+(registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
+rate_limited), stage.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tierdet.accuracy import EvalRecord, latest_and_previous
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                    1.0, 1.5, 2.5, 5.0, 10.0)
 RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
-OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error")
+OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error", "unauthorized", "rate_limited")
 NO_TIER = "none"
 
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 
+import grpc
 import uvicorn
 
 from tierdet.config import Settings
@@ -52,6 +53,15 @@ async def _watch_models(service: DetectionService, health_servicer, stop: asynci
             await asyncio.wait_for(stop.wait(), REFRESH_S)
 
 
+def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None:
+        return None
+    if settings.tls_key_file is None:
+        raise ValueError("TIERDET_TLS_CERT_FILE needs TIERDET_TLS_KEY_FILE")
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
+
+
 async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
                       grace_s: float = 10.0) -> None:
     limit_decoder_pixels(settings.max_image_pixels)
@@ -69,16 +79,22 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
 
     grpc_server, health_servicer, grpc_port = create_grpc_server(
         service, f"{settings.grpc_host}:{settings.grpc_port}",
-        max_message_bytes=settings.max_image_bytes + 64 * 1024)
+        max_message_bytes=settings.max_image_bytes + 64 * 1024,
+        credentials=_grpc_credentials(settings), max_concurrent_rpcs=settings.max_concurrency)
     await grpc_server.start()
+    tls = settings.tls_cert_file is not None
     http = _Uvicorn(uvicorn.Config(
         create_app(service), host=settings.http_host, port=settings.http_port,
         log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=int(grace_s),
-        lifespan="off"))
+        lifespan="off", limit_concurrency=settings.max_concurrency,
+        ssl_certfile=str(settings.tls_cert_file) if tls else None,
+        ssl_keyfile=str(settings.tls_key_file) if tls else None))
     http_task = asyncio.create_task(http.serve())
     watch_task = asyncio.create_task(_watch_models(service, health_servicer, stop))
-    log.info("gateway listening: http://%s:%d grpc %s:%d, triton %s", settings.http_host,
-             settings.http_port, settings.grpc_host, grpc_port, settings.triton_url)
+    log.info("gateway listening: %s://%s:%d grpc%s %s:%d, triton %s, API keys %s",
+             "https" if tls else "http", settings.http_host, settings.http_port,
+             "+tls" if tls else "", settings.grpc_host, grpc_port, settings.triton_url,
+             f"required ({len(service.keys.keys)})" if service.keys.enabled else "off")
     stop_task = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
