@@ -24,21 +24,29 @@ function setState(name, message) {
   if (message !== undefined) $("status").textContent = message;
 }
 
+// The key stays in this tab only (sessionStorage) and travels as X-API-Key.
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
 async function loadModels() {
   let body;
   try {
-    const reply = await fetch("/v1/models");
+    const reply = await fetch("/v1/models", { headers: authHeaders() });
     if (!reply.ok) return;
     body = await reply.json();
   } catch {
     return; // the page still works with the server's defaults
   }
   const tier = $("tier");
+  tier.length = 1; // reloaded when the API key changes
   tier.options[0].textContent = `server default (${body.default_tier})`;
   for (const t of body.tiers) {
     tier.add(new Option(`${t.name} (${Math.round(t.budget_ms)} ms)`, t.name));
   }
   const model = $("model");
+  model.length = 1;
   for (const m of body.models) {
     const option = new Option(`${m.name} (AP ${m.published_coco_ap})`, m.name);
     option.disabled = !m.ready;
@@ -92,7 +100,7 @@ async function detect() {
   const started = performance.now();
   let reply, body;
   try {
-    reply = await fetch("/v1/detect", { method: "POST", body: options() });
+    reply = await fetch("/v1/detect", { method: "POST", body: options(), headers: authHeaders() });
     body = await reply.json();
   } catch (err) {
     if (seq === state.seq) setState("error", `The gateway did not answer: ${err}`);
@@ -203,6 +211,12 @@ function wire() {
   $("controls").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
   // A changed option re-runs the current image, so budgets can be compared quickly.
   for (const id of ["tier", "model"]) $(id).addEventListener("change", detect);
+  const key = $("api-key");
+  key.value = sessionStorage.getItem("tierdet-api-key") || "";
+  key.addEventListener("change", () => {
+    sessionStorage.setItem("tierdet-api-key", key.value.trim());
+    loadModels();
+  });
   for (const id of ["sla-ms", "score-threshold", "max-detections"]) {
     $(id).addEventListener("change", detect);
   }
