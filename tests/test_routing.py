@@ -199,3 +199,50 @@ def test_batching_settings_come_from_the_profile():
     assert tuned_batching(spec_bound, gpu).max_queue_delay_us == 2000
     assert tuned_batching(spec_bound, ModelProfile({1: 40.0, 8: 40.0})).max_queue_delay_us == 5000
     assert tuned_batching(spec_bound, None) == spec_bound
+
+
+def test_under_load_the_governor_shifts_the_mix_to_cheaper_models():
+    r = router()
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"
+    r.governor.rate = 20.0  # 20 req/s: "slow" (110 ms) would need 2.2 devices
+    r.governor.mean_cost_ms = 40.0  # recent requests averaged 40 ms of device time
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "mid"
+    r.governor.rate = 60.0  # only the cheapest keeps the device under its target
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "fast"
+
+
+def test_the_governor_mixes_rather_than_all_or_nothing():
+    from tierdet.routing import LoadGovernor
+
+    gov = LoadGovernor(target=0.85)
+    gov.rate = 10.0  # device time per second available: 850 ms -> 85 ms per request
+    chosen = []
+    for _ in range(200):
+        cost = 110.0 if gov.affordable(110.0) else 15.0
+        gov.admitted(cost)
+        chosen.append(cost)
+    upgrades = chosen[-100:].count(110.0) / 100
+    mean = sum(chosen[-100:]) / 100
+    assert 0.4 < upgrades < 0.9 and mean <= 90.0
+
+
+def test_arrival_rate_decays():
+    from tierdet.routing import LoadGovernor
+
+    gov = LoadGovernor(window_s=2.0)
+    for i in range(100):
+        gov.arrival(now=i * 0.1)  # 10 req/s
+    assert gov.rate == pytest.approx(10.0, rel=0.1)
+    gov.arrival(now=100 * 0.1 + 20.0)
+    assert gov.rate < 1.0
+
+
+def test_precheck_sheds_before_decoding_only_when_nothing_could_fit():
+    r = router()
+    r.precheck(RouteRequest(sla_ms=40), 3.0, READY)  # "fast" fits
+    with pytest.raises(ApiError) as info:
+        r.precheck(RouteRequest(sla_ms=10), 3.0, READY)
+    assert info.value.code is ErrorCode.SLA_UNATTAINABLE
+    for _ in range(4):
+        r.latency.admit("slow")
+    r.precheck(RouteRequest(tier="balanced"), 3.0, READY)  # degrades, never shed early

@@ -283,6 +283,7 @@ class DetectionService:
             request = self._check_names(options)
             if deadline_ms is not None:
                 request = RouteRequest(request.model, request.tier, request.sla_ms, deadline_ms)
+            self.router.precheck(request, _ms_since(start), self.ready_models())
             # OpenCV releases the GIL: decoding in a worker thread keeps the
             # event loop answering other requests meanwhile.
             image, decode_s = await asyncio.to_thread(self._decode, data)

@@ -165,10 +165,13 @@ class LatencyModel:
     def service_ms(self, model: str) -> float:
         return self.base_ms(model) * self._ratio(self._load(model))
 
+    def cost_ms(self, model: str) -> float:
+        """Device time one more request of ``model`` adds when the device is busy."""
+        return self.marginal_ms(model) * self._ratio(self._load(model))
+
     def backlog_ms(self) -> float:
         """Work admitted but not finished, on the shared device."""
-        return sum(load.inflight * self.marginal_ms(name) * self._ratio(load)
-                   for name, load in self.loads.items())
+        return sum(load.inflight * self.cost_ms(name) for name, load in self.loads.items())
 
     def predict_ms(self, model: str) -> float:
         """Triton time for a request admitted now (queue + service)."""
@@ -203,11 +206,50 @@ class LatencyModel:
                     prev + self.alpha * (observed_ms - prev))
 
 
+@dataclass
+class LoadGovernor:
+    """Keeps the device's projected utilization under a target.
+
+    Fitting a budget is not enough under load: giving every loose-budget
+    request the largest model that fits fills the device, and the next tight
+    requests are shed. The governor tracks the arrival rate (an exponentially
+    decaying count, ``window_s``) and the running mean device cost of admitted
+    requests; an upgrade is allowed only while rate x mean cost, with this
+    request's cost mixed in, stays below ``target``. At low load every
+    request may take a large model; near capacity the mix shifts to small
+    ones, so the answers that arrive in time carry the most accuracy.
+    """
+
+    target: float = 0.85
+    window_s: float = 2.0
+    weight: float = 0.1
+    rate: float = 0.0  # requests per second
+    mean_cost_ms: float = 0.0
+    last: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def arrival(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self.last is not None:
+                self.rate *= math.exp(-(now - self.last) / self.window_s)
+            self.rate += 1.0 / self.window_s
+            self.last = now
+
+    def affordable(self, cost_ms: float) -> bool:
+        mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
+        return self.rate * mixed / 1e3 <= self.target
+
+    def admitted(self, cost_ms: float) -> None:
+        with self._lock:
+            self.mean_cost_ms += self.weight * (cost_ms - self.mean_cost_ms)
+
+
 class Router:
     def __init__(self, specs: Mapping[str, ModelSpec], tiers: TierConfig,
                  latency: LatencyModel, default_budget_ms: float,
                  margin_frac: float = 0.15, margin_ms: float = 5.0,
-                 overhead_ms: float = 3.0) -> None:
+                 overhead_ms: float = 3.0, governor: LoadGovernor | None = None) -> None:
         self.specs = specs
         self.tiers = tiers
         self.latency = latency
@@ -215,6 +257,7 @@ class Router:
         self.margin_frac = margin_frac
         self.margin_ms = margin_ms
         self.overhead_ms = overhead_ms
+        self.governor = governor or LoadGovernor()
 
     def _fits(self, predicted_ms: float, budget_ms: float) -> bool:
         return predicted_ms * (1 + self.margin_frac) + self.margin_ms <= budget_ms
@@ -238,32 +281,63 @@ class Router:
             return None  # pinned model or explicit budget: no tier applies
         return self.tiers.tiers[self.tiers.default]
 
-    def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
-        tier = self.tier_for(req)
-        budget = self._budget(req, tier)
+    def _candidates(self, req: RouteRequest, tier: Tier | None, ready: Iterable[str]
+                    ) -> list[str]:
         ready = set(ready)
         if req.model is not None:
-            candidates = [req.model]
-        else:
-            allowed = tier.models if tier and tier.models else tuple(ready)
-            candidates = [m for m in allowed if m in ready and m in self.specs]
+            return [req.model]
+        allowed = tier.models if tier and tier.models else tuple(ready)
+        candidates = [m for m in allowed if m in ready and m in self.specs]
         if not candidates:
             raise ApiError(ErrorCode.MODEL_NOT_READY, "no model is ready for this request",
                            retry_after_s=2.0)
-        priority = tier.priority if tier else (1 if budget < self.default_budget_ms else 2)
+        return candidates
+
+    def _predict(self, candidates: list[str], elapsed_ms: float) -> dict[str, float]:
         backlog = self.latency.backlog_ms()
-        predicted = {m: elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
-                     for m in candidates}
+        return {m: elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
+                for m in candidates}
+
+    def _degradable(self, req: RouteRequest, tier: Tier | None) -> bool:
+        return tier is not None and tier.degrade and req.sla_ms is None and req.deadline_ms is None
+
+    def _shed(self, budget: float, fastest: str, predicted_ms: float) -> ApiError:
+        wait_s = max(0.0, predicted_ms - budget) / 1e3
+        return ApiError(ErrorCode.SLA_UNATTAINABLE,
+                        f"no model can answer within {budget:.0f} ms now (fastest: {fastest}, "
+                        f"predicted {predicted_ms:.0f} ms)",
+                        retry_after_s=max(1.0, math.ceil(wait_s)))
+
+    def precheck(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> None:
+        """Shed before any decoding work when not even the fastest model could
+        answer in time: refusals then cost microseconds, not a decode."""
+        tier = self.tier_for(req)
+        if self._degradable(req, tier):
+            return
+        budget = self._budget(req, tier)
+        predicted = self._predict(self._candidates(req, tier, ready), elapsed_ms)
+        fastest = min(predicted, key=predicted.__getitem__)
+        if not self._fits(predicted[fastest], budget):
+            raise self._shed(budget, fastest, predicted[fastest])
+
+    def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
+        tier = self.tier_for(req)
+        budget = self._budget(req, tier)
+        candidates = self._candidates(req, tier, ready)
+        priority = tier.priority if tier else (1 if budget < self.default_budget_ms else 2)
+        predicted = self._predict(candidates, elapsed_ms)
+        self.governor.arrival()
         fitting = [m for m in candidates if self._fits(predicted[m], budget)]
         if fitting:
-            best = max(fitting, key=lambda m: (self.specs[m].coco_ap, -predicted[m]))
+            affordable = ([m for m in fitting if self.governor.affordable(self.latency.cost_ms(m))]
+                          if req.model is None else fitting)
+            pool = affordable or [min(fitting, key=self.latency.cost_ms)]
+            best = max(pool, key=lambda m: (self.specs[m].coco_ap, -predicted[m]))
+            self.governor.admitted(self.latency.cost_ms(best))
             return Decision(best, tier.name if tier else None, budget, predicted[best],
                             False, priority)
         fastest = min(candidates, key=lambda m: predicted[m])
-        if tier is not None and tier.degrade and req.sla_ms is None and req.deadline_ms is None:
+        if self._degradable(req, tier):
+            self.governor.admitted(self.latency.cost_ms(fastest))
             return Decision(fastest, tier.name, budget, predicted[fastest], True, priority)
-        wait_s = max(0.0, predicted[fastest] - budget) / 1e3
-        raise ApiError(ErrorCode.SLA_UNATTAINABLE,
-                       f"no model can answer within {budget:.0f} ms now (fastest: {fastest}, "
-                       f"predicted {predicted[fastest]:.0f} ms)",
-                       retry_after_s=max(1.0, math.ceil(wait_s)))
+        raise self._shed(budget, fastest, predicted[fastest])
