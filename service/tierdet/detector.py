@@ -205,7 +205,8 @@ class DetectionService:
              "published_coco_ap": st.spec.coco_ap, "params_m": st.spec.params_m,
              "ready": st.ready, "status": st.status, "reason": st.reason,
              "weights": st.weights,
-             "measured_ap": self.measured_ap(name)}
+             "measured_ap": self.measured_ap(name),
+             "latency_ms": round(self.router.latency.service_ms(name), 3)}
             for name, st in sorted(self.table.states.items())
         ]
 

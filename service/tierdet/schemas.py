@@ -66,6 +66,8 @@ class ModelInfo(BaseModel):
     status: str = Field(..., description="Triton's state: READY, UNAVAILABLE, LOADING, ...")
     reason: str = Field("", description="Why the model is not ready (Triton's load error).")
     weights: str = Field(..., description="Provenance: official, file <path>, or random.")
+    latency_ms: float = Field(..., description="The router's current estimate of one "
+                              "request's Triton time at batch 1 (profile, corrected online).")
     measured_ap: dict[str, float] = Field(
         default_factory=dict, description="AP (0..1) measured by `tierdet eval` through the "
         "gateway, keyed by dataset (or dataset/tier); compare with published_coco_ap (%).")
