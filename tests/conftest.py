@@ -111,3 +111,35 @@ def encode(image: np.ndarray, ext: str = ".jpg") -> bytes:
     ok, buf = cv2.imencode(ext, image[..., ::-1] if image.ndim == 3 else image)
     assert ok
     return buf.tobytes()
+
+
+ZOO = ("efficientdet-d0", "efficientdet-d1", "damoyolo-ns", "damoyolo-t")
+
+
+@pytest.fixture(scope="session")
+def zoo_built(home: Path):
+    """The four small models CI builds end to end (random weights, seed 0)."""
+    from tierdet.build import ensure_built
+    from tierdet.weights import WeightsSource
+
+    return ensure_built(ZOO, WeightsSource.parse(TEST_WEIGHTS), home, progress=False)
+
+
+@pytest.fixture(scope="session")
+def zoo_triton(zoo_built, tmp_path_factory) -> Iterator[LocalTriton]:
+    work = tmp_path_factory.mktemp("zoo-triton")
+    server = start_triton(zoo_built, work / "home", work, threads=2, timeout_s=300.0)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def zoo_gateway(zoo_triton: LocalTriton, tmp_path_factory) -> Iterator[GatewayProcess]:
+    log = tmp_path_factory.mktemp("zoo-gateway") / "gateway.log"
+    gw = GatewayProcess.start(zoo_triton.grpc_url, log, timeout_s=180.0)
+    try:
+        yield gw
+    finally:
+        gw.stop()

@@ -1,0 +1,87 @@
+"""Budget routing across four real models (two families) on one Triton.
+
+Budgets are derived from the router's own latency estimates (reported in
+/v1/models), so the tests hold on fast and slow machines alike.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+from conftest import encode, photos
+
+JPEG = encode(photos()["chelsea"])
+
+
+@pytest.fixture(scope="module")
+def zoo(zoo_gateway):
+    with httpx.Client(base_url=zoo_gateway.http, timeout=120.0) as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert all(m["ready"] for m in models.values()), models
+        yield client, models
+
+
+def _post(client, **fields):
+    return client.post("/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def _fastest(models):
+    return min(models.values(), key=lambda m: m["latency_ms"])
+
+
+def test_a_tight_budget_gets_the_fastest_model(zoo):
+    client, models = zoo
+    fastest = _fastest(models)
+    others = sorted(m["latency_ms"] for m in models.values() if m is not fastest)
+    # Room for the fastest with margin, not for the next one.
+    budget = min(fastest["latency_ms"] * 1.6 + 30, others[0] * 0.95)
+    if budget < fastest["latency_ms"] * 1.15 + 20:
+        pytest.skip(f"latencies too close to separate: {models}")
+    r = _post(client, sla_ms=round(budget))
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == fastest["name"]
+
+
+def test_a_loose_budget_gets_the_most_accurate_model(zoo):
+    client, models = zoo
+    best = max(models.values(), key=lambda m: m["published_coco_ap"])
+    r = _post(client, sla_ms=round(best["latency_ms"] * 4 + 500))
+    assert r.status_code == 200 and r.json()["model"] == best["name"]
+
+
+def test_an_impossible_budget_is_refused_at_once(zoo):
+    client, _ = zoo
+    start = time.perf_counter()
+    r = _post(client, sla_ms=2)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "sla_unattainable"
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_busy_device_moves_the_router_to_a_faster_model(zoo, zoo_gateway):
+    """Work queued on the big model delays everything on the shared device: a
+    budget that fits the big model when idle goes to a faster one while busy."""
+    client, models = zoo
+    best = max(models.values(), key=lambda m: m["published_coco_ap"])
+    budget = round(best["latency_ms"] * 1.6 + 40)
+    idle = _post(client, sla_ms=budget)
+    assert idle.status_code == 200 and idle.json()["model"] == best["name"]
+
+    def pinned(_):
+        with httpx.Client(base_url=zoo_gateway.http, timeout=120.0) as c:
+            return _post(c, model=best["name"]).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        backlog = [pool.submit(pinned, i) for i in range(3)]
+        time.sleep(0.2)  # three requests of the big model are in flight now
+        busy = _post(client, sla_ms=budget)
+        assert [f.result() for f in backlog] == [200] * 3
+    assert busy.status_code in (200, 503), busy.text
+    if busy.status_code == 200:
+        assert busy.json()["model"] != best["name"]
+        assert busy.json()["routing"]["predicted_ms"] <= budget
+    else:  # nothing fitted behind that backlog: refused, not queued
+        assert busy.json()["error"]["code"] == "sla_unattainable"
