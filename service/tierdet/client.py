@@ -35,6 +35,7 @@ from urllib.parse import urlencode
 import grpc
 
 from tierdet._httpwire import AsyncWire, Endpoint, Reply, SyncWire, WireError
+from tierdet.results import Detection, Routing, Timing
 
 ImageInput = bytes | str | os.PathLike[str]
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -45,37 +46,6 @@ CONNECTION_FAILED = "connection_failed"  # client-side code: no answer from the 
 # -- results ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Detection:
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    class_id: int
-    class_name: str
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (self.x1, self.y1, self.x2, self.y2)
-
-
-@dataclass(frozen=True)
-class Timing:
-    decode_ms: float
-    preprocess_ms: float
-    infer_ms: float
-    postprocess_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class Routing:
-    tier: str | None  # None for a pinned model or a bare sla_ms
-    budget_ms: float
-    predicted_ms: float
-    actual_ms: float
-    degraded: bool
 
 
 @dataclass(frozen=True)

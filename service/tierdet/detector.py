@@ -21,41 +21,13 @@ from tierdet.config import Settings
 from tierdet.errors import ApiError, ErrorCode
 from tierdet.metrics import Metrics
 from tierdet.profile import LatencyProfile
+from tierdet.results import Detection, Routing, Timing
 from tierdet.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
 from tierdet.security import ApiKey, KeyRing, bearer
 from tierdet.specs import SPECS, ModelSpec
 from tierdet.triton_client import TritonClient
 
 log = logging.getLogger("tierdet")
-
-
-@dataclass(frozen=True)
-class Detection:
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    class_id: int
-    class_name: str
-
-
-@dataclass(frozen=True)
-class Timing:
-    decode_ms: float
-    preprocess_ms: float
-    infer_ms: float
-    postprocess_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class Routing:
-    tier: str | None
-    budget_ms: float
-    predicted_ms: float
-    actual_ms: float
-    degraded: bool
 
 
 @dataclass(frozen=True)

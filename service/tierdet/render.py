@@ -7,10 +7,12 @@ an annotated image looks the same whichever way it was asked for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
 import cv2
 import numpy as np
+
+from tierdet.results import Detection
 
 ImageFormat = Literal["jpeg", "png"]
 MEDIA_TYPES: dict[ImageFormat, str] = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -25,23 +27,11 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 
-class Box(Protocol):
-    """What drawing needs of a detection (the service's and the client's both fit)."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    class_id: int
-    class_name: str
-
-
 def color_for(class_id: int) -> tuple[int, int, int]:
     return PALETTE[class_id % len(PALETTE)]
 
 
-def draw(image: np.ndarray, detections: Sequence[Box]) -> np.ndarray:
+def draw(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
     """A copy of ``image`` (RGB uint8 HxWx3) with each detection drawn on it."""
     out = np.ascontiguousarray(image.copy())
     h, w = out.shape[:2]
