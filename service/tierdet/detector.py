@@ -115,6 +115,8 @@ class DetectionService:
             state.ready = state.status == "READY"
             if state.ready and not was_ready:
                 await self._read_provenance(state)
+                # Awaited: until the router knows a model's latency it would
+                # misroute, so the probe is part of getting ready (like warm-up).
                 await self._probe_latency(spec)
             self.metrics.model_ready.labels(name).set(1 if state.ready else 0)
             self.metrics.published_ap.labels(name).set(spec.coco_ap)
