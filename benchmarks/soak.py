@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import random
 import sys
 import tempfile
@@ -23,14 +24,13 @@ from pathlib import Path
 
 import httpx
 import psutil
-
 from tierdet.build import ensure_built
 from tierdet.config import default_home
 from tierdet.localstack import GatewayProcess, start_triton
 from tierdet.weights import WeightsSource
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import closed_loop, photo_jpeg  # noqa: E402
+from load import closed_loop, photo_jpeg
 
 
 def rss_mb(pid: int) -> float:
@@ -38,10 +38,8 @@ def rss_mb(pid: int) -> float:
     proc = psutil.Process(pid)
     total = proc.memory_info().rss
     for child in proc.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += child.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 

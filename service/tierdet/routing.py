@@ -259,7 +259,7 @@ class Router:
         self.overhead_ms = overhead_ms
         self.governor = governor or LoadGovernor()
 
-    def _fits(self, predicted_ms: float, budget_ms: float) -> bool:
+    def fits(self, predicted_ms: float, budget_ms: float) -> bool:
         return predicted_ms * (1 + self.margin_frac) + self.margin_ms <= budget_ms
 
     def _budget(self, req: RouteRequest, tier: Tier | None) -> float:
@@ -317,7 +317,7 @@ class Router:
         budget = self._budget(req, tier)
         predicted = self._predict(self._candidates(req, tier, ready), elapsed_ms)
         fastest = min(predicted, key=predicted.__getitem__)
-        if not self._fits(predicted[fastest], budget):
+        if not self.fits(predicted[fastest], budget):
             raise self._shed(budget, fastest, predicted[fastest])
 
     def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
@@ -327,7 +327,7 @@ class Router:
         priority = tier.priority if tier else (1 if budget < self.default_budget_ms else 2)
         predicted = self._predict(candidates, elapsed_ms)
         self.governor.arrival()
-        fitting = [m for m in candidates if self._fits(predicted[m], budget)]
+        fitting = [m for m in candidates if self.fits(predicted[m], budget)]
         if fitting:
             affordable = ([m for m in fitting if self.governor.affordable(self.latency.cost_ms(m))]
                           if req.model is None else fitting)
