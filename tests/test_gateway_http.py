@@ -105,7 +105,20 @@ BAD_REQUESTS = [
     ("json array", dict(json=[1, 2]), 400, "invalid_json"),
     ("bad base64", dict(json={"image": "@@@"}), 400, "invalid_base64"),
     ("unknown json field", dict(json={"image": "", "colour": "red"}), 422, "invalid_option"),
+    ("option in query and form", dict(params={"max_detections": "2"},
+                                      files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                                      data={"max_detections": "1"}), 422, "invalid_option"),
+    ("option in query and json", dict(params={"score_threshold": "0.5"},
+                                      json={"image": "", "score_threshold": 0.4}), 422,
+     "invalid_option"),
 ]
+
+
+def test_query_options_apply_to_a_json_body(client):
+    r = client.post("/v1/detect", params={"max_detections": "1", "score_threshold": "0"},
+                    json={"image": base64.b64encode(JPEG).decode()})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["detections"]) == 1
 
 
 @pytest.mark.parametrize("case,kwargs,status,code", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -64,7 +64,9 @@ def serve(built: list[BuiltModel], home: Path, workdir: Path, threads: int = 2
 
 
 def evaluate_checkpoints(checkpoints: Mapping[str, Path], data: Path, home: Path,
-                         split: str = "val", limit: int | None = None) -> list[EvalRecord]:
+                         split: str = "val", limit: int | None = None,
+                         tiers: Sequence[str] = ()) -> list[EvalRecord]:
+    """Per model: gateway (pinned) and bare ONNX; then per tier: the router's pick."""
     built = build_checkpoints(checkpoints, home)
     records: list[EvalRecord] = []
     with tempfile.TemporaryDirectory(prefix="tierdet-acc-") as tmp, \
@@ -72,6 +74,8 @@ def evaluate_checkpoints(checkpoints: Mapping[str, Path], data: Path, home: Path
         for model in built:
             records += run_evaluation(data, split, url=url, model=model.spec.name,
                                       onnx=model.onnx, limit=limit)
+        for tier in tiers:
+            records += run_evaluation(data, split, url=url, tier=tier, limit=limit)
     return records
 
 
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int)
+    p.add_argument("--tier", action="append", default=[],
+                   help="also evaluate this tier (the router picks among the models)")
     p.add_argument("--home", type=Path, default=default_home())
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--record", action="store_true",
@@ -88,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     checkpoints = {name: Path(path) for name, _, path in
                    (c.partition("=") for c in args.checkpoints)}
-    records = evaluate_checkpoints(checkpoints, args.data, args.home, args.split, args.limit)
+    records = evaluate_checkpoints(checkpoints, args.data, args.home, args.split,
+                                   args.limit, args.tier)
     print(format_table(records))
     EvalReport(records).save(args.out)
     print(f"results: {args.out}")
     if args.record:
         command = shlex.join(["python", "-m", "tierdet.accuracy_stack", *sys.argv[1:]])
         for name, path in checkpoints.items():
-            record_in_sidecar(path, [r for r in records if r.model == name], command)
+            record_in_sidecar(path, [r for r in records if r.model == name and not r.tier],
+                              command)
     return 0
 
 

@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +36,7 @@ from tierdet.specs import ModelSpec
 
 SCORE_THRESHOLD = 0.001  # COCO practice: rank everything, let AP weigh it
 MAX_DETECTIONS = 100
+RETRIES = 5  # per image, for answers that carry Retry-After
 SCHEMA_VERSION = 1
 
 Source = Literal["gateway", "onnx", "torch", "ground-truth"]
@@ -165,7 +167,12 @@ def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = Non
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
         def one(sample: Sample) -> tuple[int, dict]:
             files = {"image": (sample.path.name, sample.path.read_bytes())}
-            resp = client.post("/v1/detect", data=form, files=files)
+            for _ in range(RETRIES):
+                resp = client.post("/v1/detect", data=form, files=files)
+                # Shed or not ready yet: the service says when to come back.
+                if resp.status_code not in (429, 503):
+                    break
+                time.sleep(min(float(resp.headers.get("Retry-After", 1)), 5.0))
             if resp.status_code != 200:
                 raise RuntimeError(f"{sample.path}: HTTP {resp.status_code}: {resp.text}")
             return sample.image_id, resp.json()

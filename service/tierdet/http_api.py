@@ -96,6 +96,16 @@ def _invalid_option(exc: ValidationError | RequestValidationError) -> ApiError:
     return ApiError(ErrorCode.INVALID_OPTION, f"{where}: {first.get('msg', 'invalid')}")
 
 
+def _merged_options(query: dict[str, str], body: dict[str, object]) -> DetectOptions:
+    """Options from the query string and the body; one given in both is refused
+    rather than one silently winning."""
+    twice = sorted(set(query) & set(body))
+    if twice:
+        raise ApiError(ErrorCode.INVALID_OPTION,
+                       f"{', '.join(twice)}: given both in the query string and in the body")
+    return DetectOptions(**query, **body)
+
+
 async def parse_detect_request(request: Request) -> tuple[bytes, DetectOptions]:
     """Image bytes and options from multipart, JSON or a raw image body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -107,7 +117,7 @@ async def parse_detect_request(request: Request) -> tuple[bytes, DetectOptions]:
             if upload is None or isinstance(upload, str):
                 raise ApiError(ErrorCode.EMPTY_IMAGE, "multipart field 'image' (a file) is missing")
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-            return await upload.read(), DetectOptions(**query, **fields)
+            return await upload.read(), _merged_options(query, fields)
         if ctype == "application/json":
             try:
                 payload = json.loads(await request.body())
@@ -120,7 +130,8 @@ async def parse_detect_request(request: Request) -> tuple[bytes, DetectOptions]:
                 data = base64.b64decode(body.image, validate=True)
             except (binascii.Error, ValueError):
                 raise ApiError(ErrorCode.INVALID_BASE64, "'image' is not valid base64") from None
-            return data, body.options()
+            given = body.model_dump(exclude={"image"}, exclude_unset=True)
+            return data, _merged_options(query, given)
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return await request.body(), DetectOptions(**query)
     except ValidationError as exc:

@@ -229,7 +229,9 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
         colour = rng.uniform(0, 255, 3)
         if np.abs(colour - under).sum() >= 100:
             return colour
-    return 255.0 - under  # the complement is always far enough
+    # Never reached in practice (each draw misses with p < 0.1): the far
+    # corner of the RGB cube is at least 381 away.
+    return np.where(under < 128, 255.0, 0.0)
 
 
 @dataclass
@@ -241,8 +243,8 @@ class _Canvas:
 
 def _try_place(canvas: _Canvas, rng: np.random.Generator, polys: list[Polygon],
                config: SynthConfig) -> np.ndarray | None:
-    """A position for ``polys`` (centred at 0) that keeps every earlier object
-    visible enough; returns the shifted outline's offset or None."""
+    """A centre for ``polys`` (drawn around 0) that keeps the shape inside the
+    image and every earlier object visible enough; None after 20 tries."""
     h, w = canvas.owner.shape
     lo, hi = polys[0].min(0), polys[0].max(0)
     if (hi - lo)[0] > w - 2 or (hi - lo)[1] > h - 2:
