@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tierdet.build import BuiltModel, build_model, load_built
 from tierdet.config import default_home
-from tierdet.specs import SPECS, ModelSpec
+from tierdet.specs import SPECS, ZOO, ModelSpec
 from tierdet.weights import WeightsSource
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.runs < 10:
         p.error("--runs must be at least 10 (the table reports medians of >= 10)")
-    names = args.models.split(",") if args.models else list(SPECS)
+    names = args.models.split(",") if args.models else list(ZOO)
     unknown = [n for n in names if n not in SPECS]
     if unknown:
         p.error(f"unknown model(s): {', '.join(unknown)}")

@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tierdet import imaging
+from tierdet.accuracy import APResult, EvalRecord, EvalReport
 from tierdet.cli import main
 from tierdet.datasets.coco import CocoSplit
 from tierdet.datasets.synthetic import SHAPES, SynthConfig, generate
 from tierdet.evaluation import (
-    APResult,
-    EvalRecord,
-    EvalReport,
     coco_ap,
     ground_truth_as_detections,
     image_samples,

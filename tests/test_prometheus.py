@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 from conftest import REPO, TEST_MODEL, encode, photos
-from tierdet.accuracy import EvalRecord
+from tierdet.accuracy import APResult, EvalRecord, EvalReport
 from tierdet.dashboards import DASHBOARDS, DATASOURCE, OUT_DIR, all_exprs, render
 from tierdet.localstack import GatewayProcess, free_port, stop_process, wait_http
 
@@ -81,9 +81,13 @@ def observed_gateway(triton, tmp_path_factory):
     """A gateway with two evaluation records, so AP gauges (latest and previous) exist."""
     work = tmp_path_factory.mktemp("observed")
     evals = work / "evals"
-    for when, ap in ((1_000.0, 0.41), (2_000.0, 0.40)):
-        EvalRecord(TEST_MODEL, "fixture", {"AP": ap, "AP50": ap + 0.2},
-                   evaluated_at=when).save(evals)
+    # Two evaluations of the same model, in two report files: the gauges must
+    # show the newer one and keep the older as "previous".
+    for when, ap in (("2026-01-01T00:00:00+00:00", 0.41), ("2026-02-01T00:00:00+00:00", 0.40)):
+        record = EvalRecord.of(APResult(ap, ap + 0.2, ap, -1.0, ap, ap), model=TEST_MODEL,
+                               tier=None, source="gateway", dataset="fixture", split="val",
+                               images=10, evaluated_at=when)
+        EvalReport([record]).save(evals / f"{when[:7]}.json")
     gw = GatewayProcess.start(triton.grpc_url, work / "gateway.log", eval_dir=str(evals))
     yield gw
     gw.stop()
@@ -150,9 +154,16 @@ def test_every_dashboard_and_rule_query_returns_data(prometheus, observed_gatewa
 
 
 def test_ap_gauges_and_models_endpoint_show_measured_ap(observed_gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(observed_gateway.http + "/metrics").text
-    assert 'tierdet_model_ap{dataset="fixture",metric="AP",model="efficientdet-d0"' in text
-    assert "tierdet_model_ap_previous{" in text
+    samples = {(s.name, s.labels.get("metric")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.labels.get("dataset") == "fixture" and s.labels.get("model") == TEST_MODEL}
+    assert samples[("tierdet_model_ap", "AP")] == 0.40
+    assert samples[("tierdet_model_ap_previous", "AP")] == 0.41
+    assert ("tierdet_model_ap", "APs") not in samples  # -1: no small objects in the split
+    assert samples[("tierdet_model_ap_evaluated_timestamp_seconds", None)] == 1769904000.0
     models = httpx.get(observed_gateway.http + "/v1/models").json()["models"]
     (d0,) = [m for m in models if m["name"] == TEST_MODEL]
     assert d0["measured_ap"] == {"fixture": 0.40}

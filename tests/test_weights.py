@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from tierdet.specs import SPECS, OfficialWeights
+from tierdet.specs import SPECS, ZOO, OfficialWeights
 from tierdet.weights import WeightsError, WeightsSource, download, resolve_checkpoint
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -116,11 +116,11 @@ def test_malformed_digests_are_refused_in_the_spec(digest):
 
 
 def test_digest_kinds_of_the_registry():
-    kinds = {name: spec.official_weights.digest_kind for name, spec in SPECS.items()}
+    kinds = {name: spec.official_weights.digest_kind for name, spec in ZOO.items()}
     assert {kinds[f"efficientdet-d{i}"] for i in range(5)} == {"sha256"}
     assert {kinds[f"efficientdet-d{i}"] for i in (5, 6, 7)} == {"sha256-prefix"}
     assert {k for n, k in kinds.items() if n.startswith("damoyolo-")} == {"none"}
-    for spec in SPECS.values():
+    for spec in ZOO.values():
         # effdet's file names carry the digest's first 8 hex digits (torch.hub style).
         fragment = spec.official_weights.filename.rsplit("-", 1)[-1].removesuffix(".pth")
         if spec.name.startswith("efficientdet-"):

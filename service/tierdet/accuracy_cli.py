@@ -38,7 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tierdet.evaluation import EvalReport, format_table, run_evaluation
+    from tierdet.accuracy import EvalReport
+    from tierdet.evaluation import format_table, run_evaluation
 
     if args.url is None and args.onnx is None:
         raise SystemExit("nothing to evaluate: give --url (the gateway) and/or --onnx PATH")

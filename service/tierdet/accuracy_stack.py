@@ -2,9 +2,7 @@
 
 Builds each checkpoint with the exporter (as ``tierdet build`` does), starts
 tritonserver and a gateway on loopback, and runs :func:`run_evaluation`
-through the gateway and on the bare ONNX file. The gateway child registers
-the trained specs before serving, so this works whether or not
-``tierdet.specs.SPECS`` lists them yet (registering twice is harmless).
+through the gateway and on the bare ONNX file.
 
     python -m tierdet.accuracy_stack --data DIR --out results.json \\
         damoyolo-ns-shapes=weights/damoyolo-ns-shapes.fp16.pt
@@ -24,17 +22,14 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from tierdet.accuracy import EvalRecord, EvalReport
 from tierdet.build import BuiltModel, build_model
 from tierdet.config import default_home
-from tierdet.evaluation import EvalRecord, EvalReport, format_table, run_evaluation
+from tierdet.evaluation import format_table, run_evaluation
 from tierdet.localstack import free_port, start_triton, stop_process, wait_http
 from tierdet.train import sidecar_path
 from tierdet.trained import trained_spec
 from tierdet.weights import WeightsSource
-
-_SERVE_WITH_TRAINED_SPECS = (
-    "import tierdet.specs as s; from tierdet.trained import trained_specs; "
-    "s.SPECS.update(trained_specs()); from tierdet.cli import main; main(['serve'])")
 
 
 def build_checkpoints(checkpoints: Mapping[str, Path], home: Path) -> list[BuiltModel]:
@@ -52,7 +47,7 @@ def serve(built: list[BuiltModel], home: Path, workdir: Path, threads: int = 2
            "TIERDET_HTTP_PORT": str(port), "TIERDET_GRPC_PORT": str(free_port()),
            "TIERDET_MODELS": ",".join(b.spec.name for b in built)}
     with (workdir / "gateway.log").open("wb") as log:
-        gateway = subprocess.Popen([sys.executable, "-c", _SERVE_WITH_TRAINED_SPECS], env=env,
+        gateway = subprocess.Popen([sys.executable, "-m", "tierdet.cli", "serve"], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -129,7 +129,7 @@ class DetectionService:
 
     def measured_ap(self, model: str) -> dict[str, float]:
         """Latest gateway-path AP of ``model`` per "dataset[/tier]"."""
-        return {f"{d}/{t}" if t else d: latest.metrics.get("AP", float("nan"))
+        return {f"{d}/{t}" if t else d: latest.ap
                 for (m, t, d, source), (latest, _) in self.accuracy.items()
                 if m == model and source == "gateway"}
 

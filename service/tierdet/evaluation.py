@@ -17,19 +17,17 @@ schema the gateway can export as Prometheus gauges.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from tierdet import imaging
+from tierdet.accuracy import APResult, EvalRecord
 from tierdet.datasets.coco import CocoSplit, Sample, read_rgb
 from tierdet.labels import LabelSet
 from tierdet.specs import ModelSpec
@@ -37,23 +35,9 @@ from tierdet.specs import ModelSpec
 SCORE_THRESHOLD = 0.001  # COCO practice: rank everything, let AP weigh it
 MAX_DETECTIONS = 100
 RETRIES = 5  # per image, for answers that carry Retry-After
-SCHEMA_VERSION = 1
-
-Source = Literal["gateway", "onnx", "torch", "ground-truth"]
 
 
-@dataclass(frozen=True)
-class APResult:
-    ap: float
-    ap50: float
-    ap75: float
-    ap_small: float
-    ap_medium: float
-    ap_large: float
 
-    @classmethod
-    def from_stats(cls, stats: Sequence[float]) -> APResult:
-        return cls(*(round(float(s), 4) for s in stats[:6]))
 
 
 def coco_ap(gt: dict, detections: list[dict]) -> APResult:
@@ -146,16 +130,31 @@ def onnx_model_name(path: Path) -> str:
     return props["tierdet.model"]
 
 
+# Answers that are a verdict on the request's budget, not on the evaluation:
+# the image counts as answered with nothing, as the user would have seen it.
+MISSES = {(503, "sla_unattainable"), (504, "deadline_exceeded")}
+
+
 @dataclass
 class GatewayAnswers:
     detections: list[dict] = field(default_factory=list)
     models: dict[str, int] = field(default_factory=dict)  # model -> images it answered
+    missed: dict[str, int] = field(default_factory=dict)  # error code -> images
+
+
+def _error_code(resp) -> str | None:
+    try:
+        return resp.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = None,
                     tier: str | None = None, concurrency: int = 4,
                     timeout_s: float = 120.0) -> GatewayAnswers:
-    """Send every image to ``url``/v1/detect; a failed request raises."""
+    """Send every image to ``url``/v1/detect. A shed or late answer (MISSES,
+    after the retries its Retry-After allows) counts as no detections; any
+    other failure raises."""
     import httpx
 
     form = {"score_threshold": str(SCORE_THRESHOLD), "max_detections": str(MAX_DETECTIONS)}
@@ -165,7 +164,7 @@ def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = Non
         form["tier"] = tier
     answers = GatewayAnswers()
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
-        def one(sample: Sample) -> tuple[int, dict]:
+        def one(sample: Sample) -> tuple[int, dict | str]:
             files = {"image": (sample.path.name, sample.path.read_bytes())}
             for _ in range(RETRIES):
                 resp = client.post("/v1/detect", data=form, files=files)
@@ -173,13 +172,19 @@ def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = Non
                 if resp.status_code not in (429, 503):
                     break
                 time.sleep(min(float(resp.headers.get("Retry-After", 1)), 5.0))
-            if resp.status_code != 200:
-                raise RuntimeError(f"{sample.path}: HTTP {resp.status_code}: {resp.text}")
-            return sample.image_id, resp.json()
+            if resp.status_code == 200:
+                return sample.image_id, resp.json()
+            code = _error_code(resp)
+            if (resp.status_code, code) in MISSES:
+                return sample.image_id, str(code)
+            raise RuntimeError(f"{sample.path}: HTTP {resp.status_code}: {resp.text}")
 
         # A few requests in flight let Triton's dynamic batcher work as in production.
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             for image_id, body in pool.map(one, samples):
+                if isinstance(body, str):
+                    answers.missed[body] = answers.missed.get(body, 0) + 1
+                    continue
                 answers.models[body["model"]] = answers.models.get(body["model"], 0) + 1
                 answers.detections.extend(
                     {"image_id": image_id, "category_id": d["class_id"], "score": d["score"],
@@ -189,14 +194,9 @@ def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = Non
 
 
 def resolve_spec(name: str) -> ModelSpec:
-    """A registered spec, or a tierdet-trained one not (yet) in the registry."""
-    from tierdet.specs import SPECS
-    from tierdet.trained import trained_specs
+    from tierdet.specs import get_spec
 
-    spec = SPECS.get(name) or trained_specs().get(name)
-    if spec is None:
-        raise KeyError(f"unknown model {name!r}")
-    return spec
+    return get_spec(name)
 
 
 def run_evaluation(dataset: Path, split: str = "val", *, url: str | None = None,
@@ -212,10 +212,11 @@ def run_evaluation(dataset: Path, split: str = "val", *, url: str | None = None,
     if url is not None:
         answers = predict_gateway(url, samples, model=model, tier=tier,
                                   concurrency=concurrency)
-        answered = max(answers.models, key=answers.models.__getitem__)
+        answered = max(answers.models, key=answers.models.__getitem__, default="none")
         records.append(EvalRecord.of(coco_ap(gt, answers.detections), model=answered,
                                      tier=tier, source="gateway", dataset=data.label,
-                                     split=split, images=len(samples), models=answers.models))
+                                     split=split, images=len(samples), models=answers.models,
+                                     missed=answers.missed))
     if onnx is not None:
         spec = resolve_spec(onnx_model_name(onnx))
         detections = predict_rows(onnx_runner(onnx), samples, spec)
@@ -240,80 +241,14 @@ def subset_gt(gt: dict, image_ids: set[int]) -> dict:
 # -- the results file ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EvalRecord:
-    """One measured AP: what was evaluated, on what, how, and when.
-
-    ``model`` is the model that answered (for a tier: the one that answered
-    most images; ``models`` has the full count). Gauges: one per AP field,
-    labelled by model, tier, dataset and source.
-    """
-
-    model: str
-    tier: str | None
-    source: Source
-    dataset: str
-    split: str
-    images: int
-    ap: float
-    ap50: float
-    ap75: float
-    ap_small: float
-    ap_medium: float
-    ap_large: float
-    evaluated_at: str  # ISO 8601, UTC
-    models: dict[str, int] = field(default_factory=dict)
-    onnx: str | None = None
-
-    @classmethod
-    def of(cls, result: APResult, *, model: str, tier: str | None, source: Source,
-           dataset: str, split: str, images: int, models: dict[str, int] | None = None,
-           onnx: str | None = None) -> EvalRecord:
-        return cls(model=model, tier=tier, source=source, dataset=dataset, split=split,
-                   images=images, **asdict(result), evaluated_at=_now(),
-                   models=dict(models or {model: images}), onnx=onnx)
-
-    @property
-    def result(self) -> APResult:
-        return APResult(self.ap, self.ap50, self.ap75, self.ap_small, self.ap_medium,
-                        self.ap_large)
-
-
-@dataclass
-class EvalReport:
-    records: list[EvalRecord] = field(default_factory=list)
-    schema_version: int = SCHEMA_VERSION
-
-    def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"schema_version": self.schema_version,
-                "records": [asdict(r) for r in self.records]}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(body, indent=2) + "\n")
-        tmp.replace(path)  # a scraper never reads half a file
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> EvalReport:
-        body = json.loads(path.read_text())
-        if body.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema_version {body.get('schema_version')}, "
-                             f"expected {SCHEMA_VERSION}")
-        known = {f.name for f in fields(EvalRecord)}
-        return cls([EvalRecord(**{k: v for k, v in r.items() if k in known})
-                    for r in body["records"]])
-
-
 def format_table(records: Iterable[EvalRecord]) -> str:
-    head = (f"{'model':<24}{'tier':<10}{'source':<9}{'images':>7}{'AP':>8}{'AP50':>8}"
-            f"{'AP75':>8}{'APs':>8}{'APm':>8}{'APl':>8}")
+    head = (f"{'model':<24}{'tier':<10}{'source':<9}{'images':>7}{'missed':>7}{'AP':>8}"
+            f"{'AP50':>8}{'AP75':>8}{'APs':>8}{'APm':>8}{'APl':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r.model:<24}{r.tier or '-':<10}{r.source:<9}{r.images:>7}"
+                     f"{sum(r.missed.values()):>7}"
                      + "".join(f"{v:>8.3f}" for v in (r.ap, r.ap50, r.ap75, r.ap_small,
                                                        r.ap_medium, r.ap_large)))
     return "\n".join(lines)
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

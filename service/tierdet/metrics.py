@@ -103,12 +103,13 @@ class Metrics:
     def set_accuracy(self, records: list[EvalRecord]) -> None:
         for (model, tier, dataset, source), (latest, previous) in \
                 latest_and_previous(records).items():
-            for metric, value in latest.metrics.items():
+            before = previous.metrics() if previous is not None else {}
+            for metric, value in latest.metrics().items():
                 self.ap.labels(model, tier, dataset, source, metric).set(value)
-                if previous is not None and metric in previous.metrics:
+                if metric in before:
                     self.ap_previous.labels(model, tier, dataset, source, metric).set(
-                        previous.metrics[metric])
-            self.ap_time.labels(model, tier, dataset, source).set(latest.evaluated_at)
+                        before[metric])
+            self.ap_time.labels(model, tier, dataset, source).set(latest.timestamp)
 
     def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
                    stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:

@@ -40,6 +40,25 @@ def _params(items: Mapping[str, str]) -> list[str]:
             f"{json.dumps(v, ensure_ascii=False)} }} }}" for k, v in items.items()]
 
 
+def _queue_policy(b: Batching) -> list[str]:
+    """Priority levels and a queue policy that rejects requests whose timeout
+    passed while queued. Left out of ``cpu-local``: with either one set, the
+    pip wheel's tritonserver stalls requests that arrive while a batch runs
+    for ~500 ms (its batcher's idle wait) before scheduling them, measured by
+    ``benchmarks/triton_queue_stall.py`` (p99 ~570 ms vs ~90 ms without). The
+    gateway still bounds every call by its deadline there; the container
+    targets keep the policy (measure them with the same script)."""
+    return [
+        f"  priority_levels: {b.priority_levels}",
+        f"  default_priority_level: {b.priority_levels}",
+        "  default_queue_policy {",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {b.default_timeout_us}",
+        "    allow_timeout_override: true",
+        "  }",
+    ]
+
+
 def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
                   provenance: Mapping[str, str] | None = None,
                   batching: Batching | None = None) -> str:
@@ -64,13 +83,7 @@ def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
         f"dims: [ {spec.max_detections}, 6 ] }} ]",
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {b.max_queue_delay_us}",
-        f"  priority_levels: {b.priority_levels}",
-        f"  default_priority_level: {b.priority_levels}",
-        "  default_queue_policy {",
-        "    timeout_action: REJECT",
-        f"    default_timeout_microseconds: {b.default_timeout_us}",
-        "    allow_timeout_override: true",
-        "  }",
+        *([] if target == "cpu-local" else _queue_policy(b)),
         "}",
         f"instance_group [ {{ kind: {'KIND_GPU' if target == 'gpu' else 'KIND_CPU'} count: 1 }} ]",
         "model_warmup [ {",

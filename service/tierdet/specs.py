@@ -103,7 +103,10 @@ class ModelSpec:
     input_size: int
     preprocessing: Preprocessing
     labels: LabelSet
-    coco_ap: float  # published COCO val2017 AP of the official weights
+    # AP (percent) the router ranks models by: the published COCO val2017 AP of
+    # the official weights; for tierdet-trained models, AP on their own
+    # synthetic val split through the gateway (tierdet.trained).
+    coco_ap: float
     params_m: float  # published parameter count, millions
     official_weights: OfficialWeights | None
     max_detections: int = 100
@@ -162,7 +165,7 @@ def _damoyolo(variant: str, size: int, ap: float, params_m: float, path: str,
 # (commit 319572e), the rows without distillation ("T 42.0", not "T* 43.6"),
 # which are the checkpoints named here. nms_iou: the configs' nms_iou_thre
 # (0.65 for the nano configs, 0.7 for the others).
-SPECS: dict[str, ModelSpec] = {
+ZOO: dict[str, ModelSpec] = {
     s.name: s
     for s in (
         _effdet(0, 512, 34.2, 3.9, "tf_efficientdet_d0_34-f153e0cf.pth",
@@ -188,6 +191,17 @@ SPECS: dict[str, ModelSpec] = {
     )
 }
 
+def _registry() -> dict[str, ModelSpec]:
+    from tierdet.trained import trained_specs  # imports this module: keep it late
+
+    return {**ZOO, **trained_specs()}
+
+
+# Every model tierdet can build and serve: the published zoo, then the models
+# tierdet trains itself on synthetic data (tierdet.trained; 6 classes, their
+# coco_ap is AP on that data, not COCO).
+SPECS: dict[str, ModelSpec] = _registry()
+
 DEFAULT_MODELS: tuple[str, ...] = ("efficientdet-d0",)
 
 
@@ -207,6 +221,7 @@ __all__ = [
     "COCO90",
     "DEFAULT_MODELS",
     "SPECS",
+    "ZOO",
     "Batching",
     "DigestKind",
     "Family",

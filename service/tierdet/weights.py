@@ -121,7 +121,12 @@ def resolve_checkpoint(spec: ModelSpec, source: WeightsSource, cache_dir: Path,
     if source.kind == "file":
         return source.path
     if spec.official_weights is None:
-        raise WeightsError(f"{spec.name} has no official weights; use a file or random")
+        from tierdet.trained import CHECKPOINTS
+
+        hint = f" (it ships in the repository: {CHECKPOINTS[spec.name]})" \
+            if spec.name in CHECKPOINTS else ""
+        raise WeightsError(f"{spec.name} has no official weights; use a checkpoint file"
+                           f"{hint} or random")
     official = spec.official_weights
     return download(official.url, official.sha256, cache_dir / official.filename,
                     progress=progress)
