@@ -21,13 +21,13 @@ import pytest
 import torch
 from conftest import TEST_WEIGHTS
 from test_damoyolo_golden import GOLDEN_STEMS, _assert_matches_golden, _golden, _golden_state_dict
-from tierdet.specs import SPECS, Family
+from tierdet.specs import SPECS, ZOO, Family
 
 pytest.importorskip("torchvision")  # build extra
 
 
 def _spec_for_variant(variant: str):
-    (spec,) = [s for s in SPECS.values() if s.family is Family.DAMOYOLO and s.arch == variant]
+    (spec,) = [s for s in ZOO.values() if s.family is Family.DAMOYOLO and s.arch == variant]
     return spec
 
 
