@@ -49,9 +49,10 @@ from tierdet.weights import WeightsSource
 @dataclass
 class Outcome:
     status: int
-    latency_ms: float
+    latency_ms: float  # as this client saw it
     model: str | None
     budget_ms: float
+    gateway_ms: float | None = None  # the gateway's own end-to-end time (routing.actual_ms)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -73,10 +74,12 @@ async def post(client: httpx.AsyncClient, image: bytes, fields: dict[str, str],
         r = await client.post("/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
                               data=fields)
         status = r.status_code
-        model = r.json().get("model") if status == 200 else None
+        body = r.json() if status == 200 else {}
+        model = body.get("model")
+        gateway_ms = (body.get("routing") or {}).get("actual_ms")
     except httpx.HTTPError:
-        status, model = 599, None
-    return Outcome(status, (time.perf_counter() - start) * 1e3, model, budget_ms)
+        status, model, gateway_ms = 599, None, None
+    return Outcome(status, (time.perf_counter() - start) * 1e3, model, budget_ms, gateway_ms)
 
 
 async def open_loop(base: str, image: bytes, rate: float, count: int, max_s: float,
@@ -123,12 +126,16 @@ def summarize(name: str, outcomes: list[Outcome], wall_s: float, ap: dict[str, f
     ok = [o for o in outcomes if o.status == 200]
     shed = [o for o in outcomes if o.status == 503]
     in_slo = [o for o in ok if o.latency_ms <= o.budget_ms]
+    # The same by the gateway's clock: on a 2-core box the load generator's
+    # own CPU time (and its event loop's lag) lands in the client's figure.
+    in_slo_gw = [o for o in ok if o.gateway_ms is not None and o.gateway_ms <= o.budget_ms]
     admitted = n - len(shed)
     lat = [o.latency_ms for o in ok]
     return {
         "name": name, "n": n,
         "in_slo": len(in_slo) / n if n else 0.0,
         "admitted_in_slo": len(in_slo) / admitted if admitted else float("nan"),
+        "admitted_in_slo_gw": len(in_slo_gw) / admitted if admitted else float("nan"),
         "shed": len(shed) / n if n else 0.0,
         "p50": pct(lat, 50), "p99": pct(lat, 99),
         "shed_p99": pct([o.latency_ms for o in shed], 99),
@@ -139,12 +146,12 @@ def summarize(name: str, outcomes: list[Outcome], wall_s: float, ap: dict[str, f
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"  {'deployment':<34}{'n':>5}{'in-SLO':>8}{'adm.SLO':>8}{'shed':>7}"
+    print(f"  {'deployment':<30}{'n':>5}{'in-SLO':>8}{'adm.SLO':>8}{'(gw)':>7}{'shed':>7}"
           f"{'p50 ms':>8}{'p99 ms':>8}{'shed p99':>9}{'img/s':>7}{'eff AP':>8}  models")
     for r in rows:
         used = ", ".join(f"{m}:{c}" for m, c in r["models"].items() if c)
-        print(f"  {r['name']:<34}{r['n']:>5}{r['in_slo']:>8.1%}{r['admitted_in_slo']:>8.1%}"
-              f"{r['shed']:>7.1%}{r['p50']:>8.0f}{r['p99']:>8.0f}{r['shed_p99']:>9.1f}"
+        print(f"  {r['name']:<30}{r['n']:>5}{r['in_slo']:>8.1%}{r['admitted_in_slo']:>8.1%}"
+              f"{r['admitted_in_slo_gw']:>7.1%}{r['shed']:>7.1%}{r['p50']:>8.0f}{r['p99']:>8.0f}{r['shed_p99']:>9.1f}"
               f"{r['throughput']:>7.1f}{r['eff_ap']:>8.2f}  {used}")
 
 
@@ -287,7 +294,7 @@ def main() -> int:
     gateway = None
     try:
         profile = asyncio.run(measure(triton.grpc_url, {m: SPECS[m].input_size for m in models},
-                                      batches=(1, 4), runs=8))
+                                      batches=(1, 4), runs=20))
         profile_path = work / "profile.json"
         profile.save(profile_path)
         print("== latency profile (ms) ==")

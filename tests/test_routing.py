@@ -246,3 +246,21 @@ def test_precheck_sheds_before_decoding_only_when_nothing_could_fit():
     for _ in range(4):
         r.latency.admit("slow")
     r.precheck(RouteRequest(tier="balanced"), 3.0, READY)  # degrades, never shed early
+
+
+def test_an_upgrade_is_not_taken_when_it_would_push_frequent_tight_requests_out():
+    # "slow" adds ~95 ms of device work over "fast"; 40 ms requests fit only
+    # while that work is not queued ahead of them.
+    busy = router()
+    for _ in range(20):  # 10 tight requests per second in the last 2 s
+        busy.governor.saw_budget(40.0)
+    assert busy.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "fast"
+
+    rare = router()
+    rare.governor.saw_budget(40.0)  # one in 2 s: the risk is small, take the accuracy
+    assert rare.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"
+
+    loose = router()
+    for _ in range(20):  # many requests, all loose enough to absorb the extra work
+        loose.governor.saw_budget(2000.0)
+    assert loose.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"

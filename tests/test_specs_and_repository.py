@@ -92,3 +92,19 @@ def test_provenance_is_escaped_into_the_config():
     text = render_config(SPECS["efficientdet-d0"], "cpu-local",
                          provenance={"weights": 'file /tmp/a "b"\\c'})
     assert r'string_value: "file /tmp/a \"b\"\\c"' in text
+
+
+def test_readme_model_zoo_table_agrees_with_the_registry():
+    """The README's zoo table (made by benchmarks/model_zoo.py) lists every
+    published model once, with the registry's input size and published AP."""
+    readme = (COMMITTED_ROOT.parent / "README.md").read_text()
+    table = readme.split("<!-- model-zoo:start -->", 1)[1].split("<!-- model-zoo:end -->")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    header, body = rows[0], rows[1:]
+    assert [r[0] for r in body] == list(ZOO)
+    col = {name: header.index(name) for name in ("input", "published COCO AP")}
+    for row in body:
+        spec = ZOO[row[0]]
+        assert int(row[col["input"]]) == spec.input_size
+        assert float(row[col["published COCO AP"]]) == spec.coco_ap

@@ -12,52 +12,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import TEST_WEIGHTS, encode, photos
+from conftest import ZOO, encode, photos
 from tierdet import imaging, validation
 from tierdet.detector import Detection, detections_from_rows
-from tierdet.localstack import GatewayProcess, start_triton
+from tierdet.localstack import GatewayProcess
 from tierdet.specs import SPECS, ModelSpec
 from tierdet.triton_server import LocalTriton
 
-ZOO = ("efficientdet-d0", "efficientdet-d1", "damoyolo-ns", "damoyolo-t")
 PHOTOS = ("rocket", "chelsea")  # 427x640 and 300x451: letterbox != stretch
 THRESHOLD = 0.05
 
 
 @pytest.fixture(scope="module")
-def zoo_built(home: Path):
-    from tierdet.build import ensure_built
-    from tierdet.weights import WeightsSource
-
-    return ensure_built(ZOO, WeightsSource.parse(TEST_WEIGHTS), home, progress=False)
-
-
-@pytest.fixture(scope="module")
-def zoo_triton(zoo_built, tmp_path_factory) -> Iterator[LocalTriton]:
-    # A repository of its own: the session's Triton (conftest) keeps its own.
-    work = tmp_path_factory.mktemp("zoo-triton")
-    server = start_triton(zoo_built, work / "home", work, threads=2, timeout_s=300.0)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def zoo_client(zoo_triton: LocalTriton, tmp_path_factory) -> Iterator[httpx.Client]:
-    log = tmp_path_factory.mktemp("zoo-gateway") / "gateway.log"
-    gateway = GatewayProcess.start(zoo_triton.grpc_url, log, timeout_s=180.0)
-    try:
-        with httpx.Client(base_url=gateway.http, timeout=60.0) as client:
-            yield client
-    finally:
-        gateway.stop()
+def zoo_client(zoo_gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    """The session's four-model stack (conftest: zoo_built, zoo_triton, zoo_gateway)."""
+    with httpx.Client(base_url=zoo_gateway.http, timeout=60.0) as client:
+        yield client
 
 
 def _onnx_rows(session: ort.InferenceSession, image: np.ndarray, spec: ModelSpec,

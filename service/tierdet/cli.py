@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 
 from tierdet import __version__, engines
 from tierdet.config import ConfigError, default_home, load_settings
-from tierdet.specs import DEFAULT_MODELS, SPECS
+from tierdet.specs import DEFAULT_MODELS, SPECS, ZOO
 
 if TYPE_CHECKING:
     from tierdet.client import DetectResult
 
 
 def _models(text: str | None, all_models: bool = False) -> list[str]:
-    if all_models:
-        return list(SPECS)
+    if all_models:  # the published zoo; trained models have their own weights
+        return list(ZOO)
     names = [m.strip() for m in (text or ",".join(DEFAULT_MODELS)).split(",") if m.strip()]
     unknown = [m for m in names if m not in SPECS]
     if unknown:
@@ -230,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
                                    "network, decode, NMS in one graph) and install them into "
                                    "HOME/repository/TARGET.")
     b.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
-    b.add_argument("--all", action="store_true", help="build every model in the registry")
+    b.add_argument("--all", action="store_true", help="build the 15 published models (the zoo)")
     _weights_arg(b)
     b.add_argument("--target", default="cpu-local", choices=["cpu-local", "cpu"],
                    help="repository flavour to assemble (gpu engines are built on the GPU host)")

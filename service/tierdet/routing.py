@@ -15,6 +15,15 @@ profile, corrected online by the ratio of observed to predicted Triton
 latency (EWMA per model). When nothing fits the request is shed at once
 (or, where its tier allows, served by the fastest model and marked
 degraded): work that cannot make its deadline is never queued.
+
+Among the models that fit, a bigger one is worth its accuracy only if its
+extra device time does not push other requests out of their budgets: each
+candidate's AP is discounted by the AP expected to be lost to requests with
+tighter budgets that would arrive while its work is queued (from the budgets
+seen recently). Under light load, or with only loose budgets around, the
+discount is near zero; with frequent tight requests, loose ones take small
+models and the tight ones keep fitting. A load governor also keeps the
+projected device utilization under a target.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +236,8 @@ class LoadGovernor:
     rate: float = 0.0  # requests per second
     mean_cost_ms: float = 0.0
     last: float | None = None
+    # (arrival time, budget) of recent requests: who an upgrade could push out.
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=512))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def arrival(self, now: float | None = None) -> None:
@@ -235,6 +247,16 @@ class LoadGovernor:
                 self.rate *= math.exp(-(now - self.last) / self.window_s)
             self.rate += 1.0 / self.window_s
             self.last = now
+
+    def saw_budget(self, budget_ms: float, now: float | None = None) -> None:
+        with self._lock:
+            self.recent.append((time.monotonic() if now is None else now, budget_ms))
+
+    def recent_budgets(self, now: float | None = None) -> list[float]:
+        """Budgets of the requests that arrived within the last ``window_s``."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [b for t, b in self.recent if now - t <= self.window_s]
 
     def affordable(self, cost_ms: float) -> bool:
         mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
@@ -298,6 +320,32 @@ class Router:
         return {m: elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
                 for m in candidates}
 
+    def _displacement(self, pool: list[str], candidates: list[str]) -> dict[str, float]:
+        """AP expected to be lost to other requests if this one takes ``m``.
+
+        On a shared device, a bigger model's extra work delays everything
+        admitted after it. A request that arrives while that work is queued
+        and whose budget would have fitted the fastest model, but no longer
+        does, is shed. From the budgets seen in the governor's window: the
+        rate of such requests, the chance one arrives while the extra work is
+        queued, times the AP it would have got from the fastest model.
+        """
+        budgets = self.governor.recent_budgets()
+        fastest = min(candidates, key=self.latency.service_ms)
+        base = self.overhead_ms + self.latency.backlog_ms() + self.latency.service_ms(fastest)
+        loss: dict[str, float] = {}
+        for m in pool:
+            extra = self.latency.cost_ms(m) - self.latency.cost_ms(fastest)
+            if extra <= 0 or not budgets:
+                loss[m] = 0.0
+                continue
+            pushed = sum(1 for b in budgets
+                         if self.fits(base, b) and not self.fits(base + extra, b))
+            exposure_s = (self.latency.backlog_ms() + self.latency.cost_ms(m)) / 1e3
+            chance = 1.0 - math.exp(-pushed / self.governor.window_s * exposure_s)
+            loss[m] = chance * self.specs[fastest].coco_ap
+        return loss
+
     def _degradable(self, req: RouteRequest, tier: Tier | None) -> bool:
         return tier is not None and tier.degrade and req.sla_ms is None and req.deadline_ms is None
 
@@ -332,10 +380,13 @@ class Router:
             affordable = ([m for m in fitting if self.governor.affordable(self.latency.cost_ms(m))]
                           if req.model is None else fitting)
             pool = affordable or [min(fitting, key=self.latency.cost_ms)]
-            best = max(pool, key=lambda m: (self.specs[m].coco_ap, -predicted[m]))
+            loss = self._displacement(pool, candidates)
+            best = max(pool, key=lambda m: (self.specs[m].coco_ap - loss[m], -predicted[m]))
             self.governor.admitted(self.latency.cost_ms(best))
+            self.governor.saw_budget(budget)
             return Decision(best, tier.name if tier else None, budget, predicted[best],
                             False, priority)
+        self.governor.saw_budget(budget)
         fastest = min(candidates, key=lambda m: predicted[m])
         if self._degradable(req, tier):
             self.governor.admitted(self.latency.cost_ms(fastest))
