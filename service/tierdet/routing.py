@@ -329,10 +329,13 @@ class Router:
         does, is shed. From the budgets seen in the governor's window: the
         rate of such requests, the chance one arrives while the extra work is
         queued, times the AP it would have got from the fastest model.
+        Whether a budget "would have fitted" is judged on a free device, not
+        on the current backlog: otherwise a backlog would make further
+        upgrades look free and feed itself.
         """
         budgets = self.governor.recent_budgets()
         fastest = min(candidates, key=self.latency.service_ms)
-        base = self.overhead_ms + self.latency.backlog_ms() + self.latency.service_ms(fastest)
+        base = self.overhead_ms + self.latency.service_ms(fastest)
         loss: dict[str, float] = {}
         for m in pool:
             extra = self.latency.cost_ms(m) - self.latency.cost_ms(fastest)
@@ -366,6 +369,7 @@ class Router:
         predicted = self._predict(self._candidates(req, tier, ready), elapsed_ms)
         fastest = min(predicted, key=predicted.__getitem__)
         if not self.fits(predicted[fastest], budget):
+            self.governor.saw_budget(budget)  # requests that reach decide() are seen there
             raise self._shed(budget, fastest, predicted[fastest])
 
     def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
