@@ -102,3 +102,22 @@ def test_nms_op_matches_torchvision():
     got = session.run(None, {i.name: t.numpy() for i, t in
                              zip(session.get_inputs(), (boxes, scores), strict=True)})[0]
     assert want.sum() > 10 and (want.numpy() == got).all()
+
+
+def test_a_cached_build_is_reused_only_for_the_same_weights(built_d0, tmp_path):
+    import shutil
+
+    from tierdet.build import ensure_built
+    from tierdet.weights import WeightsSource
+
+    (tmp_path / "onnx").mkdir()
+    for path in (built_d0.onnx, built_d0.onnx.with_suffix(".json")):
+        shutil.copy(path, tmp_path / "onnx" / path.name)
+    same = WeightsSource.parse("random:0")
+    other = WeightsSource.parse("random:1")
+    assert built_d0.provenance["weights"] == same.describe()
+    (reused,) = ensure_built(["efficientdet-d0"], same, tmp_path, progress=False)
+    assert reused.provenance == built_d0.provenance  # no rebuild for the same weights
+    (rebuilt,) = ensure_built(["efficientdet-d0"], other, tmp_path, progress=False)
+    assert rebuilt.provenance["weights"] == other.describe()
+    assert rebuilt.provenance["onnx_sha256"] != built_d0.provenance["onnx_sha256"]

@@ -104,6 +104,10 @@ def ensure_built(names: Iterable[str], source: WeightsSource, home: Path,
     built = []
     for name in names:
         existing = None if rebuild else load_built(home, name)
+        # A build from other weights (say a random one, when official ones are
+        # asked for) is not what the caller wants: build again.
+        if existing is not None and existing.provenance.get("weights") != source.describe():
+            existing = None
         built.append(existing or build_model(get_spec(name), source, home, progress))
     return built
 
