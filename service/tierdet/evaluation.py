@@ -30,14 +30,11 @@ from tierdet import imaging
 from tierdet.accuracy import APResult, EvalRecord
 from tierdet.datasets.coco import CocoSplit, Sample, read_rgb
 from tierdet.labels import LabelSet
-from tierdet.specs import ModelSpec
+from tierdet.specs import ModelSpec, get_spec
 
 SCORE_THRESHOLD = 0.001  # COCO practice: rank everything, let AP weigh it
 MAX_DETECTIONS = 100
 RETRIES = 5  # per image, for answers that carry Retry-After
-
-
-
 
 
 def coco_ap(gt: dict, detections: list[dict]) -> APResult:
@@ -193,12 +190,6 @@ def predict_gateway(url: str, samples: Sequence[Sample], model: str | None = Non
     return answers
 
 
-def resolve_spec(name: str) -> ModelSpec:
-    from tierdet.specs import get_spec
-
-    return get_spec(name)
-
-
 def run_evaluation(dataset: Path, split: str = "val", *, url: str | None = None,
                    model: str | None = None, tier: str | None = None,
                    onnx: Path | None = None, limit: int | None = None,
@@ -218,7 +209,7 @@ def run_evaluation(dataset: Path, split: str = "val", *, url: str | None = None,
                                      split=split, images=len(samples), models=answers.models,
                                      missed=answers.missed))
     if onnx is not None:
-        spec = resolve_spec(onnx_model_name(onnx))
+        spec = get_spec(onnx_model_name(onnx))
         detections = predict_rows(onnx_runner(onnx), samples, spec)
         records.append(EvalRecord.of(coco_ap(gt, detections), model=spec.name, tier=None,
                                      source="onnx", dataset=data.label, split=split,
@@ -236,9 +227,6 @@ def subset_gt(gt: dict, image_ids: set[int]) -> dict:
     """``gt`` restricted to some images: AP over exactly the images predicted."""
     return {**gt, "images": [i for i in gt["images"] if i["id"] in image_ids],
             "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids]}
-
-
-# -- the results file ---------------------------------------------------------
 
 
 def format_table(records: Iterable[EvalRecord]) -> str:

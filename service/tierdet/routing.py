@@ -336,15 +336,17 @@ class Router:
         budgets = self.governor.recent_budgets()
         fastest = min(candidates, key=self.latency.service_ms)
         base = self.overhead_ms + self.latency.service_ms(fastest)
+        base_cost, backlog = self.latency.cost_ms(fastest), self.latency.backlog_ms()
         loss: dict[str, float] = {}
         for m in pool:
-            extra = self.latency.cost_ms(m) - self.latency.cost_ms(fastest)
+            cost = self.latency.cost_ms(m)
+            extra = cost - base_cost
             if extra <= 0 or not budgets:
                 loss[m] = 0.0
                 continue
             pushed = sum(1 for b in budgets
                          if self.fits(base, b) and not self.fits(base + extra, b))
-            exposure_s = (self.latency.backlog_ms() + self.latency.cost_ms(m)) / 1e3
+            exposure_s = (backlog + cost) / 1e3
             chance = 1.0 - math.exp(-pushed / self.governor.window_s * exposure_s)
             loss[m] = chance * self.specs[fastest].coco_ap
         return loss
