@@ -34,16 +34,15 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
-from tierdet.build import assemble, ensure_built
-from tierdet.config import default_home
-from tierdet.localstack import GatewayProcess, free_port, start_triton
-from tierdet.profile import LatencyProfile, measure
-from tierdet.repository import install_model
-from tierdet.routing import LatencyModel, Router, TierConfig
-from tierdet.specs import SPECS, Batching
-from tierdet.triton_client import TritonClient
-from tierdet.triton_server import LocalTriton
-from tierdet.weights import WeightsSource
+from tierdet.build.models import assemble, default_home, ensure_built
+from tierdet.build.repository import install_model
+from tierdet.build.weights import WeightsSource
+from tierdet.devstack.stack import GatewayProcess, free_port, start_triton
+from tierdet.devstack.triton import LocalTriton
+from tierdet.registry.profile import LatencyProfile, measure
+from tierdet.registry.specs import SPECS, Batching
+from tierdet.serving.routing import LatencyModel, Router, TierConfig
+from tierdet.serving.triton import TritonClient
 
 
 @dataclass
@@ -169,7 +168,8 @@ def payloads(model: str) -> list[Payload]:
     """(a) a real JPEG photo (the gateway decodes and resizes it; Triton gets the
     prepared tensor); (b) a BMP holding the model input itself (same tensor both
     ways: what is left is the gateway's own overhead)."""
-    from tierdet import imaging, validation
+    from tierdet.serving import decoding as validation
+    from tierdet.serving import imaging
 
     spec = SPECS[model]
     jpeg = photo_jpeg()

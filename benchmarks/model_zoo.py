@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tierdet.build import BuiltModel, build_model, load_built
-from tierdet.config import default_home
-from tierdet.specs import SPECS, ZOO, ModelSpec
-from tierdet.weights import WeightsSource
+from tierdet.build.models import BuiltModel, build_model, default_home, load_built
+from tierdet.build.weights import WeightsSource
+from tierdet.registry.specs import SPECS, ZOO, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def built(spec: ModelSpec, home: Path, weights: WeightsSource) -> BuiltModel:
 def time_model(model: BuiltModel, runs: int, warmup: int, threads: int) -> list[float]:
     """Wall-clock milliseconds of ``runs`` single-image inferences."""
     import onnxruntime as ort
-    from tierdet import imaging
+    from tierdet.serving import imaging
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

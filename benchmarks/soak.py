@@ -24,10 +24,9 @@ from pathlib import Path
 
 import httpx
 import psutil
-from tierdet.build import ensure_built
-from tierdet.config import default_home
-from tierdet.localstack import GatewayProcess, start_triton
-from tierdet.weights import WeightsSource
+from tierdet.build.models import default_home, ensure_built
+from tierdet.build.weights import WeightsSource
+from tierdet.devstack.stack import GatewayProcess, start_triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load import closed_loop, photo_jpeg

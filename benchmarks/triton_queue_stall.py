@@ -25,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tierdet.build import build_model
-from tierdet.config import default_home
-from tierdet.localstack import start_triton
-from tierdet.repository import render_config
-from tierdet.specs import SPECS
-from tierdet.trained import CHECKPOINTS
-from tierdet.triton_client import TritonClient
-from tierdet.weights import WeightsSource
+from tierdet.build.models import build_model, default_home
+from tierdet.build.repository import render_config
+from tierdet.build.weights import WeightsSource
+from tierdet.devstack.stack import start_triton
+from tierdet.registry.specs import SPECS
+from tierdet.registry.trained import CHECKPOINTS
+from tierdet.serving.triton import TritonClient
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = re.compile(r"  default_queue_policy \{[^}]*\}\n")

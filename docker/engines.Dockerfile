@@ -8,7 +8,7 @@
 #   docker build -f docker/engines.Dockerfile -t tierdet-engines:0.1.0 .
 
 FROM nvcr.io/nvidia/tensorrt:24.10-py3
-COPY service/tierdet/engines.py /opt/tierdet/engines.py
+COPY service/tierdet/build/engines.py /opt/tierdet/engines.py
 COPY model_repository/gpu/ /opt/tierdet/model_repository/gpu/
 RUN install -d -o 10001 -g 10001 /var/lib/tierdet
 ENV HOME=/tmp \

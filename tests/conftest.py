@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from tierdet.localstack import GatewayProcess, start_triton
-from tierdet.triton_server import LocalTriton
+from tierdet.devstack.stack import GatewayProcess, start_triton
+from tierdet.devstack.triton import LocalTriton
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_MODEL = "efficientdet-d0"
@@ -33,8 +33,8 @@ def home() -> Path:
 @pytest.fixture(scope="session")
 def built_d0(home: Path):
     """EfficientDet-D0 exported with deterministic random weights (seed 0)."""
-    from tierdet.build import ensure_built
-    from tierdet.weights import WeightsSource
+    from tierdet.build.models import ensure_built
+    from tierdet.build.weights import WeightsSource
 
     (model,) = ensure_built([TEST_MODEL], WeightsSource.parse(TEST_WEIGHTS), home,
                             progress=False)
@@ -119,8 +119,8 @@ ZOO = ("efficientdet-d0", "efficientdet-d1", "damoyolo-ns", "damoyolo-t")
 @pytest.fixture(scope="session")
 def zoo_built(home: Path):
     """The four small models CI builds end to end (random weights, seed 0)."""
-    from tierdet.build import ensure_built
-    from tierdet.weights import WeightsSource
+    from tierdet.build.models import ensure_built
+    from tierdet.build.weights import WeightsSource
 
     return ensure_built(ZOO, WeightsSource.parse(TEST_WEIGHTS), home, progress=False)
 

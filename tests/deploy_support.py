@@ -22,7 +22,7 @@ SCHEMAS = Path(__file__).with_name("schemas")
 DOCKERFILES = {name: DOCKER / f"{name}.Dockerfile" for name in ("gateway", "model-builder",
                                                                  "engines")}
 ENGINES_PY = REPO / "service" / "tierdet" / "engines.py"
-# Variables that tierdet reads besides the Settings fields (config.default_home).
+# Variables that tierdet reads besides the Settings fields (tierdet.build.models.default_home).
 NON_SETTINGS_ENV = {"TIERDET_HOME"}
 
 
@@ -73,7 +73,7 @@ def interpolate(text: str, env: dict[str, str] | None = None) -> str:
 
 
 def settings_env_names() -> set[str]:
-    from tierdet.config import ENV_PREFIX, Settings
+    from tierdet.serving.settings import ENV_PREFIX, Settings
 
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import TEST_MODEL, encode, photos
-from tierdet.limits import FrontendLimits
+from tierdet.serving.settings import Settings
 
-LIMITS = FrontendLimits.from_env()  # what the test gateways run with
+LIMITS = Settings.from_env()  # what the test gateways run with
 
 
 def _single(api, data: bytes) -> list[dict]:

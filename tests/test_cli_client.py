@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import TEST_MODEL, encode, photos
 from tierdet import cli
-from tierdet.localstack import free_port
+from tierdet.devstack.stack import free_port
 
 
 def test_detect_prints_a_table_and_writes_the_boxed_image(gateway, tmp_path):

@@ -23,7 +23,7 @@ from tierdet.client import (
     RetryPolicy,
     TierdetError,
 )
-from tierdet.localstack import free_port
+from tierdet.devstack.stack import free_port
 
 # Served by the registry but not by the test stack: a real 503 with Retry-After.
 NOT_READY = "efficientdet-d1"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tierdet.models.damoyolo import (
+from tierdet.build.damoyolo import (
     OFFICIAL_NAMES,
     VARIANTS,
     DamoYolo,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tierdet.errors import ApiError, ErrorCode
-from tierdet.validation import decode_image, header_size, sniff_format
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.serving.decoding import decode_image, header_size, sniff_format
 
 LIMIT_BYTES, LIMIT_PIXELS = 20 * 1024 * 1024, 40_000_000
 
@@ -101,7 +101,7 @@ def test_bombs_are_refused_from_the_header(fmt, data):
 
 def test_real_tiny_file_declaring_huge_pixels_is_refused():
     """A genuine PNG bomb: 64k x 64k of zeros compresses to a few hundred KB."""
-    from tierdet.validation import limit_decoder_pixels
+    from tierdet.serving.decoding import limit_decoder_pixels
 
     limit_decoder_pixels(LIMIT_PIXELS)
     width = height = 20_000

@@ -34,8 +34,8 @@ from deploy_support import (
     tool,
 )
 from tierdet import __version__
-from tierdet.config import Settings
-from tierdet.specs import SPECS
+from tierdet.registry.specs import SPECS
+from tierdet.serving.settings import Settings
 
 COMPOSE_SCHEMA = json.loads((Path(__file__).parent / "schemas" / "compose-spec.json").read_text())
 

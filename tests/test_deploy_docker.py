@@ -203,16 +203,18 @@ def _calls_in(func: object) -> set[str]:
 
 
 def test_tierdet_serve_and_up_share_server_run_gateway():
-    from tierdet import cli, server, up
+    from tierdet import cli
+    from tierdet.devstack import up
+    from tierdet.frontends import server
 
     assert "run_gateway" in _calls_in(cli.cmd_serve)
     assert "run_stack" in _calls_in(cli.cmd_up)
     assert "run_gateway" in _calls_in(up.run_stack)
     assert up.run_gateway is server.run_gateway
-    # cmd_serve imports it from tierdet.server at call time.
+    # cmd_serve imports it from tierdet.frontends.server at call time.
     tree = ast.parse(inspect.getsource(cli.cmd_serve))
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert any(n.module == "tierdet.server" and n.names[0].name == "run_gateway"
+    assert any(n.module == "tierdet.frontends.server" and n.names[0].name == "run_gateway"
                for n in imports)
     args = cli.parser().parse_args(["serve"])
     assert args.func is cli.cmd_serve

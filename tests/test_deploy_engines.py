@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from deploy_support import ENGINES_PY, REPO, run_tool
-from tierdet import engines
-from tierdet.repository import render_config
-from tierdet.specs import get_spec
+from tierdet.build import engines
+from tierdet.build.repository import render_config
+from tierdet.registry.specs import get_spec
 
 MODELS = ("efficientdet-d0", "damoyolo-s", "damoyolo-ns")
 

@@ -34,10 +34,10 @@ from deploy_support import (
     tool,
 )
 from helm_python import Chart, HelmError, HelmValuesError, lint
-from tierdet.config import Settings
-from tierdet.metrics import Metrics
-from tierdet.routing import TierConfig
-from tierdet.specs import SPECS
+from tierdet.registry.specs import SPECS
+from tierdet.serving.metrics import Metrics
+from tierdet.serving.routing import TierConfig
+from tierdet.serving.settings import Settings
 
 RELEASE, NAMESPACE = "tierdet", "inference"
 VARIANTS = {"default": None, "gpu": "values-gpu.yaml", "cpu": "values-cpu.yaml"}
@@ -345,7 +345,7 @@ def test_gpu_triton_serves_engines_built_on_its_own_gpu(variant):
 def test_the_engines_init_container_arguments_parse_as_engines_py_does(retry):
     import argparse
 
-    from tierdet import engines
+    from tierdet.build import engines
 
     (deployment,) = [m for m in render({"triton": {"engines": {"retryFailed": retry}}})
                      if m["kind"] == "Deployment" and m["metadata"]["name"].endswith("triton")]

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import TEST_WEIGHTS
-from tierdet.specs import SPECS, ModelSpec
+from tierdet.registry.specs import SPECS, ModelSpec
 
 pytest.importorskip("effdet")  # build extra
 
@@ -78,7 +78,7 @@ def _batch(size: int) -> np.ndarray:
     on them (measured on scikit-image's astronaut: D6's ONNX logits differ from
     PyTorch's by 0.7 % of their range there, by 0.03 % on these images), and
     photos go through the whole stack in test_zoo_e2e.py anyway."""
-    from tierdet.export.random_weights import calibration_images
+    from tierdet.build.export.random_weights import calibration_images
 
     images = calibration_images(2, size, torch.Generator().manual_seed(7))
     return images.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
@@ -167,9 +167,9 @@ def _check_rows(name: str, got: np.ndarray, want: np.ndarray) -> None:
 
 
 def _native_parity(name: str, home: Path, tmp_path: Path) -> None:
-    from tierdet.build import ensure_built
-    from tierdet.export.onnx_export import RAW_OUTPUT_NAMES, export_onnx, load_network
-    from tierdet.weights import WeightsSource
+    from tierdet.build.export.onnx_export import RAW_OUTPUT_NAMES, export_onnx, load_network
+    from tierdet.build.models import ensure_built
+    from tierdet.build.weights import WeightsSource
 
     spec = SPECS[name]
     source = WeightsSource.parse(TEST_WEIGHTS)
@@ -226,9 +226,9 @@ def _random_levels(config, batch: int, seed: int) -> tuple[list, list]:
 def test_decode_and_nms_equal_effdet_on_native_anchors(name: str) -> None:
     """CI's cheap check of D2-D7: everything but the network, at native size."""
     from effdet import get_efficientdet_config
-    from tierdet.export.efficientdet import EfficientDetNetwork
-    from tierdet.export.network import Network
-    from tierdet.export.onnx_export import wrap_for_export
+    from tierdet.build.export.efficientdet import EfficientDetNetwork
+    from tierdet.build.export.network import Network
+    from tierdet.build.export.onnx_export import wrap_for_export
 
     spec = SPECS[name]
     config = get_efficientdet_config(spec.arch)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tierdet import imaging
-from tierdet.accuracy import APResult, EvalRecord, EvalReport
 from tierdet.cli import main
-from tierdet.datasets.coco import CocoSplit
-from tierdet.datasets.synthetic import SHAPES, SynthConfig, generate
-from tierdet.evaluation import (
+from tierdet.registry.accuracy import APResult, EvalRecord, EvalReport
+from tierdet.registry.specs import SPECS
+from tierdet.serving import imaging
+from tierdet.training.datasets.coco import CocoSplit
+from tierdet.training.datasets.synthetic import SHAPES, SynthConfig, generate
+from tierdet.training.evaluation import (
     coco_ap,
     ground_truth_as_detections,
     image_samples,
@@ -22,7 +23,6 @@ from tierdet.evaluation import (
     predict_rows,
     rows_to_coco,
 )
-from tierdet.specs import SPECS
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tierdet.specs import SPECS
+from tierdet.registry.specs import SPECS
 
 torchvision = pytest.importorskip("torchvision")  # build extra
 
 
 def _inputs(seed: int, batch: int, size: int) -> np.ndarray:
-    from tierdet.export.random_weights import calibration_images
+    from tierdet.build.export.random_weights import calibration_images
 
     g = torch.Generator().manual_seed(seed)
     images = calibration_images(batch, size, g).round().to(torch.uint8)
@@ -30,13 +30,13 @@ def _match(a: np.ndarray, b: np.ndarray, atol: float) -> None:
 
 @pytest.fixture(scope="module")
 def d0_network():
-    from tierdet.export.onnx_export import load_network
+    from tierdet.build.export.onnx_export import load_network
 
     return load_network(SPECS["efficientdet-d0"], None, seed=0)
 
 
 def test_random_weights_are_deterministic_and_onnx_matches_torch(built_d0, d0_network):
-    from tierdet.export.onnx_export import wrap_for_export
+    from tierdet.build.export.onnx_export import wrap_for_export
 
     spec = built_d0.spec
     session = ort.InferenceSession(str(built_d0.onnx), providers=["CPUExecutionProvider"])
@@ -82,7 +82,7 @@ def test_in_graph_nms_equals_effdet_detbenchpredict(built_d0, d0_network):
 
 def test_nms_op_matches_torchvision():
     """The custom op's ONNX translation keeps exactly what torchvision keeps."""
-    from tierdet.export.nms import CUSTOM_TRANSLATIONS, nms_keep
+    from tierdet.build.export.nms import CUSTOM_TRANSLATIONS, nms_keep
 
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(2, 300, 2, generator=g) * 200
@@ -107,8 +107,8 @@ def test_nms_op_matches_torchvision():
 def test_a_cached_build_is_reused_only_for_the_same_weights(built_d0, tmp_path):
     import shutil
 
-    from tierdet.build import ensure_built
-    from tierdet.weights import WeightsSource
+    from tierdet.build.models import ensure_built
+    from tierdet.build.weights import WeightsSource
 
     (tmp_path / "onnx").mkdir()
     for path in (built_d0.onnx, built_d0.onnx.with_suffix(".json")):

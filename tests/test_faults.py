@@ -10,12 +10,12 @@ import time
 import httpx
 import pytest
 from conftest import TEST_MODEL, encode, photos
-from tierdet.build import assemble
-from tierdet.localstack import GatewayProcess, free_port
-from tierdet.profile import LatencyProfile, ModelProfile
-from tierdet.repository import install_model
-from tierdet.specs import SPECS
-from tierdet.triton_server import LocalTriton
+from tierdet.build.models import assemble
+from tierdet.build.repository import install_model
+from tierdet.devstack.stack import GatewayProcess, free_port
+from tierdet.devstack.triton import LocalTriton
+from tierdet.registry.profile import LatencyProfile, ModelProfile
+from tierdet.registry.specs import SPECS
 
 JPEG = encode(photos()["astronaut"])
 BROKEN = "efficientdet-d7"  # any registry name; its model file is garbage here

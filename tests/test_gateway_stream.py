@@ -11,9 +11,9 @@ import grpc
 import httpx
 import pytest
 from conftest import TEST_MODEL, encode, photos
-from tierdet.limits import FrontendLimits
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.serving.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_a_slow_consumer_holds_the_server_at_the_bound(busy_gateway, busy_client
     """The consumer reads one answer, then stops reading. The server must stop
     at TIERDET_STREAM_MAX_INFLIGHT frames held, stop working, and stop reading,
     so the sender stalls; when reading resumes every frame is answered in order."""
-    bound = FrontendLimits.from_env().stream_max_inflight
+    bound = Settings.from_env().stream_max_inflight
     count = 80  # well past what transport windows absorb (23 here, 40 seen once under load)
     image = encode(photos()["astronaut"], ".png")  # ~0.5 MB: transport windows fill fast
     sent: list[int] = []

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from tierdet.imaging import boxes_to_image, letterbox, stretch
+from tierdet.serving.imaging import boxes_to_image, letterbox, stretch
 
 
 def _edges(coverage: np.ndarray) -> tuple[float, float]:

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import yaml
 from conftest import REPO, TEST_MODEL, encode, photos
-from tierdet.accuracy import APResult, EvalRecord, EvalReport
-from tierdet.dashboards import DASHBOARDS, DATASOURCE, OUT_DIR, all_exprs, render
-from tierdet.localstack import GatewayProcess, free_port, stop_process, wait_http
+from tierdet.artifacts.dashboards import DASHBOARDS, DATASOURCE, OUT_DIR, all_exprs, render
+from tierdet.devstack.stack import GatewayProcess, free_port, stop_process, wait_http
+from tierdet.registry.accuracy import APResult, EvalRecord, EvalReport
 
 PROM_DIR = REPO / "docker" / "prometheus"
 RULES = PROM_DIR / "rules" / "tierdet.rules.yml"
@@ -49,7 +49,7 @@ def test_promtool_checks_config_and_rules(tmp_path):
 def test_dashboards_are_generated_valid_and_bound_to_the_datasource():
     for uid in DASHBOARDS:
         committed = (OUT_DIR / f"{uid}.json").read_text()
-        assert committed == render(uid), "run `python -m tierdet.dashboards`"
+        assert committed == render(uid), "run `python -m tierdet.artifacts.dashboards`"
         board = json.loads(committed)
         ids = [p["id"] for p in board["panels"]]
         assert len(ids) == len(set(ids))

@@ -1,4 +1,4 @@
-"""Drawing detections (tierdet.render) and /v1/detect?render=true on the real stack."""
+"""Drawing detections (tierdet.serving.render) and /v1/detect?render=true on the real stack."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 from conftest import encode, photos
-from tierdet import render
-from tierdet.detector import Detection
+from tierdet.contract.results import Detection
+from tierdet.serving import render
 
 
 def _decode(data: bytes) -> np.ndarray:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
-from tierdet.errors import ApiError, ErrorCode
-from tierdet.profile import LatencyProfile, ModelProfile
-from tierdet.routing import LatencyModel, Router, RouteRequest, Tier, TierConfig
-from tierdet.specs import SPECS
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.registry.profile import LatencyProfile, ModelProfile
+from tierdet.registry.specs import SPECS
+from tierdet.serving.routing import LatencyModel, Router, RouteRequest, Tier, TierConfig
 
 BASE = SPECS["efficientdet-d0"]
 # name -> (published AP, batch-1 ms, batch-8 ms): a CPU-like profile.
 ZOO = {"fast": (30.0, 15.0, 120.0), "mid": (35.0, 50.0, 400.0), "slow": (41.0, 110.0, 880.0)}
-SPEC_TABLE = {n: dataclasses.replace(BASE, name=n, coco_ap=ap) for n, (ap, _, _) in ZOO.items()}
+AP_TABLE = {n: ap for n, (ap, _, _) in ZOO.items()}
 TIERS = TierConfig({
     "realtime": Tier("realtime", 70.0, priority=1),
     "balanced": Tier("balanced", 300.0, degrade=True),
@@ -25,7 +23,7 @@ READY = list(ZOO)
 def router(profile: dict | None = None) -> Router:
     prof = LatencyProfile({n: ModelProfile({1: b1, 8: b8}) for n, (_, b1, b8) in
                            (profile or ZOO).items()})
-    return Router(SPEC_TABLE, TIERS, LatencyModel(prof), default_budget_ms=10_000,
+    return Router(AP_TABLE, TIERS, LatencyModel(prof), default_budget_ms=10_000,
                   margin_frac=0.1, margin_ms=5.0, overhead_ms=2.0)
 
 
@@ -138,7 +136,7 @@ def test_unknown_tier_is_refused():
 
 
 def test_unprofiled_model_learns_from_observations():
-    r = Router(SPEC_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
+    r = Router(AP_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
     assert r.latency.service_ms("mid") >= 1000  # unknown: assumed slow
     r.latency.finish(r.latency.admit("mid"), observed_ms=40.0)
     assert r.latency.service_ms("mid") == pytest.approx(40.0)
@@ -146,7 +144,7 @@ def test_unprofiled_model_learns_from_observations():
 
 def test_queueing_does_not_inflate_the_learned_service_time():
     """Answers that waited behind others say little about the model itself."""
-    r = Router(SPEC_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
+    r = Router(AP_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
     r.latency.finish(r.latency.admit("mid"), observed_ms=40.0)
     tickets = [r.latency.admit("mid") for _ in range(6)]  # a burst
     for i, ticket in enumerate(tickets):
@@ -189,8 +187,8 @@ def test_profile_round_trips_through_json():
 
 
 def test_batching_settings_come_from_the_profile():
-    from tierdet.profile import tuned_batching
-    from tierdet.specs import Batching
+    from tierdet.registry.profile import tuned_batching
+    from tierdet.registry.specs import Batching
 
     spec_bound = Batching(max_queue_delay_us=5000)
     cpu = ModelProfile({1: 50.0, 8: 400.0})  # a batch costs its images: no gain
@@ -212,7 +210,7 @@ def test_under_load_the_governor_shifts_the_mix_to_cheaper_models():
 
 
 def test_the_governor_mixes_rather_than_all_or_nothing():
-    from tierdet.routing import LoadGovernor
+    from tierdet.serving.routing import LoadGovernor
 
     gov = LoadGovernor(target=0.85)
     gov.rate = 10.0  # device time per second available: 850 ms -> 85 ms per request
@@ -227,7 +225,7 @@ def test_the_governor_mixes_rather_than_all_or_nothing():
 
 
 def test_arrival_rate_decays():
-    from tierdet.routing import LoadGovernor
+    from tierdet.serving.routing import LoadGovernor
 
     gov = LoadGovernor(window_s=2.0)
     for i in range(100):

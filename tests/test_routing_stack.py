@@ -91,7 +91,7 @@ def test_profile_command_measures_through_triton(triton, tmp_path):
     import subprocess
     import sys
 
-    from tierdet.profile import LatencyProfile
+    from tierdet.registry.profile import LatencyProfile
 
     out = tmp_path / "profile.json"
     result = subprocess.run(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tierdet.errors import ApiError, ErrorCode
-from tierdet.security import ApiKey, KeyRing, bearer, hash_key
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.serving.security import ApiKey, KeyRing, bearer, hash_key
 
 ALICE = ApiKey("alice", hash_key("alice-secret"), rate_per_s=2, burst=3)
 BOB = ApiKey("bob", hash_key("bob-secret"), tiers=("realtime",), models=("damoyolo-ns",))

@@ -13,10 +13,10 @@ import grpc
 import httpx
 import pytest
 from conftest import encode, photos
-from tierdet.localstack import GatewayProcess
+from tierdet.devstack.stack import GatewayProcess
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
-from tierdet.security import hash_key
+from tierdet.serving.security import hash_key
 
 ALICE, BOB = "alice-7f3c9a1e5b", "bob-24d0c8e6f1"
 JPEG = encode(photos()["coffee"])

@@ -1,14 +1,12 @@
 """The spec registry drives the committed Triton configs; drift fails here."""
 
 import re
-import subprocess
-import sys
 
 import pytest
-from tierdet.labels import COCO80, COCO90
-from tierdet.repository import COMMITTED_ROOT, TARGETS, render_config
-from tierdet.specs import SPECS, ZOO
-from tierdet.trained import trained_specs
+from tierdet.build.repository import COMMITTED_ROOT, TARGETS, render_config
+from tierdet.registry.labels import COCO80, COCO90
+from tierdet.registry.specs import SPECS, ZOO
+from tierdet.registry.trained import trained_specs
 
 
 def test_the_registry_is_the_zoo_and_the_trained_models():
@@ -22,8 +20,8 @@ def test_every_spec_is_complete():
     for name, spec in SPECS.items():
         assert name == spec.name
         assert spec.input_size % 128 == 0 or spec.input_size == 416
-        assert 0 < spec.coco_ap < 100
     for spec in ZOO.values():
+        assert spec.published_ap is not None and 0 < spec.published_ap < 100
         assert spec.labels.num_classes in (80, 90)
         if spec.official_weights:
             assert spec.official_weights.url.startswith("https://")
@@ -32,8 +30,8 @@ def test_every_spec_is_complete():
 
 
 def test_the_zoo_is_complete_and_agrees_with_the_architectures():
-    from tierdet.models.damoyolo import VARIANTS
-    from tierdet.specs import Family
+    from tierdet.build.damoyolo import VARIANTS
+    from tierdet.registry.specs import Family
 
     assert [s.name for s in ZOO.values()] == (
         [f"efficientdet-d{i}" for i in range(8)]
@@ -62,12 +60,6 @@ def test_label_sets_agree_on_coco_category_ids():
     assert COCO90.lookup(89) == (90, "toothbrush") == COCO80.lookup(79)
     assert COCO90.lookup(11) is None  # slot 11 is COCO id 12, unused
     assert sum(c is not None for c in COCO90.category_ids) == 80
-
-
-def test_committed_configs_match_the_specs():
-    result = subprocess.run([sys.executable, "-m", "tierdet.cli", "repo", "generate", "--check"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_config_batches_dynamically():
@@ -107,4 +99,4 @@ def test_readme_model_zoo_table_agrees_with_the_registry():
     for row in body:
         spec = ZOO[row[0]]
         assert int(row[col["input"]]) == spec.input_size
-        assert float(row[col["published COCO AP"]]) == spec.coco_ap
+        assert float(row[col["published COCO AP"]]) == spec.published_ap

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from tierdet.streaming import ordered_map
+from tierdet.frontends.streaming import ordered_map
 
 
 class Level:

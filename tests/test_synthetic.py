@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tierdet.cli import main
-from tierdet.datasets import synthetic
-from tierdet.datasets.coco import CocoSplit, read_rgb
-from tierdet.datasets.synthetic import (
+from tierdet.training.datasets import synthetic
+from tierdet.training.datasets.coco import CocoSplit, read_rgb
+from tierdet.training.datasets.synthetic import (
     SHAPE_NAMES,
     SHAPES,
     SynthConfig,

@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tierdet.datasets.coco import CocoSplit
-from tierdet.datasets.synthetic import SynthConfig, generate
-from tierdet.models.damoyolo import build_damoyolo
-from tierdet.models.damoyolo.loss import (
+from tierdet.build.damoyolo import build_damoyolo
+from tierdet.build.damoyolo.loss import (
     assign,
     box_iou,
     distribution_focal_loss,
     giou_loss,
     head_outputs,
 )
-from tierdet.train import (
+from tierdet.registry.trained import trained_spec
+from tierdet.training.datasets.coco import CocoSplit
+from tierdet.training.datasets.synthetic import SynthConfig, generate
+from tierdet.training.train import (
     MODEL_FOR_FAMILY,
     Hyper,
     TrainConfig,
@@ -29,7 +30,6 @@ from tierdet.train import (
     normalise,
     train,
 )
-from tierdet.trained import trained_spec
 
 SIZE = 128  # smoke tests run at half the shipped input size
 
@@ -111,7 +111,7 @@ def test_the_loss_falls_when_fitting_one_batch(data: Path, family: str, steps: i
 @pytest.mark.parametrize("family", ["damoyolo", "efficientdet"])
 def test_train_saves_an_fp16_checkpoint_the_exporter_loads(data: Path, tmp_path: Path,
                                                            family: str):
-    from tierdet.export.onnx_export import load_network
+    from tierdet.build.export.onnx_export import load_network
 
     steps: list[dict[str, float]] = []
     cfg = _config(data, tmp_path / f"{family}.pt", family, steps=3)

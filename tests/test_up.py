@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 from conftest import TEST_MODEL, TEST_WEIGHTS, encode, photos
-from tierdet.localstack import free_port, wait_http
+from tierdet.devstack.stack import free_port, wait_http
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, TEST_MODEL, encode, photos
-from tierdet.render import PALETTE
+from tierdet.serving.render import PALETTE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from tierdet.specs import SPECS, ZOO, OfficialWeights
-from tierdet.weights import WeightsError, WeightsSource, download, resolve_checkpoint
+from tierdet.build.weights import WeightsError, WeightsSource, download, resolve_checkpoint
+from tierdet.registry.specs import SPECS, ZOO, OfficialWeights
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
@@ -102,7 +102,7 @@ def test_a_published_prefix_is_checked(file_server, tmp_path):
 
 def test_no_published_digest_downloads_and_logs_the_digest(file_server, tmp_path, caplog):
     base, _ = file_server
-    with caplog.at_level("WARNING", logger="tierdet.weights"):
+    with caplog.at_level("WARNING", logger="tierdet.build.weights"):
         path = download(f"{base}/ckpt.pth", "", tmp_path / "ckpt.pth", progress=False)
     assert path.read_bytes() == PAYLOAD
     assert hashlib.sha256(PAYLOAD).hexdigest() in caplog.text

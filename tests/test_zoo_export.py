@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import TEST_WEIGHTS
 from test_damoyolo_golden import GOLDEN_STEMS, _assert_matches_golden, _golden, _golden_state_dict
-from tierdet.specs import SPECS, ZOO, Family
+from tierdet.registry.specs import SPECS, ZOO, Family
 
 pytest.importorskip("torchvision")  # build extra
 
@@ -36,7 +36,7 @@ def _nhwc(images_nchw: np.ndarray) -> np.ndarray:
 
 
 def _synthetic(seed: int, batch: int, size: int) -> np.ndarray:
-    from tierdet.export.random_weights import calibration_images
+    from tierdet.build.export.random_weights import calibration_images
 
     images = calibration_images(batch, size, torch.Generator().manual_seed(seed))
     return images.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
@@ -51,7 +51,7 @@ def _save_official_form(stem: str, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def golden_graphs(tmp_path_factory):
     """Per golden stem: (spec, raw ONNX path, full ONNX path), exported from a .pth."""
-    from tierdet.export.onnx_export import export_onnx, load_network
+    from tierdet.build.export.onnx_export import export_onnx, load_network
 
     made: dict[str, tuple] = {}
 
@@ -113,8 +113,8 @@ def test_served_boxes_are_the_official_corner_boxes(stem, golden_graphs):
 
 @pytest.fixture(scope="module")
 def built_ns(home):
-    from tierdet.build import ensure_built
-    from tierdet.weights import WeightsSource
+    from tierdet.build.models import ensure_built
+    from tierdet.build.weights import WeightsSource
 
     (model,) = ensure_built(["damoyolo-ns"], WeightsSource.parse(TEST_WEIGHTS), home,
                             progress=False)
@@ -123,8 +123,8 @@ def built_ns(home):
 
 def test_damoyolo_graph_equals_torch_and_batches(built_ns):
     """The built (random seed 0) graph vs the PyTorch pipeline it came from."""
-    from tierdet.export.onnx_export import load_network, wrap_for_export
-    from tierdet.weights import WeightsSource
+    from tierdet.build.export.onnx_export import load_network, wrap_for_export
+    from tierdet.build.weights import WeightsSource
 
     spec = built_ns.spec
     network = load_network(spec, None, WeightsSource.parse(TEST_WEIGHTS).seed)
@@ -145,7 +145,7 @@ def test_damoyolo_graph_equals_torch_and_batches(built_ns):
 
 def test_damoyolo_boxes_are_corners_in_the_served_graph(built_ns):
     """Without golden files: served rows are corner boxes of the raw network."""
-    from tierdet.export.onnx_export import load_network
+    from tierdet.build.export.onnx_export import load_network
 
     spec = built_ns.spec
     network = load_network(spec, None, 0)  # TEST_WEIGHTS' seed
@@ -163,7 +163,7 @@ def test_damoyolo_boxes_are_corners_in_the_served_graph(built_ns):
 @pytest.mark.parametrize("variant", ["ns", "t"])
 def test_random_damoyolo_weights_are_useful(variant):
     """Deterministic per seed, input-dependent, scores neither flat nor saturated."""
-    from tierdet.export.onnx_export import load_network
+    from tierdet.build.export.onnx_export import load_network
 
     spec = _spec_for_variant(variant)
     images = torch.from_numpy(_synthetic(5, 2, spec.input_size)).permute(0, 3, 1, 2).float()
@@ -182,8 +182,8 @@ def test_random_damoyolo_weights_are_useful(variant):
 
 
 def test_damoyolo_checkpoints_load_strictly(tmp_path):
-    from tierdet.export.onnx_export import load_network
-    from tierdet.models.damoyolo import build_damoyolo
+    from tierdet.build.damoyolo import build_damoyolo
+    from tierdet.build.export.onnx_export import load_network
 
     spec = SPECS["damoyolo-ns"]
     state = build_damoyolo("ns").state_dict()
@@ -201,8 +201,8 @@ def test_damoyolo_checkpoints_load_strictly(tmp_path):
 @pytest.mark.parametrize("iou", sorted({s.nms_iou for s in SPECS.values()}))
 def test_detection_head_onnx_equals_torch(logits: bool, iou: float) -> None:
     """The head alone (top-k, class-aware NMS, top-K), exported and run by ORT."""
-    from tierdet.export.nms import CUSTOM_TRANSLATIONS
-    from tierdet.export.postprocess import DetectionHead
+    from tierdet.build.export.nms import CUSTOM_TRANSLATIONS
+    from tierdet.build.export.postprocess import DetectionHead
 
     g = torch.Generator().manual_seed(int(iou * 100) + logits)
     xy = torch.rand(2, 600, 2, generator=g) * 300

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "model", "score_threshold", "max_detections", "tier", "sla_ms")
+    __slots__ = ("image", "model", "score_threshold", "max_detections", "tier", "sla_ms", "classes")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     SLA_MS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     model: str
     score_threshold: float
     max_detections: int
     tier: str
     sla_ms: float
-    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., tier: _Optional[str] = ..., sla_ms: _Optional[float] = ...) -> None: ...
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., tier: _Optional[str] = ..., sla_ms: _Optional[float] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Detection(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2", "score", "class_id", "class_name")
@@ -89,7 +91,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason", "latency_ms")
+    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason", "latency_ms", "routing_ap")
     class MeasuredApEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class ModelInfo(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_AP_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     input_size: int
@@ -121,13 +124,32 @@ class ModelInfo(_message.Message):
     status: str
     reason: str
     latency_ms: float
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+    routing_ap: float
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ..., routing_ap: _Optional[float] = ...) -> None: ...
+
+class TierInfo(_message.Message):
+    __slots__ = ("name", "budget_ms", "models", "degrade", "default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    budget_ms: float
+    models: _containers.RepeatedScalarFieldContainer[str]
+    degrade: bool
+    default: bool
+    def __init__(self, name: _Optional[str] = ..., budget_ms: _Optional[float] = ..., models: _Optional[_Iterable[str]] = ..., degrade: _Optional[bool] = ..., default: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "default_tier", "tiers")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TIER_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    default_tier: str
+    tiers: _containers.RepeatedCompositeFieldContainer[TierInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_tier: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierInfo, _Mapping]]] = ...) -> None: ...
 
 class DetectFrame(_message.Message):
     __slots__ = ("frame_id", "request")

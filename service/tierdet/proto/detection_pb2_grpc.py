@@ -72,7 +72,8 @@ class DetectorServicer:
         """Detect objects in a stream of frames (video): one result per frame, in
         the order sent. Each frame carries its own options and budget (tier,
         sla_ms); the call deadline bounds the whole stream, not each frame. A
-        frame that fails is answered with its error and the stream goes on. Back-pressure: the server holds at most a bounded number of
+        frame that fails is answered with its error and the stream goes on.
+        Back-pressure: the server holds at most a bounded number of
         frames per stream (TIERDET_STREAM_MAX_INFLIGHT, read and not yet
         answered) and stops reading at the bound, so a consumer that reads
         results slowly slows the sender instead of growing server memory.

@@ -1,0 +1,7 @@
+"""Files generated from the registry and the contract, checked for drift by tests.
+
+``tierdet generate`` writes them all (``--check`` reports drift instead):
+Triton configs (``tierdet.build.repository``), Grafana dashboards
+(``dashboards``), the Prometheus rules for compose and for Helm (``rules``),
+the README's tables (``docs``) and the generated protobuf code (``proto``).
+"""

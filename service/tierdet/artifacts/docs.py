@@ -1,0 +1,77 @@
+"""The README's generated tables: error codes, the model zoo, the trained models.
+
+Each lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and
+is rendered from its one source: the contract's error table, the registry
+with the latency measurement ``benchmarks/model_zoo.py`` records in
+``docs/model-zoo.json``, and the trained checkpoints' sidecars in ``weights/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from tierdet.contract.errors import KINDS
+from tierdet.registry.specs import ZOO
+from tierdet.registry.trained import CHECKPOINTS, sidecar_path, trained_spec
+
+REPO = Path(__file__).resolve().parents[3]
+README = REPO / "README.md"
+ZOO_MEASUREMENT = REPO / "docs" / "model-zoo.json"
+
+
+def error_table() -> str:
+    lines = ["| code | HTTP | gRPC | when |", "|---|---|---|---|"]
+    lines += [f"| `{code.value}` | {kind.http_status} | {kind.grpc_status} | {kind.when} |"
+              for code, kind in KINDS.items()]
+    return "\n".join(lines)
+
+
+def zoo_table() -> str:
+    m = json.loads(ZOO_MEASUREMENT.read_text())
+    lines = [f"Measured {m['measured_on']} on {m['machine']} with `{m['command']}` "
+             f"(`docs/model-zoo.json`): ONNX Runtime {m['onnxruntime']}, {m['threads']} "
+             f"intra-op threads, {m['runs']} runs; {m['method']}.", "",
+             "| model | input | params (M) | published COCO AP | ONNX (MB) | CPU median (ms) "
+             "| CPU p90 (ms) |", "|---|---|---|---|---|---|---|"]
+    for name, spec in ZOO.items():
+        r = m["models"][name]
+        lines.append(f"| {name} | {spec.input_size} | {r['params_m']:.2f} | "
+                     f"{spec.published_ap:.1f} | {r['onnx_mb']:.1f} | {r['median_ms']:.0f} | "
+                     f"{r['p90_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def trained_table() -> str:
+    lines = ["| model | input | AP through the gateway | AP bare ONNX | weights |",
+             "|---|---|---|---|---|"]
+    for name, rel in CHECKPOINTS.items():
+        spec, checkpoint = trained_spec(name), REPO / rel
+        records = json.loads(sidecar_path(checkpoint).read_text())["serving_eval"]["records"]
+        ap = {r["source"]: r["ap"] for r in records if not r.get("tier")}
+        lines.append(f"| {name} | {spec.input_size}, {spec.preprocessing.resize} | "
+                     f"{ap['gateway']:.3f} | {ap['onnx']:.3f} | `{rel}` "
+                     f"({checkpoint.stat().st_size / 1e6:.1f} MB) |")
+    return "\n".join(lines)
+
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "error-codes": error_table, "model-zoo": zoo_table, "trained-models": trained_table}
+
+
+def readme(text: str | None = None) -> str:
+    """The README with every generated section rendered afresh."""
+    text = README.read_text() if text is None else text
+    for name, render in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README.md has no <!-- {name}:start/end --> markers")
+        body = render()
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def files() -> dict[Path, str]:
+    return {README: readme()}

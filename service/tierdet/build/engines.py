@@ -1,0 +1,530 @@
+"""TensorRT engines for the ``gpu`` Triton repository, built on the GPU that runs them.
+
+A TensorRT plan only runs on the GPU model and TensorRT version that built it,
+so plans are built where Triton runs (compose's ``engine-builder`` service,
+the Helm chart's init container) and cached in the model volume under
+``HOME/engines/<gpu>_trt<version>/``. A cached plan is reused while its ONNX
+file (sha256), shapes and precision are unchanged. A model whose build fails
+is reported and left out of the repository, so the other models still serve;
+the failure is remembered for the same inputs, so Triton pods that scale out
+later do not spend minutes failing again (timeouts are retried).
+
+Only the standard library is imported at module level: NVIDIA's TensorRT
+container runs this file with its own python3 (``python3 engines.py build``),
+where tierdet is not installed. ``tierdet engines ...`` runs the same code.
+
+Layout (``HOME`` is ``TIERDET_HOME``, as written by ``tierdet build``):
+  HOME/onnx/<model>.onnx, .json          built by ``tierdet build`` (+ provenance)
+  HOME/engines/<key>/<model>.plan, .json  cached plans and what they were built from
+  HOME/engines/<key>/<model>.log          trtexec's output; .failed.json: a remembered failure
+  HOME/engines/<key>/report.json          the last build's outcome per model
+  HOME/repository/gpu/<model>/            what tritonserver loads (rewritten each run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# tierdet.registry.tensors.PROVENANCE_PREFIX: this file runs without tierdet
+# installed, so it carries its own copy (tests/test_deploy_engines.py keeps
+# the two equal). Tensor names are read from the config templates instead.
+PROVENANCE_PREFIX = "tierdet."
+PRECISION = "fp16"
+# Where NVIDIA's containers keep trtexec when it is not on PATH.
+TRTEXEC_FALLBACKS = ("/usr/src/tensorrt/bin/trtexec", "/workspace/tensorrt/bin/trtexec")
+LOG_TAIL_LINES = 20
+
+
+class EngineError(RuntimeError):
+    """The build cannot start at all (no GPU, no trtexec, bad templates)."""
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The GPU model and TensorRT version a plan is tied to."""
+
+    gpu: str
+    tensorrt: str
+
+    @property
+    def key(self) -> str:
+        return f"{slug(self.gpu)}_trt{self.tensorrt}"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """trtexec's optimisation profile for the NHWC uint8 input."""
+
+    size: int
+    max_batch: int
+    input_name: str
+
+    def spec(self, batch: int) -> str:
+        return f"{self.input_name}:{batch}x{self.size}x{self.size}x3"
+
+    def as_dict(self) -> dict[str, str]:
+        # opt = max: the dynamic batcher fills batches under load, where
+        # throughput matters; batch 1 stays fast enough at low load.
+        return {"min": self.spec(1), "opt": self.spec(self.max_batch),
+                "max": self.spec(self.max_batch)}
+
+
+@dataclass
+class Outcome:
+    model: str
+    status: str  # "built", "cached" or "failed"
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    toolchain: Toolchain
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def installed(self) -> list[str]:
+        return [o.model for o in self.outcomes if o.status != "failed"]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"gpu": self.toolchain.gpu, "tensorrt": self.toolchain.tensorrt,
+                "key": self.toolchain.key,
+                "models": {o.model: {"status": o.status, "detail": o.detail}
+                           for o in self.outcomes}}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def log(message: str) -> None:
+    print(f"[engines] {message}", flush=True)
+
+
+# --- discovering the toolchain ------------------------------------------------------------
+
+
+def _run(argv: Sequence[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EngineError(f"cannot run {argv[0]}: {exc}") from None
+
+
+def discover_gpu(nvidia_smi: str = "nvidia-smi") -> str:
+    """Name of the visible GPU; several different models cannot share one plan."""
+    result = _run([nvidia_smi, "--query-gpu=name", "--format=csv,noheader"])
+    names = sorted({line.strip() for line in result.stdout.splitlines() if line.strip()})
+    if result.returncode != 0 or not names:
+        raise EngineError(f"no GPU visible to {nvidia_smi} (exit {result.returncode}): "
+                          f"{(result.stderr or result.stdout).strip()}")
+    if len(names) > 1:
+        raise EngineError(f"GPUs of different models are visible ({', '.join(names)}): a plan "
+                          "runs on one model only; restrict with CUDA_VISIBLE_DEVICES")
+    return names[0]
+
+
+def parse_tensorrt_banner(text: str) -> str:
+    """'[TensorRT v100500]' -> '10.5.0'; trtexec prints this banner on every run.
+
+    TensorRT 10 encodes major*10000 + minor*100 + patch, earlier majors
+    major*1000 + minor*100 + patch.
+    """
+    match = re.search(r"\[TensorRT v(\d+)\]", text)
+    if not match:
+        raise EngineError("trtexec printed no '[TensorRT vNNNN]' banner")
+    n = int(match.group(1))
+    major = n // 10000 if n >= 100000 else n // 1000
+    rest = n - major * (10000 if n >= 100000 else 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def find_trtexec(explicit: str | None = None) -> str:
+    candidates = [explicit] if explicit else [shutil.which("trtexec"), *TRTEXEC_FALLBACKS]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise EngineError(f"trtexec not found (looked at {', '.join(c for c in candidates if c)})")
+
+
+def discover_tensorrt(trtexec: str) -> str:
+    result = _run([trtexec, "--help"])
+    return parse_tensorrt_banner(result.stdout + result.stderr)
+
+
+# --- models and their templates -----------------------------------------------------------
+
+
+def find_templates(start: Path | None = None) -> Path | None:
+    """``model_repository/gpu`` beside this file or above it (checkout or image layout)."""
+    here = (start or Path(__file__)).resolve()
+    for folder in here.parents:
+        candidate = folder / "model_repository" / "gpu"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def shapes_from_config(text: str) -> Shapes:
+    """Input name, size and max batch, read from a generated ``config.pbtxt``."""
+    batch = re.search(r"^max_batch_size:\s*(\d+)", text, re.MULTILINE)
+    dims = re.search(r'input\s*\[\s*\{\s*name:\s*"([^"]+)"[^}]*?dims:\s*\[([^\]]*)\]', text)
+    if not (batch and dims):
+        raise ValueError("config has no max_batch_size or no input with dims")
+    values = [int(v) for v in dims.group(2).replace(",", " ").split()]
+    if len(values) != 3 or values[0] != values[1] or values[2] != 3:
+        raise ValueError(f"expected NHWC [S, S, 3] input dims, got {values}")
+    return Shapes(size=values[0], max_batch=max(1, int(batch.group(1))),
+                  input_name=dims.group(1))
+
+
+def provenance_params(provenance: dict[str, str]) -> str:
+    """Parameter lines exactly as ``tierdet.build.repository.render_config`` writes them."""
+    return "".join(
+        f"parameters {{ key: {json.dumps(PROVENANCE_PREFIX + k)} value {{ string_value: "
+        f"{json.dumps(v, ensure_ascii=False)} }} }}\n" for k, v in provenance.items())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def built_models(home: Path) -> list[str]:
+    """Models whose ONNX export finished (``tierdet build`` writes the .json last)."""
+    onnx = home / "onnx"
+    return sorted(p.stem for p in onnx.glob("*.json") if p.with_suffix(".onnx").is_file())
+
+
+def missing_models(home: Path, models: Sequence[str],
+                   repository: Path | None = None) -> list[str]:
+    """``models`` not built yet, or (with ``repository``) not installed there yet.
+
+    ``tierdet build`` writes a model's config.pbtxt after its model file, so a
+    config means the repository entry is complete.
+    """
+    built = set(built_models(home))
+    return [m for m in models if m not in built
+            or (repository is not None and not (repository / m / "config.pbtxt").is_file())]
+
+
+def wait_for_models(home: Path, models: Sequence[str], wait_s: float,
+                    repository: Path | None = None, poll_s: float = 5.0) -> list[str]:
+    """Wait up to ``wait_s`` for ``models`` to be built; returns those still missing."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = missing_models(home, models, repository)
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        log(f"waiting for {', '.join(missing)} in {home}")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """One builder per cache folder: Triton pods starting together share the volume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+@dataclass(frozen=True)
+class Failure:
+    detail: str
+    # The same inputs would fail the same way (not a timeout or a missing tool),
+    # so the failure is remembered instead of retried at every start.
+    final: bool
+
+
+def run_trtexec(trtexec: str, onnx: Path, plan: Path, shapes: Shapes, log_path: Path,
+                timeout_s: float) -> Failure | None:
+    """Build ``plan`` from ``onnx``; returns None on success."""
+    tmp = plan.with_name(plan.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    profile = shapes.as_dict()
+    argv = [trtexec, f"--onnx={onnx}", f"--saveEngine={tmp}", f"--{PRECISION}",
+            f"--minShapes={profile['min']}", f"--optShapes={profile['opt']}",
+            f"--maxShapes={profile['max']}", "--skipInference"]
+    with log_path.open("w") as out:
+        out.write("$ " + " ".join(argv) + "\n")
+        out.flush()
+        try:
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                  check=False).returncode
+        except subprocess.TimeoutExpired:
+            tmp.unlink(missing_ok=True)
+            return Failure(f"trtexec timed out after {timeout_s:.0f} s (log {log_path})", False)
+        except OSError as exc:
+            return Failure(f"cannot run trtexec: {exc}", False)
+    if code != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+        tmp.unlink(missing_ok=True)
+        why = f"trtexec exited {code}" if code != 0 else "trtexec wrote no engine"
+        return Failure(f"{why} (log {log_path}):\n{_tail(log_path)}", True)
+    tmp.replace(plan)
+    return None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    home: Path
+    repository: Path
+    templates: Path
+    trtexec: str
+    timeout_s: float = 3600.0
+    retry_failed: bool = False
+
+
+def _stamp_matches(path: Path, stamp: dict[str, object]) -> bool:
+    try:
+        return json.loads(path.read_text()).get("stamp") == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _build_plan(model: str, opts: BuildOptions, toolchain: Toolchain, cache: Path,
+                onnx: Path, shapes: Shapes, stamp: dict[str, object]) -> Outcome:
+    plan, stamp_path, failed = (cache / f"{model}.plan", cache / f"{model}.json",
+                                cache / f"{model}.failed.json")
+    if not opts.retry_failed and _stamp_matches(failed, stamp):
+        detail = json.loads(failed.read_text())["detail"]
+        return Outcome(model, "failed", "failed before with this ONNX, GPU and TensorRT, not "
+                                        f"retried (--retry-failed to force): {detail}")
+    log(f"{model}: building {PRECISION} engine for {toolchain.gpu} "
+        f"(TensorRT {toolchain.tensorrt}, batch 1..{shapes.max_batch})")
+    started = time.monotonic()
+    failure = run_trtexec(opts.trtexec, onnx, plan, shapes, cache / f"{model}.log",
+                          opts.timeout_s)
+    if failure:
+        plan.unlink(missing_ok=True)
+        stamp_path.unlink(missing_ok=True)
+        if failure.final:
+            failed.write_text(json.dumps({"stamp": stamp, "detail": failure.detail},
+                                         indent=2) + "\n")
+        return Outcome(model, "failed", failure.detail)
+    failed.unlink(missing_ok=True)
+    built_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stamp_path.write_text(json.dumps({"stamp": stamp, "built_at": built_at}, indent=2) + "\n")
+    return Outcome(model, "built", f"{plan} in {time.monotonic() - started:.0f} s")
+
+
+def _ensure_plan(model: str, opts: BuildOptions, toolchain: Toolchain,
+                 cache: Path) -> tuple[Outcome, Path | None, dict[str, str]]:
+    """Cached or freshly built plan for ``model``, with the provenance to install it with."""
+    onnx = opts.home / "onnx" / f"{model}.onnx"
+    template = opts.templates / model / "config.pbtxt"
+    if not (onnx.is_file() and onnx.with_suffix(".json").is_file()):
+        return Outcome(model, "failed", f"no built ONNX at {onnx}"), None, {}
+    if not template.is_file():
+        return Outcome(model, "failed", f"no gpu config template at {template}"), None, {}
+    try:
+        shapes = shapes_from_config(template.read_text())
+    except ValueError as exc:
+        return Outcome(model, "failed", f"{template}: {exc}"), None, {}
+    stamp: dict[str, object] = {
+        "onnx_sha256": sha256_file(onnx), "shapes": shapes.as_dict(), "precision": PRECISION,
+        "gpu": toolchain.gpu, "tensorrt": toolchain.tensorrt}
+    plan = cache / f"{model}.plan"
+    if plan.is_file() and _stamp_matches(cache / f"{model}.json", stamp):
+        outcome = Outcome(model, "cached", str(plan))
+    else:
+        outcome = _build_plan(model, opts, toolchain, cache, onnx, shapes, stamp)
+        if outcome.status == "failed":
+            return outcome, None, {}
+    provenance = json.loads(onnx.with_suffix(".json").read_text())
+    provenance["engine"] = (f"TensorRT {toolchain.tensorrt} {PRECISION} on {toolchain.gpu}, "
+                            f"batch 1..{shapes.max_batch}")
+    return outcome, plan, provenance
+
+
+def _install(staging: Path, model: str, plan: Path, template: Path,
+             provenance: dict[str, str]) -> None:
+    version_dir = staging / model / "1"
+    version_dir.mkdir(parents=True)
+    try:  # same volume: a hard link costs nothing; else (Helm's emptyDir) copy
+        os.link(plan, version_dir / "model.plan")
+    except OSError:
+        shutil.copyfile(plan, version_dir / "model.plan")
+    (staging / model / "config.pbtxt").write_text(template.read_text()
+                                                  + provenance_params(provenance))
+
+
+def _swap_in(staging: Path, repository: Path) -> None:
+    """Replace the repository as a whole: no stale or half-written model survives."""
+    old = repository.with_name(f".{repository.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if repository.exists():
+            repository.rename(old)
+        staging.rename(repository)
+    except OSError as exc:  # e.g. the repository is itself a mount point
+        raise EngineError(f"cannot replace {repository} ({exc}); give a folder inside "
+                          "a volume, not the volume's mount point") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_repository(models: Sequence[str], toolchain: Toolchain, opts: BuildOptions) -> Report:
+    """Build or reuse a plan per model and write the ``gpu`` repository of the good ones."""
+    cache = opts.home / "engines" / toolchain.key
+    report = Report(toolchain)
+    staging = opts.repository.with_name(f".{opts.repository.name}.staging")
+    with locked(cache):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for model in models:
+            outcome, plan, provenance = _ensure_plan(model, opts, toolchain, cache)
+            report.outcomes.append(outcome)
+            if plan is not None:
+                _install(staging, model, plan, opts.templates / model / "config.pbtxt",
+                         provenance)
+        _swap_in(staging, opts.repository)
+        (cache / "report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return report
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _models_arg(text: str | None) -> list[str]:
+    return [m.strip() for m in (text or "").split(",") if m.strip()]
+
+
+def _toolchain(args: argparse.Namespace) -> tuple[Toolchain, str]:
+    trtexec = find_trtexec(args.trtexec)
+    return Toolchain(discover_gpu(args.nvidia_smi), discover_tensorrt(trtexec)), trtexec
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    home: Path = args.home
+    templates = args.templates or find_templates()
+    if templates is None or not templates.is_dir():
+        raise EngineError("no gpu config templates: pass --templates "
+                          "(model_repository/gpu from the tierdet source)")
+    requested = _models_arg(args.models)
+    if requested and args.wait_s > 0:
+        wait_for_models(home, requested, args.wait_s)
+    models = requested or built_models(home)
+    if not models:
+        raise EngineError(f"no built models in {home / 'onnx'}: run `tierdet build` first")
+    toolchain, trtexec = _toolchain(args)
+    log(f"GPU {toolchain.gpu}, TensorRT {toolchain.tensorrt}: cache {toolchain.key}")
+    opts = BuildOptions(home, args.repository or home / "repository" / "gpu", templates,
+                        trtexec, args.timeout_s, args.retry_failed)
+    report = build_repository(models, toolchain, opts)
+    for outcome in report.outcomes:
+        log(f"{outcome.model}: {outcome.status} {outcome.detail}")
+    if report.failed:
+        log(f"LEFT OUT (failed to build): {', '.join(o.model for o in report.failed)}")
+    log(f"repository {opts.repository}: {', '.join(report.installed) or 'EMPTY'}")
+    # Triton with an empty repository would serve nothing: fail loudly instead.
+    return 0 if report.installed else 1
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    print(_toolchain(args)[0].key)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    models = _models_arg(args.models)
+    if not models:
+        raise EngineError("wait needs --models")
+    missing = wait_for_models(args.home, models, args.wait_s, args.repository)
+    if missing:
+        log(f"still not built after {args.wait_s:.0f} s: {', '.join(missing)}")
+        return 1
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Sub-commands of ``engines.py`` and ``tierdet engines`` (one definition for both)."""
+    sub = p.add_subparsers(dest="engines_command", required=True)
+    b = sub.add_parser("build", help="build or reuse TensorRT plans, write the gpu repository",
+                       description="Build an fp16 TensorRT plan per built ONNX model on this "
+                                   "GPU with trtexec (cached per GPU model and TensorRT "
+                                   "version), then write the gpu Triton repository. Models "
+                                   "that fail are reported and left out.")
+    k = sub.add_parser("key", help="print the cache key (GPU model + TensorRT version)")
+    w = sub.add_parser("wait", help="wait until `tierdet build` has written the models",
+                       description="Exit 0 once HOME/onnx holds every model named, "
+                                   "1 if some are still missing after --wait-s.")
+    for q in (b, w):
+        q.add_argument("--models", help="comma-separated names (build: default every built "
+                                        "model in HOME/onnx)")
+        q.add_argument("--wait-s", type=float, default=0.0,
+                       help="wait this long for the named models' ONNX to appear (default 0)")
+    w.add_argument("--repository", type=Path,
+                   help="also wait until each model is installed in this repository")
+    w.set_defaults(engines_func=cmd_wait)
+    for q in (b, k):
+        q.add_argument("--trtexec", help="trtexec to use (default: PATH, then "
+                                         f"{', '.join(TRTEXEC_FALLBACKS)})")
+        q.add_argument("--nvidia-smi", default="nvidia-smi", help="nvidia-smi to ask for the GPU")
+    b.add_argument("--repository", type=Path,
+                   help="repository to write (default HOME/repository/gpu)")
+    b.add_argument("--templates", type=Path,
+                   help="folder of gpu config.pbtxt templates (default: model_repository/gpu "
+                        "found beside or above this file)")
+    b.add_argument("--timeout-s", type=float, default=3600.0, help="limit per trtexec run")
+    b.add_argument("--retry-failed", action="store_true",
+                   help="build again models that failed before with the same ONNX, GPU and "
+                        "TensorRT (a failure is remembered; timeouts are always retried)")
+    b.set_defaults(engines_func=cmd_build)
+    k.set_defaults(engines_func=cmd_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return args.engines_func(args)
+    except EngineError as exc:
+        log(f"error: {exc}")
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="engines.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--home", type=Path,
+                   default=Path(os.environ.get("TIERDET_HOME")
+                                or Path.home() / ".cache" / "tierdet"),
+                   help="TIERDET_HOME: built ONNX in, engine cache and repository out")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Shared in-graph post-processing: top-k candidates, class-aware NMS, top-K.
+
+Every family hands over decoded boxes and per-class scores; this module
+turns them into the service's fixed output ``[B, K, 6]`` rows of
+(x1, y1, x2, y2, score, class). Rows past the last detection have score 0
+and class -1, so the wire never carries raw anchors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tierdet.build.export.nms import nms_keep
+
+# Rank of a suppressed candidate: below any logit or probability. A finite
+# number rather than -inf keeps IsInf out of the graph (TensorRT coverage).
+SUPPRESSED = -1e30
+
+
+class DetectionHead(nn.Module):
+    def __init__(self, pre_nms_top_k: int, max_detections: int, iou_threshold: float,
+                 scores_are_logits: bool) -> None:
+        super().__init__()
+        self.pre_nms_top_k = pre_nms_top_k
+        self.max_detections = max_detections
+        self.iou_threshold = iou_threshold
+        self.scores_are_logits = scores_are_logits
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """boxes [B, N, 4] xyxy input pixels; scores [B, N, C] -> [B, K, 6]."""
+        batch, _, num_classes = scores.shape
+        # Rank every (anchor, class) pair, as effdet and DAMO-YOLO do. Ranking
+        # and NMS run on the scores as given: for logits that avoids the ties
+        # sigmoid makes near 1.0 in float32 (tied scores leave NMS order, and
+        # so which box survives, to the backend); sigmoid is monotonic, so it
+        # is applied to the final rows only.
+        top_scores, top_idx = scores.reshape(batch, -1).topk(self.pre_nms_top_k, dim=1)
+        anchor = top_idx // num_classes
+        cls = top_idx % num_classes
+        cand = boxes.gather(1, anchor.unsqueeze(2).expand(-1, -1, 4))
+        # Class-aware NMS in one call: shift each class to its own region.
+        extent = cand.abs().amax(dim=(1, 2), keepdim=True) + 1.0
+        shift = extent * cls.to(cand.dtype).unsqueeze(2)
+        keep = nms_keep(cand + shift, top_scores, self.iou_threshold)
+        ranked = torch.where(keep > 0, top_scores, torch.full_like(top_scores, SUPPRESSED))
+        final_scores, final_idx = ranked.topk(self.max_detections, dim=1)
+        valid = final_scores > SUPPRESSED
+        if self.scores_are_logits:
+            final_scores = final_scores.sigmoid()
+        # A probability of exactly 0 is no detection either (rows with score 0
+        # are the padding of the fixed-size output).
+        valid = valid & (final_scores > 0)
+        out_boxes = cand.gather(1, final_idx.unsqueeze(2).expand(-1, -1, 4))
+        out_cls = cls.gather(1, final_idx).to(cand.dtype)
+        out_boxes = torch.where(valid.unsqueeze(2), out_boxes, torch.zeros_like(out_boxes))
+        out_scores = torch.where(valid, final_scores, torch.zeros_like(final_scores))
+        out_cls = torch.where(valid, out_cls, torch.full_like(out_cls, -1.0))
+        return torch.cat([out_boxes, out_scores.unsqueeze(2), out_cls.unsqueeze(2)], dim=2)
+
+
+class ExportWrapper(nn.Module):
+    """uint8 NHWC RGB pixels -> normalise -> network -> detections [B, K, 6].
+
+    ``network`` maps a float NCHW tensor to (boxes [B,N,4], scores [B,N,C]).
+    """
+
+    def __init__(self, network: nn.Module, head: DetectionHead,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.network = network
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        x = (x - self.mean) * self.inv_std
+        boxes, scores = self.network(x)
+        return self.head(boxes, scores)

@@ -1,0 +1,135 @@
+"""Triton model repositories, rendered from the model specs.
+
+Targets:
+- ``cpu-local``: python backend running ONNX Runtime, for the tritonserver
+  binary in the ``nvidia-pytriton`` wheel (no onnxruntime backend there).
+- ``cpu``: Triton's own onnxruntime backend, for NVIDIA's container on hosts
+  without a GPU.
+- ``gpu``: ``tensorrt_plan``, engines built from the same ONNX on the GPU.
+
+``model_repository/<target>/<model>/config.pbtxt`` in git is exactly what
+``render_config`` produces without provenance (``tierdet generate``
+rewrites it, a test fails on drift). A runnable repository is assembled
+elsewhere from those configs plus built model files, with the weights'
+provenance recorded as config parameters the gateway reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from tierdet.registry.specs import SPECS, Batching, ModelSpec
+from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
+
+Target = Literal["cpu-local", "cpu", "gpu"]
+TARGETS: tuple[Target, ...] = ("cpu-local", "cpu", "gpu")
+MODEL_FILES: dict[str, str] = {"cpu-local": "model.onnx", "cpu": "model.onnx", "gpu": "model.plan"}
+PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
+COMMITTED_ROOT = Path(__file__).resolve().parents[3] / "model_repository"
+
+
+def _params(items: Mapping[str, str]) -> list[str]:
+    # json.dumps quotes and escapes the way protobuf text format reads them.
+    return [f"parameters {{ key: {json.dumps(k)} value {{ string_value: "
+            f"{json.dumps(v, ensure_ascii=False)} }} }}" for k, v in items.items()]
+
+
+def _queue_policy(b: Batching) -> list[str]:
+    """Priority levels and a queue policy that rejects requests whose timeout
+    passed while queued. Left out of ``cpu-local``: with either one set, the
+    pip wheel's tritonserver stalls requests that arrive while a batch runs
+    for ~500 ms (its batcher's idle wait) before scheduling them, measured by
+    ``benchmarks/triton_queue_stall.py`` (p99 ~570 ms vs ~90 ms without). The
+    gateway still bounds every call by its deadline there; the container
+    targets keep the policy (measure them with the same script)."""
+    return [
+        f"  priority_levels: {b.priority_levels}",
+        f"  default_priority_level: {b.priority_levels}",
+        "  default_queue_policy {",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {b.default_timeout_us}",
+        "    allow_timeout_override: true",
+        "  }",
+    ]
+
+
+def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
+                  provenance: Mapping[str, str] | None = None,
+                  batching: Batching | None = None) -> str:
+    """config.pbtxt text for ``spec`` on ``target``; ``batching`` (tuned from a
+    latency profile) replaces the spec's defaults."""
+    b = batching or spec.batching
+    size = spec.input_size
+    lines = [
+        "# Generated from tierdet.registry.specs by `tierdet generate`; do not edit.",
+        f'name: "{spec.name}"',
+    ]
+    if target == "cpu-local":
+        lines.append('backend: "python"')
+    elif target == "cpu":
+        lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
+    else:
+        lines += ['platform: "tensorrt_plan"', 'default_model_filename: "model.plan"']
+    lines += [
+        f"max_batch_size: {b.max_batch_size}",
+        f'input [ {{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [ {size}, {size}, 3 ] }} ]',
+        f'output [ {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 '
+        f"dims: [ {spec.max_detections}, 6 ] }} ]",
+        "dynamic_batching {",
+        f"  max_queue_delay_microseconds: {b.max_queue_delay_us}",
+        *([] if target == "cpu-local" else _queue_policy(b)),
+        "}",
+        f"instance_group [ {{ kind: {'KIND_GPU' if target == 'gpu' else 'KIND_CPU'} count: 1 }} ]",
+        "model_warmup [ {",
+        '  name: "zeros" batch_size: 1',
+        f'  inputs {{ key: "{INPUT_NAME}" value {{ data_type: TYPE_UINT8 '
+        f"dims: [ {size}, {size}, 3 ] zero_data: true }} }}",
+        "} ]",
+    ]
+    if target == "cpu-local":
+        lines += _params({"onnx_file": "model.onnx", "intra_op_threads": str(intra_op_threads)})
+    elif target == "cpu":
+        lines += _params({"intra_op_thread_count": str(intra_op_threads)})
+    lines += _params({PROVENANCE_PREFIX + k: v for k, v in (provenance or {}).items()})
+    return "\n".join(lines) + "\n"
+
+
+def committed_files(root: Path = COMMITTED_ROOT,
+                    specs: Iterable[ModelSpec] | None = None) -> dict[Path, str]:
+    """The committed config templates (``tierdet generate`` writes them)."""
+    return {root / target / spec.name / "config.pbtxt": render_config(spec, target)
+            for target in TARGETS for spec in (specs or SPECS.values())}
+
+
+def install_model(repository: Path, spec: ModelSpec, target: Target, model_file: Path,
+                  provenance: Mapping[str, str], intra_op_threads: int = 0,
+                  batching: Batching | None = None) -> Path:
+    """Place one built model into a runnable repository (idempotent)."""
+    model_dir = repository / spec.name
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    dest = version_dir / MODEL_FILES[target]
+    if dest.resolve() != model_file.resolve():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(model_file, tmp)
+        tmp.replace(dest)
+    if target == "cpu-local":
+        shutil.copyfile(PYTHON_MODEL, version_dir / "model.py")
+    (model_dir / "config.pbtxt").write_text(
+        render_config(spec, target, intra_op_threads, provenance, batching))
+    return model_dir
+
+
+def installed_models(repository: Path) -> list[str]:
+    """Models in ``repository`` that have a config and a model file."""
+    if not repository.is_dir():
+        return []
+    return sorted(
+        d.name for d in repository.iterdir()
+        if (d / "config.pbtxt").is_file() and any((d / "1" / f).is_file()
+                                                  for f in set(MODEL_FILES.values()))
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from tierdet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""``tierdet build``, ``tierdet engines`` and ``tierdet generate``."""
+
+from __future__ import annotations
+
+import argparse
+
+from tierdet.build import engines
+from tierdet.registry.specs import DEFAULT_MODELS, SPECS, ZOO
+
+
+def model_names(text: str | None, all_models: bool = False) -> list[str]:
+    """Comma-separated model names (default: the default models), checked."""
+    if all_models:  # the published zoo; trained models have their own weights
+        return list(ZOO)
+    names = [m.strip() for m in (text or ",".join(DEFAULT_MODELS)).split(",") if m.strip()]
+    unknown = [m for m in names if m not in SPECS]
+    if unknown:
+        raise SystemExit(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(SPECS)}")
+    return names
+
+
+def weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="official",
+                   help="'official' (download from the spec URL, sha256-verified), "
+                        "'random[:SEED]' (untrained, for tests), or a checkpoint path "
+                        "(default: official)")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tierdet.build.models import assemble, build_model
+    from tierdet.build.weights import WeightsSource
+    from tierdet.registry.specs import get_spec
+
+    source = WeightsSource.parse(args.weights)
+    names = model_names(args.models, args.all)
+    built = [build_model(get_spec(m), source, args.home) for m in names]
+    for model in built:
+        print(f"{model.spec.name}: {model.onnx} ({model.provenance['weights']})")
+    repository = assemble(built, args.home, args.target, args.threads)
+    print(f"repository: {repository}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tierdet.artifacts import generate
+
+    if not args.check:
+        for path in generate.write_all():
+            print(path)
+        return 0
+    drift = generate.drift()
+    if drift:
+        print("generated files differ from their sources; run `tierdet generate`:\n  "
+              + "\n  ".join(drift))
+        return 1
+    print("every generated file matches its source")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build", help="export models to ONNX and assemble a Triton repository",
+                       description="Turn model specs + weights into ONNX files (normalise, "
+                                   "network, decode, NMS in one graph) and install them into "
+                                   "HOME/repository/TARGET.")
+    b.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
+    b.add_argument("--all", action="store_true", help="build the 15 published models (the zoo)")
+    weights_argument(b)
+    b.add_argument("--target", default="cpu-local", choices=["cpu-local", "cpu"],
+                   help="repository flavour to assemble (gpu engines are built on the GPU host)")
+    b.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per model (0: all cores)")
+    b.set_defaults(func=cmd_build)
+
+    g = sub.add_parser("generate", help="rewrite every generated file from its source",
+                       description="Rewrite what is generated from the registry and the "
+                                   "contract: model_repository/ configs, Grafana dashboards, "
+                                   "the Prometheus rules for compose and Helm, the README's "
+                                   "tables and the protobuf code; --check reports drift.")
+    g.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if any generated file differs")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("engines", help="TensorRT plans for the gpu repository (on a GPU host)",
+                       description="Build fp16 TensorRT plans from the built ONNX models on "
+                                   "this GPU (cached per GPU model and TensorRT version) and "
+                                   "write HOME/repository/gpu. The same code runs as "
+                                   "`python3 engines.py` inside NVIDIA's TensorRT container.")
+    engines.add_arguments(e)
+    e.set_defaults(func=engines.run)

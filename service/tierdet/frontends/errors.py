@@ -1,0 +1,45 @@
+"""The one mapping of an ``ApiError`` to each transport.
+
+HTTP: the JSON body ``{"error": {"code", "message"}}`` with the code's status
+and ``Retry-After`` when transient. gRPC: the code's status, the stable code in
+the trailing metadata (``tierdet-error-code``) and ``retry-after`` likewise.
+The statuses themselves are the contract's (``tierdet.contract.errors``).
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from tierdet.contract.errors import GRPC_CODE_KEY, ApiError, ErrorCode
+
+
+def http_response(exc: ApiError) -> JSONResponse:
+    retry_after = exc.retry_after_header()
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+
+
+def invalid_option(exc: ValidationError | RequestValidationError) -> ApiError:
+    """A pydantic refusal of the options as ``invalid_option``, naming the field."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
+    return ApiError(ErrorCode.INVALID_OPTION, f"{where}: {first.get('msg', 'invalid')}")
+
+
+def grpc_status(exc: ApiError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.code.kind.grpc_status]
+
+
+async def grpc_abort(context: grpc.aio.ServicerContext, exc: ApiError) -> NoReturn:
+    trailing = [(GRPC_CODE_KEY, exc.code.value)]
+    retry_after = exc.retry_after_header()
+    if retry_after is not None:
+        trailing.append(("retry-after", retry_after))
+    context.set_trailing_metadata(tuple(trailing))
+    await context.abort(grpc_status(exc), f"{exc.code.value}: {exc.message}")
+    raise AssertionError("unreachable: abort raises")

@@ -1,0 +1,155 @@
+"""gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), plus
+standard health and reflection."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
+from pydantic import ValidationError
+
+from tierdet.contract import wire
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.options import DetectOptions
+from tierdet.contract.results import FrameResult
+from tierdet.frontends.errors import grpc_abort, invalid_option
+from tierdet.frontends.streaming import ordered_map
+from tierdet.proto import detection_pb2 as pb
+from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.serving.security import bearer
+from tierdet.serving.usecase import Caller, Detector
+
+log = logging.getLogger("tierdet.grpc")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+
+
+def options_from_request(request: pb.DetectRequest) -> DetectOptions:
+    try:
+        return DetectOptions(**wire.options_from_message(request))
+    except ValidationError as exc:
+        raise invalid_option(exc) from None
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value
+    return None
+
+
+def _deadline_ms(context: grpc.aio.ServicerContext) -> float | None:
+    remaining_s = context.time_remaining()
+    return remaining_s * 1e3 if remaining_s is not None else None
+
+
+class DetectorServicer(pb_grpc.DetectorServicer):
+    def __init__(self, detector: Detector) -> None:
+        self.detector = detector
+        registry = detector.metrics.registry
+        self.frames_held = Gauge(
+            "tierdet_stream_frames_held", "Frames read from DetectStream calls and not yet "
+            "answered (all streams); at most TIERDET_STREAM_MAX_INFLIGHT per stream.",
+            registry=registry)
+        self.streams_open = Gauge("tierdet_streams_open", "DetectStream calls in progress.",
+                                  registry=registry)
+
+    def _admit(self, context: grpc.aio.ServicerContext,
+               received: float | None = None) -> Caller:
+        return self.detector.admit(bearer(_metadata(context, "authorization"),
+                                          _metadata(context, "x-api-key")), "grpc",
+                                   received, _deadline_ms(context))
+
+    async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
+                     context: grpc.aio.ServicerContext) -> pb.DetectResponse:
+        received = time.perf_counter()
+        try:
+            caller = self._admit(context, received)
+            result = await self.detector.detect(caller, request.image,
+                                                options_from_request(request))
+        except ApiError as exc:
+            await grpc_abort(context, exc)
+        except Exception:
+            log.exception("unhandled error")
+            await grpc_abort(context, ApiError(ErrorCode.INTERNAL, "internal error"))
+        return wire.to_message(result, pb.DetectResponse())
+
+    async def DetectStream(self, request_iterator: AsyncIterator[pb.DetectFrame],  # noqa: N802
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.DetectFrameResult]:
+        try:
+            caller = self._admit(context)
+        except ApiError as exc:
+            await grpc_abort(context, exc)
+        self.streams_open.inc()
+        try:
+            # Each result is yielded only once the previous one is written, and
+            # ordered_map reads no further than the bound: a slow reader on the
+            # other end stops us reading, and HTTP/2 flow control stops its sender.
+            async def frame(f: pb.DetectFrame) -> pb.DetectFrameResult:
+                return wire.frame_to_message(await self._frame(f, caller))
+
+            async for result in ordered_map(aiter(request_iterator), frame,
+                                            self.detector.settings.stream_max_inflight,
+                                            self.frames_held):
+                yield result
+        finally:
+            self.streams_open.dec()
+
+    async def _frame(self, frame: pb.DetectFrame, caller: Caller) -> FrameResult:
+        """One frame's answer; its failure is reported in it, never raised.
+
+        The call's deadline is not a frame's: it bounds the whole stream (and
+        cancels it when it passes). Each frame is budgeted by its own sla_ms
+        or tier, so a long-running stream keeps its tiers' degrade rules."""
+        try:
+            result = await self.detector.detect(caller.restarted(), frame.request.image,
+                                                options_from_request(frame.request))
+        except ApiError as exc:
+            return FrameResult(frame.frame_id, None, wire.error_info(exc))
+        except Exception:
+            log.exception("unhandled error in a stream frame")
+            return FrameResult(frame.frame_id, None, wire.error_info(
+                ApiError(ErrorCode.INTERNAL, "internal error")))
+        return FrameResult(frame.frame_id, result, None)
+
+    async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        try:
+            self._admit(context)
+        except ApiError as exc:
+            await grpc_abort(context, exc)
+        return wire.to_message(self.detector.models(), pb.ListModelsResponse())
+
+
+def create_grpc_server(
+    detector: Detector, address: str, credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+    """A grpc.aio server bound to ``address`` (TLS with ``credentials``); returns it,
+    its health servicer and port."""
+    settings = detector.settings
+    server = grpc.aio.server(options=[
+        # One image as raw bytes (no base64 here) plus room for the options.
+        ("grpc.max_receive_message_length", settings.max_image_bytes + 64 * 1024),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ], maximum_concurrent_rpcs=settings.max_concurrency)
+    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(detector), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
+    return server, health_servicer, port
+
+
+async def set_health(health_servicer: health.HealthServicer, ready: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if ready
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

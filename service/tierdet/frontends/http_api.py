@@ -1,0 +1,172 @@
+"""HTTP front end (FastAPI): /v1/detect (+ batch, rendered), /v1/models, health,
+metrics, and the web page at /."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tierdet import __version__
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.results import BatchResult, DetectResult, ErrorReply, ModelsInfo
+from tierdet.frontends.batch import run_batch
+from tierdet.frontends.errors import http_response, invalid_option
+from tierdet.frontends.http_requests import (
+    DetectBatchJsonRequest,
+    DetectJsonRequest,
+    parse_batch_request,
+    parse_detect_request,
+    request_body_doc,
+)
+from tierdet.frontends.middleware import BodyLimit
+from tierdet.serving import decoding, render
+from tierdet.serving.security import bearer
+from tierdet.serving.settings import Settings
+from tierdet.serving.usecase import Caller, Detector
+
+log = logging.getLogger("tierdet.http")
+WEB_DIR = Path(__file__).with_name("web")
+# The page loads only its own script and style, and draws uploads from blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+# Query parameters of /v1/detect that are not detect options.
+_NOT_OPTIONS = frozenset({"render"})
+
+_ERROR_STATUSES = (400, 401, 403, 413, 415, 422, 429, 502, 503, 504)
+_ERRORS: dict[int | str, dict[str, object]] = {s: {"model": ErrorReply}
+                                                for s in _ERROR_STATUSES}
+_IMAGE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+_DETECT_RESPONSES: dict[int | str, dict[str, object]] = {
+    **_ERRORS,
+    200: {"description": "Detections as JSON, or with `render=true` the annotated image.",
+          "content": {"image/jpeg": _IMAGE_SCHEMA, "image/png": _IMAGE_SCHEMA}},
+}
+
+
+def body_limits(settings: Settings):
+    """Per-path body limits: one image for /v1/detect, a batch's worth for the
+    batch endpoint, 64 KiB for any other /v1 route."""
+    limits = {"/v1/detect": settings.max_body_bytes(),
+              "/v1/detect/batch": settings.max_body_bytes(settings.batch_max_images)}
+
+    def limit_for(path: str) -> int | None:
+        return limits.get(path.rstrip("/"), 64 * 1024 if path.startswith("/v1/") else None)
+
+    return limit_for
+
+
+def _rendered(data: bytes, result: DetectResult, settings: Settings,
+              fmt: render.ImageFormat) -> bytes:
+    """The request's image with its detections drawn. The detector does not hand
+    back its decoded pixels, so decode again: the bytes already passed the limits."""
+    image = decoding.decode_image(data, settings.max_image_bytes, settings.max_image_pixels)
+    return render.encode(render.draw(image, result.detections), fmt)
+
+
+def create_app(detector: Detector) -> FastAPI:
+    settings = detector.settings
+    index_html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    app = FastAPI(
+        title="tierdet", version=__version__,
+        description="Object detection that answers within your latency budget.",
+    )
+    app.add_middleware(BodyLimit, limit_for=body_limits(settings))
+
+    def _admit(request: Request) -> Caller:
+        """API key check and rate limit, before any body is read."""
+        return detector.admit(bearer(request.headers.get("authorization"),
+                                     request.headers.get("x-api-key")), "http")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return http_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return http_response(invalid_option(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_OPTION
+        body = {"error": {"code": code.value, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")  # the trace goes to the log, never the client
+        return http_response(ApiError(ErrorCode.INTERNAL, "internal error"))
+
+    @app.post("/v1/detect", response_model=DetectResult, responses=_DETECT_RESPONSES,
+              openapi_extra=request_body_doc("image", DetectJsonRequest),
+              summary="Detect objects in one image")
+    async def detect(
+        request: Request,
+        render_image: bool = Query(False, alias="render", description=(
+            "Answer with the image, boxes drawn (JPEG, or PNG if Accept prefers it) "
+            "instead of JSON.")),
+    ) -> DetectResult | Response:
+        caller = _admit(request)
+        query = {k: v for k, v in request.query_params.items() if k not in _NOT_OPTIONS}
+        data, options = await parse_detect_request(request, query)
+        result = await detector.detect(caller, data, options)
+        if render_image:
+            fmt = render.negotiate(request.headers.get("accept"))
+            body = await asyncio.to_thread(_rendered, data, result, settings, fmt)
+            return Response(body, media_type=render.MEDIA_TYPES[fmt], headers={
+                "Vary": "Accept", "X-Tierdet-Model": result.model,
+                "X-Tierdet-Detections": str(len(result.detections)),
+                "X-Tierdet-Total-Ms": f"{result.timing.total_ms:.1f}"})
+        return result
+
+    @app.post("/v1/detect/batch", response_model=BatchResult, responses=_ERRORS,
+              openapi_extra=request_body_doc("images", DetectBatchJsonRequest),
+              summary="Detect objects in several images",
+              description="Every image is answered on its own: a failed image carries its "
+                          f"error code and the others their detections. At most "
+                          f"{settings.batch_max_images} images per call "
+                          "(TIERDET_BATCH_MAX_IMAGES).")
+    async def detect_batch(request: Request) -> BatchResult:
+        caller = _admit(request)
+        images, options = await parse_batch_request(request, settings.batch_max_images)
+        return await run_batch(detector, caller, images, options, settings.batch_concurrency)
+
+    @app.get("/v1/models", response_model=ModelsInfo, summary="Models, tiers, readiness")
+    async def models(request: Request) -> ModelsInfo:
+        _admit(request)
+        return detector.models()
+
+    @app.get("/healthz", summary="The gateway process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Triton is reachable and the models are ready",
+             responses={503: _ERRORS[503]})
+    async def readyz() -> JSONResponse:
+        _, code, detail = await detector.readiness()
+        if code is not None:
+            return http_response(ApiError(code, detail))
+        return JSONResponse({"status": "ready", "models": detector.catalog.ready_models()})
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(detector.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(index_html, headers=PAGE_HEADERS)
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app

@@ -1,0 +1,59 @@
+"""Refuse oversized request bodies while they stream in (an ASGI middleware)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.frontends.errors import http_response
+
+
+class BodyLimit:
+    """A declared Content-Length over the limit is answered 413 before a byte of
+    the body is read; a body without one (chunked) is counted as it arrives and
+    refused as soon as it passes the limit, so the gateway never holds more than
+    the limit of any request in memory.
+
+    ``limit_for(path)``: the most bytes a body to ``path`` may have, None for no limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limit_for(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > limit
+            except ValueError:
+                await http_response(ApiError(ErrorCode.INVALID_OPTION,
+                                             "Content-Length is not a number"))(scope, receive,
+                                                                                  send)
+                return
+            if too_large:
+                response = http_response(ApiError(
+                    ErrorCode.IMAGE_TOO_LARGE,
+                    f"the request body is over the limit of {limit} bytes"))
+                # The unread body must not be parsed as the next request.
+                response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(ErrorCode.IMAGE_TOO_LARGE,
+                               f"the request body passed the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,112 @@
+"""Run the gateway: HTTP and gRPC front ends in one event loop.
+
+Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
+within ``grace_s``, then exit. ``tierdet serve`` and the container
+entrypoint both call ``run_gateway``: there is one way to start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health
+
+from tierdet.frontends.grpc_api import create_grpc_server, set_health
+from tierdet.frontends.http_api import create_app
+from tierdet.serving.decoding import limit_decoder_pixels
+from tierdet.serving.metrics import Metrics
+from tierdet.serving.settings import Settings
+from tierdet.serving.triton import TritonClient
+from tierdet.serving.usecase import Detector
+
+log = logging.getLogger("tierdet")
+REFRESH_S = 1.0
+STATS_EVERY = 5  # refresh ticks between polls of Triton's statistics
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: ours stop HTTP and gRPC together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+async def _watch_models(detector: Detector, health_servicer: health.HealthServicer,
+                        stop: asyncio.Event) -> None:
+    """Keep readiness current, so a restarted Triton is picked up by itself."""
+    ticks = 0
+    while not stop.is_set():
+        try:
+            ready, _, _ = await detector.readiness()
+            await set_health(health_servicer, ready)
+            if ticks % STATS_EVERY == 0:
+                await detector.catalog.refresh_statistics()
+                detector.catalog.refresh_accuracy()
+        except Exception:
+            log.exception("model refresh failed")
+        ticks += 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), REFRESH_S)
+
+
+def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None:
+        return None
+    if settings.tls_key_file is None:
+        raise ValueError("TIERDET_TLS_CERT_FILE needs TIERDET_TLS_KEY_FILE")
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
+                      grace_s: float = 10.0) -> None:
+    limit_decoder_pixels(settings.max_image_pixels)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    triton = TritonClient(settings.triton_url)
+    detector = Detector(settings, triton, Metrics())
+    await detector.catalog.refresh()
+    for info in detector.catalog.infos():
+        log.info("model %s: ready=%s weights=%s", info.name, info.ready, info.weights)
+
+    grpc_server, health_servicer, grpc_port = create_grpc_server(
+        detector, f"{settings.grpc_host}:{settings.grpc_port}", _grpc_credentials(settings))
+    await grpc_server.start()
+    tls = settings.tls_cert_file is not None
+    http = _Uvicorn(uvicorn.Config(
+        create_app(detector), host=settings.http_host, port=settings.http_port,
+        log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=int(grace_s),
+        lifespan="off", limit_concurrency=settings.max_concurrency,
+        ssl_certfile=str(settings.tls_cert_file) if tls else None,
+        ssl_keyfile=str(settings.tls_key_file) if tls else None))
+    http_task = asyncio.create_task(http.serve())
+    watch_task = asyncio.create_task(_watch_models(detector, health_servicer, stop))
+    log.info("gateway listening: %s://%s:%d grpc%s %s:%d, triton %s, API keys %s",
+             "https" if tls else "http", settings.http_host, settings.http_port,
+             "+tls" if tls else "", settings.grpc_host, grpc_port, settings.triton_url,
+             f"required ({len(detector.keys.keys)})" if detector.keys.enabled else "off")
+    stop_task = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task.done() and not stop.is_set():
+            raise RuntimeError(f"the HTTP server stopped: cannot serve on "
+                               f"{settings.http_host}:{settings.http_port}?")
+    finally:
+        stop_task.cancel()
+        log.info("shutting down: finishing in-flight requests (grace %.0f s)", grace_s)
+        await set_health(health_servicer, False)
+        http.should_exit = True
+        await asyncio.gather(grpc_server.stop(grace_s), http_task, return_exceptions=True)
+        watch_task.cancel()
+        await triton.close()
+        log.info("gateway stopped")

@@ -1,0 +1,14 @@
+"""The gateway's core: everything between a validated request and its answer.
+
+``usecase.Detector`` is the one entry: it admits a caller (API key, rate
+limit), authorizes the request, sheds what cannot finish in time, decodes
+(``decoding``), routes (``routing``), prepares the tensor (``imaging``),
+calls the backend (``backend``; ``triton`` is the real one) and maps the rows
+back (``postprocess``). ``catalog`` keeps what the gateway knows of each
+model; ``metrics``, ``security``, ``settings`` and ``render`` are what their
+names say.
+
+May import: ``tierdet.contract``, ``tierdet.registry``, numpy, OpenCV,
+tritonclient, prometheus-client. Never fastapi, starlette or grpc: the
+front ends own the transports.
+"""

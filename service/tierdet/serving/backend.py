@@ -1,0 +1,34 @@
+"""What the use case needs from an inference server: the ``Backend`` protocol.
+
+``tierdet.serving.triton.TritonClient`` is the real one (async gRPC to
+Triton). Unit tests of the use case drive an in-process fake instead, so they
+run in milliseconds; every test of the serving path itself runs a real
+tritonserver. Every failure is an ``ApiError`` with a stable code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    async def infer(self, model: str, images: np.ndarray, timeout_s: float,
+                    priority: int = 0) -> np.ndarray:
+        """uint8 [B, S, S, 3] -> detection rows [B, K, 6], within ``timeout_s``."""
+        ...
+
+    async def repository_models(self, timeout_s: float = 2.0) -> dict[str, tuple[str, str]]:
+        """Model name -> (state, reason): READY, UNAVAILABLE (reason: the load error), ..."""
+        ...
+
+    async def provenance(self, model: str, timeout_s: float = 2.0) -> dict[str, str]:
+        """What the build recorded about the model (weights, digests, measured AP)."""
+        ...
+
+    async def batch_executions(self, model: str, timeout_s: float = 2.0) -> dict[int, int]:
+        """Cumulative executions per batch size."""
+        ...
+
+    async def close(self) -> None: ...

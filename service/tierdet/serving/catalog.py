@@ -1,0 +1,162 @@
+"""What the gateway knows of each model it may serve, refreshed from the backend.
+
+Readiness and Triton's state per model; where its weights came from and the AP
+its build measured (the provenance the build wrote into the model's config);
+the latest evaluation records (``TIERDET_EVAL_DIR``). The catalog keeps the
+router's AP table current: a model is ranked by the AP measured for the
+weights it serves where there is one, else by its published figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tierdet.contract.errors import ApiError
+from tierdet.contract.results import ModelInfo
+from tierdet.registry.accuracy import EvalRecord, latest_and_previous, load_records
+from tierdet.registry.specs import SPECS, ModelSpec
+from tierdet.serving.backend import Backend
+from tierdet.serving.metrics import Metrics
+from tierdet.serving.routing import Router
+from tierdet.serving.settings import Settings
+
+log = logging.getLogger("tierdet")
+
+
+@dataclass
+class ModelState:
+    spec: ModelSpec
+    ready: bool = False
+    weights: str = "unknown"
+    status: str = "UNKNOWN"  # Triton's state: READY, UNAVAILABLE, LOADING, ...
+    reason: str = ""  # why it is not ready (Triton's load error), if known
+    measured_ap: float | None = None  # AP (0..1) the build recorded for these weights
+    measured_on: str = ""  # ... and the data set it was measured on
+
+    @property
+    def routing_ap(self) -> float:
+        """The AP (percent) the router ranks this model by."""
+        if self.measured_ap is not None:
+            return round(100 * self.measured_ap, 1)
+        return self.spec.published_ap or 0.0
+
+
+def initial_ap() -> dict[str, float]:
+    """The router's AP table before any model's provenance is known."""
+    return {name: ModelState(spec).routing_ap for name, spec in SPECS.items()}
+
+
+class Catalog:
+    def __init__(self, settings: Settings, backend: Backend, router: Router,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.router = router
+        self.metrics = metrics
+        self.states: dict[str, ModelState] = {}
+        self.backend_up = False
+        self.evaluations: dict[tuple[str, str, str, str],
+                               tuple[EvalRecord, EvalRecord | None]] = {}
+
+    def serves(self, name: str) -> bool:
+        """``name`` is a model this gateway may route to (ready or not)."""
+        return name in SPECS and (not self.settings.models or name in self.settings.models)
+
+    def ready_models(self) -> list[str]:
+        return [n for n, s in self.states.items() if s.ready]
+
+    async def refresh(self) -> None:
+        """Re-read readiness and weights provenance of every model from the backend."""
+        try:
+            index: dict[str, tuple[str, str]] | None = await self.backend.repository_models()
+        except Exception:  # an unreachable Triton is a state, not an error
+            index = None
+        self.backend_up = index is not None
+        self.metrics.triton_up.set(1 if index is not None else 0)
+        names = self.settings.models or tuple(n for n in (index or {}) if n in SPECS)
+        for name in names:
+            spec = SPECS.get(name)
+            if spec is None:
+                continue
+            state = self.states.setdefault(name, ModelState(spec))
+            was_ready = state.ready
+            state.status, state.reason = (index or {}).get(
+                name, ("UNREACHABLE" if index is None else "NOT_LOADED", ""))
+            state.ready = state.status == "READY"
+            if state.ready and not was_ready:
+                await self._read_provenance(state)
+                # Awaited: until the router knows a model's latency it would
+                # misroute, so the probe is part of getting ready (like warm-up).
+                await self._probe_latency(spec)
+            self.metrics.model_ready.labels(name).set(1 if state.ready else 0)
+            if spec.published_ap is not None:
+                self.metrics.published_ap.labels(name).set(spec.published_ap)
+
+    def refresh_accuracy(self) -> None:
+        """Re-read evaluation records (cheap: a folder of small JSON files)."""
+        records = load_records(self.settings.eval_dir)
+        self.evaluations = latest_and_previous(records)
+        self.metrics.set_accuracy(records)
+
+    async def refresh_statistics(self) -> None:
+        """Batch-size counts from the backend for every ready model (for /metrics)."""
+        for name in self.ready_models():
+            try:
+                stats = await self.backend.batch_executions(name)
+            except Exception:
+                continue
+            self.metrics.triton_batches.update(name, stats)
+
+    def measured_ap(self, state: ModelState) -> dict[str, float]:
+        """AP (0..1) measured through the gateway, per "dataset[/tier]": the build's
+        record of its weights, then the latest evaluation reports."""
+        out = {state.measured_on: state.measured_ap} if state.measured_ap is not None else {}
+        out.update({f"{d}/{t}" if t else d: latest.ap
+                    for (m, t, d, source), (latest, _) in self.evaluations.items()
+                    if m == state.spec.name and source == "gateway"})
+        return out
+
+    def infos(self) -> tuple[ModelInfo, ...]:
+        return tuple(
+            ModelInfo(name=name, family=st.spec.family.value, input_size=st.spec.input_size,
+                      preprocessing=st.spec.preprocessing.resize,
+                      published_coco_ap=st.spec.published_ap, params_m=st.spec.params_m,
+                      ready=st.ready, status=st.status, reason=st.reason, weights=st.weights,
+                      latency_ms=round(self.router.latency.service_ms(name), 3),
+                      routing_ap=st.routing_ap, measured_ap=self.measured_ap(st))
+            for name, st in sorted(self.states.items()))
+
+    async def _read_provenance(self, state: ModelState) -> None:
+        try:
+            prov = await self.backend.provenance(state.spec.name)
+        except Exception:
+            return
+        state.weights = prov.get("weights", "unknown")
+        if prov.get("measured_ap"):
+            state.measured_ap = float(prov["measured_ap"])
+            state.measured_on = prov.get("measured_on", "")
+        self.router.ap[state.spec.name] = state.routing_ap
+        if state.weights.startswith("random"):
+            log.warning("model %s serves RANDOM weights: %s", state.spec.name, state.weights)
+        else:
+            log.info("model %s ready, weights: %s", state.spec.name, state.weights)
+
+    async def _probe_latency(self, spec: ModelSpec) -> None:
+        """Seed the router with one measurement of a model it has no profile for."""
+        if spec.name in self.router.latency.profile.models:
+            return
+        image = np.full((1, spec.input_size, spec.input_size, 3), 114, np.uint8)
+        with self.router.dispatch(spec.name) as run:
+            try:
+                for _ in range(2):  # the first call may pay one-off costs
+                    start = time.perf_counter()
+                    await self.backend.infer(spec.name, image, timeout_s=60.0)
+                run.observe((time.perf_counter() - start) * 1e3)
+            except ApiError:
+                return
+        log.info("model %s: no latency profile; measured %.1f ms at batch 1", spec.name,
+                 run.observed_ms)

@@ -1,0 +1,85 @@
+"""Image decoding and geometry: bytes -> model input, model boxes -> image boxes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from tierdet.registry.specs import Preprocessing
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image was placed into the model input, to undo it on boxes."""
+
+    scale_x: float
+    scale_y: float
+    width: int  # original image size
+    height: int
+
+
+# Transparent pixels are shown over white, as a browser on a white page would.
+ALPHA_BACKGROUND = 255.0
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Any decoded OpenCV image (gray, gray+alpha, BGR, BGRA; 8/16-bit or float)
+    -> RGB uint8, alpha composited over white."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 2:  # gray + alpha
+        image = cv2.cvtColor(image[:, :, :1], cv2.COLOR_GRAY2BGR), image[:, :, 1]
+        image = np.dstack(image)
+    if image.shape[2] == 4:
+        alpha = image[:, :, 3:].astype(np.float32) / 255.0
+        blended = image[:, :, :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+        image = np.round(blended).astype(np.uint8)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int]
+              ) -> tuple[np.ndarray, Geometry]:
+    """Resize keeping aspect so the long side is ``size``; pad bottom/right."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = pad_rgb
+    # Shrinking with INTER_AREA averages like effdet's (antialiased) PIL resize;
+    # INTER_LINEAR would alias fine detail away.
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    # Boxes map back with the scale actually applied on each axis.
+    return canvas, Geometry(new_w / w, new_h / h, w, h)
+
+
+def stretch(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """Resize to size x size ignoring aspect, exactly as DAMO-YOLO's evaluation
+    transform does (cv2 INTER_LINEAR): its golden outputs depend on it."""
+    h, w = image.shape[:2]
+    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    return resized, Geometry(size / w, size / h, w, h)
+
+
+def prepare(image: np.ndarray, size: int, prep: Preprocessing) -> tuple[np.ndarray, Geometry]:
+    if prep.resize == "stretch":
+        return stretch(image, size)
+    return letterbox(image, size, prep.pad_rgb)
+
+
+def boxes_to_image(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Model-input xyxy boxes [N, 4] -> original-image pixels, clipped."""
+    out = boxes.astype(np.float64, copy=True)
+    out[:, [0, 2]] /= geometry.scale_x
+    out[:, [1, 3]] /= geometry.scale_y
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, geometry.width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, geometry.height)
+    return out

@@ -1,0 +1,129 @@
+"""Prometheus metrics of the gateway: stable names, low-cardinality labels.
+
+Labels only take values from closed sets: protocol (http, grpc), tier
+(configured names, or "none" for pinned models and bare budgets), model
+(registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
+rate_limited), stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tierdet.registry.accuracy import EvalRecord, latest_and_previous
+
+# Buckets span a fast GPU answer (ms) to a slow CPU D7 (seconds).
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                   1.0, 1.5, 2.5, 5.0, 10.0)
+RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error", "unauthorized", "rate_limited")
+NO_TIER = "none"
+
+
+class TritonBatchCollector(Collector):
+    """Executions per batch size, from Triton's statistics API (cumulative).
+
+    Triton's own /metrics has execution and inference counts but not their
+    distribution over batch sizes; the gateway polls the statistics and
+    re-exports them here so dashboards can show how well batching works.
+    """
+
+    def __init__(self) -> None:
+        self.executions: dict[str, dict[int, int]] = {}
+
+    def update(self, model: str, batch_stats: Mapping[int, int]) -> None:
+        self.executions[model] = dict(batch_stats)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "tierdet_triton_batch_executions",
+            "Model executions at Triton by batch size (from Triton's statistics API).",
+            labels=["model", "batch_size"])
+        for model, stats in sorted(self.executions.items()):
+            for size, count in sorted(stats.items()):
+                family.add_metric([model, str(size)], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.triton_batches = TritonBatchCollector()
+        r.register(self.triton_batches)
+        ap_labels = ["model", "tier", "dataset", "source", "metric"]
+        self.ap = Gauge(
+            "tierdet_model_ap", "Measured AP (0..1) of the latest evaluation; source=gateway "
+            "is the full serving path, source=onnx the bare model.", ap_labels, registry=r)
+        self.ap_previous = Gauge(
+            "tierdet_model_ap_previous", "Measured AP of the evaluation before the latest.",
+            ap_labels, registry=r)
+        self.ap_time = Gauge(
+            "tierdet_model_ap_evaluated_timestamp_seconds", "When the latest evaluation ran.",
+            ["model", "tier", "dataset", "source"], registry=r)
+        self.published_ap = Gauge(
+            "tierdet_model_published_ap", "Published COCO val2017 AP of the official weights "
+            "(percent).", ["model"], registry=r)
+        self.requests = Counter(
+            "tierdet_requests", "Detect requests answered, by outcome.",
+            ["protocol", "tier", "model", "outcome"], registry=r)
+        self.latency = Histogram(
+            "tierdet_request_duration_seconds",
+            "End-to-end detect latency at the gateway (successful requests).",
+            ["protocol", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram(
+            "tierdet_stage_duration_seconds",
+            "Time spent in each stage of a detect request.",
+            ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.slo = Counter(
+            "tierdet_slo_requests", "Requests with a budget, by whether the answer met it "
+            "(shed and failed requests count as missed).", ["tier", "result"], registry=r)
+        self.degraded = Counter(
+            "tierdet_degraded", "Answers served late by the fastest model (tier allows it).",
+            ["tier", "model"], registry=r)
+        self.prediction_ratio = Histogram(
+            "tierdet_latency_prediction_ratio",
+            "Actual / predicted end-to-end latency of routed requests.", ["model"],
+            buckets=RATIO_BUCKETS, registry=r)
+        self.inflight = Gauge(
+            "tierdet_inflight_requests", "Detect requests being processed.", registry=r)
+        self.images = Counter(
+            "tierdet_images", "Images answered successfully, by model.", ["model"],
+            registry=r)
+        self.model_ready = Gauge(
+            "tierdet_model_ready", "1 if Triton reports the model ready.", ["model"],
+            registry=r)
+        self.triton_up = Gauge(
+            "tierdet_triton_up", "1 if the gateway can reach Triton.", registry=r)
+
+    def set_accuracy(self, records: list[EvalRecord]) -> None:
+        for (model, tier, dataset, source), (latest, previous) in \
+                latest_and_previous(records).items():
+            before = previous.metrics() if previous is not None else {}
+            for metric, value in latest.metrics().items():
+                self.ap.labels(model, tier, dataset, source, metric).set(value)
+                if metric in before:
+                    self.ap_previous.labels(model, tier, dataset, source, metric).set(
+                        before[metric])
+            self.ap_time.labels(model, tier, dataset, source).set(latest.timestamp)
+
+    def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
+                   stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:
+        tier = tier or NO_TIER
+        self.requests.labels(protocol, tier, model, "ok").inc()
+        self.latency.labels(protocol, model).observe(total_s)
+        self.images.labels(model).inc()
+        self.slo.labels(tier, "met" if in_slo else "missed").inc()
+        if predicted_s > 0:
+            self.prediction_ratio.labels(model).observe(total_s / predicted_s)
+        for stage, seconds in stages.items():
+            self.stage.labels(stage, model).observe(seconds)
+
+    def observe_failure(self, protocol: str, tier: str | None, model: str, outcome: str) -> None:
+        self.requests.labels(protocol, tier or NO_TIER, model, outcome).inc()
+        if outcome in ("shed", "timeout", "error"):
+            self.slo.labels(tier or NO_TIER, "missed").inc()

@@ -1,0 +1,423 @@
+"""Route each request to the most accurate model that can answer within its budget.
+
+For every candidate the router predicts when the answer would be ready:
+
+    predicted = elapsed (decode so far)
+              + backlog (work already admitted to the device, all models)
+              + service time of this model at batch 1
+              + fixed gateway overhead
+
+and picks the highest-AP model whose prediction, with a safety margin,
+fits the budget. The device is treated as shared: on a CPU (and largely on
+one GPU) every model's requests compete for the same cores, so a long D1
+backlog slows a D0 answer too. Service times come from the measured
+profile, corrected online by the ratio of observed to predicted Triton
+latency (EWMA per model). When nothing fits the request is shed at once
+(or, where its tier allows, served by the fastest model and marked
+degraded): work that cannot make its deadline is never queued.
+
+Among the models that fit, a bigger one is worth its accuracy only if its
+extra device time does not push other requests out of their budgets: each
+candidate's AP is discounted by the AP expected to be lost to requests with
+tighter budgets that would arrive while its work is queued (from the budgets
+seen recently). Under light load, or with only loose budgets around, the
+discount is near zero; with frequent tight requests, loose ones take small
+models and the tight ones keep fitting. A load governor also keeps the
+projected device utilization under a target.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.registry.profile import LatencyProfile
+
+# Prior for a model with no profile and no observation yet: slow enough that
+# it is only chosen when nothing measured fits.
+UNKNOWN_SERVICE_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    budget_ms: float
+    models: tuple[str, ...] = ()  # empty: every served model
+    degrade: bool = False  # nothing fits: serve the fastest model late, marked
+    priority: int = 2  # Triton priority level (1 = first)
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    t.name: t for t in (
+        Tier("realtime", 150.0, priority=1),
+        Tier("balanced", 500.0, degrade=True),
+        Tier("accurate", 3000.0, degrade=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    tiers: dict[str, Tier]
+    default: str
+
+    @classmethod
+    def load(cls, path: Path | None, default: str) -> TierConfig:
+        """Tiers from a YAML/JSON file ({tiers: {name: {budget_ms, models,
+        degrade, priority}}}), or the built-in ones."""
+        tiers = dict(DEFAULT_TIERS)
+        if path is not None:
+            import yaml
+
+            raw = yaml.safe_load(path.read_text()) or {}
+            tiers = {name: Tier(name=name, budget_ms=float(t["budget_ms"]),
+                                models=tuple(t.get("models") or ()),
+                                degrade=bool(t.get("degrade", False)),
+                                priority=int(t.get("priority", 2)))
+                     for name, t in (raw.get("tiers") or {}).items()}
+            default = raw.get("default", default)
+        if default not in tiers:
+            raise ValueError(f"default tier {default!r} is not among {sorted(tiers)}")
+        return cls(tiers, default)
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What the client asked for; every field optional."""
+
+    model: str | None = None
+    tier: str | None = None
+    sla_ms: float | None = None
+    deadline_ms: float | None = None  # e.g. the gRPC call deadline, from now
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    tier: str | None
+    budget_ms: float
+    predicted_ms: float
+    degraded: bool
+    priority: int
+
+    def timeout_s(self, elapsed_ms: float, floor_ms: float = 1.0) -> float:
+        """Time left for the Triton call: the budget minus what is spent."""
+        return max(floor_ms, self.budget_ms - elapsed_ms) / 1e3
+
+
+@dataclass
+class _ModelLoad:
+    inflight: int = 0
+    ratio: float = 1.0  # observed / predicted Triton time, EWMA
+    ratio_at: float = 0.0  # monotonic time of the last ratio update
+    observed_ms: float | None = None  # EWMA of batch-1 latency (models without profile)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: what was predicted, and whether the device was idle."""
+
+    model: str
+    predicted_ms: float  # Triton time (queue + service) predicted at admission
+    idle: bool  # nothing was in flight on the device when it was admitted
+    ratio: float  # the model's correction used for that prediction
+
+
+@dataclass
+class Dispatch:
+    """Work on the device, from ``Router.dispatch``: say how long it took."""
+
+    ticket: Ticket
+    observed_ms: float | None = None  # None: it did not complete (nothing learned)
+
+    def observe(self, ms: float) -> None:
+        self.observed_ms = ms
+
+
+@dataclass
+class LatencyModel:
+    """Predicts service time per model; tracks admitted work (thread-safe).
+
+    Learning is guarded against queueing: a model's own service time is
+    learned only from requests admitted to an idle device, so a burst cannot
+    inflate the estimate (and an inflated estimate sheds the very requests
+    that would correct it). Requests admitted behind others refine the
+    profile's ratio slowly, and every correction decays back towards the
+    profile (half-life ``decay_s``) when no new evidence arrives.
+    """
+
+    profile: LatencyProfile
+    alpha: float = 0.2
+    busy_alpha: float = 0.05
+    decay_s: float = 60.0
+    loads: dict[str, _ModelLoad] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _load(self, model: str) -> _ModelLoad:
+        return self.loads.setdefault(model, _ModelLoad())
+
+    def base_ms(self, model: str) -> float:
+        """Profiled (or observed) batch-1 latency, before online correction."""
+        prof = self.profile.models.get(model)
+        if prof is not None:
+            return prof.service_ms(1)
+        load = self.loads.get(model)
+        return load.observed_ms if load and load.observed_ms else UNKNOWN_SERVICE_MS
+
+    def marginal_ms(self, model: str) -> float:
+        prof = self.profile.models.get(model)
+        return prof.marginal_ms() if prof is not None else self.base_ms(model)
+
+    def _ratio(self, load: _ModelLoad, now: float | None = None) -> float:
+        """The correction, relaxed towards 1.0 since its last update."""
+        if load.ratio == 1.0 or self.decay_s <= 0:
+            return load.ratio
+        age = (time.monotonic() if now is None else now) - load.ratio_at
+        keep = 0.5 ** (max(0.0, age) / self.decay_s)
+        return 1.0 + (load.ratio - 1.0) * keep
+
+    def service_ms(self, model: str) -> float:
+        return self.base_ms(model) * self._ratio(self._load(model))
+
+    def cost_ms(self, model: str) -> float:
+        """Device time one more request of ``model`` adds when the device is busy."""
+        return self.marginal_ms(model) * self._ratio(self._load(model))
+
+    def backlog_ms(self) -> float:
+        """Work admitted but not finished, on the shared device."""
+        return sum(load.inflight * self.cost_ms(name) for name, load in self.loads.items())
+
+    def predict_ms(self, model: str) -> float:
+        """Triton time for a request admitted now (queue + service)."""
+        return self.backlog_ms() + self.service_ms(model)
+
+    def admit(self, model: str) -> Ticket:
+        """Count a request as in flight."""
+        with self._lock:
+            idle = all(load.inflight == 0 for load in self.loads.values())
+            load = self._load(model)
+            ticket = Ticket(model, self.predict_ms(model), idle, self._ratio(load))
+            load.inflight += 1
+            return ticket
+
+    def finish(self, ticket: Ticket, observed_ms: float | None) -> None:
+        """Release an admitted request; learn from its latency if it completed."""
+        with self._lock:
+            load = self._load(ticket.model)
+            load.inflight = max(0, load.inflight - 1)
+            if observed_ms is None or ticket.predicted_ms <= 0:
+                return
+            now = time.monotonic()
+            if ticket.model in self.profile.models:
+                current = self._ratio(load, now)
+                implied = ticket.ratio * observed_ms / ticket.predicted_ms
+                alpha = self.alpha if ticket.idle else self.busy_alpha
+                load.ratio = current + alpha * (min(4.0, max(0.25, implied)) - current)
+                load.ratio_at = now
+            elif ticket.idle:
+                prev = load.observed_ms
+                load.observed_ms = observed_ms if prev is None else (
+                    prev + self.alpha * (observed_ms - prev))
+
+
+@dataclass
+class LoadGovernor:
+    """Keeps the device's projected utilization under a target.
+
+    Fitting a budget is not enough under load: giving every loose-budget
+    request the largest model that fits fills the device, and the next tight
+    requests are shed. The governor tracks the arrival rate (an exponentially
+    decaying count, ``window_s``) and the running mean device cost of admitted
+    requests; an upgrade is allowed only while rate x mean cost, with this
+    request's cost mixed in, stays below ``target``. At low load every
+    request may take a large model; near capacity the mix shifts to small
+    ones, so the answers that arrive in time carry the most accuracy.
+    """
+
+    target: float = 0.85
+    window_s: float = 2.0
+    weight: float = 0.1
+    rate: float = 0.0  # requests per second
+    mean_cost_ms: float = 0.0
+    last: float | None = None
+    # (arrival time, budget) of recent requests: who an upgrade could push out.
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=512))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def arrival(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self.last is not None:
+                self.rate *= math.exp(-(now - self.last) / self.window_s)
+            self.rate += 1.0 / self.window_s
+            self.last = now
+
+    def saw_budget(self, budget_ms: float, now: float | None = None) -> None:
+        with self._lock:
+            self.recent.append((time.monotonic() if now is None else now, budget_ms))
+
+    def recent_budgets(self, now: float | None = None) -> list[float]:
+        """Budgets of the requests that arrived within the last ``window_s``."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [b for t, b in self.recent if now - t <= self.window_s]
+
+    def affordable(self, cost_ms: float) -> bool:
+        mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
+        return self.rate * mixed / 1e3 <= self.target
+
+    def admitted(self, cost_ms: float) -> None:
+        with self._lock:
+            self.mean_cost_ms += self.weight * (cost_ms - self.mean_cost_ms)
+
+
+class Router:
+    """``ap``: model -> the AP (percent) it is ranked by; models not in it are never
+    routed to. The catalog updates it as it learns what each model serves."""
+
+    def __init__(self, ap: Mapping[str, float], tiers: TierConfig,
+                 latency: LatencyModel, default_budget_ms: float,
+                 margin_frac: float = 0.15, margin_ms: float = 5.0,
+                 overhead_ms: float = 3.0, governor: LoadGovernor | None = None) -> None:
+        self.ap = dict(ap)
+        self.tiers = tiers
+        self.latency = latency
+        self.default_budget_ms = default_budget_ms
+        self.margin_frac = margin_frac
+        self.margin_ms = margin_ms
+        self.overhead_ms = overhead_ms
+        self.governor = governor or LoadGovernor()
+
+    @contextmanager
+    def dispatch(self, model: str) -> Iterator[Dispatch]:
+        """Count work on the device while the block runs; learn from what it observed."""
+        run = Dispatch(self.latency.admit(model))
+        try:
+            yield run
+        finally:
+            self.latency.finish(run.ticket, run.observed_ms)
+
+    def fits(self, predicted_ms: float, budget_ms: float) -> bool:
+        return predicted_ms * (1 + self.margin_frac) + self.margin_ms <= budget_ms
+
+    def _budget(self, req: RouteRequest, tier: Tier | None) -> float:
+        if req.sla_ms is not None:
+            budget = req.sla_ms
+        else:
+            budget = tier.budget_ms if tier else self.default_budget_ms
+        # A transport deadline (gRPC) is a hard limit: the client stops waiting.
+        return budget if req.deadline_ms is None else min(budget, req.deadline_ms)
+
+    def tier_for(self, req: RouteRequest) -> Tier | None:
+        if req.tier is not None:
+            tier = self.tiers.tiers.get(req.tier)
+            if tier is None:
+                raise ApiError(ErrorCode.UNKNOWN_TIER, f"unknown tier {req.tier!r}; tiers: "
+                               f"{', '.join(sorted(self.tiers.tiers))}")
+            return tier
+        if req.model is not None or req.sla_ms is not None:
+            return None  # pinned model or explicit budget: no tier applies
+        return self.tiers.tiers[self.tiers.default]
+
+    def _candidates(self, req: RouteRequest, tier: Tier | None, ready: Iterable[str]
+                    ) -> list[str]:
+        ready = set(ready)
+        if req.model is not None:
+            return [req.model]
+        allowed = tier.models if tier and tier.models else tuple(ready)
+        candidates = [m for m in allowed if m in ready and m in self.ap]
+        if not candidates:
+            raise ApiError(ErrorCode.MODEL_NOT_READY, "no model is ready for this request",
+                           retry_after_s=2.0)
+        return candidates
+
+    def _predict(self, candidates: list[str], elapsed_ms: float) -> dict[str, float]:
+        backlog = self.latency.backlog_ms()
+        return {m: elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
+                for m in candidates}
+
+    def _displacement(self, pool: list[str], candidates: list[str]) -> dict[str, float]:
+        """AP expected to be lost to other requests if this one takes ``m``.
+
+        On a shared device, a bigger model's extra work delays everything
+        admitted after it. A request that arrives while that work is queued
+        and whose budget would have fitted the fastest model, but no longer
+        does, is shed. From the budgets seen in the governor's window: the
+        rate of such requests, the chance one arrives while the extra work is
+        queued, times the AP it would have got from the fastest model.
+        Whether a budget "would have fitted" is judged on a free device, not
+        on the current backlog: otherwise a backlog would make further
+        upgrades look free and feed itself.
+        """
+        budgets = self.governor.recent_budgets()
+        fastest = min(candidates, key=self.latency.service_ms)
+        base = self.overhead_ms + self.latency.service_ms(fastest)
+        base_cost, backlog = self.latency.cost_ms(fastest), self.latency.backlog_ms()
+        loss: dict[str, float] = {}
+        for m in pool:
+            cost = self.latency.cost_ms(m)
+            extra = cost - base_cost
+            if extra <= 0 or not budgets:
+                loss[m] = 0.0
+                continue
+            pushed = sum(1 for b in budgets
+                         if self.fits(base, b) and not self.fits(base + extra, b))
+            exposure_s = (backlog + cost) / 1e3
+            chance = 1.0 - math.exp(-pushed / self.governor.window_s * exposure_s)
+            loss[m] = chance * self.ap[fastest]
+        return loss
+
+    def _degradable(self, req: RouteRequest, tier: Tier | None) -> bool:
+        return tier is not None and tier.degrade and req.sla_ms is None and req.deadline_ms is None
+
+    def _shed(self, budget: float, fastest: str, predicted_ms: float) -> ApiError:
+        wait_s = max(0.0, predicted_ms - budget) / 1e3
+        return ApiError(ErrorCode.SLA_UNATTAINABLE,
+                        f"no model can answer within {budget:.0f} ms now (fastest: {fastest}, "
+                        f"predicted {predicted_ms:.0f} ms)",
+                        retry_after_s=max(1.0, math.ceil(wait_s)))
+
+    def precheck(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> None:
+        """Shed before any decoding work when not even the fastest model could
+        answer in time: refusals then cost microseconds, not a decode."""
+        tier = self.tier_for(req)
+        if self._degradable(req, tier):
+            return
+        budget = self._budget(req, tier)
+        predicted = self._predict(self._candidates(req, tier, ready), elapsed_ms)
+        fastest = min(predicted, key=predicted.__getitem__)
+        if not self.fits(predicted[fastest], budget):
+            self.governor.saw_budget(budget)  # requests that reach decide() are seen there
+            raise self._shed(budget, fastest, predicted[fastest])
+
+    def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
+        tier = self.tier_for(req)
+        budget = self._budget(req, tier)
+        candidates = self._candidates(req, tier, ready)
+        priority = tier.priority if tier else (1 if budget < self.default_budget_ms else 2)
+        predicted = self._predict(candidates, elapsed_ms)
+        self.governor.arrival()
+        fitting = [m for m in candidates if self.fits(predicted[m], budget)]
+        if fitting:
+            affordable = ([m for m in fitting if self.governor.affordable(self.latency.cost_ms(m))]
+                          if req.model is None else fitting)
+            pool = affordable or [min(fitting, key=self.latency.cost_ms)]
+            loss = self._displacement(pool, candidates)
+            best = max(pool, key=lambda m: (self.ap[m] - loss[m], -predicted[m]))
+            self.governor.admitted(self.latency.cost_ms(best))
+            self.governor.saw_budget(budget)
+            return Decision(best, tier.name if tier else None, budget, predicted[best],
+                            False, priority)
+        self.governor.saw_budget(budget)
+        fastest = min(candidates, key=lambda m: predicted[m])
+        if self._degradable(req, tier):
+            self.governor.admitted(self.latency.cost_ms(fastest))
+            return Decision(fastest, tier.name, budget, predicted[fastest], True, priority)
+        raise self._shed(budget, fastest, predicted[fastest])

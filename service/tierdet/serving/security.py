@@ -1,0 +1,123 @@
+"""API keys and per-key rate limits.
+
+Keys are configured as sha256 hashes (the service never stores a key), and
+a presented key is compared against every stored hash with
+``hmac.compare_digest``, so timing says nothing about which key or how
+much of it matched. 401: no key or an unknown key; 403: a known key asking
+for a tier or model it is not allowed; 429: over its rate, with the time
+until its next token as Retry-After.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierdet.contract.errors import ApiError, ErrorCode
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    sha256: str
+    rate_per_s: float = 0.0  # 0: unlimited
+    burst: float = 0.0  # bucket size; default: one second of rate, at least 1
+    tiers: tuple[str, ...] = ()  # empty: any
+    models: tuple[str, ...] = ()  # empty: any (applies to pinned models)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class KeyRing:
+    keys: tuple[ApiKey, ...] = ()
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    @classmethod
+    def load(cls, path: Path | None) -> KeyRing:
+        """Keys from YAML: {keys: [{name, sha256, rate_per_s, burst, tiers, models}]}."""
+        if path is None:
+            return cls()
+        import yaml
+
+        raw = yaml.safe_load(path.read_text()) or {}
+        keys = []
+        for entry in raw.get("keys") or ():
+            digest = str(entry["sha256"]).lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"key {entry.get('name')!r}: sha256 must be 64 hex digits")
+            keys.append(ApiKey(name=str(entry["name"]), sha256=digest,
+                               rate_per_s=float(entry.get("rate_per_s", 0)),
+                               burst=float(entry.get("burst", 0)),
+                               tiers=tuple(entry.get("tiers") or ()),
+                               models=tuple(entry.get("models") or ())))
+        return cls(tuple(keys))
+
+    def authenticate(self, presented: str | None) -> ApiKey | None:
+        """The key's entry, or ApiError 401. None when no keys are configured."""
+        if not self.keys:
+            return None
+        if not presented:
+            raise ApiError(ErrorCode.UNAUTHENTICATED, "an API key is required "
+                           "(Authorization: Bearer <key> or X-API-Key)")
+        digest = hash_key(presented).encode()
+        found = None
+        for key in self.keys:  # no early exit: the time does not depend on the match
+            if hmac.compare_digest(digest, key.sha256.encode()):
+                found = key
+        if found is None:
+            raise ApiError(ErrorCode.UNAUTHENTICATED, "the API key is not valid")
+        return found
+
+    @staticmethod
+    def authorize(key: ApiKey | None, tier: str | None, model: str | None) -> None:
+        if key is None:
+            return
+        if key.tiers and tier is not None and tier not in key.tiers:
+            raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} may not use tier {tier}")
+        if key.models and model is not None and model not in key.models:
+            raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} may not use model {model}")
+
+    def take(self, key: ApiKey | None, now: float | None = None) -> None:
+        """Spend one token of ``key``'s bucket, or ApiError 429 with Retry-After."""
+        if key is None or key.rate_per_s <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        size = key.burst or max(1.0, key.rate_per_s)
+        with self._lock:
+            bucket = self._buckets.setdefault(key.name, _Bucket(size, now))
+            bucket.tokens = min(size, bucket.tokens + (now - bucket.updated) * key.rate_per_s)
+            bucket.updated = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return
+            wait = (1.0 - bucket.tokens) / key.rate_per_s
+        raise ApiError(ErrorCode.RATE_LIMITED, f"key {key.name} is over {key.rate_per_s:g} "
+                       "requests/s", retry_after_s=max(1.0, math.ceil(wait)))
+
+
+def bearer(authorization: str | None, api_key_header: str | None) -> str | None:
+    """The presented key from ``Authorization: Bearer <key>`` or ``X-API-Key``."""
+    if api_key_header:
+        return api_key_header.strip()
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None

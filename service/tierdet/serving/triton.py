@@ -1,0 +1,104 @@
+"""The gateway's only door to Triton: async gRPC, errors mapped to ApiError.
+
+``TritonClient`` is the real ``tierdet.serving.backend.Backend``."""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
+
+# Keep-alive pings let a dead Triton be noticed on idle channels too; short
+# reconnect backoff lets a restarted Triton be used again within a second or
+# two (gRPC's default backoff grows to minutes).
+_CHANNEL_ARGS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 2_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
+
+
+def _to_api_error(exc: InferenceServerException, model: str) -> ApiError:
+    status = exc.status() or ""
+    text = exc.message() or str(exc)
+    if "DEADLINE_EXCEEDED" in status or "timeout" in text.lower():
+        return ApiError(ErrorCode.DEADLINE_EXCEEDED, f"{model}: the deadline passed at Triton")
+    if "UNAVAILABLE" in status or "failed to connect" in text.lower():
+        return ApiError(ErrorCode.TRITON_UNAVAILABLE, "the inference server is unreachable",
+                        retry_after_s=1.0)
+    if "not ready" in text.lower() or "unknown model" in text.lower() or "NOT_FOUND" in status:
+        return ApiError(ErrorCode.MODEL_NOT_READY, f"model {model} is not loaded",
+                        retry_after_s=5.0)
+    return ApiError(ErrorCode.INFERENCE_FAILED, f"{model}: inference failed")
+
+
+class TritonClient:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def infer(self, model: str, images: np.ndarray, timeout_s: float,
+                    priority: int = 0) -> np.ndarray:
+        """uint8 [B, S, S, 3] -> detections [B, K, 6]; ``timeout_s`` bounds the call
+        and travels to Triton's queue policy so expired work is dropped there."""
+        tensor = InferInput(INPUT_NAME, list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        try:
+            result = await self._client.infer(
+                model, [tensor], outputs=[InferRequestedOutput(OUTPUT_NAME)],
+                priority=priority, timeout=max(1, int(timeout_s * 1e6)),
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise _to_api_error(exc, model) from None
+        return result.as_numpy(OUTPUT_NAME)
+
+    async def server_live(self, timeout_s: float = 1.0) -> bool:
+        try:
+            return await self._client.is_server_live(client_timeout=timeout_s)
+        except InferenceServerException:
+            return False
+
+    async def model_ready(self, model: str, timeout_s: float = 1.0) -> bool:
+        try:
+            return await self._client.is_model_ready(model, client_timeout=timeout_s)
+        except InferenceServerException:
+            return False
+
+    async def repository_models(self, timeout_s: float = 2.0) -> dict[str, tuple[str, str]]:
+        """Model name -> (state, reason) as Triton reports it: READY, UNAVAILABLE
+        (with the load error as reason), LOADING, ..."""
+        index = await self._client.get_model_repository_index(as_json=True,
+                                                              client_timeout=timeout_s)
+        return {m["name"]: (m.get("state", ""), m.get("reason", ""))
+                for m in index.get("models", [])}
+
+    async def batch_executions(self, model: str, timeout_s: float = 2.0) -> dict[int, int]:
+        """Cumulative executions per batch size for ``model`` (statistics API)."""
+        stats = await self._client.get_inference_statistics(model, as_json=True,
+                                                            client_timeout=timeout_s)
+        out: dict[int, int] = {}
+        for entry in stats.get("model_stats", []):
+            for batch in entry.get("batch_stats", []):
+                size = int(batch["batch_size"])
+                out[size] = out.get(size, 0) + int(batch["compute_infer"]["count"])
+        return out
+
+    async def provenance(self, model: str, timeout_s: float = 2.0) -> dict[str, str]:
+        """The ``tierdet.*`` parameters written into the model's config at build time."""
+        config = await self._client.get_model_config(model, as_json=True,
+                                                     client_timeout=timeout_s)
+        params = config.get("config", {}).get("parameters", {})
+        return {k[len(PROVENANCE_PREFIX):]: v.get("string_value", "")
+                for k, v in params.items() if k.startswith(PROVENANCE_PREFIX)}

@@ -1,0 +1,226 @@
+"""The detect use case: the one entry every front end calls.
+
+``Detector.admit`` turns presented credentials into a ``Caller`` (API key and
+rate limit; HTTP calls it before reading a body). ``Detector.detect`` takes
+the caller, the image bytes and validated ``DetectOptions`` and owns the rest:
+
+    authorize -> names and classes -> shed early if even the fastest model
+    cannot make it -> decode -> route (budget, profile, backlog) -> resize
+    -> backend (deadline and priority travel with the call) -> rows back to
+    image pixels, the class filter, threshold and limit.
+
+Every refusal is an ``ApiError``; every outcome is counted in the metrics here,
+so the front ends only translate wire formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.options import DetectOptions
+from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
+from tierdet.registry.profile import LatencyProfile
+from tierdet.registry.specs import SPECS
+from tierdet.serving import decoding, imaging, postprocess
+from tierdet.serving.backend import Backend
+from tierdet.serving.catalog import Catalog, initial_ap
+from tierdet.serving.metrics import Metrics
+from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
+from tierdet.serving.security import ApiKey, KeyRing
+from tierdet.serving.settings import Settings
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, and how: what ``Detector.admit`` let in."""
+
+    key: ApiKey | None  # None when the gateway has no keys configured
+    protocol: str  # "http" or "grpc" (the metrics label)
+    received: float  # perf_counter() when the request arrived: budgets count from here
+    deadline_ms: float | None = None  # the transport's own deadline from ``received``
+
+    def restarted(self) -> Caller:
+        """The same caller for one more piece of work starting now, with no
+        transport deadline (a batch image, a stream frame: each has its budget)."""
+        return replace(self, received=time.perf_counter(), deadline_ms=None)
+
+
+def build_router(settings: Settings) -> Router:
+    tiers = TierConfig.load(settings.tiers_file, settings.default_tier)
+    latency = LatencyModel(LatencyProfile.load(settings.profile_file))
+    return Router(initial_ap(), tiers, latency,
+                  default_budget_ms=settings.request_timeout_s * 1e3,
+                  margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms)
+
+
+class Detector:
+    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics,
+                 router: Router | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.router = router or build_router(settings)
+        self.catalog = Catalog(settings, backend, self.router, metrics)
+        self.keys = KeyRing.load(settings.api_keys_file)
+
+    # -- admission -------------------------------------------------------
+
+    def admit(self, credentials: str | None, protocol: str, received: float | None = None,
+              deadline_ms: float | None = None) -> Caller:
+        """Authenticate and rate-limit a caller (no-op without configured keys)."""
+        try:
+            key = self.keys.authenticate(credentials)
+            self.keys.take(key)
+        except ApiError as exc:
+            self.metrics.observe_failure(protocol, None, "none", exc.outcome)
+            raise
+        return Caller(key, protocol, time.perf_counter() if received is None else received,
+                      deadline_ms)
+
+    def authorize(self, caller: Caller, options: DetectOptions) -> None:
+        """403 unless the caller's key may use the tier and model asked for."""
+        try:
+            self.keys.authorize(caller.key, options.tier, options.model)
+        except ApiError as exc:
+            self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
+            raise
+
+    # -- what is served ----------------------------------------------------
+
+    def models(self) -> ModelsInfo:
+        tiers = self.router.tiers
+        return ModelsInfo(
+            default_tier=tiers.default,
+            tiers=tuple(TierInfo(t.name, t.budget_ms, t.models, t.degrade,
+                                 t.name == tiers.default) for t in tiers.tiers.values()),
+            models=self.catalog.infos())
+
+    async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
+        """Ready: the backend is reachable and at least one model is ready. Models
+        that are down are reported in ``models()`` and not routed to."""
+        await self.catalog.refresh()
+        if not self.catalog.backend_up:
+            return False, ErrorCode.TRITON_UNAVAILABLE, "triton is unreachable"
+        if not self.catalog.ready_models():
+            return False, ErrorCode.MODEL_NOT_READY, "no model is ready"
+        return True, None, "ready"
+
+    # -- detect ----------------------------------------------------------
+
+    async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
+        start = caller.received
+        tier, model = options.tier, options.model or "none"
+        self.metrics.inflight.inc()
+        try:
+            self.keys.authorize(caller.key, options.tier, options.model)
+            request, candidates = self._request(caller, options)
+            self.router.precheck(request, _ms_since(start), candidates)
+            # OpenCV releases the GIL: decoding in a worker thread keeps the
+            # event loop answering other requests meanwhile.
+            pixels, decode_s = await asyncio.to_thread(self._decode, image)
+            decision = self.router.decide(request, _ms_since(start), candidates)
+            tier, model = decision.tier, decision.model
+            result = await self._run(decision, pixels, options, start, decode_s)
+        except ApiError as exc:
+            self.metrics.observe_failure(caller.protocol, tier,
+                                         model if model in SPECS else "none", exc.outcome)
+            raise
+        except Exception:
+            self.metrics.observe_failure(caller.protocol, tier,
+                                         model if model in SPECS else "none", "error")
+            raise
+        finally:
+            self.metrics.inflight.dec()
+        self._observe(caller.protocol, result)
+        return result
+
+    def _request(self, caller: Caller, options: DetectOptions) -> tuple[RouteRequest, list[str]]:
+        """Cheap checks before any decoding (the model, tier and classes must exist);
+        the routing request and the ready models that may answer it."""
+        if options.model is not None and not self.catalog.serves(options.model):
+            served = ", ".join(sorted(self.catalog.states)) or "none"
+            raise ApiError(ErrorCode.UNKNOWN_MODEL,
+                           f"unknown model {options.model!r}; served: {served}")
+        request = RouteRequest(options.model, options.tier, options.sla_ms, caller.deadline_ms)
+        self.router.tier_for(request)  # raises on an unknown tier
+        if options.model is not None and options.model not in self.catalog.ready_models():
+            raise ApiError(ErrorCode.MODEL_NOT_READY, f"model {options.model} is not ready",
+                           retry_after_s=2.0)
+        return request, self._knowing(options)
+
+    def _knowing(self, options: DetectOptions) -> list[str]:
+        """Ready models whose classes include every class asked for."""
+        ready = self.catalog.ready_models()
+        if options.classes is None:
+            return ready
+        states = self.catalog.states
+        unknown = postprocess.unknown_classes(options.classes,
+                                              (states[m].spec.labels for m in states))
+        if unknown:
+            raise ApiError(ErrorCode.INVALID_OPTION, f"classes: unknown class(es) "
+                           f"{', '.join(map(repr, unknown))}; no served model has them")
+        knowing = [m for m in ready if postprocess.knows_classes(options.classes,
+                                                                 states[m].spec.labels)]
+        if not knowing and ready:
+            raise ApiError(ErrorCode.INVALID_OPTION,
+                           f"classes: no ready model has all of {', '.join(options.classes)}")
+        return knowing
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        image = decoding.decode_image(data, self.settings.max_image_bytes,
+                                      self.settings.max_image_pixels)
+        return image, time.perf_counter() - t0
+
+    @staticmethod
+    def _prepare(image: np.ndarray, size: int, prep: imaging.Preprocessing
+                 ) -> tuple[np.ndarray, imaging.Geometry, float]:
+        t0 = time.perf_counter()
+        tensor, geometry = imaging.prepare(image, size, prep)
+        return tensor, geometry, time.perf_counter() - t0
+
+    async def _run(self, decision: Decision, image: np.ndarray, options: DetectOptions,
+                   start: float, decode_s: float) -> DetectResult:
+        spec = SPECS[decision.model]
+        keep = postprocess.class_filter(options.classes, spec.labels)
+        with self.router.dispatch(spec.name) as run:
+            tensor, geometry, prep_s = await asyncio.to_thread(
+                self._prepare, image, spec.input_size, spec.preprocessing)
+            timeout_s = (self.settings.request_timeout_s if decision.degraded
+                         else decision.timeout_s(_ms_since(start)))
+            t_infer = time.perf_counter()
+            rows = await self.backend.infer(spec.name, tensor[None], timeout_s=timeout_s,
+                                            priority=decision.priority)
+            t_post = time.perf_counter()
+            run.observe((t_post - t_infer) * 1e3)
+        threshold = (options.score_threshold if options.score_threshold is not None
+                     else self.settings.default_score_threshold)
+        limit = min(options.max_detections or spec.max_detections, spec.max_detections)
+        detections = postprocess.detections_from_rows(rows[0], spec.labels, geometry,
+                                                      threshold, limit, keep)
+        end = time.perf_counter()
+        timing = Timing(decode_s * 1e3, prep_s * 1e3, (t_post - t_infer) * 1e3,
+                        (end - t_post) * 1e3, (end - start) * 1e3)
+        routing = Routing(decision.tier, decision.budget_ms, decision.predicted_ms,
+                          timing.total_ms, decision.degraded)
+        return DetectResult(spec.name, geometry.width, geometry.height, detections, timing,
+                            routing)
+
+    def _observe(self, protocol: str, result: DetectResult) -> None:
+        t, r = result.timing, result.routing
+        stages = {"decode": t.decode_ms / 1e3, "preprocess": t.preprocess_ms / 1e3,
+                  "infer": t.infer_ms / 1e3, "postprocess": t.postprocess_ms / 1e3}
+        in_slo = t.total_ms <= r.budget_ms and not r.degraded
+        self.metrics.observe_ok(protocol, r.tier, result.model, t.total_ms / 1e3, stages,
+                                in_slo, r.predicted_ms / 1e3)
+        if r.degraded:
+            self.metrics.degraded.labels(r.tier or "none", result.model).inc()
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
