@@ -21,7 +21,7 @@ CHART = REPO / "deploy" / "helm" / "tierdet"
 SCHEMAS = Path(__file__).with_name("schemas")
 DOCKERFILES = {name: DOCKER / f"{name}.Dockerfile" for name in ("gateway", "model-builder",
                                                                  "engines")}
-ENGINES_PY = REPO / "service" / "tierdet" / "engines.py"
+ENGINES_PY = REPO / "service" / "tierdet" / "build" / "engines.py"
 # Variables that tierdet reads besides the Settings fields (tierdet.build.models.default_home).
 NON_SETTINGS_ENV = {"TIERDET_HOME"}
 

@@ -79,7 +79,8 @@ def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("name", ["build", "repo", "up", "profile", "serve", "detect", "models"])
+@pytest.mark.parametrize("name", ["build", "generate", "up", "profile", "serve", "detect",
+                                  "models"])
 def test_gateway_subcommands_document_every_option(name):
     sub = _subparsers(cli.parser())[name]
     assert sub.description and len(sub.description) > 40

@@ -132,7 +132,7 @@ def test_engines_image_is_nvidia_tensorrt_with_the_stdlib_engine_builder():
     (stage,) = _stages("engines")
     assert stage[0].value[0].startswith("nvcr.io/nvidia/tensorrt:")
     copies = {i.value for i in stage if i.cmd == "COPY"}
-    assert ("service/tierdet/engines.py", "/opt/tierdet/engines.py") in copies
+    assert ("service/tierdet/build/engines.py", "/opt/tierdet/engines.py") in copies
     assert ("model_repository/gpu/", "/opt/tierdet/model_repository/gpu/") in copies
     entry = _last(stage, "ENTRYPOINT")
     assert entry.value == ("python3", "/opt/tierdet/engines.py")
@@ -204,20 +204,21 @@ def _calls_in(func: object) -> set[str]:
 
 def test_tierdet_serve_and_up_share_server_run_gateway():
     from tierdet import cli
+    from tierdet.cli import serving
     from tierdet.devstack import up
     from tierdet.frontends import server
 
-    assert "run_gateway" in _calls_in(cli.cmd_serve)
-    assert "run_stack" in _calls_in(cli.cmd_up)
+    assert "run_gateway" in _calls_in(serving.cmd_serve)
+    assert "run_stack" in _calls_in(serving.cmd_up)
     assert "run_gateway" in _calls_in(up.run_stack)
     assert up.run_gateway is server.run_gateway
     # cmd_serve imports it from tierdet.frontends.server at call time.
-    tree = ast.parse(inspect.getsource(cli.cmd_serve))
+    tree = ast.parse(inspect.getsource(serving.cmd_serve))
     imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert any(n.module == "tierdet.frontends.server" and n.names[0].name == "run_gateway"
                for n in imports)
     args = cli.parser().parse_args(["serve"])
-    assert args.func is cli.cmd_serve
+    assert args.func is serving.cmd_serve
 
 
 # --- the model-builder's script -------------------------------------------------------------
@@ -270,7 +271,8 @@ def test_model_builder_script_refuses_bad_usage(tmp_path):
 
 def test_the_build_command_the_script_runs_exists():
     from tierdet import cli
+    from tierdet.cli import building
 
     args = cli.parser().parse_args(["--home", "/h", "build", "--weights", "official",
                                     "--target", "cpu", "--models", "efficientdet-d0"])
-    assert args.func is cli.cmd_build and args.target == "cpu"
+    assert args.func is building.cmd_build and args.target == "cpu"

@@ -1,4 +1,4 @@
-"""The TensorRT engine step (service/tierdet/engines.py) with real stand-in executables.
+"""The TensorRT engine step (service/tierdet/build/engines.py) with real stand-in executables.
 
 No GPU here: the tests write a small ``trtexec`` and ``nvidia-smi`` that
 behave like the real ones at the interface engines.py uses (the TensorRT
@@ -340,3 +340,10 @@ def test_engines_py_imports_nothing_but_the_standard_library():
     result = run_tool([sys.executable, "-I", "-S", "-c", code], env={**os.environ})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_engines_py_names_provenance_as_the_registry_does():
+    """engines.py runs without tierdet installed, so it keeps its own copy."""
+    from tierdet.registry.tensors import PROVENANCE_PREFIX
+
+    assert engines.PROVENANCE_PREFIX == PROVENANCE_PREFIX

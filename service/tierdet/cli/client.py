@@ -72,9 +72,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
             result = client.detect(data, **options_from_args(args))
     except TierdetError as exc:
         return _client_error(exc, args.url)
-    except ValueError as exc:  # an option the client refused before sending
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if args.json:
         import json
         from dataclasses import asdict

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from pydantic import ValidationError
+
+from tierdet.client._errors import TierdetError
 from tierdet.contract import wire
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import BatchItem, BatchResult, DetectResult, ModelsInfo
@@ -31,9 +34,15 @@ def read_image(image: ImageInput) -> bytes:
 
 
 def detect_options(values: Mapping[str, Any]) -> DetectOptions:
-    """``values`` as options; a pydantic ``ValidationError`` (a ``ValueError``)
-    names what is wrong, before anything is sent."""
-    return DetectOptions(**values)
+    """``values`` as options, checked before anything is sent: a bad one is the
+    ``TierdetError`` the gateway would answer (``invalid_option``), with no attempt."""
+    try:
+        return DetectOptions(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "options"
+        raise TierdetError("invalid_option", f"{where}: {first.get('msg')}",
+                           attempts=0) from None
 
 
 class Frame:
