@@ -37,9 +37,10 @@ import numpy as np
 from tierdet.build.models import assemble, default_home, ensure_built
 from tierdet.build.repository import install_model
 from tierdet.build.weights import WeightsSource
+from tierdet.devstack.profiling import measure
 from tierdet.devstack.stack import GatewayProcess, free_port, start_triton
 from tierdet.devstack.triton import LocalTriton
-from tierdet.registry.profile import LatencyProfile, measure
+from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import SPECS, Batching
 from tierdet.serving.routing import LatencyModel, Router, TierConfig
 from tierdet.serving.triton import TritonClient
@@ -168,12 +169,11 @@ def payloads(model: str) -> list[Payload]:
     """(a) a real JPEG photo (the gateway decodes and resizes it; Triton gets the
     prepared tensor); (b) a BMP holding the model input itself (same tensor both
     ways: what is left is the gateway's own overhead)."""
-    from tierdet.serving import decoding as validation
-    from tierdet.serving import imaging
+    from tierdet.serving import decoding, imaging
 
     spec = SPECS[model]
     jpeg = photo_jpeg()
-    tensor, _ = imaging.prepare(validation.decode_image(jpeg, 1 << 30, 1 << 30),
+    tensor, _ = imaging.prepare(decoding.decode_image(jpeg, 1 << 30, 1 << 30),
                                 spec.input_size, spec.preprocessing)
     same = np.random.default_rng(0).integers(0, 255, tensor.shape, dtype=np.uint8)
     ok, bmp = cv2.imencode(".bmp", same[..., ::-1])
@@ -344,9 +344,9 @@ def run(args, models, profile, gateway, triton, off, on) -> None:
 
 def routing_rows(args, models, profile, gateway) -> None:
     image = photo_jpeg()
-    ap = {m: SPECS[m].coco_ap for m in models}
+    ap = {m: SPECS[m].published_ap or 0.0 for m in models}
     budgets = budget_mix(profile, models)
-    router = Router(SPECS, TierConfig.load(None, "balanced"), LatencyModel(profile), 10_000)
+    router = Router(ap, TierConfig.load(None, "balanced"), LatencyModel(profile), 10_000)
     fastest = min(models, key=lambda m: profile.models[m].service_ms(1))
     median = sorted(budgets)[1]
     fits = [m for m in models if router.fits(profile.models[m].service_ms(1) + 5, median)]

@@ -3,9 +3,11 @@
 Builds what is missing (``tierdet build`` semantics, random weights by
 default: latency does not depend on the weights), then times each ONNX file
 with ONNX Runtime on one real photo prepared as the gateway prepares it,
-batch 1. Prints a Markdown table for the README's model zoo section.
+batch 1. Prints a Markdown table; with ``--record`` writes the figures to
+docs/model-zoo.json, from which `tierdet generate` renders the README's
+model zoo table (the registry gives the other columns).
 
-    python benchmarks/model_zoo.py                       # all 15 models
+    python benchmarks/model_zoo.py --record              # all 15 models
     python benchmarks/model_zoo.py --models efficientdet-d0,damoyolo-t --runs 20
 """
 
@@ -107,7 +109,7 @@ def header(threads: int, runs: int) -> str:
 
 def row_text(r: Row) -> str:
     return (f"| {r.spec.name} | {r.spec.input_size} | {r.params / 1e6:.2f} | "
-            f"{r.spec.coco_ap:.1f} | {r.onnx_mb:.1f} | {r.median_ms:.0f} | {r.p90_ms:.0f} |")
+            f"{r.spec.published_ap:.1f} | {r.onnx_mb:.1f} | {r.median_ms:.0f} | {r.p90_ms:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--record", action="store_true",
+                   help="write the figures to docs/model-zoo.json (then run `tierdet generate`)")
     p.add_argument("--build-only", action="store_true",
                    help="build what is missing and stop (build first, time on a quiet machine)")
     args = p.parse_args(argv)
@@ -137,10 +141,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {model.onnx}", flush=True)
         return 0
     print(header(args.threads, args.runs), flush=True)
+    rows = []
     for name in names:
-        print(row_text(measure(SPECS[name], args.home, weights, args.runs, args.warmup,
-                               args.threads)), flush=True)
+        rows.append(measure(SPECS[name], args.home, weights, args.runs, args.warmup,
+                            args.threads))
+        print(row_text(rows[-1]), flush=True)
+    if args.record:
+        record(rows, args.threads, args.runs)
     return 0
+
+
+def record(rows: list[Row], threads: int, runs: int) -> None:
+    """Merge the figures into docs/model-zoo.json (what the README's table shows)."""
+    import json
+
+    import onnxruntime as ort
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "model-zoo.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    doc.update({"measured_on": dt.date.today().isoformat(), "machine": machine(),
+                "onnxruntime": ort.__version__, "threads": threads, "runs": runs})
+    for r in rows:
+        doc["models"][r.spec.name] = {"params_m": round(r.params / 1e6, 2),
+                                      "onnx_mb": round(r.onnx_mb, 1),
+                                      "median_ms": round(r.median_ms),
+                                      "p90_ms": round(r.p90_ms)}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"recorded in {path}; run `tierdet generate` to refresh the README")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import threading
@@ -14,6 +13,7 @@ import httpx
 import pytest
 import yaml
 from conftest import REPO, TEST_MODEL, encode, photos
+from tierdet.artifacts import rules
 from tierdet.artifacts.dashboards import DASHBOARDS, DATASOURCE, OUT_DIR, all_exprs, render
 from tierdet.devstack.stack import GatewayProcess, free_port, stop_process, wait_http
 from tierdet.registry.accuracy import APResult, EvalRecord, EvalReport
@@ -49,7 +49,7 @@ def test_promtool_checks_config_and_rules(tmp_path):
 def test_dashboards_are_generated_valid_and_bound_to_the_datasource():
     for uid in DASHBOARDS:
         committed = (OUT_DIR / f"{uid}.json").read_text()
-        assert committed == render(uid), "run `python -m tierdet.artifacts.dashboards`"
+        assert committed == render(uid), "run `tierdet generate`"
         board = json.loads(committed)
         ids = [p["id"] for p in board["panels"]]
         assert len(ids) == len(set(ids))
@@ -59,21 +59,6 @@ def test_dashboards_are_generated_valid_and_bound_to_the_datasource():
     provisioned = yaml.safe_load(
         (REPO / "docker/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert provisioned["datasources"][0]["uid"] == DATASOURCE["uid"]
-
-
-def _rule_queries() -> list[tuple[str, str]]:
-    """(name, expr) of recording rules, and of each alert's signal: the left
-    side of its comparison (healthy systems return nothing for the alert itself)."""
-    out = []
-    for group in yaml.safe_load(RULES.read_text())["groups"]:
-        for rule in group["rules"]:
-            expr = rule["expr"].strip()
-            if "alert" in rule:
-                for part in re.split(r"\s+or\s+", expr):
-                    out.append((rule["alert"], re.split(r"\s(?:==|<|>)\s", part)[0].strip()))
-            else:
-                out.append((rule["record"], expr))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +126,7 @@ def _query(prom: str, expr: str) -> list:
 def test_every_dashboard_and_rule_query_returns_data(prometheus, observed_gateway):
     driver = threading.Thread(target=_drive_traffic, args=(observed_gateway.http, 12.0))
     driver.start()
-    queries = [("dashboard", e) for e in all_exprs()] + _rule_queries()
+    queries = [("dashboard", e) for e in all_exprs()] + rules.signals()
     empty: list[tuple[str, str]] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

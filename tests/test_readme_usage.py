@@ -38,13 +38,15 @@ def test_curl_examples(gateway, cwd_with_photo):
     # One command per line, joined where a line ends in "\\" or "|".
     commands = [c for block in _blocks("bash") for c in
                 re.split(r"(?<![\\|])\n", block.strip())]
-    assert len(commands) == 4 and all("curl" in c for c in commands)
+    assert len(commands) == 5 and all("curl" in c for c in commands)
     for command in commands:
         run = subprocess.run(["bash", "-c", command.replace("localhost:8080", address)],
                              cwd=cwd_with_photo, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, (command, run.stderr)
         body = json.loads(run.stdout)
         assert body["width"] == 512 and "detections" in body and "routing" in body, command
+        if "classes=person,dog" in command:
+            assert {d["class_name"] for d in body["detections"]} <= {"person", "dog"}
 
 
 def test_grpc_python_example(gateway, cwd_with_photo):

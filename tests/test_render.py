@@ -37,7 +37,14 @@ def test_a_box_at_the_top_gets_its_label_inside_and_nothing_crashes_at_the_edges
     dets = [Detection(0.0, 0.0, 40.0, 40.0, 0.5, 1, "person"),
             Detection(35.0, 35.0, 40.0, 40.0, 0.9, 3, "a rather long class name")]
     out = render.draw(image, dets)
-    assert out.shape == image.shape and out.any()
+    assert out.shape == image.shape
+    # The first box touches the top: its label block is drawn inside it, at its
+    # top-left (text pixels break the block, so not every pixel has the colour).
+    assert (out[2:8, 2:20] == render.color_for(1)).all(axis=2).mean() > 0.4
+    # The second's label is wider than the room right of its box: it is moved
+    # left into the image, above the box (rows above y=35), from x=0.
+    ys, xs = np.nonzero((out[:35] == render.color_for(3)).all(axis=2))
+    assert xs.min() == 0 and ys.max() == 34 and len(ys) > 200
 
 
 @pytest.mark.parametrize("accept,fmt", [

@@ -43,9 +43,11 @@ def test_a_tight_budget_gets_the_fastest_model(zoo):
         decode and overhead, with the router's margin (15% + 5 ms)."""
         return (latency_ms + 10) * 1.15 + 5
 
-    # Halfway between what the fastest needs and what the next one needs.
-    if need(others[0]) - need(fastest["latency_ms"]) < 10:
-        pytest.skip(f"latencies too close to separate: {models}")
+    # Halfway between what the fastest needs and what the next one needs. The
+    # zoo's fastest (damoyolo-ns) takes about half the time of the next one:
+    # if the router cannot tell them apart, that is the failure.
+    assert need(others[0]) - need(fastest["latency_ms"]) >= 10, \
+        f"the router's latencies do not separate the models: {models}"
     budget = (need(fastest["latency_ms"]) + need(others[0])) / 2
     r = _post(client, sla_ms=round(budget))
     assert r.status_code == 200, r.text
@@ -54,7 +56,7 @@ def test_a_tight_budget_gets_the_fastest_model(zoo):
 
 def test_a_loose_budget_gets_the_most_accurate_model(zoo):
     client, models = zoo
-    best = max(models.values(), key=lambda m: m["published_coco_ap"])
+    best = max(models.values(), key=lambda m: m["routing_ap"])
     r = _post(client, sla_ms=round(best["latency_ms"] * 4 + 500))
     assert r.status_code == 200 and r.json()["model"] == best["name"]
 
@@ -71,7 +73,7 @@ def test_a_busy_device_moves_the_router_to_a_faster_model(zoo, zoo_gateway):
     """Work queued on the big model delays everything on the shared device: a
     budget that fits the big model when idle goes to a faster one while busy."""
     client, models = zoo
-    best = max(models.values(), key=lambda m: m["published_coco_ap"])
+    best = max(models.values(), key=lambda m: m["routing_ap"])
     budget = round(best["latency_ms"] * 1.6 + 40)
     idle = _post(client, sla_ms=budget)
     assert idle.status_code == 200 and idle.json()["model"] == best["name"]

@@ -125,3 +125,23 @@ def test_digest_kinds_of_the_registry():
         fragment = spec.official_weights.filename.rsplit("-", 1)[-1].removesuffix(".pth")
         if spec.name.startswith("efficientdet-"):
             assert spec.official_weights.sha256.startswith(fragment)
+
+
+def test_offline_build_says_in_one_line_which_download_failed_and_what_to_do(
+        tmp_path, monkeypatch, capsys):
+    """As a new user without network meets it: `tierdet build --weights official`
+    (and `./dev up`, which runs the same build) ends with one line and exit 2."""
+    from tierdet import cli
+    from tierdet.devstack.stack import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/tf_efficientdet_d0_34-f153e0cf.pth"  # nobody there
+    spec = SPECS["efficientdet-d0"]
+    monkeypatch.setitem(SPECS, spec.name, dataclasses.replace(
+        spec, official_weights=OfficialWeights(url, spec.official_weights.sha256)))
+    code = cli.main(["--home", str(tmp_path), "build", "--weights", "official",
+                     "--models", spec.name])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"download of {url} failed" in err and "Connection refused" in err
+    assert "--weights PATH" in err and "--weights random" in err

@@ -1,7 +1,7 @@
-"""The README's generated tables: error codes, the model zoo, the trained models.
+"""The README's generated tables: options, error codes, the model zoo, trained models.
 
 Each lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and
-is rendered from its one source: the contract's error table, the registry
+is rendered from its one source: the contract's options and error table, the registry
 with the latency measurement ``benchmarks/model_zoo.py`` records in
 ``docs/model-zoo.json``, and the trained checkpoints' sidecars in ``weights/``.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierdet.contract.errors import KINDS
+from tierdet.contract.options import DetectOptions
 from tierdet.registry.specs import ZOO
 from tierdet.registry.trained import CHECKPOINTS, sidecar_path, trained_spec
 
@@ -26,6 +27,21 @@ def error_table() -> str:
     lines = ["| code | HTTP | gRPC | when |", "|---|---|---|---|"]
     lines += [f"| `{code.value}` | {kind.http_status} | {kind.grpc_status} | {kind.when} |"
               for code, kind in KINDS.items()]
+    return "\n".join(lines)
+
+
+def options_table() -> str:
+    lines = ["| option | type | meaning |", "|---|---|---|"]
+    for name, schema in DetectOptions.model_json_schema()["properties"].items():
+        kinds = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
+        kind = kinds[0]["type"]
+        if kind == "array":
+            kind = f"list of {kinds[0]['items']['type']}"
+        bounds = [f"{sym} {kinds[0][key]:g}" for key, sym in
+                  (("exclusiveMinimum", ">"), ("minimum", ">="), ("maximum", "<="))
+                  if key in kinds[0]]
+        kind += f" ({', '.join(bounds)})" if bounds else ""
+        lines.append(f"| `{name}` | {kind} | {schema['description']} |")
     return "\n".join(lines)
 
 
@@ -58,7 +74,8 @@ def trained_table() -> str:
 
 
 SECTIONS: dict[str, Callable[[], str]] = {
-    "error-codes": error_table, "model-zoo": zoo_table, "trained-models": trained_table}
+    "options": options_table, "error-codes": error_table, "model-zoo": zoo_table,
+    "trained-models": trained_table}
 
 
 def readme(text: str | None = None) -> str:

@@ -99,7 +99,10 @@ def download(url: str, sha256: str, dest: Path, timeout_s: float = 60.0,
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
-        raise WeightsError(f"download of {url} failed: {exc}") from exc
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(
+            f"download of {url} failed ({reason}); without network, build from a local "
+            "checkpoint (--weights PATH) or untrained weights (--weights random)") from None
     if not digest_matches(digest.hexdigest(), sha256):
         part.unlink(missing_ok=True)
         raise WeightsError(f"sha256 mismatch for {url}: got {digest.hexdigest()}, "

@@ -17,6 +17,11 @@ carrying the server's stable error code. Answers that say "come back later"
 (HTTP 503 or 429 with ``Retry-After``; gRPC with ``retry-after`` metadata) are
 retried, a bounded number of times for a bounded wait (``RetryPolicy``).
 ``api_key`` is sent as ``Authorization: Bearer``.
+
+Private modules: ``_calls`` (the one request builder), ``_retry`` (the one
+retry policy), ``_http`` and ``_grpc`` (the I/O), ``_errors``. May import:
+``tierdet.contract`` and ``tierdet.proto`` only (plus httpx, grpcio,
+pydantic): the client needs none of the gateway.
 """
 
 from tierdet.client._calls import Frame, ImageInput

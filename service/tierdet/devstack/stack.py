@@ -77,6 +77,7 @@ def start_triton(models: Iterable[BuiltModel], home: Path, workdir: Path,
     or failed. A model that failed is an error, unless ``partial``: then it
     is logged and the others serve."""
     models = list(models)
+    workdir.mkdir(parents=True, exist_ok=True)
     repository = assemble(models, home, "cpu-local", intra_op_threads=threads, profile=profile)
     http_port, grpc_port, metrics_port = ports or (free_port(), free_port(), free_port())
     server = LocalTriton(repository, workdir, http_port=http_port, grpc_port=grpc_port,
@@ -135,12 +136,12 @@ class GatewayProcess:
 
 
 @contextmanager
-def running_stack(models: Iterable[BuiltModel], home: Path, workdir: Path, threads: int = 0,
+def running_stack(built: Iterable[BuiltModel], home: Path, workdir: Path, threads: int = 0,
                   timeout_s: float = 120.0, **settings: str
                   ) -> Iterator[tuple[LocalTriton, GatewayProcess]]:
-    """Triton serving ``models`` and one gateway in front of it, stopped on exit;
-    ``settings`` as for ``GatewayProcess.start``."""
-    triton = start_triton(models, home, workdir, threads=threads, timeout_s=timeout_s)
+    """Triton serving the ``built`` models and one gateway in front of it, stopped
+    on exit; ``settings`` as for ``GatewayProcess.start``."""
+    triton = start_triton(built, home, workdir, threads=threads, timeout_s=timeout_s)
     try:
         gateway = GatewayProcess.start(triton.grpc_url, workdir / "gateway.log",
                                        timeout_s=timeout_s, **settings)

@@ -176,15 +176,17 @@ def _batch_image(text: str) -> BatchImage:
 
 
 def _text_schema(name: str) -> dict[str, Any]:
-    """An option's schema as a text field (query or multipart)."""
+    """An option's schema as a text field (query or multipart). Its ``title`` and
+    ``x-`` extensions stay: the web page builds its form from them."""
     prop = dict(DetectOptions.model_json_schema()["properties"][name])
     branches = [b for b in prop.pop("anyOf", [prop]) if b.get("type") != "null"]
     schema = {**prop, **branches[0]}
     schema.pop("default", None)
     if name in LIST_OPTIONS:
-        return {"type": "string", "description": schema.get("description", "")
-                + " (comma-separated)"}
-    return {k: v for k, v in schema.items() if not k.startswith("x-")}
+        return {"type": "string", "title": schema["title"],
+                "description": schema["description"] + " (comma-separated)",
+                **{k: v for k, v in schema.items() if k.startswith("x-")}}
+    return schema
 
 
 def query_parameters() -> list[dict[str, Any]]:

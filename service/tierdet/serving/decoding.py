@@ -108,7 +108,10 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     # JPEG: IMREAD_COLOR applies EXIF orientation and converts CMYK. Others:
     # IMREAD_UNCHANGED keeps alpha (composited in to_rgb) and 16-bit depth.
     flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:  # e.g. a corrupt header declaring more than OpenCV's size limits
+        image = None
     if image is None or image.size == 0:
         raise ApiError(ErrorCode.UNREADABLE_IMAGE, f"the {fmt} image could not be decoded")
     if image.shape[0] * image.shape[1] > max_pixels:

@@ -39,18 +39,25 @@ async function loadModels() {
   } catch {
     return; // the page still works with the server's defaults
   }
-  const tier = $("tier");
-  tier.length = 1; // reloaded when the API key changes
-  tier.options[0].textContent = `server default (${body.default_tier})`;
-  for (const t of body.tiers) {
-    tier.add(new Option(`${t.name} (${Math.round(t.budget_ms)} ms)`, t.name));
-  }
-  const model = $("model");
-  model.length = 1;
-  for (const m of body.models) {
-    const option = new Option(`${m.name} (AP ${m.published_coco_ap})`, m.name);
-    option.disabled = !m.ready;
-    model.add(option);
+  // Lists of choices (x-choices in the options' schema) are filled from here.
+  const fill = {
+    tiers: (select) => {
+      select.options[0].textContent = `server default (${body.default_tier})`;
+      for (const t of body.tiers) {
+        select.add(new Option(`${t.name} (${Math.round(t.budget_ms)} ms)`, t.name));
+      }
+    },
+    models: (select) => {
+      for (const m of body.models) {
+        const option = new Option(`${m.name} (AP ${m.routing_ap})`, m.name);
+        option.disabled = !m.ready;
+        select.add(option);
+      }
+    },
+  };
+  for (const select of $("options").querySelectorAll("select[data-choices]")) {
+    select.length = 1; // reloaded when the API key changes
+    fill[select.dataset.choices]?.(select);
   }
   const untrained = body.models.filter((m) => m.ready && m.weights.startsWith("random"));
   if (untrained.length) {
@@ -81,14 +88,56 @@ function pickFile(file) {
   image.src = state.imageUrl;
 }
 
+// The request options as the API documents them: the query parameters of
+// POST /v1/detect in /openapi.json (one per option, derived on the server
+// from tierdet.contract.options). A new option appears here by itself.
+async function buildOptionFields() {
+  let spec;
+  try {
+    spec = await (await fetch("/openapi.json")).json();
+  } catch {
+    return;
+  }
+  const params = spec.paths["/v1/detect"].post.parameters
+    .filter((p) => p.in === "query" && p.name !== "render");
+  const box = $("options");
+  for (const p of params) {
+    const s = p.schema;
+    const label = document.createElement("label");
+    label.textContent = s.title || p.name;
+    let control;
+    if (s["x-choices"]) {
+      control = document.createElement("select");
+      control.dataset.choices = s["x-choices"];
+      control.add(new Option(s["x-placeholder"] || "", ""));
+    } else {
+      control = document.createElement("input");
+      const numeric = s.type === "number" || s.type === "integer";
+      control.type = numeric ? "number" : "text";
+      if (numeric) {
+        if (s.minimum !== undefined) control.min = s.minimum;
+        if (s.exclusiveMinimum !== undefined) control.min = s.exclusiveMinimum + 1;
+        if (s.maximum !== undefined) control.max = s.maximum;
+        control.step = s.type === "integer" || (s.maximum || 2) > 1 ? "1" : "0.05";
+      }
+      control.placeholder = s["x-placeholder"] || "";
+    }
+    control.id = p.name.replaceAll("_", "-");
+    control.name = p.name;
+    control.title = p.description || s.description || "";
+    // A changed option re-runs the current image, so budgets can be compared quickly.
+    control.addEventListener("change", detect);
+    label.append(control);
+    box.append(label);
+  }
+}
+
 function options() {
   const form = new FormData();
   form.append("image", state.file, state.file.name || "image");
-  for (const [id, field] of [["tier", "tier"], ["sla-ms", "sla_ms"], ["model", "model"],
-                             ["score-threshold", "score_threshold"],
-                             ["max-detections", "max_detections"]]) {
-    const value = $(id).value.trim();
-    if (value !== "") form.append(field, value);
+  for (const control of $("options").querySelectorAll("input, select")) {
+    const value = control.value.trim();
+    if (value !== "") form.append(control.name, value);
   }
   return form;
 }
@@ -209,18 +258,13 @@ function wire() {
     pickFile(e.dataTransfer.files[0]);
   });
   $("controls").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
-  // A changed option re-runs the current image, so budgets can be compared quickly.
-  for (const id of ["tier", "model"]) $(id).addEventListener("change", detect);
   const key = $("api-key");
   key.value = sessionStorage.getItem("tierdet-api-key") || "";
   key.addEventListener("change", () => {
     sessionStorage.setItem("tierdet-api-key", key.value.trim());
     loadModels();
   });
-  for (const id of ["sla-ms", "score-threshold", "max-detections"]) {
-    $(id).addEventListener("change", detect);
-  }
 }
 
 wire();
-loadModels();
+buildOptionFields().then(loadModels);

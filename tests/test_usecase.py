@@ -1,0 +1,206 @@
+"""The detect use case (tierdet.serving.usecase.Detector) against an in-process backend.
+
+The fake stands in for Triton only here, where the use case's own rules are
+the point (admission, names, classes, shedding, mapping, tickets, metrics):
+these run in milliseconds. Everything about the serving path itself runs on a
+real tritonserver in the other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.options import DetectOptions
+from tierdet.registry.labels import COCO90
+from tierdet.serving.metrics import Metrics
+from tierdet.serving.security import hash_key
+from tierdet.serving.settings import Settings
+from tierdet.serving.usecase import Detector
+
+D0 = "efficientdet-d0"  # 512 px, letterbox, 90 COCO slots (slot i = category i + 1)
+SHAPES = "damoyolo-ns-shapes"  # 256 px, stretch, the 6 shapes classes
+
+
+def _rows(*rows: tuple[float, float, float, float, float, int], k: int = 100) -> np.ndarray:
+    """[K, 6] model rows in input pixels, padded like the graph pads them."""
+    out = np.zeros((k, 6), np.float32)
+    out[:, 5] = -1
+    if rows:
+        out[:len(rows)] = rows
+    return out
+
+
+class FakeBackend:
+    """An in-process Backend: every model READY, ``infer`` answers fixed rows."""
+
+    def __init__(self, rows: dict[str, np.ndarray], provenance: dict[str, dict] | None = None,
+                 fail: ApiError | None = None) -> None:
+        self.rows = rows
+        self.prov = provenance or {}
+        self.fail = fail
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    async def infer(self, model, images, timeout_s, priority=0):
+        self.calls.append((model, images.shape))
+        if self.fail is not None:
+            raise self.fail
+        return np.stack([self.rows[model]] * images.shape[0])
+
+    async def repository_models(self, timeout_s=2.0):
+        return {name: ("READY", "") for name in self.rows}
+
+    async def provenance(self, model, timeout_s=2.0):
+        return self.prov.get(model, {"weights": "random (seed 0): NOT trained"})
+
+    async def batch_executions(self, model, timeout_s=2.0):
+        return {}
+
+    async def close(self):
+        pass
+
+
+PERSON, CAR = 0, 2  # EfficientDet slots of COCO "person" (1) and "car" (3)
+D0_ROWS = _rows((10, 20, 110, 220, 0.9, PERSON), (30, 40, 60, 90, 0.8, PERSON),
+                (200, 200, 300, 240, 0.5, CAR), (400, 100, 500, 200, 0.4, CAR))
+
+
+def _detector(tmp_path: Path | None = None, keys: str | None = None,
+              backend: FakeBackend | None = None, **settings) -> tuple[Detector, FakeBackend]:
+    backend = backend or FakeBackend({D0: D0_ROWS, SHAPES: _rows((0, 0, 128, 128, 0.9, 1))})
+    if keys is not None and tmp_path is not None:
+        (tmp_path / "keys.yaml").write_text(keys)
+        settings["api_keys_file"] = tmp_path / "keys.yaml"
+    detector = Detector(Settings(models=tuple(backend.rows), **settings), backend, Metrics())
+    asyncio.run(detector.catalog.refresh())
+    return detector, backend
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.full((height, width, 3), 127, np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _detect(detector: Detector, image: bytes, credentials: str | None = None, **options):
+    async def run():
+        caller = detector.admit(credentials, "http")
+        return await detector.detect(caller, image, DetectOptions(**options))
+
+    return asyncio.run(run())
+
+
+def test_rows_come_back_in_image_pixels_best_first():
+    detector, backend = _detector()
+    # 1024x512 letterboxed into 512: every coordinate doubles.
+    result = _detect(detector, _jpeg(1024, 512), model=D0, score_threshold=0.0)
+    assert backend.calls[-1] == (D0, (1, 512, 512, 3))
+    assert (result.width, result.height) == (1024, 512)
+    first = result.detections[0]
+    assert first.box == (20.0, 40.0, 220.0, 440.0) and first.class_id == 1
+    assert first.class_name == "person"
+    assert [round(d.score, 2) for d in result.detections] == [0.9, 0.8, 0.5, 0.4]
+    assert result.routing.tier is None and result.timing.total_ms >= result.timing.infer_ms
+
+
+def test_the_class_filter_applies_before_the_threshold_and_the_limit():
+    detector, _ = _detector()
+    image = _jpeg(512, 512)
+    for classes in (["car"], ["3"], [" Car "]):
+        result = _detect(detector, image, model=D0, classes=classes, score_threshold=0.45,
+                         max_detections=5)
+        assert [(d.class_name, round(d.score, 2)) for d in result.detections] == [("car", 0.5)]
+    result = _detect(detector, image, model=D0, classes=["car", "person"], max_detections=3,
+                     score_threshold=0.0)
+    assert [d.class_id for d in result.detections] == [1, 1, 3]
+
+
+@pytest.mark.parametrize("classes,where", [(["unicorn"], "unicorn"), (["person", "99"], "99")])
+def test_an_unknown_class_is_refused_before_any_work(classes, where):
+    detector, backend = _detector()
+    calls = len(backend.calls)
+    with pytest.raises(ApiError) as info:
+        _detect(detector, b"not even an image", classes=classes)
+    assert info.value.code is ErrorCode.INVALID_OPTION and where in info.value.message
+    assert len(backend.calls) == calls
+
+
+def test_classes_steer_the_router_to_a_model_that_has_them():
+    detector, _ = _detector()
+    # "circle" is only in the shapes model's label set: the router must take it.
+    result = _detect(detector, _jpeg(300, 200), classes=["circle"], sla_ms=5000)
+    assert (result.model == SHAPES and {d.class_name for d in result.detections} == {"square"}) \
+        or result.detections == ()
+    with pytest.raises(ApiError) as info:  # a pinned model without the class
+        _detect(detector, _jpeg(300, 200), model=D0, classes=["circle"])
+    assert info.value.code is ErrorCode.INVALID_OPTION
+
+
+def test_a_hopeless_budget_is_shed_before_decoding():
+    detector, backend = _detector()
+    calls = len(backend.calls)
+    with pytest.raises(ApiError) as info:
+        _detect(detector, b"\xff\xd8\xff garbage that would not decode", sla_ms=0.5)
+    assert info.value.code is ErrorCode.SLA_UNATTAINABLE and info.value.retry_after_s >= 1
+    assert len(backend.calls) == calls
+
+
+def test_admission_authenticates_rate_limits_and_authorizes(tmp_path):
+    keys = f"""keys:
+  - name: app
+    sha256: {hash_key("secret")}
+    rate_per_s: 1
+    burst: 2
+    tiers: [accurate]
+"""
+    detector, _ = _detector(tmp_path, keys)
+    with pytest.raises(ApiError) as info:
+        detector.admit(None, "http")
+    assert info.value.code is ErrorCode.UNAUTHENTICATED
+    with pytest.raises(ApiError) as info:
+        _detect(detector, _jpeg(64, 64), "secret", tier="realtime")
+    assert info.value.code is ErrorCode.FORBIDDEN
+    detector.admit("secret", "http")  # the second token of the burst of 2
+    with pytest.raises(ApiError) as info:  # the burst is spent (1 more per second)
+        detector.admit("secret", "http")
+    assert info.value.code is ErrorCode.RATE_LIMITED and info.value.retry_after_s >= 1
+    text = generate_latest(detector.metrics.registry).decode()
+    assert 'outcome="unauthorized"' in text and 'outcome="rate_limited"' in text
+
+
+def test_a_failed_call_releases_its_device_ticket_and_is_counted():
+    failing = FakeBackend({D0: D0_ROWS})
+    detector, _ = _detector(backend=failing)
+    failing.fail = ApiError(ErrorCode.TRITON_UNAVAILABLE, "down", retry_after_s=1.0)
+    with pytest.raises(ApiError) as info:
+        _detect(detector, _jpeg(64, 64), model=D0)
+    assert info.value.code is ErrorCode.TRITON_UNAVAILABLE
+    assert detector.router.latency.backlog_ms() == 0.0  # nothing left in flight
+    text = generate_latest(detector.metrics.registry).decode()
+    assert f'model="{D0}",outcome="error",protocol="http"' in text
+
+
+def test_the_router_ranks_a_model_by_the_ap_its_weights_measured():
+    backend = FakeBackend({D0: D0_ROWS, SHAPES: _rows()},
+                          {SHAPES: {"weights": "file weights/x.pt", "measured_ap": "0.8480",
+                                    "measured_on": "shapes-v2-seed0:shapes-256"}})
+    detector, _ = _detector(backend=backend)
+    infos = {m.name: m for m in detector.models().models}
+    assert infos[SHAPES].routing_ap == 84.8 and infos[SHAPES].published_coco_ap is None
+    assert infos[SHAPES].measured_ap == {"shapes-v2-seed0:shapes-256": 0.848}
+    assert infos[D0].routing_ap == 34.2 == infos[D0].published_coco_ap
+    assert detector.router.ap[SHAPES] == 84.8
+
+
+def test_the_models_answer_lists_tiers_with_the_default_marked():
+    detector, _ = _detector()
+    served = detector.models()
+    assert served.default_tier == "balanced"
+    assert [(t.name, t.default) for t in served.tiers] == [
+        ("realtime", False), ("balanced", True), ("accurate", False)]
+    assert COCO90.category_id("traffic light") == 10
