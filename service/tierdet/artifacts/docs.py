@@ -85,8 +85,8 @@ def readme(text: str | None = None) -> str:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"README.md has no <!-- {name}:start/end --> markers")
-        body = render()
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+        replacement = r"\g<1>" + render().replace("\\", r"\\") + "\n" + r"\g<2>"
+        text = pattern.sub(replacement, text)
     return text
 
 

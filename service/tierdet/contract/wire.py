@@ -98,7 +98,7 @@ def to_message(obj: Any, message: Any) -> Any:
 
 def from_message(cls: type[T], message: Any) -> T:
     """The dataclass ``cls`` read from ``message`` (same field names)."""
-    hints = _hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]  # a class is hashable
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         kind, optional = _unwrap(hints[f.name])
@@ -107,11 +107,12 @@ def from_message(cls: type[T], message: Any) -> T:
             values[f.name] = None
             continue
         value = getattr(message, f.name)
-        if is_dataclass(kind):
-            value = from_message(kind, value)  # type: ignore[arg-type]
+        if isinstance(kind, type) and is_dataclass(kind):
+            value = from_message(kind, value)
         elif get_origin(kind) is tuple:
             item = get_args(kind)[0]
-            value = tuple(from_message(item, v) if is_dataclass(item) else v for v in value)
+            value = tuple(from_message(item, v) if isinstance(item, type) and is_dataclass(item)
+                          else v for v in value)
         elif get_origin(kind) is dict:
             value = dict(value)
         elif optional and value == "":
@@ -159,7 +160,7 @@ def _unwrap(annotation: Any) -> tuple[Any, bool]:
 
 def from_json(cls: type[T], data: Any) -> T:
     """The dataclass ``cls`` from decoded JSON (fields a newer gateway adds are ignored)."""
-    return _adapter(cls).validate_python(data)
+    return _adapter(cls).validate_python(data)  # type: ignore[arg-type]  # hashable
 
 
 @functools.cache

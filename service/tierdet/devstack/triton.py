@@ -152,19 +152,20 @@ class LocalTriton:
         """Wait until the server is live and every model has loaded or failed."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.alive():
-                raise TritonError(f"tritonserver exited with code {self.process.returncode}"
+            if self.process is None or not self.alive():
+                code = self.process.returncode if self.process is not None else None
+                raise TritonError(f"tritonserver exited with code {code}"
                                   + (f"; see {self.log_path}" if self.log_path else ""))
             if self._get("/v2/health/live") == 200:
                 states = self.model_states()
                 if all(states.get(m) in ("READY", "UNAVAILABLE") for m in self.models):
                     return {m: states[m] == "READY" for m in self.models}
             time.sleep(0.2)
-        states = {m: self.model_ready(m) for m in self.models}
-        if not any(states.values()) and self.models:
+        ready = {m: self.model_ready(m) for m in self.models}
+        if not any(ready.values()) and self.models:
             raise TritonError(f"no model became ready within {timeout_s:.0f} s"
                               + (f"; see {self.log_path}" if self.log_path else ""))
-        return states
+        return ready
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.process is None:
@@ -180,5 +181,7 @@ class LocalTriton:
 
     def _reap_group(self) -> None:
         """Kill what is left of the server's process group (python stubs)."""
+        if self.process is None:
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 
 import grpc
 import uvicorn
@@ -33,7 +34,7 @@ class _Uvicorn(uvicorn.Server):
     """uvicorn without its own signal handlers: ours stop HTTP and gRPC together."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 

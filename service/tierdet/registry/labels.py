@@ -54,8 +54,9 @@ class LabelSet:
         case), or None if this label set has no such class."""
         text = name_or_id.strip()
         if text.isdigit():
-            cid = int(text)
-            return cid if cid in self.category_names and cid in self.category_ids else None
+            number = int(text)
+            return number if number in self.category_names and number in self.category_ids \
+                else None
         wanted = text.lower()
         for cid in self.category_ids:
             if cid is not None and self.category_names[cid].lower() == wanted:

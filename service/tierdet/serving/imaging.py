@@ -30,14 +30,14 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        image = cv2.normalize(image, np.empty_like(image), 0, 255, cv2.NORM_MINMAX
+                              ).astype(np.uint8)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 2:  # gray + alpha
-        image = cv2.cvtColor(image[:, :, :1], cv2.COLOR_GRAY2BGR), image[:, :, 1]
-        image = np.dstack(image)
+        image = np.dstack([cv2.cvtColor(image[:, :, :1], cv2.COLOR_GRAY2BGR), image[:, :, 1]])
     if image.shape[2] == 4:
         alpha = image[:, :, 3:].astype(np.float32) / 255.0
         blended = image[:, :, :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)

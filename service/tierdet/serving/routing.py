@@ -417,7 +417,7 @@ class Router:
                             False, priority)
         self.governor.saw_budget(budget)
         fastest = min(candidates, key=lambda m: predicted[m])
-        if self._degradable(req, tier):
+        if tier is not None and self._degradable(req, tier):
             self.governor.admitted(self.latency.cost_ms(fastest))
             return Decision(fastest, tier.name, budget, predicted[fastest], True, priority)
         raise self._shed(budget, fastest, predicted[fastest])

@@ -7,7 +7,9 @@ and the Helm chart, so there is one way to configure the service.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -69,10 +71,10 @@ class Settings(BaseModel):
         return images * (self.max_image_bytes * 4 // 3 + 64 * 1024)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``TIERDET_<FIELD>`` variables; ``overrides`` win."""
         env = dict(os.environ if env is None else env)
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None:
@@ -86,7 +88,7 @@ class ConfigError(RuntimeError):
     pass
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings.from_env(**overrides)
     except ValidationError as exc:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -245,15 +245,18 @@ class DamoYoloTrainer:
 
     def loss(self, model: nn.Module, x: torch.Tensor, targets: Targets
              ) -> dict[str, torch.Tensor]:
+        from tierdet.build.damoyolo import DamoYolo
         from tierdet.build.damoyolo.loss import damoyolo_loss, head_outputs
 
-        out = head_outputs(model.head, model.neck(model.backbone(x)))
-        return damoyolo_loss(out, model.head.integral.project, targets)
+        damo = cast(DamoYolo, model)  # what make_model built
+        out = head_outputs(damo.head, damo.neck(damo.backbone(x)))
+        return damoyolo_loss(out, damo.head.integral.project, targets)
 
     def network(self, model: nn.Module) -> Network:
+        from tierdet.build.damoyolo import DamoYolo
         from tierdet.build.export.damoyolo import DamoYoloNetwork
 
-        return Network(DamoYoloNetwork(model).eval(), scores_are_logits=False)
+        return Network(DamoYoloNetwork(cast(DamoYolo, model)).eval(), scores_are_logits=False)
 
 
 def make_trainer(family: FamilyName, spec: ModelSpec, size: int) -> Trainer:
@@ -290,7 +293,8 @@ class Ema:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No decay on norms and biases (1-D tensors): decaying them only hurts."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)

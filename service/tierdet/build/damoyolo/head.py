@@ -10,11 +10,23 @@ the distance from the anchor point to that side.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
 from .config import HeadConfig
+
+
+def convs(branch: nn.ModuleList) -> list[nn.Conv2d]:
+    """A head branch's per-level convolutions, typed (a ModuleList yields Modules)."""
+    return [cast(nn.Conv2d, conv) for conv in branch]
+
+
+def conv_bias(conv: nn.Conv2d) -> torch.Tensor:
+    """The bias of a head convolution (every one is built with a bias)."""
+    assert conv.bias is not None
+    return conv.bias
 
 
 class Scale(nn.Module):
@@ -34,6 +46,8 @@ class DistributionIntegral(nn.Module):
     ``project`` is a buffer only because official checkpoints contain it
     (``head.integral.project``); it always holds 0, 1, ..., reg_max.
     """
+
+    project: torch.Tensor  # a buffer: saved, moved with the module, never trained
 
     def __init__(self, reg_max: int) -> None:
         super().__init__()

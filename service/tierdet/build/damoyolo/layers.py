@@ -133,10 +133,12 @@ class RepConv(nn.Module):
         weight = dense_w + pad(point_w, [1, 1, 1, 1])
         bias = dense_b + point_b
         ref = self.rbr_dense.conv
-        fused = nn.Conv2d(ref.in_channels, ref.out_channels, 3, ref.stride, 1, bias=True).to(
+        stride = (ref.stride[0], ref.stride[1])
+        fused = nn.Conv2d(ref.in_channels, ref.out_channels, 3, stride, 1, bias=True).to(
             device=ref.weight.device, dtype=ref.weight.dtype
         )
         fused.weight.copy_(weight.to(ref.weight.dtype))
+        assert fused.bias is not None  # made with bias=True
         fused.bias.copy_(bias.to(ref.weight.dtype))
         self.rbr_reparam = fused
         del self.rbr_dense

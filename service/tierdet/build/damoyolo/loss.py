@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual alias)
 from torch import nn
 
-from .head import ZeroHead, anchor_points
+from .head import ZeroHead, anchor_points, conv_bias, convs
 
 QFL_BETA = 2.0
 WEIGHT_QFL, WEIGHT_GIOU, WEIGHT_DFL = 1.0, 2.0, 0.25
@@ -87,11 +87,11 @@ def head_outputs(head: ZeroHead, features: Sequence[torch.Tensor]) -> HeadOutput
 def init_head_(head: ZeroHead) -> None:
     """Official head init: small weights, class bias at a 1% prior."""
     bias = -float(torch.log(torch.tensor((1 - PRIOR_PROB) / PRIOR_PROB)))
-    for conv in (*head.gfl_cls, *head.gfl_reg):
+    for conv in (*convs(head.gfl_cls), *convs(head.gfl_reg)):
         nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
-    for conv in head.gfl_cls:
-        conv.bias.fill_(bias)
+        nn.init.zeros_(conv_bias(conv))
+    for conv in convs(head.gfl_cls):
+        conv_bias(conv).fill_(bias)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from tierdet.build.export.network import Network, on_pixels
 from tierdet.build.damoyolo import DamoYolo, build_damoyolo, load_official_state_dict
+from tierdet.build.damoyolo.head import conv_bias, convs
 from tierdet.registry.specs import ModelSpec
 
 # Random weights: the largest head logit on calibration images. Feature
@@ -60,15 +61,16 @@ def _scale_head_(model: DamoYolo, seed: int, size: int) -> None:
     generator = torch.Generator().manual_seed(seed + 1)
     features = model.neck(model.backbone(calibration_images(2, size, generator)))
     head = model.head
-    for feature, cls_conv, reg_conv in zip(features, head.gfl_cls, head.gfl_reg, strict=True):
+    for feature, cls_conv, reg_conv in zip(features, convs(head.gfl_cls), convs(head.gfl_reg),
+                                           strict=True):
         for conv in (cls_conv, reg_conv):
             logits = nn.functional.conv2d(feature, conv.weight, None, conv.stride,
                                           conv.padding)
             conv.weight.mul_(RANDOM_LOGIT_MAX / logits.abs().max())
         # The biases are the only parameters randomize_ leaves alone: set them
         # so the weights depend on the seed alone.
-        cls_conv.bias.fill_(RANDOM_CLASS_BIAS)
-        reg_conv.bias.zero_()
+        conv_bias(cls_conv).fill_(RANDOM_CLASS_BIAS)
+        conv_bias(reg_conv).zero_()
 
 
 def build_network(spec: ModelSpec, checkpoint: Path | None, seed: int,

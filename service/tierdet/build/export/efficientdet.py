@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,12 +28,14 @@ class EfficientDetNetwork(nn.Module):
     order (level, y, x, anchor).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    anchors: torch.Tensor  # a buffer (register_buffer below)
+
+    def __init__(self, model: Any) -> None:  # effdet's EfficientDet (untyped)
         super().__init__()
         from effdet.anchors import Anchors
 
         self.model = model
-        self.num_classes = model.config.num_classes
+        self.num_classes: int = model.config.num_classes
         anchors = Anchors.from_config(model.config).boxes  # [N, 4] yxyx
         self.register_buffer("anchors", anchors.float(), persistent=False)
 

@@ -9,9 +9,11 @@ both implement natively.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from onnxscript import FLOAT
-from onnxscript import opset18 as op
+from onnxscript import opset18 as opset
 
 
 @torch.library.custom_op("tierdet::nms_keep", mutates_args=())
@@ -31,7 +33,10 @@ def _(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.
     return torch.empty_like(scores)
 
 
-def nms_keep_onnx(boxes: FLOAT, scores: FLOAT, iou_threshold: float) -> FLOAT:
+def nms_keep_onnx(boxes: FLOAT, scores: FLOAT, iou_threshold: float) -> Any:
+    # onnxscript's stubs type each op's result as a union of every tensor type,
+    # which no op's signature accepts: the values are checked by the exporter.
+    op: Any = opset
     scores_bcn = op.Unsqueeze(scores, op.Constant(value_ints=[1]))
     max_per_class = op.Shape(scores, start=1, end=2)  # keep up to N: the mask decides
     iou = op.Constant(value_floats=[iou_threshold])
@@ -42,4 +47,4 @@ def nms_keep_onnx(boxes: FLOAT, scores: FLOAT, iou_threshold: float) -> FLOAT:
     return op.ScatterND(zeros, batch_and_box, ones)
 
 
-CUSTOM_TRANSLATIONS = {torch.ops.tierdet.nms_keep.default: nms_keep_onnx}
+CUSTOM_TRANSLATIONS: dict[Any, Any] = {torch.ops.tierdet.nms_keep.default: nms_keep_onnx}

@@ -71,10 +71,11 @@ def export_onnx(spec: ModelSpec, network: Network, path: Path,
     """
     import onnx
 
-    module: nn.Module = wrap_for_export(spec, network)
+    wrapper = wrap_for_export(spec, network)
+    module: nn.Module = wrapper
     outputs = [OUTPUT_NAME]
     if raw:
-        module, outputs = RawWrapper(module).eval(), list(RAW_OUTPUT_NAMES)
+        module, outputs = RawWrapper(wrapper).eval(), list(RAW_OUTPUT_NAMES)
     size = input_size or spec.input_size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,9 @@ class ExportWrapper(nn.Module):
     ``network`` maps a float NCHW tensor to (boxes [B,N,4], scores [B,N,C]).
     """
 
+    mean: torch.Tensor  # buffers (register_buffer below)
+    inv_std: torch.Tensor
+
     def __init__(self, network: nn.Module, head: DetectionHead,
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         super().__init__()

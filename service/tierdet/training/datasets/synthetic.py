@@ -170,7 +170,7 @@ def _fill(mask: np.ndarray, polys: Sequence[Polygon], offset: np.ndarray) -> Non
     big = np.zeros((h * _SUPERSAMPLE, w * _SUPERSAMPLE), np.uint8)
     pts = [np.round(((p - offset) * _SUPERSAMPLE - 0.5) * (1 << _SUBPIXEL_BITS))
            .astype(np.int32) for p in polys]
-    cv2.fillPoly(big, pts, 255, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    cv2.fillPoly(big, pts, (255,), lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
     mask[:] = cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA)
 
 
@@ -271,7 +271,7 @@ def _draw(canvas: _Canvas, rng: np.random.Generator, polys: list[Polygon]) -> No
     if rng.random() < 0.4:  # an outline in a darker tone, clipped to the shape
         stroke = np.zeros((h, w), np.uint8)
         pts = [np.round((p - 0.5) * (1 << _SUBPIXEL_BITS)).astype(np.int32) for p in polys]
-        cv2.polylines(stroke, pts, True, 255, int(rng.integers(2, 4)), cv2.LINE_AA,
+        cv2.polylines(stroke, pts, True, (255,), int(rng.integers(2, 4)), cv2.LINE_AA,
                       _SUBPIXEL_BITS)
         a = (stroke.astype(np.float32) / 255.0)[..., None] * alpha
         canvas.image[:] = canvas.image * (1 - a) + (colour * 0.4).astype(np.float32) * a
@@ -297,8 +297,10 @@ def render(config: SynthConfig, seed: int, split: str, index: int
         polys = [p + centre for p in polys]
         _draw(canvas, rng, polys)
         lo, hi = polys[0].min(0), polys[0].max(0)
+        category = SHAPES.category_ids[slot]
+        assert category is not None  # every shapes slot names a class
         annotations.append(Annotation(
-            SHAPES.category_ids[slot],
+            category,
             (round(float(lo[0]), 2), round(float(lo[1]), 2),
              round(float(hi[0] - lo[0]), 2), round(float(hi[1] - lo[1]), 2)),
             round(_shape_area(polys), 2)))
@@ -332,7 +334,8 @@ def write_split(root: Path, split: str, count: int, config: SynthConfig, seed: i
     """Render ``count`` images of ``split`` under ``root``; returns its annotation file."""
     folder = root / split
     folder.mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for index in range(count):
         image, objects = render(config, seed, split, index)
         name = f"{index:06d}.{config.image_format}"
