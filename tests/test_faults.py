@@ -4,6 +4,7 @@ the gateway is told to stop. Each test runs its own Triton and gateway."""
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import signal
 import time
 
@@ -138,11 +139,29 @@ def test_slow_triton_deadlines_are_enforced_and_counted(home, built_d0, tmp_path
         triton.stop()
 
 
+def _taken(base: str) -> tuple[float, float]:
+    """(requests answered, requests in flight) by the gateway's own metrics."""
+    text = httpx.get(base + "/metrics", timeout=5).text
+    done = sum(float(v) for v in re.findall(r"^tierdet_requests_total\{[^}]*\} (\S+)$",
+                                            text, re.M))
+    inflight = float(re.search(r"^tierdet_inflight_requests (\S+)$", text, re.M).group(1))
+    return done, inflight
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits(triton, tmp_path):
     gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(_detect, gateway.http, model=TEST_MODEL) for _ in range(6)]
-        time.sleep(0.2)
+        # SIGTERM once the gateway has taken all six, some still in flight (a
+        # fixed sleep raced the clients' connections on a slow machine: those not
+        # yet connected were refused, which is what a stop must do).
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, inflight = _taken(gateway.http)
+            if done + inflight >= 6:
+                break
+            time.sleep(0.01)
+        assert inflight >= 1 and done + inflight == 6, (done, inflight)
         gateway.process.send_signal(signal.SIGTERM)
         results = [f.result(timeout=60) for f in futures]
     assert [status for status, _, _ in results] == [200] * 6
