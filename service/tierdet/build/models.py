@@ -55,33 +55,33 @@ def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
     """Export ``spec`` with ``source`` weights and check the result runs."""
     from tierdet.build.export.onnx_export import export_onnx, load_network
 
-    steps = tqdm(total=4, desc=f"build {spec.name}", disable=not progress,
-                 bar_format="{desc}: {n}/{total} {postfix}")
-    steps.set_postfix_str("weights")
-    checkpoint = resolve_checkpoint(spec, source, home / "weights", progress=progress)
-    steps.update()
-    steps.set_postfix_str("network")
-    network = load_network(spec, checkpoint, source.seed)
-    steps.update()
-    steps.set_postfix_str("export")
-    provenance = {
-        "weights": source.describe(),
-        "weights_sha256": sha256_file(checkpoint) if checkpoint else "",
-        "weights_digest_check": digest_check(spec, source),
-        # Counted on the exported module (DAMO-YOLO: RepConvs fused), for the docs.
-        "params": str(sum(p.numel() for p in network.module.parameters())),
-        "built_with": f"tierdet {__version__}",
-        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **measured_provenance(checkpoint),
-    }
-    path = export_onnx(spec, network, onnx_path(home, spec.name), metadata=provenance)
-    steps.update()
-    steps.set_postfix_str("verify")
-    verify_onnx(spec, path)
-    provenance["onnx_sha256"] = sha256_file(path)
-    path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
-    steps.update()
-    steps.close()
+    # A context: on a failure the bar is closed (its line ended) before the error shows.
+    with tqdm(total=4, desc=f"build {spec.name}", disable=not progress,
+              bar_format="{desc}: {n}/{total} {postfix}") as steps:
+        steps.set_postfix_str("weights")
+        checkpoint = resolve_checkpoint(spec, source, home / "weights", progress=progress)
+        steps.update()
+        steps.set_postfix_str("network")
+        network = load_network(spec, checkpoint, source.seed)
+        steps.update()
+        steps.set_postfix_str("export")
+        provenance = {
+            "weights": source.describe(),
+            "weights_sha256": sha256_file(checkpoint) if checkpoint else "",
+            "weights_digest_check": digest_check(spec, source),
+            # Counted on the exported module (DAMO-YOLO: RepConvs fused), for the docs.
+            "params": str(sum(p.numel() for p in network.module.parameters())),
+            "built_with": f"tierdet {__version__}",
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **measured_provenance(checkpoint),
+        }
+        path = export_onnx(spec, network, onnx_path(home, spec.name), metadata=provenance)
+        steps.update()
+        steps.set_postfix_str("verify")
+        verify_onnx(spec, path)
+        provenance["onnx_sha256"] = sha256_file(path)
+        path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+        steps.update()
     return BuiltModel(spec, path, provenance)
 
 

@@ -99,7 +99,8 @@ def download(url: str, sha256: str, dest: Path, timeout_s: float = 60.0,
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
-        reason = getattr(exc, "reason", None) or exc
+        reason = (f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError)
+                  else getattr(exc, "reason", None) or exc)
         raise WeightsError(
             f"download of {url} failed ({reason}); without network, build from a local "
             "checkpoint (--weights PATH) or untrained weights (--weights random)") from None
