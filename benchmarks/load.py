@@ -318,9 +318,10 @@ def main() -> int:
                              log_path=work / "triton.log")
         triton.start()
         triton.wait_ready(180)
+        # Random weights rank 0 unless pinned: route by the published AP here.
         gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log",
                                        profile_file=str(profile_path),
-                                       models=",".join(models))
+                                       models=",".join(models), pin_published_ap="true")
         run(args, models, profile, gateway, triton, off, on)
     finally:
         if gateway is not None:

@@ -138,7 +138,9 @@ def zoo_triton(zoo_built, tmp_path_factory) -> Iterator[LocalTriton]:
 @pytest.fixture(scope="session")
 def zoo_gateway(zoo_triton: LocalTriton, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("zoo-gateway") / "gateway.log"
-    gw = GatewayProcess.start(zoo_triton.grpc_url, log, timeout_s=180.0)
+    # Random weights rank 0 by default; the routing tests need the published AP.
+    gw = GatewayProcess.start(zoo_triton.grpc_url, log, timeout_s=180.0,
+                              pin_published_ap="true")
     try:
         yield gw
     finally:

@@ -18,7 +18,7 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # package -> (tierdet packages it may import, third-party top-level modules it may import)
 RULES: dict[str, tuple[set[str], set[str]]] = {
     "contract": ({"contract", "proto"}, {"pydantic"}),
-    "registry": ({"registry", "contract"}, set()),
+    "registry": ({"registry", "contract"}, {"pydantic", "yaml"}),
     "serving": ({"serving", "registry", "contract"},
                 {"numpy", "cv2", "tritonclient", "prometheus_client", "pydantic", "yaml"}),
     "frontends": ({"frontends", "serving", "registry", "contract", "proto"},

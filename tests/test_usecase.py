@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
 from tierdet.registry.labels import COCO90
+from tierdet.registry.specs import SPECS
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.security import hash_key
 from tierdet.serving.settings import Settings
@@ -193,8 +194,24 @@ def test_the_router_ranks_a_model_by_the_ap_its_weights_measured():
     infos = {m.name: m for m in detector.models().models}
     assert infos[SHAPES].routing_ap == 84.8 and infos[SHAPES].published_coco_ap is None
     assert infos[SHAPES].measured_ap == {"shapes-v2-seed0:shapes-256": 0.848}
-    assert infos[D0].routing_ap == 34.2 == infos[D0].published_coco_ap
+    # Random weights find nothing real: they rank 0, not their published 34.2 AP.
+    assert infos[D0].routing_ap == 0.0 and infos[D0].published_coco_ap == 34.2
     assert detector.router.ap[SHAPES] == 84.8
+
+
+@pytest.mark.parametrize("provenance,pinned,expected", [
+    ({"weights": "random (seed 0): NOT trained"}, False, 0.0),
+    ({"weights": "random (seed 0): NOT trained"}, True, 34.2),
+    ({"weights": "official", "weights_digest_check": "sha256"}, False, 34.2),
+    ({"weights": "file /x.pth",
+      "weights_sha256": SPECS[D0].official_weights.sha256}, False, 34.2),  # the same file
+    ({"weights": "file /x.pth", "weights_sha256": "0" * 64}, False, 0.0),
+    ({"weights": "file /x.pth", "measured_ap": "0.2500", "measured_on": "mine"}, False, 25.0),
+])
+def test_the_published_ap_counts_only_for_the_published_weights(provenance, pinned, expected):
+    backend = FakeBackend({D0: D0_ROWS}, {D0: provenance})
+    detector, _ = _detector(backend=backend, pin_published_ap=pinned)
+    assert detector.router.ap[D0] == expected
 
 
 def test_the_models_answer_lists_tiers_with_the_default_marked():

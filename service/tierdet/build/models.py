@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,8 +21,8 @@ from tierdet import __version__
 from tierdet.build.repository import Target, install_model
 from tierdet.build.weights import WeightsSource, resolve_checkpoint, sha256_file
 from tierdet.registry.profile import LatencyProfile, tuned_batching
-from tierdet.registry.specs import ModelSpec, get_spec
-from tierdet.registry.tensors import INPUT_NAME
+from tierdet.registry.specs import Batching, ModelSpec, get_spec
+from tierdet.registry.tensors import INPUT_NAME, MODEL_METADATA_KEY
 from tierdet.registry.trained import sidecar_ap
 
 
@@ -47,7 +47,11 @@ def load_built(home: Path, name: str) -> BuiltModel | None:
     meta = path.with_suffix(".json")
     if not (path.is_file() and meta.is_file()):
         return None
-    return BuiltModel(get_spec(name), path, json.loads(meta.read_text()))
+    provenance = json.loads(meta.read_text())
+    spec = get_spec(name)
+    if provenance.get("batching", "").startswith("max_batch_size 1"):  # a fixed-batch card
+        spec = replace(spec, batching=Batching(max_batch_size=1, max_queue_delay_us=0))
+    return BuiltModel(spec, path, provenance)
 
 
 def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
@@ -85,6 +89,55 @@ def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
     return BuiltModel(spec, path, provenance)
 
 
+def build_card(card_path: Path, home: Path) -> BuiltModel:
+    """A model card's model, built: a graph wrapped (``tierdet.build.cards``), or a
+    zoo-family checkpoint exported like any zoo model with the card's classes."""
+    from tierdet.build import cards
+    from tierdet.registry.cards import CheckpointSource, register
+
+    card = register(card_path)
+    spec = get_spec(card.name)
+    if isinstance(card.source, CheckpointSource):
+        built = build_model(spec, WeightsSource("file", card.source.checkpoint), home,
+                            progress=False)
+        provenance = {**built.provenance, "card_sha256": cards.sha256_of(card_path),
+                      "licence": card.licence, "provenance": card.provenance}
+        built.onnx.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+        return BuiltModel(spec, built.onnx, provenance)
+    graph = cards.check_graph(card)
+    spec = cards.spec_for_build(spec, graph)
+    provenance = {**cards.card_provenance(card, card_path, graph),
+                  "built_with": f"tierdet {__version__}",
+                  "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    path = cards.save(cards.wrap(card, graph), onnx_path(home, spec.name),
+                      {MODEL_METADATA_KEY: spec.name, **provenance})
+    verify_onnx(spec, path, batch=2 if graph.batchable else 1)
+    provenance["onnx_sha256"] = sha256_file(path)
+    path.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return BuiltModel(spec, path, provenance)
+
+
+def ensure_cards(card_paths: Iterable[Path], home: Path, rebuild: bool = False
+                 ) -> list[BuiltModel]:
+    """Each card's model: the one built before if neither the card nor its file
+    changed since, else built now."""
+    from tierdet.registry.cards import CheckpointSource, register, sha256_of
+
+    built = []
+    for card_path in card_paths:
+        card = register(card_path)
+        existing = None if rebuild else load_built(home, card.name)
+        source = (card.source.checkpoint if isinstance(card.source, CheckpointSource)
+                  else card.source.onnx)
+        if (existing is not None and source.is_file()
+                and existing.provenance.get("card_sha256") == sha256_of(card_path)
+                and existing.provenance.get("weights_sha256") == sha256_of(source)):
+            built.append(existing)
+        else:
+            built.append(build_card(card_path, home))
+    return built
+
+
 def measured_provenance(checkpoint: Path | None) -> dict[str, str]:
     """The AP the checkpoint measured through the gateway (its sidecar), if any:
     it travels with the built model to the gateway, whose router ranks by it."""
@@ -104,17 +157,17 @@ def digest_check(spec: ModelSpec, source: WeightsSource) -> str:
             "none": "none (no digest published)"}[official.digest_kind]
 
 
-def verify_onnx(spec: ModelSpec, path: Path) -> None:
-    """The exported file loads in ONNX Runtime and answers a batch of 2."""
+def verify_onnx(spec: ModelSpec, path: Path, batch: int = 2) -> None:
+    """The exported file loads in ONNX Runtime and answers a batch of ``batch``."""
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    batch = np.zeros((2, spec.input_size, spec.input_size, 3), np.uint8)
-    out = session.run(None, {INPUT_NAME: batch})[0]
-    if out.shape != (2, spec.max_detections, 6):
+    images = np.zeros((batch, spec.input_size, spec.input_size, 3), np.uint8)
+    out = session.run(None, {INPUT_NAME: images})[0]
+    if out.shape != (batch, spec.max_detections, 6):
         raise RuntimeError(f"{path}: output shape {out.shape}, expected "
-                           f"(2, {spec.max_detections}, 6)")
+                           f"({batch}, {spec.max_detections}, 6)")
 
 
 def ensure_built(names: Iterable[str], source: WeightsSource, home: Path,

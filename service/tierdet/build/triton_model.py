@@ -15,7 +15,6 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -35,7 +34,8 @@ class TritonPythonModel:
     def execute(self, requests):
         # Triton's dynamic batcher hands over several requests at once: run
         # them as one ONNX batch and split the result back per request.
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy()
+                  for r in requests]
         if self.delay_s:
             time.sleep(self.delay_s)
         try:

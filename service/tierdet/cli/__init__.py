@@ -20,6 +20,7 @@ from tierdet import __version__
 from tierdet.build.models import default_home
 from tierdet.build.weights import WeightsError
 from tierdet.cli import accuracy, building, client, serving
+from tierdet.registry.cards import CardError
 from tierdet.serving.settings import ConfigError
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, WeightsError) as exc:
+    except (ConfigError, WeightsError, CardError) as exc:
         # A problem the user can fix: one line (or a short list), no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

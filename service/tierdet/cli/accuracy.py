@@ -39,8 +39,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tierdet.registry.accuracy import EvalReport
+    from tierdet.registry.cards import register as register_card
     from tierdet.training.evaluation import format_table, run_evaluation
 
+    for card in args.card or ():  # so a card model's bare ONNX is known here too
+        register_card(card)
     if args.url is None and args.onnx is None:
         raise SystemExit("nothing to evaluate: give --url (the gateway) and/or --onnx PATH")
     records = run_evaluation(args.dataset, args.split, url=args.url, model=args.model,
@@ -97,13 +100,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(HTTP /v1/detect, score_threshold 0.001, 100 detections) "
                                    "and/or run the built ONNX file directly; print AP, AP50, "
                                    "AP75, APs/m/l per source and write them as JSON.")
-    e.add_argument("--dataset", type=Path, required=True, help="data set folder (COCO layout)")
+    e.add_argument("--dataset", type=Path, required=True,
+                   help="data set folder: COCO's layout (annotations/instances_SPLIT.json, "
+                        "SPLIT/), or instances.json beside images/")
     e.add_argument("--split", default="val")
     e.add_argument("--url", help="gateway base URL, e.g. http://127.0.0.1:8080")
     target = e.add_mutually_exclusive_group()
     target.add_argument("--tier", help="send requests to this tier")
     target.add_argument("--model", help="pin requests to this model")
     e.add_argument("--onnx", type=Path, help="also evaluate this built ONNX file directly")
+    e.add_argument("--card", type=Path, action="append", metavar="FILE",
+                   help="the model card of a --onnx file built from a card (repeatable)")
     e.add_argument("--limit", type=int, default=None, help="first N images only")
     e.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     e.add_argument("--out", type=Path, help="results JSON (default HOME/eval/results.json)")

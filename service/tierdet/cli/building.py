@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tierdet.build import engines
 from tierdet.registry.specs import DEFAULT_MODELS, SPECS, ZOO
@@ -26,14 +27,22 @@ def weights_argument(p: argparse.ArgumentParser) -> None:
                         "(default: official)")
 
 
+def card_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
+    p.add_argument("--card", type=Path, action="append", default=None, metavar="FILE",
+                   help="a model card (YAML): your own detector, built and served beside the "
+                        f"zoo; repeatable{default_help}")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from tierdet.build.models import assemble, build_model
+    from tierdet.build.models import assemble, build_card, build_model
     from tierdet.build.weights import WeightsSource
     from tierdet.registry.specs import get_spec
 
     source = WeightsSource.parse(args.weights)
-    names = model_names(args.models, args.all)
+    names = [] if args.card and not args.models and not args.all else model_names(
+        args.models, args.all)
     built = [build_model(get_spec(m), source, args.home) for m in names]
+    built += [build_card(card, args.home) for card in args.card or ()]
     for model in built:
         print(f"{model.spec.name}: {model.onnx} ({model.provenance['weights']})")
     repository = assemble(built, args.home, args.target, args.threads)
@@ -65,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
     b.add_argument("--all", action="store_true", help="build the 15 published models (the zoo)")
     weights_argument(b)
+    card_argument(b, " (with --card alone, only the cards are built)")
     b.add_argument("--target", default="cpu-local", choices=["cpu-local", "cpu"],
                    help="repository flavour to assemble (gpu engines are built on the GPU host)")
     b.add_argument("--threads", type=int, default=0,

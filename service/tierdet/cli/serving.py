@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from tierdet.cli.building import model_names, weights_argument
+from tierdet.cli.building import card_argument, model_names, weights_argument
 from tierdet.registry.specs import DEFAULT_MODELS
 from tierdet.serving.settings import load_settings
 
@@ -13,12 +13,15 @@ from tierdet.serving.settings import load_settings
 def cmd_up(args: argparse.Namespace) -> int:
     from tierdet.build.weights import WeightsSource
     from tierdet.devstack.up import run_stack
+    from tierdet.registry.cards import shipped_cards
 
     settings = load_settings(http_port=args.port, grpc_port=args.grpc_port, http_host=args.host,
                              grpc_host=args.host)
+    # Nothing asked for: the zoo's default model and the shipped real-weights cards.
+    cards = args.card if args.card is not None else ([] if args.models else shipped_cards())
     asyncio.run(run_stack(settings, model_names(args.models), WeightsSource.parse(args.weights),
                           args.home, (args.triton_http_port, args.triton_grpc_port,
-                                      args.triton_metrics_port), args.threads))
+                                      args.triton_metrics_port), args.threads, cards))
     return 0
 
 
@@ -74,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "SIGTERM stops both.")
     u.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
     weights_argument(u)
+    card_argument(u, "; default without --models: examples/cards/*.yaml (YOLOX-Nano's real "
+                     "COCO weights)")
     u.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=None, help="gateway HTTP port (default 8080)")
     u.add_argument("--grpc-port", type=int, default=None, help="gateway gRPC port (default 50051)")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from tierdet.build.models import ensure_built
+from tierdet.build.models import ensure_built, ensure_cards
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.stack import start_triton
 from tierdet.devstack.triton import LocalTriton
@@ -41,8 +42,9 @@ async def supervise(triton: LocalTriton, stop: asyncio.Event, max_backoff_s: flo
 
 
 async def run_stack(settings: Settings, models: list[str], source: WeightsSource, home: Path,
-                    triton_ports: tuple[int, int, int], threads: int) -> None:
-    built = ensure_built(models, source, home)
+                    triton_ports: tuple[int, int, int], threads: int,
+                    cards: Sequence[Path] = ()) -> None:
+    built = ensure_built(models, source, home) + ensure_cards(cards, home)
     profile_path = settings.profile_file or home / "profile.json"
     profile = LatencyProfile.load(profile_path)
     if profile.models:
@@ -56,7 +58,8 @@ async def run_stack(settings: Settings, models: list[str], source: WeightsSource
     stop = asyncio.Event()
     try:
         settings = settings.model_copy(update={
-            "triton_url": triton.grpc_url, "models": tuple(models),
+            "triton_url": triton.grpc_url, "models": tuple(b.spec.name for b in built),
+            "cards": tuple(cards),
             "profile_file": profile_path if profile.models else None})
         supervisor = asyncio.create_task(supervise(triton, stop))
         await run_gateway(settings, stop)

@@ -23,22 +23,30 @@ from tierdet.registry.labels import COCO80, COCO90, LabelSet
 class Family(str, Enum):
     EFFICIENTDET = "efficientdet"
     DAMOYOLO = "damoyolo"
+    ONNX = "onnx"  # a graph from another exporter, wrapped from its model card
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model's uint8 input tensor.
+    """How an image becomes the model's input.
 
-    ``resize`` happens in the gateway (it must know the geometry to map boxes
-    back); ``mean``/``std`` (in 0..255 pixel units) are applied inside the
-    ONNX graph so the wire carries uint8, 4x less than float32.
+    The gateway resizes (it must know the geometry to map boxes back) and
+    always sends uint8 RGB NHWC pixels; everything else happens inside the
+    ONNX graph, so the wire carries uint8, 4x less than float32: ``mean`` and
+    ``std`` (in 0..255 pixel units), and for a model card's graph its own
+    channel order, layout and dtype (``tierdet.build.cards``).
     """
 
     resize: Literal["letterbox", "stretch"]
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Letterbox fill colour (RGB); the image sits at the top-left corner.
+    # Letterbox fill colour (RGB) and where the image sits in the square.
     pad_rgb: tuple[int, int, int] = (0, 0, 0)
+    placement: Literal["top-left", "centre"] = "top-left"
+    # Interpolation when the image shrinks: "area" averages like effdet's
+    # antialiased PIL resize; "linear" is cv2.resize's default (YOLOX, DAMO-YOLO).
+    shrink: Literal["area", "linear"] = "area"
+    channels: Literal["RGB", "BGR"] = "RGB"  # what the network itself expects
 
 
 # effdet's eval transform: ImageNet mean/std, aspect kept, padded bottom/right

@@ -3,8 +3,13 @@
 Readiness and Triton's state per model; where its weights came from and the AP
 its build measured (the provenance the build wrote into the model's config);
 the latest evaluation records (``TIERDET_EVAL_DIR``). The catalog keeps the
-router's AP table current: a model is ranked by the AP measured for the
-weights it serves where there is one, else by its published figure.
+router's AP table current, so the router never prefers meaningless boxes: a
+model is ranked by the AP measured for the weights it serves where there is
+one; by its published figure only when those are the verified published
+weights (an official download, or a file whose sha256 is the published one);
+else by 0: untrained (random) weights, or weights nobody measured. Routing
+tests and benchmarks on random weights pin the published figures instead
+(``TIERDET_PIN_PUBLISHED_AP``).
 """
 
 from __future__ import annotations
@@ -36,18 +41,36 @@ class ModelState:
     reason: str = ""  # why it is not ready (Triton's load error), if known
     measured_ap: float | None = None  # AP (0..1) the build recorded for these weights
     measured_on: str = ""  # ... and the data set it was measured on
+    verified: bool = False  # the weights are the ones the published AP is about
+    pin_published: bool = False  # rank by the published AP whatever the weights
 
     @property
     def routing_ap(self) -> float:
         """The AP (percent) the router ranks this model by."""
-        if self.measured_ap is not None:
+        if self.measured_ap is not None and not self.pin_published:
             return round(100 * self.measured_ap, 1)
-        return self.spec.published_ap or 0.0
+        if self.verified or self.pin_published:
+            return self.spec.published_ap or 0.0
+        return 0.0
 
 
-def initial_ap() -> dict[str, float]:
+def initial_ap(pin_published: bool) -> dict[str, float]:
     """The router's AP table before any model's provenance is known."""
-    return {name: ModelState(spec).routing_ap for name, spec in SPECS.items()}
+    return {name: ModelState(spec, pin_published=pin_published).routing_ap
+            for name, spec in SPECS.items()}
+
+
+def verified_weights(spec: ModelSpec, provenance: dict[str, str]) -> bool:
+    """Whether the build's weights are those the spec's published AP is about: an
+    official download checked against its digest, a card's file checked against
+    the sha256 the card names, or a local file whose sha256 is the published one."""
+    if spec.published_ap is None:
+        return False
+    if provenance.get("weights", "").startswith(("official", "card ")):
+        return provenance.get("weights_digest_check", "").startswith("sha256")
+    official = spec.official_weights
+    digest = provenance.get("weights_sha256", "")
+    return bool(official and len(official.sha256) >= 8 and digest.startswith(official.sha256))
 
 
 class Catalog:
@@ -82,7 +105,8 @@ class Catalog:
             spec = SPECS.get(name)
             if spec is None:
                 continue
-            state = self.states.setdefault(name, ModelState(spec))
+            state = self.states.setdefault(
+                name, ModelState(spec, pin_published=self.settings.pin_published_ap))
             was_ready = state.ready
             state.status, state.reason = (index or {}).get(
                 name, ("UNREACHABLE" if index is None else "NOT_LOADED", ""))
@@ -136,6 +160,7 @@ class Catalog:
         except Exception:
             return
         state.weights = prov.get("weights", "unknown")
+        state.verified = verified_weights(state.spec, prov)
         if prov.get("measured_ap"):
             state.measured_ap = float(prov["measured_ap"])
             state.measured_on = prov.get("measured_on", "")

@@ -18,6 +18,8 @@ class Geometry:
     scale_y: float
     width: int  # original image size
     height: int
+    offset_x: float = 0.0  # where the resized image starts in the model input
+    offset_y: float = 0.0
 
 
 # Transparent pixels are shown over white, as a browser on a white page would.
@@ -45,20 +47,24 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int]
+def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int],
+              placement: str = "top-left", shrink: str = "area"
               ) -> tuple[np.ndarray, Geometry]:
-    """Resize keeping aspect so the long side is ``size``; pad bottom/right."""
+    """Resize keeping aspect so the long side is ``size``; pad the rest, the image
+    at the top-left corner or centred."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     canvas = np.empty((size, size, 3), np.uint8)
     canvas[:] = pad_rgb
     # Shrinking with INTER_AREA averages like effdet's (antialiased) PIL resize;
-    # INTER_LINEAR would alias fine detail away.
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    # INTER_LINEAR would alias fine detail away (but is what some models trained on).
+    interp = cv2.INTER_AREA if scale < 1 and shrink == "area" else cv2.INTER_LINEAR
+    x0, y0 = ((size - new_w) // 2, (size - new_h) // 2) if placement == "centre" else (0, 0)
+    canvas[y0:y0 + new_h, x0:x0 + new_w] = cv2.resize(image, (new_w, new_h),
+                                                      interpolation=interp)
     # Boxes map back with the scale actually applied on each axis.
-    return canvas, Geometry(new_w / w, new_h / h, w, h)
+    return canvas, Geometry(new_w / w, new_h / h, w, h, x0, y0)
 
 
 def stretch(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
@@ -72,14 +78,14 @@ def stretch(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
 def prepare(image: np.ndarray, size: int, prep: Preprocessing) -> tuple[np.ndarray, Geometry]:
     if prep.resize == "stretch":
         return stretch(image, size)
-    return letterbox(image, size, prep.pad_rgb)
+    return letterbox(image, size, prep.pad_rgb, prep.placement, prep.shrink)
 
 
 def boxes_to_image(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Model-input xyxy boxes [N, 4] -> original-image pixels, clipped."""
     out = boxes.astype(np.float64, copy=True)
-    out[:, [0, 2]] /= geometry.scale_x
-    out[:, [1, 3]] /= geometry.scale_y
+    out[:, [0, 2]] = (out[:, [0, 2]] - geometry.offset_x) / geometry.scale_x
+    out[:, [1, 3]] = (out[:, [1, 3]] - geometry.offset_y) / geometry.scale_y
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, geometry.width)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, geometry.height)
     return out

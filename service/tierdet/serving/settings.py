@@ -27,6 +27,11 @@ class Settings(BaseModel):
     triton_url: str = "127.0.0.1:8001"
     # Models the gateway serves; empty: every model Triton has ready.
     models: tuple[str, ...] = ()
+    # Model cards (YAML) of models served beside the zoo (`tierdet up --card`).
+    cards: tuple[Path, ...] = ()
+    # Rank every model by its published AP whatever its weights: for routing
+    # tests and benchmarks on random weights (by default those rank 0).
+    pin_published_ap: bool = False
     # Routing: tiers file (YAML; built-in realtime/balanced/accurate when
     # unset), the tier for requests that name neither tier, budget nor model,
     # and the measured latency profile (`tierdet profile`).
@@ -79,7 +84,8 @@ class Settings(BaseModel):
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is None:
                 continue
-            values[name] = tuple(m for m in raw.split(",") if m) if name == "models" else raw
+            listed = name in ("models", "cards")
+            values[name] = tuple(m for m in raw.split(",") if m) if listed else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

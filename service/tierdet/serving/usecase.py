@@ -24,6 +24,7 @@ import numpy as np
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
+from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import SPECS
 from tierdet.serving import decoding, imaging, postprocess
@@ -53,7 +54,7 @@ class Caller:
 def build_router(settings: Settings) -> Router:
     tiers = TierConfig.load(settings.tiers_file, settings.default_tier)
     latency = LatencyModel(LatencyProfile.load(settings.profile_file))
-    return Router(initial_ap(), tiers, latency,
+    return Router(initial_ap(settings.pin_published_ap), tiers, latency,
                   default_budget_ms=settings.request_timeout_s * 1e3,
                   margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms)
 
@@ -64,6 +65,8 @@ class Detector:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        for card in settings.cards:  # before the router: it ranks every known model
+            register_card(card)
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, backend, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)

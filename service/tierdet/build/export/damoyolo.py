@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tierdet.build.export.network import Network, on_pixels
 from tierdet.build.damoyolo import DamoYolo, build_damoyolo, load_official_state_dict
 from tierdet.build.damoyolo.head import conv_bias, convs
+from tierdet.build.export.network import Network, on_pixels
 from tierdet.registry.specs import ModelSpec
 
 # Random weights: the largest head logit on calibration images. Feature

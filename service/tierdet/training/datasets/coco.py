@@ -1,5 +1,10 @@
-"""Reading a COCO-format detection split (``DIR/annotations/instances_<split>.json``
-and ``DIR/<split>/<file_name>``), as written by :mod:`tierdet.training.datasets.synthetic`."""
+"""Reading a COCO-format detection split, in either of two layouts:
+
+- ``DIR/annotations/instances_<split>.json`` and ``DIR/<split>/<file_name>``
+  (COCO's own, and what :mod:`tierdet.training.datasets.synthetic` writes);
+- ``DIR/instances.json`` and ``DIR/images/<file_name>`` (one split in a folder,
+  as in ../shared/data/coco-val2017-128).
+"""
 
 from __future__ import annotations
 
@@ -29,18 +34,26 @@ class CocoSplit:
     split: str = "val"
 
     @property
+    def flat(self) -> bool:
+        """One split in the folder: ``instances.json`` beside ``images/``."""
+        return (self.root / "instances.json").is_file() and (self.root / "images").is_dir()
+
+    @property
     def annotations_path(self) -> Path:
+        if self.flat:
+            return self.root / "instances.json"
         return self.root / "annotations" / f"instances_{self.split}.json"
 
     @property
     def image_dir(self) -> Path:
-        return self.root / self.split
+        return self.root / "images" if self.flat else self.root / self.split
 
     @cached_property
     def coco(self) -> dict:
         if not self.annotations_path.is_file():
             raise FileNotFoundError(f"{self.annotations_path}: no such annotation file "
-                                    f"(expected DIR/annotations/instances_{self.split}.json)")
+                                    f"(expected DIR/annotations/instances_{self.split}.json, "
+                                    "or DIR/instances.json beside DIR/images/)")
         return json.loads(self.annotations_path.read_text())
 
     @property

@@ -1,0 +1,364 @@
+"""``tierdet build --card FILE``: a model card's graph, wrapped to serve like the zoo.
+
+The card's own graph (any exporter's ONNX) is put between two graphs tierdet
+exports itself (torch, opset 18):
+
+    uint8 RGB NHWC [B, S, S, 3]  (what the gateway sends every model)
+      -> input: the card's dtype, layout, channel order, mean/std
+      -> the card's graph
+      -> decode of the card's output format (yolox grid, boxes + scores, end2end)
+      -> the zoo's detection head: top-k, class-aware NMS, top-K
+      -> [B, K, 6] x1 y1 x2 y2 score class  (the one contract of the serving path)
+
+and the three are merged into one ONNX file (``onnx.compose``), so Triton's
+dynamic batching and every backend see one graph. Before anything is written
+the card's graph is run once on the shape the card declares: a wrong input
+size, dtype or output shape is a ``CardError`` here, not an error at the first
+request. A graph exported with a fixed batch of 1 is made batchable when its
+only batch-bound ops are ``Reshape``s with a literal leading 1 (they copy the
+batch instead: checked equal, image by image, to the original); otherwise it
+is served with ``max_batch_size: 1``. The build records which.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierdet.registry.cards import CardError, CheckpointSource, ModelCard, sha256_of
+from tierdet.registry.specs import Batching, ModelSpec
+from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME
+
+log = logging.getLogger(__name__)
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class CardGraph:
+    """The card's graph as found by running it once."""
+
+    model: Any  # onnx.ModelProto, batchable where it could be made so
+    input_name: str
+    output_names: tuple[str, ...]
+    batchable: bool
+    anchors: int  # N, the rows per image of a grid or boxes+scores output
+
+
+def check_graph(card: ModelCard) -> CardGraph:
+    """Load the card's ONNX, run it once as the card describes it, make it batchable."""
+    import onnx
+
+    source = card.source
+    assert not isinstance(source, CheckpointSource)
+    if not source.onnx.is_file():
+        raise CardError(f"{card.name}: source.onnx: no such file: {source.onnx}")
+    if source.sha256 and sha256_of(source.onnx) != source.sha256:
+        raise CardError(f"{card.name}: source.sha256: {source.onnx} does not match "
+                        f"{source.sha256}")
+    model = onnx.load(str(source.onnx))
+    inputs = [i.name for i in model.graph.input
+              if i.name not in {init.name for init in model.graph.initializer}]
+    name = card.input.name or (inputs[0] if len(inputs) == 1 else None)
+    if name is None or name not in inputs:
+        raise CardError(f"{card.name}: input.name: the graph's inputs are {inputs}; "
+                        "name the image input")
+    outputs = tuple(card.output.names) or tuple(o.name for o in model.graph.output)
+    first = _run(card, model.SerializeToString(), name, outputs, batch=1)
+    anchors = _check_outputs(card, first)
+    batchable = _try_batch(card, model, name, outputs, first)
+    return CardGraph(model, name, outputs, batchable, anchors)
+
+
+def _input(card: ModelCard, batch: int, seed: int = 0) -> np.ndarray:
+    size = card.input.size
+    shape = (batch, 3, size, size) if card.input.layout == "NCHW" else (batch, size, size, 3)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape)
+    return pixels.astype(np.float32 if card.input.dtype == "float32" else np.uint8)
+
+
+def _run(card: ModelCard, graph: bytes, name: str, outputs: tuple[str, ...],
+         batch: int) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        return session.run(list(outputs), {name: _input(card, batch)})
+    except Exception as exc:  # onnxruntime reports shape and dtype errors as its own types
+        raise CardError(f"{card.name}: the graph does not run on the input the card declares "
+                        f"({card.input.layout} {card.input.dtype} {card.input.size}px, batch "
+                        f"{batch}): {str(exc).splitlines()[0]}") from None
+
+
+def _check_outputs(card: ModelCard, outs: list[np.ndarray]) -> int:
+    """The output shapes the card's format promises; returns N (rows per image)."""
+    fmt, classes = card.output.format, _num_classes(card)
+    shapes = [tuple(o.shape) for o in outs]
+    if fmt == "end2end":
+        if len(outs) != 1 or len(shapes[0]) != 3 or shapes[0][2] != 6:
+            raise CardError(f"{card.name}: output.format end2end expects one [B, K, 6] output, "
+                            f"the graph gives {shapes}")
+        return shapes[0][1]
+    if fmt == "yolox":
+        cells = sum((card.input.size // s) ** 2 for s in card.output.strides)
+        if len(outs) != 1 or shapes[0][1:] != (cells, 5 + classes):
+            raise CardError(f"{card.name}: output.format yolox with strides "
+                            f"{list(card.output.strides)} and {classes} classes expects "
+                            f"[B, {cells}, {5 + classes}], the graph gives {shapes}")
+        return cells
+    if (len(outs) != 2 or len(shapes[0]) != 3 or shapes[0][2] != 4
+            or shapes[1][:2] != shapes[0][:2] or shapes[1][2:] != (classes,)):
+        raise CardError(f"{card.name}: output.format boxes_scores expects boxes [B, N, 4] and "
+                        f"scores [B, N, {classes}], the graph gives {shapes}")
+    return shapes[0][1]
+
+
+def _num_classes(card: ModelCard) -> int:
+    return 80 if card.classes == "coco80" else len(card.classes)
+
+
+def _try_batch(card: ModelCard, model, name: str, outputs: tuple[str, ...],
+               single: list[np.ndarray]) -> bool:
+    """Make a fixed-batch graph take any batch; True if it did (or already could)."""
+    import onnx
+
+    dim = model.graph.input[[i.name for i in model.graph.input].index(name)] \
+        .type.tensor_type.shape.dim[0]
+    if not dim.HasField("dim_value") or dim.dim_value != 1:
+        return True  # already dynamic
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    if not _copy_batch_in_reshapes(candidate):
+        return False
+    for value in (*candidate.graph.input, *candidate.graph.output):
+        if value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del candidate.graph.value_info[:]  # shapes inferred for batch 1 no longer hold
+    try:
+        pair = _run(card, candidate.SerializeToString(), name, outputs, batch=2)
+        again = _run(card, candidate.SerializeToString(), name, outputs, batch=1)
+    except CardError:
+        return False
+    second = _run_one(card, model, name, outputs, image=1)
+    same = all(np.allclose(p[:1], s, atol=1e-4) and np.allclose(p[1:], t, atol=1e-4)
+               and np.allclose(a, s, atol=1e-4)
+               for p, s, t, a in zip(pair, single, second, again, strict=True))
+    if same:
+        model.CopyFrom(candidate)
+    return same
+
+
+def _run_one(card: ModelCard, model, name: str, outputs: tuple[str, ...], image: int
+             ) -> list[np.ndarray]:
+    """The original graph on image ``image`` of the batch-2 input alone."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(list(outputs), {name: _input(card, 2)[image:image + 1]})
+
+
+def _copy_batch_in_reshapes(model) -> bool:
+    """Rewrite ``Reshape`` targets that start with a literal 1 to start with 0 (ONNX:
+    copy that dimension from the input), so they follow the batch. False if a
+    target is computed (nothing to rewrite safely)."""
+    from onnx import numpy_helper
+
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    initializers = {i.name: i for i in model.graph.initializer}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        target = node.input[1]
+        if target in initializers:
+            tensor = initializers[target]
+        elif target in constants:
+            tensor = constants[target].attribute[0].t
+        else:
+            return False
+        shape = numpy_helper.to_array(tensor).copy()
+        if shape.size and shape[0] == 1:
+            shape[0] = 0
+            tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
+            changed = True
+    return changed
+
+
+# -- the graphs around it ----------------------------------------------------------
+
+
+def _front(card: ModelCard):
+    """uint8 RGB NHWC -> the card graph's input."""
+    import torch
+    from torch import nn
+
+    prep = card.input
+
+    class Front(nn.Module):
+        mean: torch.Tensor  # buffers
+        inv_std: torch.Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(prep.mean).view(1, 1, 1, 3),
+                                 persistent=False)
+            self.register_buffer("inv_std", 1.0 / torch.tensor(prep.std).view(1, 1, 1, 3),
+                                 persistent=False)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.float()  # TensorRT takes a uint8 input only straight into a Cast
+            if prep.channels == "BGR":
+                x = x.flip(-1)
+            x = (x - self.mean) * self.inv_std
+            if prep.layout == "NCHW":
+                x = x.permute(0, 3, 1, 2)
+            return x if prep.dtype == "float32" else x.round().clamp(0, 255).to(torch.uint8)
+
+    return Front().eval()
+
+
+def _back(card: ModelCard, anchors: int):
+    """The card graph's outputs -> [B, K, 6] through the zoo's detection head."""
+    import torch
+    from torch import nn
+
+    from tierdet.build.export.postprocess import DetectionHead
+
+    out = card.output
+    head = DetectionHead(pre_nms_top_k=min(3840, anchors * _num_classes(card)),
+                         max_detections=card.max_detections, iou_threshold=card.nms_iou,
+                         scores_are_logits=out.scores == "logits")
+
+    class Back(nn.Module):
+        cells: torch.Tensor  # buffers (a yolox grid)
+        strides: torch.Tensor
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+            if out.format == "yolox":
+                cells, strides = [], []
+                for s in out.strides:
+                    n = card.input.size // s
+                    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+                    cells.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+                    strides.append(torch.full((n * n, 1), float(s)))
+                self.register_buffer("cells", torch.cat(cells).float()[None], persistent=False)
+                self.register_buffer("strides", torch.cat(strides)[None], persistent=False)
+
+        def forward(self, first: torch.Tensor, second: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+            if out.format == "yolox":
+                centre = (first[..., :2] + self.cells) * self.strides
+                half = torch.exp(first[..., 2:4]) * self.strides / 2
+                boxes = torch.cat([centre - half, centre + half], -1)
+                scores = first[..., 4:5] * first[..., 5:]
+                if not out.multi_label:  # each box keeps its best class only
+                    best = scores.amax(-1, keepdim=True)
+                    scores = torch.where(scores >= best, scores, torch.zeros_like(scores))
+                return self.head(boxes, scores)
+            if out.format == "boxes_scores":
+                assert second is not None
+                return self.head(first, second)
+            return first  # end2end: the graph's own NMS already ran
+
+    return Back().eval()
+
+
+def _export(module, example: tuple, inputs: list[str], outputs: list[str]):
+    import inspect
+    import warnings
+
+    import onnx
+    import torch
+
+    from tierdet.build.export.nms import CUSTOM_TRANSLATIONS
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    names = list(inspect.signature(module.forward).parameters)[:len(example)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, example, input_names=inputs, output_names=outputs,
+            dynamic_shapes={name: {0: batch} for name in names}, opset_version=OPSET,
+            dynamo=True, external_data=False, custom_translation_table=CUSTOM_TRANSLATIONS,
+            verbose=False)
+    assert program is not None  # dynamo=True returns the program
+    return onnx.load_from_string(program.model_proto.SerializeToString())
+
+
+def wrap(card: ModelCard, graph: CardGraph):
+    """The one served graph: front + the card's graph + back, merged."""
+    import onnx
+    import torch
+    from onnx import compose, version_converter
+
+    size = card.input.size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    front = _export(_front(card), (example,), [INPUT_NAME], ["card_input"])
+    user = version_converter.convert_version(graph.model, OPSET)
+    user.ir_version = front.ir_version
+    outs = _run(card, user.SerializeToString(), graph.input_name, graph.output_names,
+                batch=2 if graph.batchable else 1)
+    # Exported for any batch from a batch of 2 (a batch of 1 would fix the dimension).
+    examples = tuple(torch.from_numpy(np.concatenate([o, o])[:2]) for o in outs)
+    back = _export(_back(card, graph.anchors), examples,
+                   [f"card_out{i}" for i in range(len(outs))], [OUTPUT_NAME])
+    back.ir_version = front.ir_version
+    merged = compose.merge_models(front, user, io_map=[("card_input", graph.input_name)],
+                                  prefix2="card/")
+    merged = compose.merge_models(
+        merged, back, prefix2="head/",
+        io_map=[(f"card/{name}", f"card_out{i}") for i, name in enumerate(graph.output_names)])
+    # The merge keeps the parts' names for the ends; give them the contract's.
+    merged.graph.output[0].name = OUTPUT_NAME
+    _rename(merged, f"head/{OUTPUT_NAME}", OUTPUT_NAME)
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def _rename(model, old: str, new: str) -> None:
+    for node in model.graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+        node.input[:] = [new if i == old else i for i in node.input]
+
+
+def spec_for_build(spec: ModelSpec, graph: CardGraph) -> ModelSpec:
+    """The spec as served: batch 1 only where the graph could not be made batchable."""
+    if graph.batchable:
+        return spec
+    return replace(spec, batching=Batching(max_batch_size=1, max_queue_delay_us=0))
+
+
+def card_provenance(card: ModelCard, card_path: Path, graph: CardGraph) -> dict[str, str]:
+    source = card.source
+    assert not isinstance(source, CheckpointSource)
+    return {
+        "weights": f"card {card_path}",
+        "card_sha256": sha256_of(card_path),
+        "source": str(source.onnx),
+        "weights_sha256": sha256_of(source.onnx),
+        # A card's published figure counts only for the exact file it names.
+        "weights_digest_check": "sha256" if source.sha256 else "none (the card names no "
+                                                               "sha256)",
+        "batching": "dynamic" if graph.batchable else "max_batch_size 1 (fixed-batch graph)",
+        "licence": card.licence,
+        "provenance": card.provenance,
+    }
+
+
+def save(model, path: Path, metadata: dict[str, str]) -> Path:
+    import onnx
+
+    from tierdet.registry.tensors import MODEL_METADATA_KEY
+
+    onnx.helper.set_model_props(model, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+    assert MODEL_METADATA_KEY in metadata
+    return path

@@ -1,0 +1,203 @@
+"""Model cards: your own detector, described in YAML, served like a zoo model.
+
+A card names a graph (an ONNX file from any exporter) or a zoo-family
+checkpoint trained on your own classes, and says how its input is made and
+what its output means. ``tierdet build --card FILE`` wraps it with the same
+in-graph preprocessing, decode, top-k and NMS as the zoo
+(``tierdet.build.cards``), so the serving path keeps its one ``[B, K, 6]``
+contract; ``tierdet up --card FILE`` serves it beside the zoo, and a gateway
+learns of it from ``TIERDET_CARDS``. A card is validated here (pydantic), with
+errors naming the field; a wrong shape or dtype of the graph itself is found
+at build time, by running it once.
+
+    name: yolox-nano
+    source: {onnx: ../../weights/yolox-nano/yolox_nano.onnx, sha256: 695e...}
+    input: {size: 416, layout: NCHW, dtype: float32, channels: BGR,
+            resize: letterbox, placement: top-left, pad: [114, 114, 114]}
+    output: {format: yolox, strides: [8, 16, 32]}
+    classes: coco80
+    published_ap: {ap: 25.8, dataset: COCO val2017}
+    licence: Apache-2.0
+    provenance: the official YOLOX-Nano checkpoint, exported by ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tierdet.registry.labels import COCO80, LabelSet
+from tierdet.registry.specs import SPECS, Family, ModelSpec, Preprocessing
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class CardError(ValueError):
+    """A card that cannot be used, with the file and the field that is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnnxSource(_Strict):
+    onnx: Path = Field(description="The graph, relative to the card's folder.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="Checked at build time when given.")
+
+
+class CheckpointSource(_Strict):
+    family: Literal["efficientdet", "damoyolo"]
+    arch: str = Field(description="effdet's model name (tf_efficientdet_d0) or a DAMO-YOLO "
+                                  "variant (ns, nm, nl, t, s, m, l).")
+    checkpoint: Path = Field(description="The state_dict, relative to the card's folder.")
+
+
+class CardInput(_Strict):
+    size: int = Field(ge=32, le=4096, description="Square input side, pixels.")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "uint8"] = "float32"
+    channels: Literal["RGB", "BGR"] = "RGB"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # 0..255 pixel units
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    resize: Literal["letterbox", "stretch"] = "letterbox"
+    placement: Literal["top-left", "centre"] = "top-left"
+    pad: tuple[int, int, int] = (114, 114, 114)
+    shrink: Literal["area", "linear"] = "linear"
+    name: str | None = Field(None, description="The graph's input; default: its only one.")
+
+
+class CardOutput(_Strict):
+    format: Literal["end2end", "yolox", "boxes_scores"] = Field(
+        description="end2end: [B, K, 6] x1 y1 x2 y2 score class; yolox: the raw grid "
+                    "[B, N, 5 + C] (box, objectness, class probabilities) with its strides; "
+                    "boxes_scores: boxes [B, N, 4] xyxy and scores [B, N, C].")
+    strides: tuple[int, ...] = ()
+    scores: Literal["probabilities", "logits"] = "probabilities"
+    multi_label: bool = Field(True, description="Rank every (box, class) pair, as the zoo "
+                                                "does; false: each box its best class only "
+                                                "(YOLOX's own evaluation).")
+    names: tuple[str, ...] = Field((), description="The graph's outputs in the order the "
+                                                   "format lists them; default: as exported.")
+
+    @model_validator(mode="after")
+    def _strides_for_grids(self) -> CardOutput:
+        if self.format == "yolox" and not self.strides:
+            raise ValueError("a yolox output needs its strides, e.g. [8, 16, 32]")
+        return self
+
+
+class PublishedAP(_Strict):
+    ap: float = Field(gt=0, lt=100, description="AP in percent (IoU .50:.95).")
+    dataset: str = Field(min_length=1)
+
+
+class ModelCard(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+    source: OnnxSource | CheckpointSource
+    input: CardInput
+    output: CardOutput = Field(default_factory=lambda: CardOutput.model_validate(
+        {"format": "end2end"}))
+    classes: Literal["coco80"] | tuple[str, ...] = Field(
+        description="coco80 (COCO's 80 classes in the usual order; ids are COCO's) or the "
+                    "class names in output order (ids 1..N).")
+    published_ap: PublishedAP | None = None
+    nms_iou: float = Field(0.5, gt=0, lt=1)
+    max_detections: int = Field(100, ge=1, le=1000)
+    licence: str = Field(min_length=1)
+    provenance: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _checkpoint_sources_are_graphs_of_their_family(self) -> ModelCard:
+        if isinstance(self.source, CheckpointSource):
+            if self.output.format != "end2end":
+                raise ValueError("output: a checkpoint card is exported by tierdet: leave it out")
+            if (self.input.channels, self.input.layout, self.input.dtype) != (
+                    "RGB", "NCHW", "float32"):
+                raise ValueError("input: a zoo family's network takes RGB NCHW float32")
+        return self
+
+
+def labels_of(card: ModelCard) -> LabelSet:
+    if card.classes == "coco80":
+        return COCO80
+    names = card.classes
+    if len(set(names)) != len(names):
+        raise CardError(f"{card.name}: classes: a name appears twice")
+    return LabelSet(name=card.name, category_ids=tuple(range(1, len(names) + 1)),
+                    category_names={i + 1: n for i, n in enumerate(names)})
+
+
+def spec_of(card: ModelCard) -> ModelSpec:
+    source = card.source
+    family = Family(source.family) if isinstance(source, CheckpointSource) else Family.ONNX
+    arch = source.arch if isinstance(source, CheckpointSource) else card.output.format
+    prep = Preprocessing(resize=card.input.resize, mean=card.input.mean, std=card.input.std,
+                         pad_rgb=card.input.pad, placement=card.input.placement,
+                         shrink=card.input.shrink, channels=card.input.channels)
+    return ModelSpec(name=card.name, family=family, arch=arch, input_size=card.input.size,
+                     preprocessing=prep, labels=labels_of(card),
+                     published_ap=card.published_ap.ap if card.published_ap else None,
+                     params_m=0.0, official_weights=None, nms_iou=card.nms_iou,
+                     max_detections=card.max_detections)
+
+
+def load_card(path: Path) -> ModelCard:
+    """The card at ``path``, validated; paths in it made absolute (relative to it)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise CardError(f"{path}: not YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CardError(f"{path}: a card is a YAML mapping (name, source, input, ...)")
+    try:
+        card = ModelCard(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'card'}: {e['msg']}"
+                             for e in exc.errors())
+        raise CardError(f"{path}: {problems}") from None
+    source = card.source
+    if isinstance(source, OnnxSource):
+        source = source.model_copy(update={"onnx": (path.parent / source.onnx).resolve()})
+    else:
+        source = source.model_copy(
+            update={"checkpoint": (path.parent / source.checkpoint).resolve()})
+    return card.model_copy(update={"source": source})
+
+
+def register(path: Path) -> ModelCard:
+    """Load a card and add its model to the registry (``SPECS``), so every part of
+    tierdet in this process knows it. A card may not replace a zoo model."""
+    card = load_card(path)
+    existing = SPECS.get(card.name)
+    spec = spec_of(card)
+    if existing is not None and existing != spec:
+        raise CardError(f"{path}: name: {card.name!r} is already a model of the registry")
+    SPECS[card.name] = spec
+    CARDS[card.name] = card
+    return card
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Cards registered in this process, by model name.
+CARDS: dict[str, ModelCard] = {}
+# The cards a checkout ships (examples/cards): what `tierdet up` serves by default.
+SHIPPED = Path(__file__).resolve().parents[3] / "examples" / "cards"
+
+
+def shipped_cards() -> list[Path]:
+    """The shipped cards whose files are here (a checkout; an installed package has none)."""
+    return sorted(SHIPPED.glob("*.yaml")) if SHIPPED.is_dir() else []
