@@ -145,3 +145,30 @@ def zoo_gateway(zoo_triton: LocalTriton, tmp_path_factory) -> Iterator[GatewayPr
         yield gw
     finally:
         gw.stop()
+
+
+CARDS = (REPO / "examples" / "cards" / "yolox-nano.yaml",
+         REPO / "examples" / "cards" / "fine-tuned" / "shapes-ns.yaml")
+
+
+@pytest.fixture(scope="session")
+def cards_built(home):
+    """The shipped cards' models: YOLOX-Nano's real COCO weights, and a fine-tuned
+    DAMO-YOLO-Ns with its own classes."""
+    from tierdet.build.models import ensure_cards
+
+    return ensure_cards(CARDS, home)
+
+
+@pytest.fixture(scope="session")
+def card_stack(cards_built, built_d0, home, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """D0 (random weights) with both card models, as `tierdet up` serves them."""
+    work = tmp_path_factory.mktemp("cards")
+    triton = start_triton([built_d0, *cards_built], home, work, threads=2)
+    gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log",
+                                   cards=",".join(map(str, CARDS)))
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        triton.stop()

@@ -14,15 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO, TEST_MODEL
+from conftest import CARDS, REPO, TEST_MODEL
 from tierdet import cli
-from tierdet.build.models import ensure_cards
-from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.registry.cards import CardError, load_card, register
 from tierdet.training.evaluation import run_evaluation
 
-YOLOX = REPO / "examples" / "cards" / "yolox-nano.yaml"
-SHAPES = REPO / "examples" / "cards" / "fine-tuned" / "shapes-ns.yaml"
+YOLOX, SHAPES = CARDS
 COCO = REPO.parent / "shared" / "data" / "coco-val2017-128"
 REFERENCE_AP = 0.297  # ../shared/models/yolox-nano/README.md: this file on these 128 images
 
@@ -83,11 +80,6 @@ def test_a_card_that_does_not_fit_its_graph_fails_at_build_time(tmp_path, change
         build_card(_card(tmp_path, **changes), tmp_path / "home")
 
 
-@pytest.fixture(scope="module")
-def cards_built(home):
-    return ensure_cards([YOLOX, SHAPES], home)
-
-
 def test_cards_build_into_the_one_contract(cards_built):
     yolox, shapes = cards_built
     # The fixed-batch graph was made batchable: its Reshapes copy the batch.
@@ -96,27 +88,21 @@ def test_cards_build_into_the_one_contract(cards_built):
     assert shapes.spec.labels.num_classes == 6 and shapes.provenance["measured_ap"] == "0.8480"
 
 
-@pytest.fixture(scope="module")
-def card_stack(cards_built, built_d0, home, tmp_path_factory):
-    work = tmp_path_factory.mktemp("cards")
-    triton = start_triton([built_d0, *cards_built], home, work, threads=2)
-    gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log",
-                                   cards=f"{YOLOX},{SHAPES}")
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
-        triton.stop()
-
-
-def _photo() -> tuple[bytes, dict]:
-    """A real COCO photograph with its annotations."""
+def photo_with_people() -> tuple[bytes, dict]:
+    """A real COCO photograph with a person in it and many other objects: of the
+    photographs with a large person, the one with the most kinds of large objects."""
     import json
+    from collections import defaultdict
 
     coco = json.loads((COCO / "instances.json").read_text())
-    people = {a["image_id"] for a in coco["annotations"] if a["category_id"] == 1
-              and a["area"] > 20_000}
-    image = next(i for i in coco["images"] if i["id"] in people)
+    kinds: dict[int, set[int]] = defaultdict(set)
+    for a in coco["annotations"]:
+        if a["area"] > 3000:
+            kinds[a["image_id"]].add(a["category_id"])
+    people = {a["image_id"] for a in coco["annotations"]
+              if a["category_id"] == 1 and a["area"] > 20_000}
+    image = max((i for i in coco["images"] if i["id"] in people),
+                key=lambda i: (len(kinds[i["id"]]), -i["id"]))
     return (COCO / "images" / image["file_name"]).read_bytes(), image
 
 
@@ -128,7 +114,7 @@ def test_card_models_serve_beside_the_zoo_and_find_a_person(card_stack):
     assert yolox["published_coco_ap"] == yolox["routing_ap"] == 25.8
     assert models[TEST_MODEL]["routing_ap"] == 0.0
     assert models["shapes-ns"]["routing_ap"] == 84.8
-    data, info = _photo()
+    data, info = photo_with_people()
     r = httpx.post(card_stack.http + "/v1/detect", files={"image": ("p.jpg", data)},
                    data={"model": "yolox-nano", "classes": "person"}, timeout=60)
     assert r.status_code == 200, r.text
