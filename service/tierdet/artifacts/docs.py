@@ -45,6 +45,21 @@ def options_table() -> str:
     return "\n".join(lines)
 
 
+def settings_table() -> str:
+    from tierdet.serving.settings import ENV_PREFIX, Settings
+
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = ("(none)" if default in (None, ()) else
+                 ",".join(map(str, default)) if isinstance(default, tuple) else
+                 str(default).lower() if isinstance(default, bool) else str(default))
+        lines.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {info.description} |")
+    lines.append(f"| `{ENV_PREFIX}HOME` | ~/.cache/tierdet | weights, built models and the "
+                 "runnable Triton repository (`tierdet build`, `tierdet up`) |")
+    return "\n".join(lines)
+
+
 def zoo_table() -> str:
     m = json.loads(ZOO_MEASUREMENT.read_text())
     lines = [f"Measured {m['measured_on']} on {m['machine']} with `{m['command']}` "
@@ -74,8 +89,8 @@ def trained_table() -> str:
 
 
 SECTIONS: dict[str, Callable[[], str]] = {
-    "options": options_table, "error-codes": error_table, "model-zoo": zoo_table,
-    "trained-models": trained_table}
+    "options": options_table, "error-codes": error_table, "settings": settings_table,
+    "model-zoo": zoo_table, "trained-models": trained_table}
 
 
 def readme(text: str | None = None) -> str:

@@ -17,57 +17,61 @@ ENV_PREFIX = "TIERDET_"
 
 
 class Settings(BaseModel):
+    """Every setting of the gateway; ``description`` is what the README's
+    configuration table says of it (``tierdet generate`` writes that table)."""
+
     model_config = {"frozen": True}
 
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(8080, ge=0, le=65535)
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = Field(50051, ge=0, le=65535)
-    # Triton's gRPC endpoint (host:port).
-    triton_url: str = "127.0.0.1:8001"
-    # Models the gateway serves; empty: every model Triton has ready.
-    models: tuple[str, ...] = ()
-    # Model cards (YAML) of models served beside the zoo (`tierdet up --card`).
-    cards: tuple[Path, ...] = ()
-    # Rank every model by its published AP whatever its weights: for routing
-    # tests and benchmarks on random weights (by default those rank 0).
-    pin_published_ap: bool = False
-    # Routing: tiers file (YAML; built-in realtime/balanced/accurate when
-    # unset), the tier for requests that name neither tier, budget nor model,
-    # and the measured latency profile (`tierdet profile`).
-    tiers_file: Path | None = None
-    default_tier: str = "balanced"
-    profile_file: Path | None = None
-    # A model is chosen only if predicted * (1 + frac) + ms fits the budget.
-    route_margin_frac: float = Field(0.15, ge=0.0, le=2.0)
-    route_margin_ms: float = Field(5.0, ge=0.0)
-    default_score_threshold: float = Field(0.25, ge=0.0, le=1.0)
-    # Limits applied before any decoding work.
-    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0)
-    # Budget for requests pinned to a model without a budget, and the bound
-    # on a degraded answer.
-    request_timeout_s: float = Field(10.0, gt=0)
-    # Evaluation records written by `tierdet eval`, exported as AP gauges.
-    eval_dir: Path | None = None
-    # Security: API keys as sha256 hashes (YAML, see README); TLS for both
-    # listeners when a certificate and key are given.
-    api_keys_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # Requests (HTTP) and calls (gRPC) served at once; beyond it HTTP answers
-    # 503 and gRPC RESOURCE_EXHAUSTED, so memory stays bounded under overload.
-    max_concurrency: int = Field(256, ge=1)
-    # Images in one POST /v1/detect/batch; each is still bound by
-    # max_image_bytes, so a batch holds at most this many times that.
-    batch_max_images: int = Field(16, ge=1, le=256)
-    # Images of one batch sent to the router at once: enough to fill Triton's
-    # dynamic batches, few enough that one batch cannot crowd out other clients.
-    batch_concurrency: int = Field(4, ge=1, le=64)
-    # Frames one DetectStream holds (read, not yet answered). At the bound the
-    # server stops reading, so gRPC flow control pushes back on the sender.
-    stream_max_inflight: int = Field(4, ge=1, le=64)
-    log_level: str = "info"
+    http_host: str = Field("127.0.0.1", description="HTTP listener address")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP listener port")
+    grpc_host: str = Field("127.0.0.1", description="gRPC listener address")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listener port")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC endpoint (host:port)")
+    models: tuple[str, ...] = Field(
+        (), description="comma-separated models to serve; empty: every model Triton has ready")
+    cards: tuple[Path, ...] = Field(
+        (), description="comma-separated model cards (YAML) of models served beside the zoo "
+                        "(`tierdet up --card`)")
+    pin_published_ap: bool = Field(
+        False, description="rank every model by its published AP whatever its weights (for "
+                           "routing tests and benchmarks on random weights, which rank 0)")
+    tiers_file: Path | None = Field(
+        None, description="YAML: `{default: balanced, tiers: {name: {budget_ms, models, "
+                          "degrade, priority}}}`; unset: the built-in tiers")
+    default_tier: str = Field("balanced", description="tier for requests with no tier, budget "
+                                                      "or model")
+    profile_file: Path | None = Field(
+        None, description="latency profile from `tierdet profile` (`tierdet up`: "
+                          "`$TIERDET_HOME/profile.json`)")
+    route_margin_frac: float = Field(0.15, ge=0.0, le=2.0, description=(
+        "a model is chosen only if predicted * (1 + frac) + ms fits the budget"))
+    route_margin_ms: float = Field(5.0, ge=0.0, description="see `TIERDET_ROUTE_MARGIN_FRAC`")
+    default_score_threshold: float = Field(0.25, ge=0.0, le=1.0, description=(
+        "score threshold of requests that give none"))
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description=(
+        "largest image accepted, in bytes (refused before decoding)"))
+    max_image_pixels: int = Field(40_000_000, gt=0, description=(
+        "largest image accepted, in pixels (refused from its header)"))
+    request_timeout_s: float = Field(10.0, gt=0, description=(
+        "budget of a pinned model without `sla_ms`; bound on a degraded answer"))
+    eval_dir: Path | None = Field(None, description=(
+        "folder of `tierdet eval --out` report files, exported as AP gauges and `measured_ap`"))
+    api_keys_file: Path | None = Field(None, description=(
+        "API keys as sha256 hashes (YAML, see Security); unset: open"))
+    tls_cert_file: Path | None = Field(None, description="TLS certificate for HTTP and gRPC")
+    tls_key_file: Path | None = Field(None, description="its private key")
+    max_concurrency: int = Field(256, ge=1, description=(
+        "requests and gRPC calls served at once; beyond it HTTP answers 503 and gRPC "
+        "RESOURCE_EXHAUSTED, so memory stays bounded under overload"))
+    batch_max_images: int = Field(16, ge=1, le=256, description=(
+        "images in one `POST /v1/detect/batch` (each still bound by the image limits)"))
+    batch_concurrency: int = Field(4, ge=1, le=64, description=(
+        "images of one batch routed at once: enough to fill Triton's batches, few enough "
+        "not to crowd out other clients"))
+    stream_max_inflight: int = Field(4, ge=1, le=64, description=(
+        "frames one DetectStream holds (read, not yet answered); at the bound the gateway "
+        "stops reading, so flow control pushes back on the sender"))
+    log_level: str = Field("info", description="uvicorn's log level")
 
     def max_body_bytes(self, images: int = 1) -> int:
         """The largest HTTP body a valid request of ``images`` images can have: each
