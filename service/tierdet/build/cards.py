@@ -228,7 +228,7 @@ def _back(card: ModelCard, anchors: int):
     from tierdet.build.export.postprocess import DetectionHead
 
     out = card.output
-    head = DetectionHead(pre_nms_top_k=min(3840, anchors * _num_classes(card)),
+    head = DetectionHead(pre_nms_top_k=min(card.pre_nms_top_k, anchors * _num_classes(card)),
                          max_detections=card.max_detections, iou_threshold=card.nms_iou,
                          scores_are_logits=out.scores == "logits")
 

@@ -107,6 +107,8 @@ class ModelCard(_Strict):
                     "class names in output order (ids 1..N).")
     published_ap: PublishedAP | None = None
     nms_iou: float = Field(0.5, gt=0, lt=1)
+    pre_nms_top_k: int = Field(3840, ge=1, le=3840, description=(
+        "(box, class) candidates kept for NMS, best first (TensorRT's TopK allows 3840)"))
     max_detections: int = Field(100, ge=1, le=1000)
     licence: str = Field(min_length=1)
     provenance: str = Field(min_length=1)
