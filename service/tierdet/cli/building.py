@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tierdet.build import engines
-from tierdet.registry.specs import DEFAULT_MODELS, SPECS, ZOO
+from tierdet.registry.specs import DEFAULT_MODELS, SPECS, ZOO, lookup
 
 
 def model_names(text: str | None, all_models: bool = False) -> list[str]:
@@ -14,9 +14,10 @@ def model_names(text: str | None, all_models: bool = False) -> list[str]:
     if all_models:  # the published zoo; trained models have their own weights
         return list(ZOO)
     names = [m.strip() for m in (text or ",".join(DEFAULT_MODELS)).split(",") if m.strip()]
-    unknown = [m for m in names if m not in SPECS]
+    unknown = [m for m in names if lookup(m) is None]
     if unknown:
-        raise SystemExit(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(SPECS)}")
+        raise SystemExit(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(SPECS)} "
+                         "(your own: --card FILE)")
     return names
 
 

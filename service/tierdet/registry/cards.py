@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tierdet.registry.labels import COCO80, LabelSet
-from tierdet.registry.specs import SPECS, Family, ModelSpec, Preprocessing
+from tierdet.registry.specs import CARD_SPECS, SPECS, Family, ModelSpec, Preprocessing
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
@@ -174,14 +174,16 @@ def load_card(path: Path) -> ModelCard:
 
 
 def register(path: Path) -> ModelCard:
-    """Load a card and add its model to the registry (``SPECS``), so every part of
-    tierdet in this process knows it. A card may not replace a zoo model."""
+    """Load a card and add its model to ``CARD_SPECS``, so every part of tierdet in
+    this process knows it (``tierdet.registry.specs.get_spec``). A card may not
+    take the name of a shipped model, nor of another card's."""
     card = load_card(path)
-    existing = SPECS.get(card.name)
     spec = spec_of(card)
-    if existing is not None and existing != spec:
+    if card.name in SPECS:
         raise CardError(f"{path}: name: {card.name!r} is already a model of the registry")
-    SPECS[card.name] = spec
+    if CARD_SPECS.get(card.name, spec) != spec:
+        raise CardError(f"{path}: name: {card.name!r} is already another card's model")
+    CARD_SPECS[card.name] = spec
     CARDS[card.name] = card
     return card
 

@@ -218,19 +218,34 @@ SPECS: dict[str, ModelSpec] = _registry()
 
 DEFAULT_MODELS: tuple[str, ...] = ("efficientdet-d0",)
 
+# Models of the model cards registered in this process (tierdet.registry.cards):
+# kept apart from SPECS, which is the registry tierdet ships (configs, docs, tests).
+CARD_SPECS: dict[str, ModelSpec] = {}
+
+
+def lookup(name: str) -> ModelSpec | None:
+    """The spec of a shipped model or of a registered card's, or None."""
+    return SPECS.get(name) or CARD_SPECS.get(name)
+
+
+def known() -> dict[str, ModelSpec]:
+    """Every model this process can build and serve: the registry and the cards."""
+    return {**SPECS, **CARD_SPECS}
+
 
 class UnknownModelError(KeyError):
     pass
 
 
 def get_spec(name: str) -> ModelSpec:
-    try:
-        return SPECS[name]
-    except KeyError:
-        raise UnknownModelError(name) from None
+    spec = lookup(name)
+    if spec is None:
+        raise UnknownModelError(name)
+    return spec
 
 
 __all__ = [
+    "CARD_SPECS",
     "COCO80",
     "COCO90",
     "DEFAULT_MODELS",
@@ -244,4 +259,6 @@ __all__ = [
     "Preprocessing",
     "UnknownModelError",
     "get_spec",
+    "known",
+    "lookup",
 ]

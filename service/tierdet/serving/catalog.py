@@ -23,7 +23,7 @@ import numpy as np
 from tierdet.contract.errors import ApiError
 from tierdet.contract.results import ModelInfo
 from tierdet.registry.accuracy import EvalRecord, latest_and_previous, load_records
-from tierdet.registry.specs import SPECS, ModelSpec
+from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.routing import Router
@@ -57,7 +57,7 @@ class ModelState:
 def initial_ap(pin_published: bool) -> dict[str, float]:
     """The router's AP table before any model's provenance is known."""
     return {name: ModelState(spec, pin_published=pin_published).routing_ap
-            for name, spec in SPECS.items()}
+            for name, spec in known().items()}
 
 
 def verified_weights(spec: ModelSpec, provenance: dict[str, str]) -> bool:
@@ -87,7 +87,8 @@ class Catalog:
 
     def serves(self, name: str) -> bool:
         """``name`` is a model this gateway may route to (ready or not)."""
-        return name in SPECS and (not self.settings.models or name in self.settings.models)
+        return lookup(name) is not None and (not self.settings.models
+                                             or name in self.settings.models)
 
     def ready_models(self) -> list[str]:
         return [n for n, s in self.states.items() if s.ready]
@@ -100,9 +101,9 @@ class Catalog:
             index = None
         self.backend_up = index is not None
         self.metrics.triton_up.set(1 if index is not None else 0)
-        names = self.settings.models or tuple(n for n in (index or {}) if n in SPECS)
+        names = self.settings.models or tuple(n for n in (index or {}) if lookup(n))
         for name in names:
-            spec = SPECS.get(name)
+            spec = lookup(name)
             if spec is None:
                 continue
             state = self.states.setdefault(

@@ -26,7 +26,7 @@ from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
-from tierdet.registry.specs import SPECS
+from tierdet.registry.specs import get_spec, lookup
 from tierdet.serving import decoding, imaging, postprocess
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
@@ -131,11 +131,11 @@ class Detector:
             result = await self._run(decision, pixels, options, start, decode_s)
         except ApiError as exc:
             self.metrics.observe_failure(caller.protocol, tier,
-                                         model if model in SPECS else "none", exc.outcome)
+                                         model if lookup(model) else "none", exc.outcome)
             raise
         except Exception:
             self.metrics.observe_failure(caller.protocol, tier,
-                                         model if model in SPECS else "none", "error")
+                                         model if lookup(model) else "none", "error")
             raise
         finally:
             self.metrics.inflight.dec()
@@ -189,7 +189,7 @@ class Detector:
 
     async def _run(self, decision: Decision, image: np.ndarray, options: DetectOptions,
                    start: float, decode_s: float) -> DetectResult:
-        spec = SPECS[decision.model]
+        spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
         with self.router.dispatch(spec.name) as run:
             tensor, geometry, prep_s = await asyncio.to_thread(
