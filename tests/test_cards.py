@@ -85,6 +85,10 @@ def test_cards_build_into_the_one_contract(cards_built):
     # The fixed-batch graph was made batchable: its Reshapes copy the batch.
     assert yolox.provenance["batching"] == "dynamic" and yolox.spec.batching.max_batch_size == 8
     assert yolox.provenance["weights_digest_check"] == "sha256"
+    import onnx
+
+    graph = onnx.load(str(yolox.onnx))
+    assert [(o.domain, o.version) for o in graph.opset_import] == [("", 18)]
     assert shapes.spec.labels.num_classes == 6 and shapes.provenance["measured_ap"] == "0.8480"
 
 

@@ -313,6 +313,10 @@ def wrap(card: ModelCard, graph: CardGraph):
     merged = compose.merge_models(
         merged, back, prefix2="head/",
         io_map=[(f"card/{name}", f"card_out{i}") for i, name in enumerate(graph.output_names)])
+    # Each merge appends the parts' opset imports: keep one per domain (all are 18).
+    opsets = {o.domain: o.version for o in merged.opset_import}
+    del merged.opset_import[:]
+    merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     # The merge keeps the parts' names for the ends; give them the contract's.
     merged.graph.output[0].name = OUTPUT_NAME
     _rename(merged, f"head/{OUTPUT_NAME}", OUTPUT_NAME)
