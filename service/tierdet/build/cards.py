@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from tierdet.registry.cards import CardError, CheckpointSource, ModelCard, sha256_of
+from tierdet.build.weights import sha256_file
+from tierdet.registry.cards import CardError, CheckpointSource, ModelCard
 from tierdet.registry.specs import Batching, ModelSpec
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME
 
@@ -46,6 +47,7 @@ class CardGraph:
     output_names: tuple[str, ...]
     batchable: bool
     anchors: int  # N, the rows per image of a grid or boxes+scores output
+    outputs: tuple[tuple[tuple[int, ...], Any], ...]  # (shape at batch 1, dtype) per output
 
 
 def check_graph(card: ModelCard) -> CardGraph:
@@ -56,7 +58,7 @@ def check_graph(card: ModelCard) -> CardGraph:
     assert not isinstance(source, CheckpointSource)
     if not source.onnx.is_file():
         raise CardError(f"{card.name}: source.onnx: no such file: {source.onnx}")
-    if source.sha256 and sha256_of(source.onnx) != source.sha256:
+    if source.sha256 and sha256_file(source.onnx) != source.sha256:
         raise CardError(f"{card.name}: source.sha256: {source.onnx} does not match "
                         f"{source.sha256}")
     model = onnx.load(str(source.onnx))
@@ -67,10 +69,11 @@ def check_graph(card: ModelCard) -> CardGraph:
         raise CardError(f"{card.name}: input.name: the graph's inputs are {inputs}; "
                         "name the image input")
     outputs = tuple(card.output.names) or tuple(o.name for o in model.graph.output)
-    first = _run(card, model.SerializeToString(), name, outputs, batch=1)
+    first = _run(card, model.SerializeToString(), name, outputs, _input(card, 1))
     anchors = _check_outputs(card, first)
     batchable = _try_batch(card, model, name, outputs, first)
-    return CardGraph(model, name, outputs, batchable, anchors)
+    return CardGraph(model, name, outputs, batchable, anchors,
+                     tuple((o.shape, o.dtype) for o in first))
 
 
 def _input(card: ModelCard, batch: int, seed: int = 0) -> np.ndarray:
@@ -81,16 +84,16 @@ def _input(card: ModelCard, batch: int, seed: int = 0) -> np.ndarray:
 
 
 def _run(card: ModelCard, graph: bytes, name: str, outputs: tuple[str, ...],
-         batch: int) -> list[np.ndarray]:
+         images: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
     try:
         session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-        return session.run(list(outputs), {name: _input(card, batch)})
+        return session.run(list(outputs), {name: images})
     except Exception as exc:  # onnxruntime reports shape and dtype errors as its own types
         raise CardError(f"{card.name}: the graph does not run on the input the card declares "
                         f"({card.input.layout} {card.input.dtype} {card.input.size}px, batch "
-                        f"{batch}): {str(exc).splitlines()[0]}") from None
+                        f"{len(images)}): {str(exc).splitlines()[0]}") from None
 
 
 def _check_outputs(card: ModelCard, outs: list[np.ndarray]) -> int:
@@ -137,27 +140,20 @@ def _try_batch(card: ModelCard, model, name: str, outputs: tuple[str, ...],
         if value.type.tensor_type.shape.dim:
             value.type.tensor_type.shape.dim[0].dim_param = "batch"
     del candidate.graph.value_info[:]  # shapes inferred for batch 1 no longer hold
+    both = _input(card, 2)
     try:
-        pair = _run(card, candidate.SerializeToString(), name, outputs, batch=2)
-        again = _run(card, candidate.SerializeToString(), name, outputs, batch=1)
+        pair = _run(card, candidate.SerializeToString(), name, outputs, both)
+        again = _run(card, candidate.SerializeToString(), name, outputs, both[:1])
     except CardError:
         return False
-    second = _run_one(card, model, name, outputs, image=1)
+    # The first image of ``both`` is the one ``single`` came from (same seed).
+    second = _run(card, model.SerializeToString(), name, outputs, both[1:])
     same = all(np.allclose(p[:1], s, atol=1e-4) and np.allclose(p[1:], t, atol=1e-4)
                and np.allclose(a, s, atol=1e-4)
                for p, s, t, a in zip(pair, single, second, again, strict=True))
     if same:
         model.CopyFrom(candidate)
     return same
-
-
-def _run_one(card: ModelCard, model, name: str, outputs: tuple[str, ...], image: int
-             ) -> list[np.ndarray]:
-    """The original graph on image ``image`` of the batch-2 input alone."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(list(outputs), {name: _input(card, 2)[image:image + 1]})
 
 
 def _copy_batch_in_reshapes(model) -> bool:
@@ -301,12 +297,12 @@ def wrap(card: ModelCard, graph: CardGraph):
     front = _export(_front(card), (example,), [INPUT_NAME], ["card_input"])
     user = version_converter.convert_version(graph.model, OPSET)
     user.ir_version = front.ir_version
-    outs = _run(card, user.SerializeToString(), graph.input_name, graph.output_names,
-                batch=2 if graph.batchable else 1)
-    # Exported for any batch from a batch of 2 (a batch of 1 would fix the dimension).
-    examples = tuple(torch.from_numpy(np.concatenate([o, o])[:2]) for o in outs)
+    # Exported for any batch from a batch of 2 (a batch of 1 would fix the dimension);
+    # only the outputs' shapes and dtypes matter, as the graph's check found them.
+    examples = tuple(torch.from_numpy(np.zeros((2, *shape[1:]), dtype))
+                     for shape, dtype in graph.outputs)
     back = _export(_back(card, graph.anchors), examples,
-                   [f"card_out{i}" for i in range(len(outs))], [OUTPUT_NAME])
+                   [f"card_out{i}" for i in range(len(examples))], [OUTPUT_NAME])
     back.ir_version = front.ir_version
     merged = compose.merge_models(front, user, io_map=[("card_input", graph.input_name)],
                                   prefix2="card/")
@@ -342,9 +338,9 @@ def card_provenance(card: ModelCard, card_path: Path, graph: CardGraph) -> dict[
     assert not isinstance(source, CheckpointSource)
     return {
         "weights": f"card {card_path}",
-        "card_sha256": sha256_of(card_path),
+        "card_sha256": sha256_file(card_path),
         "source": str(source.onnx),
-        "weights_sha256": sha256_of(source.onnx),
+        "weights_sha256": sha256_file(source.onnx),
         # A card's published figure counts only for the exact file it names.
         "weights_digest_check": "sha256" if source.sha256 else "none (the card names no "
                                                                "sha256)",

@@ -100,7 +100,7 @@ def build_card(card_path: Path, home: Path) -> BuiltModel:
     if isinstance(card.source, CheckpointSource):
         built = build_model(spec, WeightsSource("file", card.source.checkpoint), home,
                             progress=False)
-        provenance = {**built.provenance, "card_sha256": cards.sha256_of(card_path),
+        provenance = {**built.provenance, "card_sha256": sha256_file(card_path),
                       "licence": card.licence, "provenance": card.provenance}
         built.onnx.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
         return BuiltModel(spec, built.onnx, provenance)
@@ -121,7 +121,7 @@ def ensure_cards(card_paths: Iterable[Path], home: Path, rebuild: bool = False
                  ) -> list[BuiltModel]:
     """Each card's model: the one built before if neither the card nor its file
     changed since, else built now."""
-    from tierdet.registry.cards import CheckpointSource, register, sha256_of
+    from tierdet.registry.cards import CheckpointSource, register
 
     built = []
     for card_path in card_paths:
@@ -130,8 +130,8 @@ def ensure_cards(card_paths: Iterable[Path], home: Path, rebuild: bool = False
         source = (card.source.checkpoint if isinstance(card.source, CheckpointSource)
                   else card.source.onnx)
         if (existing is not None and source.is_file()
-                and existing.provenance.get("card_sha256") == sha256_of(card_path)
-                and existing.provenance.get("weights_sha256") == sha256_of(source)):
+                and existing.provenance.get("card_sha256") == sha256_file(card_path)
+                and existing.provenance.get("weights_sha256") == sha256_file(source)):
             built.append(existing)
         else:
             built.append(build_card(card_path, home))

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from tierdet.client._errors import TierdetError
 from tierdet.contract import wire
+from tierdet.contract.errors import first_problem
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import BatchItem, BatchResult, DetectResult, ModelsInfo
 from tierdet.proto import detection_pb2 as pb
@@ -39,10 +40,7 @@ def detect_options(values: Mapping[str, Any]) -> DetectOptions:
     try:
         return DetectOptions(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-        raise TierdetError("invalid_option", f"{where}: {first.get('msg')}",
-                           attempts=0) from None
+        raise TierdetError("invalid_option", first_problem(exc.errors()), attempts=0) from None
 
 
 class Frame:

@@ -8,8 +8,10 @@ named here, not imported: the front ends own the transports.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 # gRPC trailing-metadata key carrying the stable error code.
 GRPC_CODE_KEY = "tierdet-error-code"
@@ -100,6 +102,14 @@ KINDS: dict[ErrorCode, ErrorKind] = {
     ErrorCode.INTERNAL: ErrorKind(500, "INTERNAL", "error",
                                   "a bug: the trace goes to the log, never to the client"),
 }
+
+
+def first_problem(errors: Sequence[Mapping[str, Any]], where: str = "options") -> str:
+    """``field: message`` of the first of pydantic's validation errors (a body's own
+    ``body`` location part left out), as ``invalid_option`` messages say it."""
+    first = errors[0] if errors else {}
+    path = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or where
+    return f"{path}: {first.get('msg', 'invalid')}"
 
 
 class ApiError(Exception):

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from tierdet.contract.errors import GRPC_CODE_KEY, ApiError, ErrorCode
+from tierdet.contract.errors import GRPC_CODE_KEY, ApiError, ErrorCode, first_problem
 
 
 def http_response(exc: ApiError) -> JSONResponse:
@@ -26,9 +26,7 @@ def http_response(exc: ApiError) -> JSONResponse:
 
 def invalid_option(exc: ValidationError | RequestValidationError) -> ApiError:
     """A pydantic refusal of the options as ``invalid_option``, naming the field."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
-    return ApiError(ErrorCode.INVALID_OPTION, f"{where}: {first.get('msg', 'invalid')}")
+    return ApiError(ErrorCode.INVALID_OPTION, first_problem(exc.errors(), "request"))
 
 
 def grpc_status(exc: ApiError) -> grpc.StatusCode:

@@ -23,7 +23,6 @@ at build time, by running it once.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -184,20 +183,9 @@ def register(path: Path) -> ModelCard:
     if CARD_SPECS.get(card.name, spec) != spec:
         raise CardError(f"{path}: name: {card.name!r} is already another card's model")
     CARD_SPECS[card.name] = spec
-    CARDS[card.name] = card
     return card
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# Cards registered in this process, by model name.
-CARDS: dict[str, ModelCard] = {}
 # The cards a checkout ships (examples/cards): what `tierdet up` serves by default.
 SHIPPED = Path(__file__).resolve().parents[3] / "examples" / "cards"
 
