@@ -49,9 +49,20 @@ def test_a_tight_budget_gets_the_fastest_model(zoo):
     assert need(others[0]) - need(fastest["latency_ms"]) >= 10, \
         f"the router's latencies do not separate the models: {models}"
     budget = (need(fastest["latency_ms"]) + need(others[0])) / 2
-    r = _post(client, sla_ms=round(budget))
-    assert r.status_code == 200, r.text
-    assert r.json()["model"] == fastest["name"]
+    # A budget this tight is missed now and then on a loaded 2-core machine; the
+    # router's choice is what is pinned here, so every try must go to the fastest
+    # model (a 504 names the model it ran out of time on) and one must answer.
+    answers = []
+    for _ in range(3):
+        r = _post(client, sla_ms=round(budget))
+        if r.status_code == 504:
+            assert r.json()["error"]["code"] == "deadline_exceeded", r.text
+            assert r.json()["error"]["message"].startswith(fastest["name"] + ":"), r.text
+            continue
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["model"])
+        break
+    assert answers == [fastest["name"]], answers
 
 
 def test_a_loose_budget_gets_the_most_accurate_model(zoo):

@@ -48,10 +48,11 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int],
-              placement: str = "top-left", shrink: str = "area"
-              ) -> tuple[np.ndarray, Geometry]:
+              placement: str = "top-left", shrink: str = "area", step: int = 1,
+              original: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
     """Resize keeping aspect so the long side is ``size``; pad the rest, the image
-    at the top-left corner or centred."""
+    at the top-left corner or centred. ``image`` may be a reduced decode: each of
+    its pixels covers ``step`` x ``step`` pixels of the ``original`` (w, h) image."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -64,21 +65,33 @@ def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int],
     canvas[y0:y0 + new_h, x0:x0 + new_w] = cv2.resize(image, (new_w, new_h),
                                                       interpolation=interp)
     # Boxes map back with the scale actually applied on each axis.
-    return canvas, Geometry(new_w / w, new_h / h, w, h, x0, y0)
+    ow, oh = original or (w * step, h * step)
+    return canvas, Geometry(new_w / (w * step), new_h / (h * step), ow, oh, x0, y0)
 
 
-def stretch(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+def stretch(image: np.ndarray, size: int, step: int = 1,
+            original: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
     """Resize to size x size ignoring aspect, exactly as DAMO-YOLO's evaluation
     transform does (cv2 INTER_LINEAR): its golden outputs depend on it."""
     h, w = image.shape[:2]
     resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
-    return resized, Geometry(size / w, size / h, w, h)
+    ow, oh = original or (w * step, h * step)
+    return resized, Geometry(size / (w * step), size / (h * step), ow, oh)
 
 
-def prepare(image: np.ndarray, size: int, prep: Preprocessing) -> tuple[np.ndarray, Geometry]:
+def prepare(image: np.ndarray, size: int, prep: Preprocessing, step: int = 1,
+            original: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
+    """The model's uint8 input and how to map its boxes back. ``step`` and
+    ``original`` describe a reduced decode (see ``tierdet.serving.decoding``)."""
     if prep.resize == "stretch":
-        return stretch(image, size)
-    return letterbox(image, size, prep.pad_rgb, prep.placement, prep.shrink)
+        return stretch(image, size, step, original)
+    return letterbox(image, size, prep.pad_rgb, prep.placement, prep.shrink, step, original)
+
+
+def covers(width: int, height: int, size: int, prep: Preprocessing) -> bool:
+    """Whether a width x height image fills a model input of ``size`` without being
+    enlarged: its long side for a letterbox, both sides for a stretch."""
+    return (min(width, height) if prep.resize == "stretch" else max(width, height)) >= size
 
 
 def boxes_to_image(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -384,18 +384,23 @@ class Router:
                         f"predicted {predicted_ms:.0f} ms)",
                         retry_after_s=max(1.0, math.ceil(wait_s)))
 
-    def precheck(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> None:
+    def precheck(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]
+                 ) -> list[str]:
         """Shed before any decoding work when not even the fastest model could
-        answer in time: refusals then cost microseconds, not a decode."""
+        answer in time: refusals then cost microseconds, not a decode. Returns
+        the models a decision may pick: those that fit now and the fastest (the
+        degraded answer), or every candidate for a request without a budget."""
         tier = self.tier_for(req)
+        candidates = self._candidates(req, tier, ready)
         if self._degradable(req, tier):
-            return
+            return candidates
         budget = self._budget(req, tier)
-        predicted = self._predict(self._candidates(req, tier, ready), elapsed_ms)
+        predicted = self._predict(candidates, elapsed_ms)
         fastest = min(predicted, key=predicted.__getitem__)
         if not self.fits(predicted[fastest], budget):
             self.governor.saw_budget(budget)  # requests that reach decide() are seen there
             raise self._shed(budget, fastest, predicted[fastest])
+        return [m for m in candidates if m == fastest or self.fits(predicted[m], budget)]
 
     def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
         tier = self.tier_for(req)

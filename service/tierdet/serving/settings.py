@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -52,6 +52,9 @@ class Settings(BaseModel):
         "largest image accepted, in bytes (refused before decoding)"))
     max_image_pixels: int = Field(40_000_000, gt=0, description=(
         "largest image accepted, in pixels (refused from its header)"))
+    decode_scale: Literal["reduced", "full"] = Field("reduced", description=(
+        "`reduced`: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that still "
+        "covers the input of every model the request may go to; `full`: always every pixel"))
     request_timeout_s: float = Field(10.0, gt=0, description=(
         "budget of a pinned model without `sla_ms`; bound on a degraded answer"))
     eval_dir: Path | None = Field(None, description=(

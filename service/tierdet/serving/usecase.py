@@ -122,13 +122,14 @@ class Detector:
         try:
             self.keys.authorize(caller.key, options.tier, options.model)
             request, candidates = self._request(caller, options)
-            self.router.precheck(request, _ms_since(start), candidates)
-            # OpenCV releases the GIL: decoding in a worker thread keeps the
+            reachable = self.router.precheck(request, _ms_since(start), candidates)
+            # The decoders release the GIL: decoding in a worker thread keeps the
             # event loop answering other requests meanwhile.
-            pixels, decode_s = await asyncio.to_thread(self._decode, image)
-            decision = self.router.decide(request, _ms_since(start), candidates)
+            decoded, decode_s = await asyncio.to_thread(self._decode, image, reachable)
+            # Only among the models the image was decoded for (see precheck).
+            decision = self.router.decide(request, _ms_since(start), reachable)
             tier, model = decision.tier, decision.model
-            result = await self._run(decision, pixels, options, start, decode_s)
+            result = await self._run(decision, decoded, options, start, decode_s)
         except ApiError as exc:
             self.metrics.observe_failure(caller.protocol, tier,
                                          model if lookup(model) else "none", exc.outcome)
@@ -174,20 +175,28 @@ class Detector:
                            f"classes: no ready model has all of {', '.join(options.classes)}")
         return knowing
 
-    def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
+    def _decode(self, data: bytes, models: list[str]) -> tuple[decoding.Decoded, float]:
+        """Decode at the smallest scale that still covers every model in ``models``."""
         t0 = time.perf_counter()
-        image = decoding.decode_image(data, self.settings.max_image_bytes,
-                                      self.settings.max_image_pixels)
-        return image, time.perf_counter() - t0
+        inputs = [(s.input_size, s.preprocessing) for s in map(get_spec, models)]
+
+        def fits(width: int, height: int) -> bool:
+            return all(imaging.covers(width, height, size, prep) for size, prep in inputs)
+
+        decoded = decoding.decode(data, self.settings.max_image_bytes,
+                                  self.settings.max_image_pixels,
+                                  fits if self.settings.decode_scale == "reduced" else None)
+        return decoded, time.perf_counter() - t0
 
     @staticmethod
-    def _prepare(image: np.ndarray, size: int, prep: imaging.Preprocessing
+    def _prepare(image: decoding.Decoded, size: int, prep: imaging.Preprocessing
                  ) -> tuple[np.ndarray, imaging.Geometry, float]:
         t0 = time.perf_counter()
-        tensor, geometry = imaging.prepare(image, size, prep)
+        tensor, geometry = imaging.prepare(image.pixels, size, prep, image.step,
+                                           (image.width, image.height))
         return tensor, geometry, time.perf_counter() - t0
 
-    async def _run(self, decision: Decision, image: np.ndarray, options: DetectOptions,
+    async def _run(self, decision: Decision, image: decoding.Decoded, options: DetectOptions,
                    start: float, decode_s: float) -> DetectResult:
         spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
