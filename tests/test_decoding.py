@@ -6,12 +6,14 @@ import io
 import struct
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.serving.decoding import decode as decode_at
 from tierdet.serving.decoding import decode_image, header_size, sniff_format
 
 LIMIT_BYTES, LIMIT_PIXELS = 20 * 1024 * 1024, 40_000_000
@@ -171,3 +173,38 @@ def test_fuzz_corrupted_real_images(valid, data):
         raw[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(8, len(raw)))
     _check(bytes(raw[:cut]))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("step", [1, 2, 4, 8])
+def test_jpeg_pixels_are_opencvs_at_every_scale_and_orientation(orientation, step):
+    """The libjpeg-turbo path changes no pixel: it is what OpenCV's IMREAD_COLOR
+    (EXIF orientation applied) or IMREAD_REDUCED_COLOR_<step> gives."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo = Image.fromarray((np.random.default_rng(1).random((203, 301, 3)) * 255
+                             ).astype(np.uint8))
+    data = save(photo, "JPEG", exif=exif.tobytes(), quality=90)
+    need = -(-301 // step)
+    got = decode_at(data, LIMIT_BYTES, LIMIT_PIXELS, lambda w, h: max(w, h) >= need)
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[step]
+    want = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), flag), cv2.COLOR_BGR2RGB)
+    assert got.step == step and got.pixels.shape == want.shape
+    assert (got.pixels == want).all()
+    assert (got.width, got.height) == ((203, 301) if orientation >= 5 else (301, 203))
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.75, 0.95])
+def test_a_truncated_jpeg_gets_opencvs_answer(kept):
+    """libjpeg-turbo refuses it; OpenCV then decides, as it did before: the part
+    that arrived, or ``unreadable_image``."""
+    data = save(Image.fromarray(np.asarray(RGB.resize((600, 400)))), "JPEG")
+    data = data[:int(len(data) * kept)]
+    want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if want is None:
+        with pytest.raises(ApiError) as err:
+            decode(data)
+        assert err.value.code == ErrorCode.UNREADABLE_IMAGE
+    else:
+        assert (decode(data) == cv2.cvtColor(want, cv2.COLOR_BGR2RGB)).all()
