@@ -97,6 +97,16 @@ def busy_client(busy_gateway: GatewayProcess) -> Iterator[httpx.Client]:
         yield c
 
 
+def regions_of(triton_url: str, gateway: GatewayProcess) -> list[str]:
+    """The shared-memory regions Triton holds for ``gateway``'s process."""
+    import tritonclient.grpc as triton_grpc
+
+    with triton_grpc.InferenceServerClient(triton_url) as client:
+        status = client.get_system_shared_memory_status(as_json=True)
+    prefix = f"tierdet_{gateway.process.pid}_"
+    return [name for name in status.get("regions", {}) if name.startswith(prefix)]
+
+
 def photos() -> dict[str, np.ndarray]:
     """Real photographs shipped with scikit-image (RGB uint8)."""
     import skimage.data

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import TEST_MODEL, encode, photos
+from conftest import TEST_MODEL, encode, photos, regions_of
 from tierdet.build.models import assemble
 from tierdet.build.repository import install_model
 from tierdet.devstack.stack import GatewayProcess, free_port
@@ -71,13 +71,21 @@ def test_triton_killed_under_load_fails_fast_then_recovers(own_stack):
     assert failed, "some requests must have been in flight when Triton died"
     for status, body, done in failed:
         assert status == 503 and body["error"]["code"] == "triton_unavailable"
-        assert done - killed_at < 0.1 + 0.05, f"answered {done - killed_at:.3f} s after the kill"
+        # Fast: not at the request's 10 s timeout. The kernel tearing down Triton
+        # and its stubs takes 0.1-0.25 s on a loaded 2-core machine before the
+        # sockets close, so the bound leaves room for that.
+        assert done - killed_at < 0.5, f"answered {done - killed_at:.3f} s after the kill"
     _wait_status(gateway.http + "/readyz", 503, 5)
     assert _detect(gateway.http)[0] == 503
     triton.process.wait()
     triton.start()  # same ports, same repository
     recovered = _wait_status(gateway.http + "/readyz", 200, 60)
-    assert _detect(gateway.http)[0] == 200
+    # The new Triton knows none of the gateway's shared-memory regions: the first
+    # call learns it (and is answered over the wire), the next registers again.
+    for _ in range(2):
+        status, body, _ = _detect(gateway.http)
+        assert status == 200, body
+    assert regions_of(triton.grpc_url, gateway)
     print(f"recovered {recovered:.1f} s after Triton was restarted")
 
 

@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import Iterator
 
+import cv2
 import grpc
 import uvicorn
 from grpc_health.v1 import health
@@ -68,13 +69,16 @@ def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
                       grace_s: float = 10.0) -> None:
     limit_decoder_pixels(settings.max_image_pixels)
+    # Requests run side by side in worker threads; OpenCV's own thread pool on
+    # top of that only adds hand-offs and spinning workers (CPU with no work).
+    cv2.setNumThreads(1)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    triton = TritonClient(settings.triton_url)
+    triton = TritonClient(settings.triton_url, settings.triton_shared_memory)
     detector = Detector(settings, triton, Metrics())
     await detector.catalog.refresh()
     for info in detector.catalog.infos():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -47,6 +48,16 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+@functools.lru_cache(maxsize=32)
+def _blank(size: int, pad_rgb: tuple[int, int, int]) -> np.ndarray:
+    """A size x size canvas of the pad colour, to copy: numpy fills a 3-channel
+    colour ~30x slower (3 ms at 512 px) than it copies the filled canvas."""
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = pad_rgb
+    canvas.flags.writeable = False
+    return canvas
+
+
 def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int],
               placement: str = "top-left", shrink: str = "area", step: int = 1,
               original: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
@@ -56,8 +67,7 @@ def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int],
     h, w = image.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = np.empty((size, size, 3), np.uint8)
-    canvas[:] = pad_rgb
+    canvas = _blank(size, pad_rgb).copy()
     # Shrinking with INTER_AREA averages like effdet's (antialiased) PIL resize;
     # INTER_LINEAR would alias fine detail away (but is what some models trained on).
     interp = cv2.INTER_AREA if scale < 1 and shrink == "area" else cv2.INTER_LINEAR

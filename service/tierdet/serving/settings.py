@@ -27,6 +27,9 @@ class Settings(BaseModel):
     grpc_host: str = Field("127.0.0.1", description="gRPC listener address")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listener port")
     triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC endpoint (host:port)")
+    triton_shared_memory: bool = Field(True, description=(
+        "send pixels through system shared memory when Triton can map the gateway's (same "
+        "host or pod, a shared /dev/shm); otherwise, and when false, over gRPC"))
     models: tuple[str, ...] = Field(
         (), description="comma-separated models to serve; empty: every model Triton has ready")
     cards: tuple[Path, ...] = Field(

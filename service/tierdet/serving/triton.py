@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -11,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
+from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
 # Keep-alive pings let a dead Triton be noticed on idle channels too; short
 # reconnect backoff lets a restarted Triton be used again within a second or
@@ -24,6 +27,11 @@ _CHANNEL_ARGS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
+
+
+def _unreachable(exc: InferenceServerException) -> bool:
+    status = exc.status() or ""
+    return "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status
 
 
 def _to_api_error(exc: InferenceServerException, model: str) -> ApiError:
@@ -41,27 +49,66 @@ def _to_api_error(exc: InferenceServerException, model: str) -> ApiError:
 
 
 class TritonClient:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, shared_memory: bool = True) -> None:
         self.url = url
         self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        self.shm = SharedMemoryPool(self._register) if shared_memory else None
 
     async def close(self) -> None:
+        if self.shm is not None:
+            for name in self.shm.registered():
+                with contextlib.suppress(InferenceServerException):
+                    await self._client.unregister_system_shared_memory(name,
+                                                                       client_timeout=1.0)
+            self.shm.close()
         await self._client.close()
+
+    async def _register(self, name: str, key: str, size: int) -> None:
+        try:
+            await self._client.register_system_shared_memory(name, key, size,
+                                                             client_timeout=2.0)
+        except InferenceServerException as exc:
+            if _unreachable(exc):
+                raise
+            raise UnmappableError(exc.message() or str(exc)) from None
 
     async def infer(self, model: str, images: np.ndarray, timeout_s: float,
                     priority: int = 0) -> np.ndarray:
         """uint8 [B, S, S, 3] -> detections [B, K, 6]; ``timeout_s`` bounds the call
-        and travels to Triton's queue policy so expired work is dropped there."""
-        tensor = InferInput(INPUT_NAME, list(images.shape), "UINT8")
-        tensor.set_data_from_numpy(images)
+        and travels to Triton's queue policy so expired work is dropped there.
+        The pixels go through shared memory when Triton can map it."""
+        pool = self.shm
         try:
-            result = await self._client.infer(
-                model, [tensor], outputs=[InferRequestedOutput(OUTPUT_NAME)],
-                priority=priority, timeout=max(1, int(timeout_s * 1e6)),
-                client_timeout=timeout_s,
-            )
+            region = await pool.acquire(images) if pool is not None else None
         except InferenceServerException as exc:
             raise _to_api_error(exc, model) from None
+        try:
+            return await self._infer(model, images, timeout_s, priority, region)
+        except InferenceServerException as exc:
+            if pool is None or region is None or \
+                    "shared memory" not in (exc.message() or "").lower():
+                raise _to_api_error(exc, model) from None
+            pool.forget()  # Triton restarted: it knows none of the regions
+        finally:
+            if pool is not None and region is not None:
+                pool.release(region)
+        try:  # the region was unknown to Triton: this once, over the wire
+            return await self._infer(model, images, timeout_s, priority, None)
+        except InferenceServerException as exc:
+            raise _to_api_error(exc, model) from None
+
+    async def _infer(self, model: str, images: np.ndarray, timeout_s: float, priority: int,
+                     region: Region | None) -> np.ndarray:
+        tensor = InferInput(INPUT_NAME, list(images.shape), "UINT8")
+        if region is not None:
+            tensor.set_shared_memory(region.name, images.nbytes)
+        else:
+            tensor.set_data_from_numpy(images)
+        result = await self._client.infer(
+            model, [tensor], outputs=[InferRequestedOutput(OUTPUT_NAME)],
+            priority=priority, timeout=max(1, int(timeout_s * 1e6)),
+            client_timeout=timeout_s,
+        )
         return result.as_numpy(OUTPUT_NAME)
 
     async def server_live(self, timeout_s: float = 1.0) -> bool:

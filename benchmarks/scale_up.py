@@ -1,0 +1,359 @@
+"""Scale-up benchmark (issue 12): what one gateway costs per image, and what it serves.
+
+All in one run, loopback only, every load bounded in time:
+
+1. **Instant model**: Triton serves EfficientDet-D0's name and config with a
+   model that answers at once (benchmarks/instant/model.py), so the figures are
+   everything but the network. For 1280x720 and 1920x1080 JPEGs (quality 90),
+   over HTTP and gRPC: gateway CPU ms per request (all its threads, from
+   /proc, over a closed-loop load) and images/s, driven by native load
+   generators (``hey`` for HTTP, ``h2load`` for gRPC) so that the generator's
+   own Python does not set the figure. Side by side: the same gateway from
+   ``--baseline REV`` (a git worktree), and tritonclient sending the same
+   decoded, letterboxed tensors straight to the same Triton (sequential p50,
+   with the decode and letterbox done the gateway's way).
+2. **Real model**: EfficientDet-D0 (ONNX Runtime in Triton's python backend)
+   through tierdet against the service a user writes by hand
+   (benchmarks/handwritten_service.py: FastAPI + ONNX Runtime, the same ONNX
+   file), closed loop at concurrency 1 and 4, two rounds interleaved.
+
+    apt-get install hey nghttp2-client   # the load generators
+    python benchmarks/scale_up.py --baseline 62cdb2b
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import tritonclient.grpc as triton_grpc
+from tierdet.build.models import BuiltModel, assemble, default_home, ensure_built
+from tierdet.build.weights import WeightsSource
+from tierdet.devstack.stack import GatewayProcess, free_port, stop_process, wait_http
+from tierdet.devstack.triton import LocalTriton
+from tierdet.proto import detection_pb2 as pb
+from tierdet.registry.specs import get_spec
+from tierdet.registry.tensors import INPUT_NAME
+from tierdet.serving import decoding, imaging
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODEL = "efficientdet-d0"
+
+
+def photos() -> dict[str, bytes]:
+    """Real photographs (scikit-image) at camera sizes, JPEG quality 90."""
+    import skimage.data
+
+    def jpeg(image: np.ndarray, size: tuple[int, int]) -> bytes:
+        resized = cv2.resize(image[..., ::-1], size, interpolation=cv2.INTER_AREA)
+        return cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+    return {"720p": jpeg(skimage.data.astronaut(), (1280, 720)),
+            "1080p": jpeg(skimage.data.coffee(), (1920, 1080))}
+
+
+# -- measuring ------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Load:
+    rps: float
+    requests: int
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_ms: float | None = None  # server CPU per request
+
+
+def multipart(jpeg: bytes) -> tuple[bytes, str]:
+    boundary = "tierdetbenchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + jpeg + \
+        f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def hey(url: str, body: Path, content_type: str, concurrency: int, seconds: float) -> Load:
+    out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST",
+                          "-T", content_type, "-D", str(body), url],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    statuses = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
+    if set(statuses) != {"200"}:
+        raise RuntimeError(f"hey saw answers other than 200: {statuses}\n{out}")
+
+    def pct(q: str) -> float:
+        return float(re.search(rf"{q}% in ([\d.]+) secs", out).group(1)) * 1e3  # type: ignore[union-attr]
+
+    return Load(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+                int(statuses["200"]), pct("50"), pct("99"))
+
+
+def h2load(target: str, body: Path, concurrency: int, seconds: float) -> Load:
+    """gRPC Detect calls as raw HTTP/2 (h2load cannot read gRPC status trailers:
+    the call is checked once with a real client before)."""
+    out = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", "1",
+                          "-m", str(concurrency), "-d", str(body),
+                          "-H", "content-type: application/grpc", "-H", "te: trailers",
+                          f"http://{target}/tierdet.v1.Detector/Detect"],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if done is None or done.group(1) != done.group(2):
+        raise RuntimeError(f"h2load: not every call succeeded\n{out}")
+    rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    return Load(rps, int(done.group(1)))
+
+
+def with_cpu(pid: int, run: Callable[[], Load]) -> Load:
+    before = cpu_s(pid)
+    load = run()
+    load.cpu_ms = (cpu_s(pid) - before) / load.requests * 1e3
+    return load
+
+
+def p50_ms(call: Callable[[], object], n: int) -> float:
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# -- the stacks -------------------------------------------------------------------
+
+
+def triton_serving(built: BuiltModel, work: Path, instant: bool) -> LocalTriton:
+    repository = assemble([built], work / "home", intra_op_threads=2)
+    if instant:
+        shutil.copy(HERE / "instant" / "model.py", repository / MODEL / "1" / "model.py")
+    server = LocalTriton(repository, work, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), models=[MODEL],
+                         log_path=work / "triton.log")
+    server.start()
+    if not server.wait_ready(120).get(MODEL):
+        raise RuntimeError(f"{MODEL} did not load; see {server.log_path}")
+    return server
+
+
+@contextlib.contextmanager
+def gateway(triton: LocalTriton, log: Path, service: Path | None = None,
+            **settings: str) -> Iterator[GatewayProcess]:
+    """``tierdet serve``; from another checkout's service/ folder with ``service``."""
+    saved = os.environ.get("PYTHONPATH")
+    if service is not None:
+        os.environ["PYTHONPATH"] = str(service)
+    try:
+        process = GatewayProcess.start(triton.grpc_url, log, models=MODEL, **settings)
+    finally:
+        if service is not None:
+            os.environ.pop("PYTHONPATH")
+            if saved is not None:
+                os.environ["PYTHONPATH"] = saved
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@contextlib.contextmanager
+def baseline_checkout(rev: str | None, work: Path) -> Iterator[Path | None]:
+    if rev is None:
+        yield None
+        return
+    tree = work / "baseline"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev],
+                   check=True, capture_output=True)
+    try:
+        yield tree / "service"
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                       check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def handwritten(onnx: Path, log: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "TIERDET_BENCH_ONNX": str(onnx)}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "handwritten_service:app",
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                             "warning"], cwd=HERE, env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/docs", 60, proc)
+        yield url
+    finally:
+        stop_process(proc)
+
+
+# -- sections ---------------------------------------------------------------------
+
+
+def instant_section(built: BuiltModel, jpegs: dict[str, bytes], work: Path,
+                    baseline: Path | None, args: argparse.Namespace) -> None:
+    triton = triton_serving(built, work / "instant", instant=True)
+    spec = get_spec(MODEL)
+    try:
+        direct = triton_grpc.InferenceServerClient(triton.grpc_url)
+
+        def straight(jpeg: bytes) -> Callable[[], object]:
+            def call() -> object:  # the gateway's decode and letterbox, then tritonclient
+                image = decoding.decode(jpeg, 1 << 30, 1 << 30, lambda w, h: imaging.covers(
+                    w, h, spec.input_size, spec.preprocessing))
+                tensor, _ = imaging.prepare(image.pixels, spec.input_size, spec.preprocessing,
+                                            image.step, (image.width, image.height))
+                x = triton_grpc.InferInput(INPUT_NAME, [1, *tensor.shape], "UINT8")
+                x.set_data_from_numpy(tensor[None])
+                return direct.infer(MODEL, [x])
+            return call
+
+        straight_p50 = {name: p50_ms(straight(jpeg), args.sequential)
+                        for name, jpeg in jpegs.items()}
+        direct.close()
+        rows = []
+        sides = [("tierdet", None)] + ([("baseline", baseline)] if baseline else [])
+        for side, service in sides:
+            with gateway(triton, work / f"gateway-{side}.log", service) as gw:
+                rows += measure_gateway(side, gw, jpegs, work, args)
+        print(f"\n## Instant model ({MODEL}'s config, answers at once), "
+              f"closed loop c={args.concurrency}, {args.seconds:.0f} s each\n")
+        print("| gateway | image | protocol | CPU ms / request | images/s | p50 seq ms | "
+              "p50 vs tritonclient |")
+        print("|---|---|---|---|---|---|---|")
+        for side, name, protocol, load, seq in rows:
+            print(f"| {side} | {name} | {protocol} | {load.cpu_ms:.1f} | {load.rps:.0f} | "
+                  f"{seq:.1f} | {seq / straight_p50[name]:.2f}x |")
+        for name, ms in straight_p50.items():
+            print(f"| tritonclient straight | {name} | gRPC | | | {ms:.1f} | 1.00x |")
+        if baseline:
+            print()
+            for _, name, protocol, load, _ in (r for r in rows if r[0] == "tierdet"):
+                base = next(r[3] for r in rows if r[0] == "baseline" and r[1:3] ==
+                            (name, protocol))
+                print(f"{name} {protocol}: CPU per request {base.cpu_ms:.1f} -> "
+                      f"{load.cpu_ms:.1f} ms ({base.cpu_ms / load.cpu_ms:.2f}x less), "
+                      f"images/s {load.rps / base.rps:.2f}x")
+    finally:
+        triton.stop()
+
+
+def measure_gateway(side: str, gw: GatewayProcess, jpegs: dict[str, bytes], work: Path,
+                    args: argparse.Namespace) -> list[tuple]:
+    from tierdet.client import GrpcClient
+
+    rows = []
+    pid = gw.process.pid
+    with httpx.Client(base_url=gw.http, timeout=60) as http, GrpcClient(gw.grpc) as grpc:
+        for name, jpeg in jpegs.items():
+            body, content_type = multipart(jpeg)
+            (work / "body.http").write_bytes(body)
+            message = pb.DetectRequest(image=jpeg).SerializeToString()
+            (work / "body.grpc").write_bytes(b"\x00" + len(message).to_bytes(4, "big")
+                                             + message)
+            assert grpc.detect(jpeg).model == MODEL  # h2load cannot check answers
+
+            def post(data: bytes = jpeg) -> object:
+                r = http.post("/v1/detect", files={"image": ("a.jpg", data, "image/jpeg")})
+                r.raise_for_status()
+                return r
+
+            seq_http = p50_ms(post, args.sequential)
+            seq_grpc = p50_ms(lambda data=jpeg: grpc.detect(data), args.sequential)
+            load_http = with_cpu(pid, lambda ct=content_type: hey(
+                gw.http + "/v1/detect", work / "body.http", ct, args.concurrency, args.seconds))
+            load_grpc = with_cpu(pid, lambda: h2load(gw.grpc, work / "body.grpc",
+                                                     args.concurrency, args.seconds))
+            rows += [(side, name, "HTTP", load_http, seq_http),
+                     (side, name, "gRPC", load_grpc, seq_grpc)]
+    return rows
+
+
+def real_model_section(built: BuiltModel, jpeg: bytes, work: Path,
+                       args: argparse.Namespace) -> None:
+    body, content_type = multipart(jpeg)
+    (work / "body.http").write_bytes(body)
+    results: dict[tuple[str, int], list[Load]] = {}
+    triton = triton_serving(built, work / "real", instant=False)
+    try:
+        with gateway(triton, work / "gateway-real.log") as gw, \
+                handwritten(built.onnx, work / "handwritten.log") as hand:
+            for _ in range(args.rounds):
+                for concurrency in (1, 4):
+                    for side, url in (("tierdet", gw.http + "/v1/detect"),
+                                      ("hand-written", hand + "/detect")):
+                        load = hey(url, work / "body.http", content_type, concurrency,
+                                   args.seconds)
+                        results.setdefault((side, concurrency), []).append(load)
+    finally:
+        triton.stop()
+    print(f"\n## {MODEL} (random weights, ONNX Runtime on the CPU): tierdet vs the "
+          f"hand-written FastAPI + ONNX Runtime service, 720p JPEG, {args.rounds} rounds "
+          f"interleaved, {args.seconds:.0f} s each (medians of rounds)\n")
+    print("| concurrency | service | images/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    for (side, concurrency), loads in sorted(results.items(), key=lambda kv: kv[0][1]):
+        print(f"| {concurrency} | {side} | {statistics.median(x.rps for x in loads):.1f} | "
+              f"{statistics.median(x.p50_ms for x in loads):.0f} | "  # type: ignore[misc]
+              f"{statistics.median(x.p99_ms for x in loads):.0f} |")  # type: ignore[misc]
+    for concurrency in (1, 4):
+        ours = statistics.median(x.rps for x in results[("tierdet", concurrency)])
+        theirs = statistics.median(x.rps for x in results[("hand-written", concurrency)])
+        print(f"concurrency {concurrency}: tierdet {ours / theirs:.2f}x the hand-written "
+              "service's images/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--home", type=Path, default=default_home())
+    p.add_argument("--weights", default="random:0")
+    p.add_argument("--baseline", help="a git revision whose gateway runs side by side")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--sequential", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sections", default="instant,real")
+    args = p.parse_args(argv)
+    for tool in ("hey", "h2load"):
+        if shutil.which(tool) is None:
+            p.error(f"{tool} not found: apt-get install hey nghttp2-client")
+    (built,) = ensure_built([MODEL], WeightsSource.parse(args.weights), args.home,
+                            progress=False)
+    jpegs = photos()
+    print(f"{socket.gethostname()}: {os.cpu_count()} CPUs; "
+          + ", ".join(f"{k} {len(v) // 1024} KiB" for k, v in jpegs.items()))
+    sections = args.sections.split(",")
+    with tempfile.TemporaryDirectory(prefix="tierdet-scale-") as tmp:
+        work = Path(tmp)
+        with baseline_checkout(args.baseline, work) as baseline:
+            if "instant" in sections:
+                instant_section(built, jpegs, work, baseline, args)
+            if "real" in sections:
+                real_model_section(built, jpegs["720p"], work, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
