@@ -196,7 +196,7 @@ def baseline_checkout(rev: str | None, work: Path) -> Iterator[Path | None]:
 @contextlib.contextmanager
 def handwritten(onnx: Path, log: Path) -> Iterator[str]:
     port = free_port()
-    env = {**os.environ, "TIERDET_BENCH_ONNX": str(onnx)}
+    env = {**os.environ, "TIERDET_BENCH_ONNX": str(onnx.resolve())}
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "handwritten_service:app",
                              "--host", "127.0.0.1", "--port", str(port), "--log-level",
                              "warning"], cwd=HERE, env=env, stdout=log.open("wb"),

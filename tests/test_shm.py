@@ -11,7 +11,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import encode, photos, regions_of
+from conftest import TEST_MODEL, encode, photos, regions_of
 from tierdet.devstack.stack import GatewayProcess
 from tierdet.serving.shm import UnmappableError
 from tierdet.serving.triton import TritonClient
@@ -23,8 +23,10 @@ def _answers(base: str) -> dict[str, list[dict]]:
     with httpx.Client(base_url=base, timeout=30.0) as c:
         out = {}
         for name, jpeg in PHOTOS.items():
+            # Pinned: a budget of 10 s, so a cold Triton's first calls do not
+            # miss a tier's budget (the transport is what is tested here).
             r = c.post("/v1/detect", files={"image": ("a.jpg", jpeg, "image/jpeg")},
-                       data={"score_threshold": "0.05"})
+                       data={"score_threshold": "0.05", "model": TEST_MODEL})
             assert r.status_code == 200, r.text
             out[name] = r.json()["detections"]
         return out

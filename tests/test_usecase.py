@@ -9,6 +9,7 @@ real tritonserver in the other tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import cv2
@@ -46,6 +47,10 @@ class FakeBackend:
         self.prov = provenance or {}
         self.fail = fail
         self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    @contextlib.contextmanager
+    def input_buffer(self, shape):
+        yield np.empty(shape, np.uint8)
 
     async def infer(self, model, images, timeout_s, priority=0):
         self.calls.append((model, images.shape))

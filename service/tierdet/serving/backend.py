@@ -8,12 +8,18 @@ tritonserver. Every failure is an ``ApiError`` with a stable code.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
 
 
 class Backend(Protocol):
+    def input_buffer(self, shape: tuple[int, ...]) -> AbstractContextManager[np.ndarray]:
+        """A writable uint8 array of ``shape`` to prepare one call's input in, for
+        the block's duration; ``infer`` of it may then send it without a copy."""
+        ...
+
     async def infer(self, model: str, images: np.ndarray, timeout_s: float,
                     priority: int = 0) -> np.ndarray:
         """uint8 [B, S, S, 3] -> detection rows [B, K, 6], within ``timeout_s``."""

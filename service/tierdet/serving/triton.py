@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
@@ -53,6 +54,7 @@ class TritonClient:
         self.url = url
         self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
         self.shm = SharedMemoryPool(self._register) if shared_memory else None
+        self._staged: dict[int, Region] = {}  # buffer address -> its region
 
     async def close(self) -> None:
         if self.shm is not None:
@@ -72,26 +74,38 @@ class TritonClient:
                 raise
             raise UnmappableError(exc.message() or str(exc)) from None
 
+    @contextlib.contextmanager
+    def input_buffer(self, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+        """A uint8 array to prepare one call's input in: a shared-memory region that
+        Triton reads in place when it can, else ordinary memory."""
+        pool = self.shm
+        region = pool.take(int(np.prod(shape))) if pool is not None else None
+        if pool is None or region is None:
+            yield np.empty(shape, np.uint8)
+            return
+        self._staged[region.address] = region
+        try:
+            yield region.view(shape)
+        finally:
+            del self._staged[region.address]
+            pool.release(region)
+
     async def infer(self, model: str, images: np.ndarray, timeout_s: float,
                     priority: int = 0) -> np.ndarray:
         """uint8 [B, S, S, 3] -> detections [B, K, 6]; ``timeout_s`` bounds the call
         and travels to Triton's queue policy so expired work is dropped there.
-        The pixels go through shared memory when Triton can map it."""
+        An array from ``input_buffer`` goes by its shared-memory region."""
         pool = self.shm
+        region = self._staged.get(images.__array_interface__["data"][0])
         try:
-            region = await pool.acquire(images) if pool is not None else None
-        except InferenceServerException as exc:
-            raise _to_api_error(exc, model) from None
-        try:
+            if pool is not None and region is not None and not await pool.ready(region):
+                region = None  # Triton cannot map it: the same pixels over the wire
             return await self._infer(model, images, timeout_s, priority, region)
         except InferenceServerException as exc:
             if pool is None or region is None or \
                     "shared memory" not in (exc.message() or "").lower():
                 raise _to_api_error(exc, model) from None
             pool.forget()  # Triton restarted: it knows none of the regions
-        finally:
-            if pool is not None and region is not None:
-                pool.release(region)
         try:  # the region was unknown to Triton: this once, over the wire
             return await self._infer(model, images, timeout_s, priority, None)
         except InferenceServerException as exc:

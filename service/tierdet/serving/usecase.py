@@ -189,24 +189,27 @@ class Detector:
         return decoded, time.perf_counter() - t0
 
     @staticmethod
-    def _prepare(image: decoding.Decoded, size: int, prep: imaging.Preprocessing
-                 ) -> tuple[np.ndarray, imaging.Geometry, float]:
+    def _prepare(image: decoding.Decoded, size: int, prep: imaging.Preprocessing,
+                 out: np.ndarray) -> tuple[imaging.Geometry, float]:
         t0 = time.perf_counter()
-        tensor, geometry = imaging.prepare(image.pixels, size, prep, image.step,
-                                           (image.width, image.height))
-        return tensor, geometry, time.perf_counter() - t0
+        _, geometry = imaging.prepare(image.pixels, size, prep, image.step,
+                                      (image.width, image.height), out)
+        return geometry, time.perf_counter() - t0
 
     async def _run(self, decision: Decision, image: decoding.Decoded, options: DetectOptions,
                    start: float, decode_s: float) -> DetectResult:
         spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
-        with self.router.dispatch(spec.name) as run:
-            tensor, geometry, prep_s = await asyncio.to_thread(
-                self._prepare, image, spec.input_size, spec.preprocessing)
+        size = spec.input_size
+        # The input is written where the backend sends it from (Triton's shared memory).
+        with self.router.dispatch(spec.name) as run, \
+                self.backend.input_buffer((1, size, size, 3)) as batch:
+            geometry, prep_s = await asyncio.to_thread(
+                self._prepare, image, size, spec.preprocessing, batch[0])
             timeout_s = (self.settings.request_timeout_s if decision.degraded
                          else decision.timeout_s(_ms_since(start)))
             t_infer = time.perf_counter()
-            rows = await self.backend.infer(spec.name, tensor[None], timeout_s=timeout_s,
+            rows = await self.backend.infer(spec.name, batch, timeout_s=timeout_s,
                                             priority=decision.priority)
             t_post = time.perf_counter()
             run.observe((t_post - t_infer) * 1e3)
