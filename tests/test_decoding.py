@@ -103,9 +103,9 @@ def test_bombs_are_refused_from_the_header(fmt, data):
 
 def test_real_tiny_file_declaring_huge_pixels_is_refused():
     """A genuine PNG bomb: 64k x 64k of zeros compresses to a few hundred KB."""
-    from tierdet.serving.decoding import limit_decoder_pixels
+    from tierdet.serving.decoding import configure_decoders
 
-    limit_decoder_pixels(LIMIT_PIXELS)
+    configure_decoders(LIMIT_PIXELS)
     width = height = 20_000
     row = b"\x00" + b"\x00" * width  # filter byte + 1 byte per pixel (grayscale)
     raw = zlib.compress(row * height, 9)

@@ -13,14 +13,13 @@ import logging
 import signal
 from collections.abc import Iterator
 
-import cv2
 import grpc
 import uvicorn
 from grpc_health.v1 import health
 
 from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
-from tierdet.serving.decoding import limit_decoder_pixels
+from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.settings import Settings
 from tierdet.serving.triton import TritonClient
@@ -68,10 +67,7 @@ def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
                       grace_s: float = 10.0) -> None:
-    limit_decoder_pixels(settings.max_image_pixels)
-    # Requests run side by side in worker threads; OpenCV's own thread pool on
-    # top of that only adds hand-offs and spinning workers (CPU with no work).
-    cv2.setNumThreads(1)
+    configure_decoders(settings.max_image_pixels)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

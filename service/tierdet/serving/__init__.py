@@ -3,12 +3,12 @@
 ``usecase.Detector`` is the one entry: it admits a caller (API key, rate
 limit), authorizes the request, sheds what cannot finish in time, decodes
 (``decoding``), routes (``routing``), prepares the tensor (``imaging``),
-calls the backend (``backend``; ``triton`` is the real one) and maps the rows
-back (``postprocess``). ``catalog`` keeps what the gateway knows of each
-model; ``metrics``, ``security``, ``settings`` and ``render`` are what their
-names say.
+calls the backend (``backend``; ``triton`` is the real one, ``shm`` its
+shared-memory regions) and maps the rows back (``postprocess``). ``catalog``
+keeps what the gateway knows of each model; ``metrics``, ``security``,
+``settings`` and ``render`` are what their names say.
 
 May import: ``tierdet.contract``, ``tierdet.registry``, numpy, OpenCV,
-tritonclient, prometheus-client. Never fastapi, starlette or grpc: the
+simplejpeg, tritonclient, prometheus-client. Never fastapi, starlette or grpc: the
 front ends own the transports.
 """

@@ -247,7 +247,11 @@ def _tiff_orientation(tiff: bytes) -> int:
     return 1
 
 
-def limit_decoder_pixels(max_pixels: int) -> None:
+def configure_decoders(max_pixels: int) -> None:
     """Backstop for formats whose header we do not parse (TIFF): OpenCV's own
-    decoders refuse images above this many pixels before allocating them."""
+    decoders refuse images above this many pixels before allocating them.
+    Also keeps OpenCV single-threaded: requests already run side by side in
+    worker threads, and OpenCV's own pool on top only adds hand-offs and
+    spinning workers (CPU with no work)."""
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    cv2.setNumThreads(1)
