@@ -261,6 +261,10 @@ def test_gateway_environment_is_valid_settings_pointing_at_triton(variant):
     assert int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Explicit, and above what /readyz takes (it answers from cached state:
+    # test_faults.py::test_readiness_answers_at_once_while_triton_hangs).
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert gateway[probe]["timeoutSeconds"] >= 1
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

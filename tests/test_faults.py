@@ -4,6 +4,7 @@ the gateway is told to stop. Each test runs its own Triton and gateway."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import signal
 import time
@@ -87,6 +88,27 @@ def test_triton_killed_under_load_fails_fast_then_recovers(own_stack):
         assert status == 200, body
     assert regions_of(triton.grpc_url, gateway)
     print(f"recovered {recovered:.1f} s after Triton was restarted")
+
+
+def test_readiness_answers_at_once_while_triton_hangs(own_stack):
+    """A frozen Triton (SIGSTOP) makes every call to it wait for its timeout;
+    /readyz answers from the model watcher's state, in milliseconds, and turns
+    503 once the watcher has seen it; ready again once Triton resumes."""
+    triton, gateway = own_stack
+    times, statuses = [], []
+    os.kill(triton.process.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and 503 not in statuses:
+            start = time.perf_counter()
+            statuses.append(httpx.get(gateway.http + "/readyz", timeout=10).status_code)
+            times.append(time.perf_counter() - start)
+            time.sleep(0.1)
+    finally:
+        os.kill(triton.process.pid, signal.SIGCONT)
+    assert 503 in statuses, statuses
+    assert max(times) < 0.5, f"/readyz took {max(times):.2f} s"  # Triton's calls wait 2 s
+    _wait_status(gateway.http + "/readyz", 200, 10)
 
 
 def test_readiness_recovers_within_5s_once_triton_is_back(own_stack):

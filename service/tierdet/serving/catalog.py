@@ -82,6 +82,7 @@ class Catalog:
         self.metrics = metrics
         self.states: dict[str, ModelState] = {}
         self.backend_up = False
+        self.refreshed_at: float | None = None  # time.monotonic() of the last refresh
         self.evaluations: dict[tuple[str, str, str, str],
                                tuple[EvalRecord, EvalRecord | None]] = {}
 
@@ -100,6 +101,7 @@ class Catalog:
         except Exception:  # an unreachable Triton is a state, not an error
             index = None
         self.backend_up = index is not None
+        self.refreshed_at = time.monotonic()
         self.metrics.triton_up.set(1 if index is not None else 0)
         names = self.settings.models or tuple(n for n in (index or {}) if lookup(n))
         for name in names:

@@ -35,6 +35,11 @@ from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest
 from tierdet.serving.security import ApiKey, KeyRing
 from tierdet.serving.settings import Settings
 
+# Readiness older than this is not trusted: the watcher refreshes every second,
+# a refresh waits at most a few seconds for Triton (a new model's latency
+# probe included).
+STALE_S = 30.0
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -104,9 +109,19 @@ class Detector:
             models=self.catalog.infos())
 
     async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
-        """Ready: the backend is reachable and at least one model is ready. Models
-        that are down are reported in ``models()`` and not routed to."""
+        """Ask the backend again, then ``ready()`` (the model watcher's call)."""
         await self.catalog.refresh()
+        return self.ready()
+
+    def ready(self) -> tuple[bool, ErrorCode | None, str]:
+        """Ready: the backend is reachable and at least one model is ready, as the
+        watcher last saw it. No I/O: a probe is answered at once even while
+        Triton hangs (asking it could take the call's 2 s, past a probe's
+        timeout). Models that are down are reported in ``models()`` and not
+        routed to."""
+        seen = self.catalog.refreshed_at
+        if seen is None or time.monotonic() - seen > STALE_S:
+            return False, ErrorCode.TRITON_UNAVAILABLE, "the model state is stale"
         if not self.catalog.backend_up:
             return False, ErrorCode.TRITON_UNAVAILABLE, "triton is unreachable"
         if not self.catalog.ready_models():
