@@ -345,6 +345,21 @@ def test_gpu_triton_serves_engines_built_on_its_own_gpu(variant):
     assert "--allow-gpu-metrics=false" not in triton["args"]
 
 
+def test_the_gpu_resource_name_is_a_value():
+    """A MIG slice or a renamed time-sliced resource replaces nvidia.com/gpu."""
+    values = overlay("gpu") or {}
+    values["triton"] = {**values.get("triton", {}), "gpuResource": "nvidia.com/mig-1g.10gb"}
+    rendered = render(values)
+    pod = next(m for m in rendered if m["kind"] == "Deployment"
+               and m["metadata"]["labels"]["app.kubernetes.io/component"] == "triton")
+    spec = pod["spec"]["template"]["spec"]
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        limits = c.get("resources", {}).get("limits", {})
+        assert "nvidia.com/gpu" not in limits
+    triton = next(c for c in spec["containers"] if c["name"] == "triton")
+    assert triton["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == 1
+
+
 @pytest.mark.parametrize("retry", [False, True])
 def test_the_engines_init_container_arguments_parse_as_engines_py_does(retry):
     import argparse
@@ -420,6 +435,17 @@ def test_autoscalers_use_metrics_the_adapter_serves_from_the_recording_rules(var
         assert pods == [metric] and metric in served
     gateway_hpa = one(variant, "HorizontalPodAutoscaler", "gateway")
     assert {m["type"] for m in gateway_hpa["spec"]["metrics"]} == {"Resource", "Pods"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_scales_by_bounded_steps(variant):
+    """Each new pod needs minutes to load: at most 2 pods per 2 minutes up, one per
+    5 minutes down (stabilization windows alone let a spike add maxReplicas)."""
+    behavior = one(variant, "HorizontalPodAutoscaler", "triton")["spec"]["behavior"]
+    assert behavior["scaleUp"]["policies"] == [{"type": "Pods", "value": 2,
+                                                "periodSeconds": 120}]
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1,
+                                                  "periodSeconds": 300}]
 
 
 def test_queue_time_rule_divides_triton_queue_time_by_successful_requests():
