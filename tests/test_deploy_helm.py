@@ -230,6 +230,11 @@ def test_tiers_must_name_the_three_levels():
     ({"tiers": {"realtime": {"budget_ms": 20, "models": ["efficientdet-d7"]}}},
      "tiers.realtime.models: efficientdet-d7 is not in models"),
     ({"defaultTier": "fastest"}, "defaultTier fastest is not one of tiers"),
+    # null removes a default key in Helm: the labels end up empty.
+    ({"monitoring": {"serviceMonitor": {"labels": {"release": None}}}},
+     "monitoring.serviceMonitor.labels is empty"),
+    ({"monitoring": {"prometheusRule": {"labels": {"release": None}}}},
+     "monitoring.prometheusRule.labels is empty"),
 ])
 def test_cross_value_checks_stop_the_install(bad, message):
     with pytest.raises(HelmError, match=re.escape(message)):
@@ -435,6 +440,14 @@ def test_autoscalers_use_metrics_the_adapter_serves_from_the_recording_rules(var
         assert pods == [metric] and metric in served
     gateway_hpa = one(variant, "HorizontalPodAutoscaler", "gateway")
     assert {m["type"] for m in gateway_hpa["spec"]["metrics"]} == {"Resource", "Pods"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_monitoring_objects_carry_the_label_kube_prometheus_stack_selects(variant):
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        for m in manifests(variant):
+            if m["kind"] == kind:
+                assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

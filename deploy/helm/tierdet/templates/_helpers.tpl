@@ -68,6 +68,13 @@ the install with its message.
 {{- if not (hasKey .Values.tiers .Values.defaultTier) -}}
 {{- fail (printf "defaultTier %s is not one of tiers (%s)" .Values.defaultTier (join ", " (keys .Values.tiers | sortAlpha))) -}}
 {{- end -}}
+{{- /* Without the labels its Prometheus selects by, the operator never scrapes
+       the pods: the autoscalers then get no data and Triton stays at one pod. */ -}}
+{{- range $name, $object := dict "serviceMonitor" .Values.monitoring.serviceMonitor "prometheusRule" .Values.monitoring.prometheusRule -}}
+{{- if and $object.enabled (empty $object.labels) -}}
+{{- fail (printf "monitoring.%s.labels is empty: set the labels your Prometheus selects %ss by (kube-prometheus-stack: release: <its release name>), or disable it" $name (title $name)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
