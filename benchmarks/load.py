@@ -53,6 +53,7 @@ class Outcome:
     model: str | None
     budget_ms: float
     gateway_ms: float | None = None  # the gateway's own end-to-end time (routing.actual_ms)
+    code: str | None = None  # the error code of a refusal
 
 
 def pct(values: list[float], q: float) -> float:
@@ -74,24 +75,33 @@ async def post(client: httpx.AsyncClient, image: bytes, fields: dict[str, str],
         r = await client.post("/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
                               data=fields)
         status = r.status_code
-        body = r.json() if status == 200 else {}
+        try:
+            body = r.json()
+        except ValueError:  # not the gateway's JSON (a proxy's or the server's own page)
+            body = {"error": {"code": "not json"}}
         model = body.get("model")
         gateway_ms = (body.get("routing") or {}).get("actual_ms")
+        code = None if status == 200 else (body.get("error") or {}).get("code")
     except httpx.HTTPError:
-        status, model, gateway_ms = 599, None, None
-    return Outcome(status, (time.perf_counter() - start) * 1e3, model, budget_ms, gateway_ms)
+        status, model, gateway_ms, code = 599, None, None, "no answer"
+    return Outcome(status, (time.perf_counter() - start) * 1e3, model, budget_ms, gateway_ms,
+                   code)
 
 
-async def open_loop(base: str, image: bytes, rate: float, count: int, max_s: float,
+async def open_loop(base: str | list[str], image: bytes, rate: float, count: int, max_s: float,
                     make_fields, seed: int) -> tuple[list[Outcome], float]:
-    """Poisson arrivals at ``rate``/s, at most ``count`` requests or ``max_s`` seconds."""
+    """Poisson arrivals at ``rate``/s, at most ``count`` requests or ``max_s`` seconds;
+    several gateways (``base`` a list) take the arrivals in turn. Outcomes in
+    arrival order: the same seed replays the same arrivals."""
     rng = random.Random(seed)
+    bases = [base] if isinstance(base, str) else list(base)
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=base, timeout=60.0, limits=limits) as client:
+    clients = [httpx.AsyncClient(base_url=b, timeout=60.0, limits=limits) for b in bases]
+    try:
         tasks = []
         start = time.perf_counter()
         next_at = 0.0
-        for _ in range(count):
+        for i in range(count):
             next_at += rng.expovariate(rate)
             if next_at > max_s:
                 break
@@ -99,9 +109,13 @@ async def open_loop(base: str, image: bytes, rate: float, count: int, max_s: flo
             if delay > 0:
                 await asyncio.sleep(delay)
             fields, budget = make_fields(rng)
+            client = clients[i % len(clients)]
             tasks.append(asyncio.create_task(post(client, image, fields, budget)))
         outcomes = await asyncio.gather(*tasks)
         return outcomes, time.perf_counter() - start
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 async def closed_loop(base: str, image: bytes, fields: dict[str, str], concurrency: int,
@@ -319,7 +333,7 @@ def main() -> int:
         triton.start()
         triton.wait_ready(180)
         # Random weights rank 0 unless pinned: route by the published AP here.
-        gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log",
+        gateway = GatewayProcess.start(triton.endpoint, work / "gateway.log",
                                        profile_file=str(profile_path),
                                        models=",".join(models), pin_published_ap="true")
         run(args, models, profile, gateway, triton, off, on)

@@ -171,7 +171,7 @@ def gateway(triton: LocalTriton, log: Path, service: Path | None = None,
     if service is not None:
         os.environ["PYTHONPATH"] = str(service)
     try:
-        process = GatewayProcess.start(triton.grpc_url, log, models=MODEL, **settings)
+        process = GatewayProcess.start(triton.endpoint, log, models=MODEL, **settings)
     finally:
         if service is not None:
             os.environ.pop("PYTHONPATH")

@@ -101,7 +101,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tierdet-soak-"))
     built = ensure_built([args.model], WeightsSource.parse(args.weights), args.home)
     triton = start_triton(built, args.home, work, threads=2)
-    gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log")
+    gateway = GatewayProcess.start(triton.endpoint, work / "gateway.log")
     try:
         image = photo_jpeg()
         outcomes, wall = asyncio.run(closed_loop(gateway.http, image, {"model": args.model},

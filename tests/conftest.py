@@ -49,6 +49,11 @@ class Triton:
     repository: Path
     server: LocalTriton
 
+    @property
+    def endpoint(self) -> str:
+        """The server as a gateway's ``TIERDET_TRITON_URL`` (its metrics port too)."""
+        return self.server.endpoint
+
 
 @pytest.fixture(scope="session")
 def triton(home: Path, built_d0, tmp_path_factory) -> Iterator[Triton]:
@@ -65,7 +70,7 @@ def triton(home: Path, built_d0, tmp_path_factory) -> Iterator[Triton]:
 def gateway(triton: Triton, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     # A small byte limit keeps the 413 test cheap.
-    gw = GatewayProcess.start(triton.grpc_url, log, max_image_bytes=str(8 * 1024 * 1024))
+    gw = GatewayProcess.start(triton.endpoint, log, max_image_bytes=str(8 * 1024 * 1024))
     try:
         yield gw
     finally:
@@ -84,7 +89,7 @@ def busy_gateway(triton: Triton, tmp_path_factory) -> Iterator[GatewayProcess]:
     streams. Its router learns latencies under that load; kept apart, what it
     learns cannot shed other tests' requests on the default 500 ms tier."""
     log = tmp_path_factory.mktemp("busy-gateway") / "gateway.log"
-    gw = GatewayProcess.start(triton.grpc_url, log, max_image_bytes=str(8 * 1024 * 1024))
+    gw = GatewayProcess.start(triton.endpoint, log, max_image_bytes=str(8 * 1024 * 1024))
     try:
         yield gw
     finally:
@@ -149,7 +154,7 @@ def zoo_triton(zoo_built, tmp_path_factory) -> Iterator[LocalTriton]:
 def zoo_gateway(zoo_triton: LocalTriton, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("zoo-gateway") / "gateway.log"
     # Random weights rank 0 by default; the routing tests need the published AP.
-    gw = GatewayProcess.start(zoo_triton.grpc_url, log, timeout_s=180.0,
+    gw = GatewayProcess.start(zoo_triton.endpoint, log, timeout_s=180.0,
                               pin_published_ap="true")
     try:
         yield gw
@@ -175,7 +180,7 @@ def card_stack(cards_built, built_d0, home, tmp_path_factory) -> Iterator[Gatewa
     """D0 (random weights) with both card models, as `tierdet up` serves them."""
     work = tmp_path_factory.mktemp("cards")
     triton = start_triton([built_d0, *cards_built], home, work, threads=2)
-    gateway = GatewayProcess.start(triton.grpc_url, work / "gateway.log",
+    gateway = GatewayProcess.start(triton.endpoint, work / "gateway.log",
                                    cards=",".join(map(str, CARDS)))
     try:
         yield gateway

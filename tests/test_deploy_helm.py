@@ -36,6 +36,7 @@ from deploy_support import (
 from helm_python import Chart, HelmError, HelmValuesError, lint
 from tierdet.registry.specs import SPECS
 from tierdet.serving.metrics import Metrics
+from tierdet.serving.pool import parse_targets
 from tierdet.serving.routing import TierConfig
 from tierdet.serving.settings import Settings
 
@@ -119,8 +120,8 @@ def test_every_variant_renders_the_whole_deployment(variant):
         ("PersistentVolumeClaim", "tierdet-models"), ("PodDisruptionBudget", "tierdet-gateway"),
         ("PodDisruptionBudget", "tierdet-triton"), ("PrometheusRule", "tierdet"),
         ("Service", "tierdet-gateway"), ("Service", "tierdet-triton"),
-        ("ServiceAccount", "tierdet"), ("ServiceMonitor", "tierdet-gateway"),
-        ("ServiceMonitor", "tierdet-triton"),
+        ("Service", "tierdet-triton-pods"), ("ServiceAccount", "tierdet"),
+        ("ServiceMonitor", "tierdet-gateway"), ("ServiceMonitor", "tierdet-triton"),
     }
     assert set(kinds) == expected
 
@@ -260,10 +261,21 @@ def test_gateway_environment_is_valid_settings_pointing_at_triton(variant):
     assert settings.max_image_bytes == 20971520
     ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
     assert ports == {"http": settings.http_port, "grpc": settings.grpc_port}
-    service = one(variant, "Service", "triton")
-    host, port = settings.triton_url.rsplit(":", 1)
-    assert host == service["metadata"]["name"]
-    assert int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    # Every Triton pod, by a headless Service's name (not the ClusterIP Service, which
+    # would pin each gateway's one gRPC connection to one pod).
+    fixed, names = parse_targets(settings.triton_url, settings.triton_metrics_port)
+    assert fixed == []
+    (name, port), = names
+    headless = next(m for m in manifests(variant) if m["kind"] == "Service"
+                    and m["metadata"]["name"] == "tierdet-triton-pods")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert name == f"tierdet-triton-pods.{NAMESPACE}.svc.cluster.local"
+    assert port == next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    pods = one(variant, "Deployment", "triton")["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"].items() <= pods.items()
+    triton_ports = {p["name"]: p["containerPort"] for p in container(variant, "triton")["ports"]}
+    assert settings.triton_metrics_port == triton_ports["metrics"]
+    assert "metrics" not in {p["name"] for p in headless["spec"]["ports"]}  # scraped once
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # Explicit, and above what /readyz takes (it answers from cached state:
@@ -519,11 +531,14 @@ def test_rules_use_only_metrics_the_gateway_exports():
 def test_service_monitors_scrape_named_ports_of_the_services(variant):
     for component, port in (("gateway", "http"), ("triton", "metrics")):
         monitor = one(variant, "ServiceMonitor", component)
-        service = one(variant, "Service", component)
-        assert monitor["spec"]["selector"]["matchLabels"].items() <= \
-            service["metadata"]["labels"].items()
+        selected = [m for m in manifests(variant) if m["kind"] == "Service"
+                    and monitor["spec"]["selector"]["matchLabels"].items()
+                    <= m["metadata"]["labels"].items()]
         assert monitor["spec"]["endpoints"][0]["port"] == port
-        assert port in {p["name"] for p in service["spec"]["ports"]}
+        # Exactly one selected Service has the port: each pod is scraped once (the
+        # headless Triton Service carries the same labels but no metrics port).
+        scraped = [m for m in selected if port in {p["name"] for p in m["spec"]["ports"]}]
+        assert len(scraped) == 1, [m["metadata"]["name"] for m in scraped]
         assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
 
 
@@ -536,7 +551,9 @@ def test_disruption_budgets_and_services_select_their_pods(variant):
         labels = one(variant, "Deployment", component)["spec"]["template"]["metadata"]["labels"]
         pdb = one(variant, "PodDisruptionBudget", component)
         assert pdb["spec"]["selector"]["matchLabels"] == labels
-        assert one(variant, "Service", component)["spec"]["selector"] == labels
+        services = [m for m in manifests(variant) if m["kind"] == "Service" and
+                    m["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+        assert services and all(svc["spec"]["selector"] == labels for svc in services)
         # The HPA owns the replica count.
         assert "replicas" not in one(variant, "Deployment", component)["spec"]
 

@@ -54,7 +54,7 @@ def _wait_status(url: str, want: int, timeout_s: float) -> float:
 def own_stack(home, built_d0, tmp_path):
     repository = assemble([built_d0], home / "fault-repo", "cpu-local", intra_op_threads=1)
     triton = _triton(repository, tmp_path, [TEST_MODEL])
-    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log")
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log")
     yield triton, gateway
     gateway.stop()
     triton.stop()
@@ -127,7 +127,7 @@ def test_model_that_fails_to_load_is_reported_and_others_serve(home, built_d0, t
     garbage.write_bytes(b"this is not an onnx file")
     install_model(repository, SPECS[BROKEN], "cpu-local", garbage, {"weights": "garbage"})
     triton = _triton(repository, tmp_path, [TEST_MODEL, BROKEN])
-    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log",
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log",
                                    models=f"{TEST_MODEL},{BROKEN}")
     try:
         models = {m["name"]: m for m in httpx.get(gateway.http + "/v1/models").json()["models"]}
@@ -155,7 +155,7 @@ def test_slow_triton_deadlines_are_enforced_and_counted(home, built_d0, tmp_path
     profile = tmp_path / "profile.json"
     LatencyProfile({TEST_MODEL: ModelProfile({1: 60.0})}).save(profile)
     triton = _triton(repository, tmp_path, [TEST_MODEL])
-    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log",
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log",
                                    profile_file=str(profile))
     try:
         start = time.perf_counter()
@@ -179,7 +179,7 @@ def _taken(base: str) -> tuple[float, float]:
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(triton, tmp_path):
-    gateway = GatewayProcess.start(triton.grpc_url, tmp_path / "gateway.log")
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(_detect, gateway.http, model=TEST_MODEL) for _ in range(6)]
         # SIGTERM once the gateway has taken all six, some still in flight (a

@@ -73,7 +73,7 @@ def observed_gateway(triton, tmp_path_factory):
                                tier=None, source="gateway", dataset="fixture", split="val",
                                images=10, evaluated_at=when)
         EvalReport([record]).save(evals / f"{when[:7]}.json")
-    gw = GatewayProcess.start(triton.grpc_url, work / "gateway.log", eval_dir=str(evals))
+    gw = GatewayProcess.start(triton.endpoint, work / "gateway.log", eval_dir=str(evals))
     yield gw
     gw.stop()
 

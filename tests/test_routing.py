@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile, ModelProfile
@@ -262,3 +264,54 @@ def test_an_upgrade_is_not_taken_when_it_would_push_frequent_tight_requests_out(
     for _ in range(20):  # many requests, all loose enough to absorb the extra work
         loose.governor.saw_budget(2000.0)
     assert loose.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"
+
+
+# -- several endpoints (Triton servers), each its own device ------------------
+
+TWO = {m: ["a", "b"] for m in ZOO}  # every model on endpoints a and b
+
+
+def test_work_on_one_endpoint_sends_the_next_request_to_the_other():
+    r = router()
+    r.latency.admit("slow", "a")
+    d = r.decide(RouteRequest(sla_ms=200), 3.0, TWO)
+    assert (d.model, d.endpoint) == ("slow", "b")  # b is idle: the best model still fits
+
+
+def test_idle_endpoints_take_turns():
+    r = router()
+    chosen = [r.decide(RouteRequest(sla_ms=5000), 3.0, TWO).endpoint for _ in range(6)]
+    assert sorted(chosen) == ["a"] * 3 + ["b"] * 3
+
+
+def test_tritons_queue_counts_work_other_gateways_sent():
+    """Nothing of ours is in flight at a, but its Triton reports 3 ``slow`` queued."""
+    r = router()
+    r.latency.observe_queues({"a": (time.monotonic(), {"slow": 3}), "b": (time.monotonic(), {})})
+    assert r.latency.backlog_ms("a") == pytest.approx(3 * 110.0)
+    assert r.decide(RouteRequest(sla_ms=200), 3.0, TWO).endpoint == "b"
+    only_a = {m: ["a"] for m in ZOO}
+    with pytest.raises(ApiError):  # 330 ms queued: nothing makes 200 ms at a
+        r.decide(RouteRequest(sla_ms=200), 3.0, only_a)
+
+
+def test_own_work_sent_after_tritons_report_is_added_to_it():
+    r = router()
+    r.latency.observe_queues({"a": (time.monotonic(), {"mid": 1})})
+    r.latency.admit("mid", "a")  # after the report: not in Triton's count yet
+    assert r.latency.backlog_ms("a") == pytest.approx(2 * 50.0)
+
+
+def test_a_stale_queue_report_is_not_used():
+    r = router()
+    r.latency.observe_queues({"a": (time.monotonic() - 5.0, {"slow": 9})})
+    assert r.latency.backlog_ms("a") == 0
+
+
+def test_a_failed_call_goes_to_another_endpoint_only_while_the_budget_allows():
+    r = router()
+    d = r.decide(RouteRequest(sla_ms=300), 3.0, TWO)
+    retry = r.reroute(d, elapsed_ms=20.0, ready=TWO, tried=[d.endpoint])
+    assert retry is not None and retry.endpoint != d.endpoint and retry.model == d.model
+    assert r.reroute(d, elapsed_ms=290.0, ready=TWO, tried=[d.endpoint]) is None
+    assert r.reroute(d, elapsed_ms=20.0, ready=TWO, tried=["a", "b"]) is None

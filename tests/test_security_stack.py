@@ -31,7 +31,7 @@ def secured(triton, tmp_path_factory):
         f"keys:\n"
         f"  - {{name: alice, sha256: {hash_key(ALICE)}, rate_per_s: 1, burst: 3}}\n"
         f"  - {{name: bob, sha256: {hash_key(BOB)}, tiers: [accurate]}}\n")
-    gw = GatewayProcess.start(triton.grpc_url, work / "gateway.log", api_keys_file=str(keys),
+    gw = GatewayProcess.start(triton.endpoint, work / "gateway.log", api_keys_file=str(keys),
                               max_image_bytes=str(MAX_IMAGE))
     yield gw
     gw.stop()
@@ -151,7 +151,7 @@ def tls_gateway(triton, tmp_path_factory):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    gw = GatewayProcess.start(triton.grpc_url, work / "gateway.log", tls_cert_file=str(cert),
+    gw = GatewayProcess.start(triton.endpoint, work / "gateway.log", tls_cert_file=str(cert),
                               tls_key_file=str(key))
     yield gw, cert
     gw.stop()

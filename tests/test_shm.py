@@ -34,7 +34,7 @@ def _answers(base: str) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def wire_gateway(triton, tmp_path_factory):
-    gw = GatewayProcess.start(triton.grpc_url, tmp_path_factory.mktemp("wire") / "gw.log",
+    gw = GatewayProcess.start(triton.endpoint, tmp_path_factory.mktemp("wire") / "gw.log",
                               triton_shared_memory="false")
     try:
         yield gw

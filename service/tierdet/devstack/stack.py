@@ -143,7 +143,7 @@ def running_stack(built: Iterable[BuiltModel], home: Path, workdir: Path, thread
     on exit; ``settings`` as for ``GatewayProcess.start``."""
     triton = start_triton(built, home, workdir, threads=threads, timeout_s=timeout_s)
     try:
-        gateway = GatewayProcess.start(triton.grpc_url, workdir / "gateway.log",
+        gateway = GatewayProcess.start(triton.endpoint, workdir / "gateway.log",
                                        timeout_s=timeout_s, **settings)
         try:
             yield triton, gateway

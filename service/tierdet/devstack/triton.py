@@ -122,6 +122,11 @@ class LocalTriton:
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def endpoint(self) -> str:
+        """This server as a gateway's ``TIERDET_TRITON_URL`` entry (metrics port too)."""
+        return f"{self.grpc_url}?metrics={self.metrics_port}"
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

@@ -21,6 +21,7 @@ from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
 from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
+from tierdet.serving.pool import EndpointPool, Target
 from tierdet.serving.settings import Settings
 from tierdet.serving.triton import TritonClient
 from tierdet.serving.usecase import Detector
@@ -56,6 +57,26 @@ async def _watch_models(detector: Detector, health_servicer: health.HealthServic
             await asyncio.wait_for(stop.wait(), REFRESH_S)
 
 
+async def _watch_queues(detector: Detector, every_s: float, stop: asyncio.Event) -> None:
+    """Keep the router's view of every Triton's queue current (all gateways' work)."""
+    while not stop.is_set():
+        try:
+            await detector.poll_queues()
+        except Exception:
+            log.exception("queue poll failed")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+def triton_pool(settings: Settings) -> EndpointPool:
+    """The Triton endpoints ``TIERDET_TRITON_URL`` names, one client each."""
+    def connect(target: Target) -> TritonClient:
+        return TritonClient(target.url, settings.triton_shared_memory)
+
+    return EndpointPool.from_spec(settings.triton_url, connect, settings.triton_metrics_port,
+                                  settings.triton_resolve_s)
+
+
 def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None:
         return None
@@ -74,7 +95,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    triton = TritonClient(settings.triton_url, settings.triton_shared_memory)
+    triton = triton_pool(settings)
     detector = Detector(settings, triton, Metrics())
     await detector.catalog.refresh()
     for info in detector.catalog.infos():
@@ -92,6 +113,8 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
         ssl_keyfile=str(settings.tls_key_file) if tls else None))
     http_task = asyncio.create_task(http.serve())
     watch_task = asyncio.create_task(_watch_models(detector, health_servicer, stop))
+    queue_task = asyncio.create_task(
+        _watch_queues(detector, settings.triton_queue_poll_ms / 1e3, stop))
     log.info("gateway listening: %s://%s:%d grpc%s %s:%d, triton %s, API keys %s",
              "https" if tls else "http", settings.http_host, settings.http_port,
              "+tls" if tls else "", settings.grpc_host, grpc_port, settings.triton_url,
@@ -109,5 +132,6 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
         http.should_exit = True
         await asyncio.gather(grpc_server.stop(grace_s), http_task, return_exceptions=True)
         watch_task.cancel()
+        queue_task.cancel()
         await triton.close()
         log.info("gateway stopped")

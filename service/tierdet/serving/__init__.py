@@ -4,11 +4,12 @@
 limit), authorizes the request, sheds what cannot finish in time, decodes
 (``decoding``), routes (``routing``), prepares the tensor (``imaging``),
 calls the backend (``backend``; ``triton`` is the real one, ``shm`` its
-shared-memory regions) and maps the rows back (``postprocess``). ``catalog``
+shared-memory regions; ``pool`` the Triton endpoints and their queues) and
+maps the rows back (``postprocess``). ``catalog``
 keeps what the gateway knows of each model; ``metrics``, ``security``,
 ``settings`` and ``render`` are what their names say.
 
 May import: ``tierdet.contract``, ``tierdet.registry``, numpy, OpenCV,
-simplejpeg, tritonclient, prometheus-client. Never fastapi, starlette or grpc: the
-front ends own the transports.
+simplejpeg, tritonclient, httpx (Triton's metrics page), prometheus-client.
+Never fastapi, starlette or grpc: the front ends own the transports.
 """

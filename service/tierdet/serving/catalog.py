@@ -1,6 +1,7 @@
-"""What the gateway knows of each model it may serve, refreshed from the backend.
+"""What the gateway knows of each model it may serve, refreshed from the Triton pool.
 
-Readiness and Triton's state per model; where its weights came from and the AP
+Readiness and Triton's state per model (ready where any endpoint of the pool
+has it ready; ``placement`` says which); where its weights came from and the AP
 its build measured (the provenance the build wrote into the model's config);
 the latest evaluation records (``TIERDET_EVAL_DIR``). The catalog keeps the
 router's AP table current, so the router never prefers meaningless boxes: a
@@ -26,6 +27,7 @@ from tierdet.registry.accuracy import EvalRecord, latest_and_previous, load_reco
 from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
 from tierdet.serving.metrics import Metrics
+from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Router
 from tierdet.serving.settings import Settings
 
@@ -74,10 +76,10 @@ def verified_weights(spec: ModelSpec, provenance: dict[str, str]) -> bool:
 
 
 class Catalog:
-    def __init__(self, settings: Settings, backend: Backend, router: Router,
+    def __init__(self, settings: Settings, pool: EndpointPool, router: Router,
                  metrics: Metrics) -> None:
         self.settings = settings
-        self.backend = backend
+        self.pool = pool
         self.router = router
         self.metrics = metrics
         self.states: dict[str, ModelState] = {}
@@ -94,15 +96,22 @@ class Catalog:
     def ready_models(self) -> list[str]:
         return [n for n, s in self.states.items() if s.ready]
 
+    def placement(self, models: list[str] | None = None) -> dict[str, list[str]]:
+        """Each ready model (of ``models``, if given) -> the endpoints serving it now
+        (one that failed a call is out at once, not at the next refresh)."""
+        where = self.pool.placement()
+        names = self.ready_models() if models is None else models
+        return {m: where[m] for m in names if m in where}
+
     async def refresh(self) -> None:
-        """Re-read readiness and weights provenance of every model from the backend."""
-        try:
-            index: dict[str, tuple[str, str]] | None = await self.backend.repository_models()
-        except Exception:  # an unreachable Triton is a state, not an error
-            index = None
+        """Re-read the pool (endpoints, readiness) and weights provenance of every model."""
+        await self.pool.refresh()
+        index = self.pool.states() if self.pool.any_up else None
         self.backend_up = index is not None
         self.refreshed_at = time.monotonic()
         self.metrics.triton_up.set(1 if index is not None else 0)
+        for url, endpoint in self.pool.endpoints.items():
+            self.metrics.triton_endpoint_up.labels(url).set(1 if endpoint.up else 0)
         names = self.settings.models or tuple(n for n in (index or {}) if lookup(n))
         for name in names:
             spec = lookup(name)
@@ -131,9 +140,12 @@ class Catalog:
 
     async def refresh_statistics(self) -> None:
         """Batch-size counts from the backend for every ready model (for /metrics)."""
+        where = self.pool.placement()
         for name in self.ready_models():
-            try:
-                stats = await self.backend.batch_executions(name)
+            if name not in where:
+                continue
+            try:  # one endpoint's: a sample of how Triton batches this model
+                stats = await self.pool.backend(where[name][0]).batch_executions(name)
             except Exception:
                 continue
             self.metrics.triton_batches.update(name, stats)
@@ -157,9 +169,13 @@ class Catalog:
                       routing_ap=st.routing_ap, measured_ap=self.measured_ap(st))
             for name, st in sorted(self.states.items()))
 
+    def _backend_of(self, model: str) -> Backend:
+        urls = self.pool.placement().get(model)
+        return self.pool.backend(urls[0]) if urls else self.pool.first()
+
     async def _read_provenance(self, state: ModelState) -> None:
         try:
-            prov = await self.backend.provenance(state.spec.name)
+            prov = await self._backend_of(state.spec.name).provenance(state.spec.name)
         except Exception:
             return
         state.weights = prov.get("weights", "unknown")
@@ -178,11 +194,14 @@ class Catalog:
         if spec.name in self.router.latency.profile.models:
             return
         image = np.full((1, spec.input_size, spec.input_size, 3), 114, np.uint8)
-        with self.router.dispatch(spec.name) as run:
+        url = self.pool.placement().get(spec.name, [""])[0]
+        if url not in self.pool.endpoints:
+            return
+        with self.router.dispatch(spec.name, url) as run:
             try:
                 for _ in range(2):  # the first call may pay one-off costs
                     start = time.perf_counter()
-                    await self.backend.infer(spec.name, image, timeout_s=60.0)
+                    await self.pool.backend(url).infer(spec.name, image, timeout_s=60.0)
                 run.observe((time.perf_counter() - start) * 1e3)
             except ApiError:
                 return

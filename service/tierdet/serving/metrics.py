@@ -98,7 +98,14 @@ class Metrics:
             "tierdet_model_ready", "1 if Triton reports the model ready.", ["model"],
             registry=r)
         self.triton_up = Gauge(
-            "tierdet_triton_up", "1 if the gateway can reach Triton.", registry=r)
+            "tierdet_triton_up", "1 if the gateway can reach a Triton endpoint.", registry=r)
+        self.triton_endpoint_up = Gauge(
+            "tierdet_triton_endpoint_up", "1 if the Triton endpoint is in the gateway's pool.",
+            ["endpoint"], registry=r)
+        self.triton_requests = Counter(
+            "tierdet_triton_requests", "Calls to each Triton endpoint, by outcome "
+            "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
+            ["endpoint", "outcome"], registry=r)
 
     def set_accuracy(self, records: list[EvalRecord]) -> None:
         for (model, tier, dataset, source), (latest, previous) in \

@@ -3,18 +3,22 @@
 For every candidate the router predicts when the answer would be ready:
 
     predicted = elapsed (decode so far)
-              + backlog (work already admitted to the device, all models)
+              + backlog (work queued on the endpoint's device, all models)
               + service time of this model at batch 1
               + fixed gateway overhead
 
 and picks the highest-AP model whose prediction, with a safety margin,
-fits the budget. The device is treated as shared: on a CPU (and largely on
+fits the budget, on the endpoint (Triton server) where it would finish
+first. Each endpoint's device is treated as shared: on a CPU (and largely on
 one GPU) every model's requests compete for the same cores, so a long D1
-backlog slows a D0 answer too. Service times come from the measured
-profile, corrected online by the ratio of observed to predicted Triton
-latency (EWMA per model). When nothing fits the request is shed at once
-(or, where its tier allows, served by the fastest model and marked
-degraded): work that cannot make its deadline is never queued.
+backlog slows a D0 answer too. A backlog is the larger of this gateway's
+own work in flight there and what Triton last reported queued (every
+gateway's work, ``observe_queues``) plus this gateway's work sent since.
+Service times come from the measured profile, corrected online by the
+ratio of observed to predicted Triton latency (EWMA per model). When
+nothing fits the request is shed at once (or, where its tier allows, served
+by the fastest model and marked degraded): work that cannot make its
+deadline is never queued.
 
 Among the models that fit, a bigger one is worth its accuracy only if its
 extra device time does not push other requests out of their budgets: each
@@ -34,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tierdet.contract.errors import ApiError, ErrorCode
@@ -43,6 +47,12 @@ from tierdet.registry.profile import LatencyProfile
 # Prior for a model with no profile and no observation yet: slow enough that
 # it is only chosen when nothing measured fits.
 UNKNOWN_SERVICE_MS = 1000.0
+# The endpoint of a router fed plain model lists (one backend, unit tests).
+LOCAL = "local"
+# A queue report older than this is not used: the poll has stopped or fails.
+QUEUE_MAX_AGE_S = 1.0
+
+Placement = Mapping[str, Iterable[str]]  # model -> endpoints that have it ready
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class Decision:
     predicted_ms: float
     degraded: bool
     priority: int
+    endpoint: str = LOCAL
 
     def timeout_s(self, elapsed_ms: float, floor_ms: float = 1.0) -> float:
         """Time left for the Triton call: the budget minus what is spent."""
@@ -114,13 +125,12 @@ class Decision:
 
 @dataclass
 class _ModelLoad:
-    inflight: int = 0
     ratio: float = 1.0  # observed / predicted Triton time, EWMA
     ratio_at: float = 0.0  # monotonic time of the last ratio update
     observed_ms: float | None = None  # EWMA of batch-1 latency (models without profile)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each ticket is its own: compared by identity
 class Ticket:
     """An admitted request: what was predicted, and whether the device was idle."""
 
@@ -128,6 +138,8 @@ class Ticket:
     predicted_ms: float  # Triton time (queue + service) predicted at admission
     idle: bool  # nothing was in flight on the device when it was admitted
     ratio: float  # the model's correction used for that prediction
+    endpoint: str = LOCAL
+    admitted_at: float = 0.0  # time.monotonic()
 
 
 @dataclass
@@ -158,6 +170,9 @@ class LatencyModel:
     busy_alpha: float = 0.05
     decay_s: float = 60.0
     loads: dict[str, _ModelLoad] = field(default_factory=dict)
+    flight: set[Ticket] = field(default_factory=set)  # admitted, not finished
+    # endpoint -> (time.monotonic() it was asked, requests queued at Triton per model)
+    queues: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _load(self, model: str) -> _ModelLoad:
@@ -190,28 +205,58 @@ class LatencyModel:
         """Device time one more request of ``model`` adds when the device is busy."""
         return self.marginal_ms(model) * self._ratio(self._load(model))
 
-    def backlog_ms(self) -> float:
-        """Work admitted but not finished, on the shared device."""
-        return sum(load.inflight * self.cost_ms(name) for name, load in self.loads.items())
+    def inflight(self, endpoint: str = LOCAL) -> int:
+        """This gateway's requests in flight at ``endpoint``."""
+        return sum(1 for t in list(self.flight) if t.endpoint == endpoint)
 
-    def predict_ms(self, model: str) -> float:
+    def _report(self, endpoint: str) -> tuple[float, dict[str, int]] | None:
+        report = self.queues.get(endpoint)
+        if report is None or time.monotonic() - report[0] > QUEUE_MAX_AGE_S:
+            return None
+        return report
+
+    def backlog_ms(self, endpoint: str = LOCAL) -> float:
+        """Work queued or running on ``endpoint``'s device: this gateway's own, or
+        what Triton reported queued (all gateways') plus what this gateway sent
+        since, whichever is more. Triton's count leaves out the batch it is
+        running, so one's own work is a floor."""
+        mine = [t for t in list(self.flight) if t.endpoint == endpoint]
+        own = sum(self.cost_ms(t.model) for t in mine)
+        report = self._report(endpoint)
+        if report is None:
+            return own
+        asked, pending = report
+        shared = sum(n * self.cost_ms(m) for m, n in pending.items() if n > 0)
+        shared += sum(self.cost_ms(t.model) for t in mine if t.admitted_at > asked)
+        return max(own, shared)
+
+    def predict_ms(self, model: str, endpoint: str = LOCAL) -> float:
         """Triton time for a request admitted now (queue + service)."""
-        return self.backlog_ms() + self.service_ms(model)
+        return self.backlog_ms(endpoint) + self.service_ms(model)
 
-    def admit(self, model: str) -> Ticket:
-        """Count a request as in flight."""
+    def observe_queues(self, queues: Mapping[str, tuple[float, dict[str, int]]]) -> None:
+        """What each endpoint's Triton reported queued (``EndpointPool.queues``)."""
+        self.queues = dict(queues)
+
+    def _idle(self, endpoint: str) -> bool:
+        if any(t.endpoint == endpoint for t in list(self.flight)):
+            return False
+        report = self._report(endpoint)
+        return report is None or not any(report[1].values())
+
+    def admit(self, model: str, endpoint: str = LOCAL) -> Ticket:
+        """Count a request as in flight at ``endpoint``."""
         with self._lock:
-            idle = all(load.inflight == 0 for load in self.loads.values())
-            load = self._load(model)
-            ticket = Ticket(model, self.predict_ms(model), idle, self._ratio(load))
-            load.inflight += 1
+            ticket = Ticket(model, self.predict_ms(model, endpoint), self._idle(endpoint),
+                            self._ratio(self._load(model)), endpoint, time.monotonic())
+            self.flight.add(ticket)
             return ticket
 
     def finish(self, ticket: Ticket, observed_ms: float | None) -> None:
         """Release an admitted request; learn from its latency if it completed."""
         with self._lock:
+            self.flight.discard(ticket)
             load = self._load(ticket.model)
-            load.inflight = max(0, load.inflight - 1)
             if observed_ms is None or ticket.predicted_ms <= 0:
                 return
             now = time.monotonic()
@@ -269,9 +314,9 @@ class LoadGovernor:
         with self._lock:
             return [b for t, b in self.recent if now - t <= self.window_s]
 
-    def affordable(self, cost_ms: float) -> bool:
+    def affordable(self, cost_ms: float, devices: int = 1) -> bool:
         mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
-        return self.rate * mixed / 1e3 <= self.target
+        return self.rate * mixed / 1e3 <= self.target * max(1, devices)
 
     def admitted(self, cost_ms: float) -> None:
         with self._lock:
@@ -294,11 +339,14 @@ class Router:
         self.margin_ms = margin_ms
         self.overhead_ms = overhead_ms
         self.governor = governor or LoadGovernor()
+        self._picks = 0
+        self._picked: dict[str, int] = {}  # endpoint -> when it was last chosen (pick count)
 
     @contextmanager
-    def dispatch(self, model: str) -> Iterator[Dispatch]:
-        """Count work on the device while the block runs; learn from what it observed."""
-        run = Dispatch(self.latency.admit(model))
+    def dispatch(self, model: str, endpoint: str = LOCAL) -> Iterator[Dispatch]:
+        """Count work on the endpoint's device while the block runs; learn from
+        what it observed."""
+        run = Dispatch(self.latency.admit(model, endpoint))
         try:
             yield run
         finally:
@@ -326,9 +374,8 @@ class Router:
             return None  # pinned model or explicit budget: no tier applies
         return self.tiers.tiers[self.tiers.default]
 
-    def _candidates(self, req: RouteRequest, tier: Tier | None, ready: Iterable[str]
+    def _candidates(self, req: RouteRequest, tier: Tier | None, ready: Placement
                     ) -> list[str]:
-        ready = set(ready)
         if req.model is not None:
             return [req.model]
         allowed = tier.models if tier and tier.models else tuple(ready)
@@ -338,12 +385,32 @@ class Router:
                            retry_after_s=2.0)
         return candidates
 
-    def _predict(self, candidates: list[str], elapsed_ms: float) -> dict[str, float]:
-        backlog = self.latency.backlog_ms()
-        return {m: elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
-                for m in candidates}
+    def _nearest(self, model: str, endpoints: Iterable[str]) -> tuple[str, float]:
+        """The endpoint where ``model``'s work would start first, and its backlog.
+        Ties (an idle pool) go to the one with the fewest of our requests, then
+        to the one chosen least recently, so steady load spreads evenly."""
+        ranked = [(self.latency.backlog_ms(e), self.latency.inflight(e),
+                   self._picked.get(e, 0), e) for e in (list(endpoints) or [LOCAL])]
+        backlog, _, _, best = min(ranked)
+        return best, backlog
 
-    def _displacement(self, pool: list[str], candidates: list[str]) -> dict[str, float]:
+    def _pick(self, decision: Decision) -> Decision:
+        self._picks += 1
+        self._picked[decision.endpoint] = self._picks
+        return decision
+
+    def _predict(self, candidates: list[str], elapsed_ms: float, ready: Placement
+                 ) -> tuple[dict[str, float], dict[str, str]]:
+        """Predicted completion of each candidate at its nearest endpoint, and that
+        endpoint."""
+        predicted, where = {}, {}
+        for m in candidates:
+            where[m], backlog = self._nearest(m, ready.get(m, ()))
+            predicted[m] = elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
+        return predicted, where
+
+    def _displacement(self, pool: list[str], candidates: list[str], backlog: float
+                      ) -> dict[str, float]:
         """AP expected to be lost to other requests if this one takes ``m``.
 
         On a shared device, a bigger model's extra work delays everything
@@ -359,7 +426,7 @@ class Router:
         budgets = self.governor.recent_budgets()
         fastest = min(candidates, key=self.latency.service_ms)
         base = self.overhead_ms + self.latency.service_ms(fastest)
-        base_cost, backlog = self.latency.cost_ms(fastest), self.latency.backlog_ms()
+        base_cost = self.latency.cost_ms(fastest)
         loss: dict[str, float] = {}
         for m in pool:
             cost = self.latency.cost_ms(m)
@@ -384,45 +451,75 @@ class Router:
                         f"predicted {predicted_ms:.0f} ms)",
                         retry_after_s=max(1.0, math.ceil(wait_s)))
 
-    def precheck(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]
-                 ) -> list[str]:
+    def precheck(self, req: RouteRequest, elapsed_ms: float,
+                 ready: Placement | Iterable[str]) -> list[str]:
         """Shed before any decoding work when not even the fastest model could
         answer in time: refusals then cost microseconds, not a decode. Returns
         the models a decision may pick: those that fit now and the fastest (the
         degraded answer), or every candidate for a request without a budget."""
         tier = self.tier_for(req)
+        ready = placement(ready)
         candidates = self._candidates(req, tier, ready)
         if self._degradable(req, tier):
             return candidates
         budget = self._budget(req, tier)
-        predicted = self._predict(candidates, elapsed_ms)
+        predicted, _ = self._predict(candidates, elapsed_ms, ready)
         fastest = min(predicted, key=predicted.__getitem__)
         if not self.fits(predicted[fastest], budget):
             self.governor.saw_budget(budget)  # requests that reach decide() are seen there
             raise self._shed(budget, fastest, predicted[fastest])
         return [m for m in candidates if m == fastest or self.fits(predicted[m], budget)]
 
-    def decide(self, req: RouteRequest, elapsed_ms: float, ready: Iterable[str]) -> Decision:
+    def decide(self, req: RouteRequest, elapsed_ms: float,
+               ready: Placement | Iterable[str]) -> Decision:
+        """The model and the endpoint for this request (or an ApiError: shed)."""
         tier = self.tier_for(req)
+        ready = placement(ready)
         budget = self._budget(req, tier)
         candidates = self._candidates(req, tier, ready)
         priority = tier.priority if tier else (1 if budget < self.default_budget_ms else 2)
-        predicted = self._predict(candidates, elapsed_ms)
+        predicted, where = self._predict(candidates, elapsed_ms, ready)
         self.governor.arrival()
         fitting = [m for m in candidates if self.fits(predicted[m], budget)]
         if fitting:
-            affordable = ([m for m in fitting if self.governor.affordable(self.latency.cost_ms(m))]
+            devices = len({e for m in candidates for e in ready.get(m, ())})
+            affordable = ([m for m in fitting
+                           if self.governor.affordable(self.latency.cost_ms(m), devices)]
                           if req.model is None else fitting)
             pool = affordable or [min(fitting, key=self.latency.cost_ms)]
-            loss = self._displacement(pool, candidates)
+            backlog = min(self.latency.backlog_ms(where[m]) for m in candidates)
+            loss = self._displacement(pool, candidates, backlog)
             best = max(pool, key=lambda m: (self.ap[m] - loss[m], -predicted[m]))
             self.governor.admitted(self.latency.cost_ms(best))
             self.governor.saw_budget(budget)
-            return Decision(best, tier.name if tier else None, budget, predicted[best],
-                            False, priority)
+            return self._pick(Decision(best, tier.name if tier else None, budget,
+                                       predicted[best], False, priority, where[best]))
         self.governor.saw_budget(budget)
         fastest = min(candidates, key=lambda m: predicted[m])
         if tier is not None and self._degradable(req, tier):
             self.governor.admitted(self.latency.cost_ms(fastest))
-            return Decision(fastest, tier.name, budget, predicted[fastest], True, priority)
+            return self._pick(Decision(fastest, tier.name, budget, predicted[fastest], True,
+                                       priority, where[fastest]))
         raise self._shed(budget, fastest, predicted[fastest])
+
+    def reroute(self, decision: Decision, elapsed_ms: float, ready: Placement,
+                tried: Iterable[str]) -> Decision | None:
+        """The same model on another endpoint, after ``decision``'s endpoint failed
+        (detection is idempotent): the nearest one not ``tried`` if the answer
+        would still come in budget (a degraded answer: any), else None."""
+        endpoints = [e for e in ready.get(decision.model, ()) if e not in set(tried)]
+        if not endpoints:
+            return None
+        endpoint, backlog = self._nearest(decision.model, endpoints)
+        predicted = (elapsed_ms + self.overhead_ms + backlog
+                     + self.latency.service_ms(decision.model))
+        if not decision.degraded and not self.fits(predicted, decision.budget_ms):
+            return None
+        return self._pick(replace(decision, endpoint=endpoint, predicted_ms=predicted))
+
+
+def placement(ready: Placement | Iterable[str]) -> dict[str, list[str]]:
+    """Model -> endpoints; a plain list of models means one endpoint (``LOCAL``)."""
+    if isinstance(ready, Mapping):
+        return {m: list(endpoints) for m, endpoints in ready.items()}
+    return {m: [LOCAL] for m in ready}

@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from tierdet.serving.pool import parse_targets
 
 ENV_PREFIX = "TIERDET_"
 
@@ -26,7 +28,17 @@ class Settings(BaseModel):
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP listener port")
     grpc_host: str = Field("127.0.0.1", description="gRPC listener address")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC listener port")
-    triton_url: str = Field("127.0.0.1:8001", description="Triton's gRPC endpoint (host:port)")
+    triton_url: str = Field("127.0.0.1:8001", description=(
+        "Triton's gRPC endpoints: comma-separated `host:port` (`?metrics=PORT` where its "
+        "metrics port is not `TIERDET_TRITON_METRICS_PORT`), and/or `dns:///name:port`, "
+        "re-resolved to every address the name has (a headless Service: every Triton pod)"))
+    triton_metrics_port: int = Field(8002, ge=0, le=65535, description=(
+        "port of each Triton's metrics page, read for its queue (every gateway's work); "
+        "0: route on this gateway's own work only"))
+    triton_queue_poll_ms: float = Field(100.0, ge=10.0, description=(
+        "how often each Triton's queue is read"))
+    triton_resolve_s: float = Field(5.0, gt=0, description=(
+        "how often `dns:///` endpoints are re-resolved (pods joining and leaving)"))
     triton_shared_memory: bool = Field(True, description=(
         "send pixels through system shared memory when Triton can map the gateway's (same "
         "host or pod, a shared /dev/shm); otherwise, and when false, over gRPC"))
@@ -78,6 +90,12 @@ class Settings(BaseModel):
         "frames one DetectStream holds (read, not yet answered); at the bound the gateway "
         "stops reading, so flow control pushes back on the sender"))
     log_level: str = Field("info", description="uvicorn's log level")
+
+    @field_validator("triton_url")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        parse_targets(value, 0)  # a malformed entry stops the gateway at start, named
+        return value
 
     def max_body_bytes(self, images: int = 1) -> int:
         """The largest HTTP body a valid request of ``images`` images can have: each

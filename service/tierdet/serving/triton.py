@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -28,6 +29,25 @@ _CHANNEL_ARGS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
+
+
+_PENDING = "nv_inference_pending_request_count{"
+
+
+def pending_counts(metrics_text: str) -> dict[str, int]:
+    """Requests waiting in Triton's scheduler per model, from its /metrics page
+    (summed over versions)."""
+    out: dict[str, int] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith(_PENDING):
+            continue
+        labels, _, value = line[len(_PENDING):].rpartition("} ")
+        for label in labels.split(","):
+            key, _, quoted = label.partition("=")
+            if key == "model":
+                name = quoted.strip('"')
+                out[name] = out.get(name, 0) + int(float(value))
+    return out
 
 
 def _unreachable(exc: InferenceServerException) -> bool:
@@ -55,6 +75,7 @@ class TritonClient:
         self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
         self.shm = SharedMemoryPool(self._register) if shared_memory else None
         self._staged: dict[int, Region] = {}  # buffer address -> its region
+        self._http: httpx.AsyncClient | None = None  # for Triton's metrics page
 
     async def close(self) -> None:
         if self.shm is not None:
@@ -63,7 +84,17 @@ class TritonClient:
                     await self._client.unregister_system_shared_memory(name,
                                                                        client_timeout=1.0)
             self.shm.close()
+        if self._http is not None:
+            await self._http.aclose()
         await self._client.close()
+
+    async def queued(self, metrics_url: str, timeout_s: float = 0.5) -> dict[str, int]:
+        """Requests waiting in this Triton's queue per model (every client's)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=timeout_s)
+        response = await self._http.get(metrics_url, timeout=timeout_s)
+        response.raise_for_status()
+        return pending_counts(response.text)
 
     async def _register(self, name: str, key: str, size: int) -> None:
         try:

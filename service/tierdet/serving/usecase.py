@@ -5,9 +5,11 @@ rate limit; HTTP calls it before reading a body). ``Detector.detect`` takes
 the caller, the image bytes and validated ``DetectOptions`` and owns the rest:
 
     authorize -> names and classes -> shed early if even the fastest model
-    cannot make it -> decode -> route (budget, profile, backlog) -> resize
-    -> backend (deadline and priority travel with the call) -> rows back to
-    image pixels, the class filter, threshold and limit.
+    cannot make it -> decode -> route (model and endpoint: budget, profile,
+    queues) -> resize -> backend (deadline and priority travel with the call;
+    an endpoint found dead leaves the pool and the call goes to another while
+    the budget allows) -> rows back to image pixels, the class filter,
+    threshold and limit.
 
 Every refusal is an ``ApiError``; every outcome is counted in the metrics here,
 so the front ends only translate wire formats.
@@ -31,6 +33,7 @@ from tierdet.serving import decoding, imaging, postprocess
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
 from tierdet.serving.metrics import Metrics
+from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
 from tierdet.serving.security import ApiKey, KeyRing
 from tierdet.serving.settings import Settings
@@ -39,6 +42,9 @@ from tierdet.serving.settings import Settings
 # a refresh waits at most a few seconds for Triton (a new model's latency
 # probe included).
 STALE_S = 30.0
+# Errors after which the same call may go to another endpoint: the endpoint is
+# gone (or lost the model); nothing was computed, detection is idempotent.
+FAILOVER = {ErrorCode.TRITON_UNAVAILABLE, ErrorCode.MODEL_NOT_READY}
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,16 @@ def build_router(settings: Settings) -> Router:
 
 
 class Detector:
-    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics,
+    def __init__(self, settings: Settings, backend: Backend | EndpointPool, metrics: Metrics,
                  router: Router | None = None) -> None:
+        """``backend``: the Triton pool, or one backend (a pool of one)."""
         self.settings = settings
-        self.backend = backend
+        self.pool = backend if isinstance(backend, EndpointPool) else EndpointPool.single(backend)
         self.metrics = metrics
         for card in settings.cards:  # before the router: it ranks every known model
             register_card(card)
         self.router = router or build_router(settings)
-        self.catalog = Catalog(settings, backend, self.router, metrics)
+        self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
 
     # -- admission -------------------------------------------------------
@@ -108,6 +115,11 @@ class Detector:
                                  t.name == tiers.default) for t in tiers.tiers.values()),
             models=self.catalog.infos())
 
+    async def poll_queues(self) -> None:
+        """Read every endpoint's queue into the router (the queue watcher's call)."""
+        await self.pool.poll_queues()
+        self.router.latency.observe_queues(self.pool.queues(max_age_s=1.0))
+
     async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
         """Ask the backend again, then ``ready()`` (the model watcher's call)."""
         await self.catalog.refresh()
@@ -137,12 +149,14 @@ class Detector:
         try:
             self.keys.authorize(caller.key, options.tier, options.model)
             request, candidates = self._request(caller, options)
-            reachable = self.router.precheck(request, _ms_since(start), candidates)
+            reachable = self.router.precheck(request, _ms_since(start),
+                                             self.catalog.placement(candidates))
             # The decoders release the GIL: decoding in a worker thread keeps the
             # event loop answering other requests meanwhile.
             decoded, decode_s = await asyncio.to_thread(self._decode, image, reachable)
             # Only among the models the image was decoded for (see precheck).
-            decision = self.router.decide(request, _ms_since(start), reachable)
+            decision = self.router.decide(request, _ms_since(start),
+                                          self.catalog.placement(reachable))
             tier, model = decision.tier, decision.model
             result = await self._run(decision, decoded, options, start, decode_s)
         except ApiError as exc:
@@ -216,18 +230,13 @@ class Detector:
         spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
         size = spec.input_size
-        # The input is written where the backend sends it from (Triton's shared memory).
-        with self.router.dispatch(spec.name) as run, \
-                self.backend.input_buffer((1, size, size, 3)) as batch:
+        # The input is written where the endpoint reads it from (its shared memory).
+        with self._backend(decision).input_buffer((1, size, size, 3)) as batch:
             geometry, prep_s = await asyncio.to_thread(
                 self._prepare, image, size, spec.preprocessing, batch[0])
-            timeout_s = (self.settings.request_timeout_s if decision.degraded
-                         else decision.timeout_s(_ms_since(start)))
             t_infer = time.perf_counter()
-            rows = await self.backend.infer(spec.name, batch, timeout_s=timeout_s,
-                                            priority=decision.priority)
+            rows, decision = await self._infer(decision, batch, start)
             t_post = time.perf_counter()
-            run.observe((t_post - t_infer) * 1e3)
         threshold = (options.score_threshold if options.score_threshold is not None
                      else self.settings.default_score_threshold)
         limit = min(options.max_detections or spec.max_detections, spec.max_detections)
@@ -240,6 +249,48 @@ class Detector:
                           timing.total_ms, decision.degraded)
         return DetectResult(spec.name, geometry.width, geometry.height, detections, timing,
                             routing)
+
+    def _backend(self, decision: Decision) -> Backend:
+        endpoint = self.pool.endpoints.get(decision.endpoint)
+        if endpoint is None:  # left the pool since the decision (re-resolved away)
+            raise ApiError(ErrorCode.TRITON_UNAVAILABLE, "the inference server left the pool",
+                           retry_after_s=1.0)
+        return endpoint.backend
+
+    async def _infer(self, decision: Decision, batch: np.ndarray, start: float
+                     ) -> tuple[np.ndarray, Decision]:
+        """Run ``batch`` at the decision's endpoint; where that endpoint is gone,
+        at the next one with the model while the budget allows. Returns the rows
+        and the decision that answered."""
+        tried: list[str] = []
+        while True:
+            timeout_s = (self.settings.request_timeout_s if decision.degraded
+                         else decision.timeout_s(_ms_since(start)))
+            with self.router.dispatch(decision.model, decision.endpoint) as run:
+                t0 = time.perf_counter()
+                try:
+                    rows = await self._backend(decision).infer(
+                        decision.model, batch, timeout_s=timeout_s, priority=decision.priority)
+                except ApiError as exc:
+                    failure = exc
+                else:
+                    run.observe((time.perf_counter() - t0) * 1e3)
+                    self.metrics.triton_requests.labels(decision.endpoint, "ok").inc()
+                    return rows, decision
+            if failure.code not in FAILOVER:
+                self.metrics.triton_requests.labels(decision.endpoint, "error").inc()
+                raise failure
+            self.metrics.triton_requests.labels(decision.endpoint, "unavailable").inc()
+            if failure.code == ErrorCode.TRITON_UNAVAILABLE:
+                self.pool.mark_down(decision.endpoint)
+            else:
+                self.pool.model_gone(decision.endpoint, decision.model)
+            tried.append(decision.endpoint)
+            retry = self.router.reroute(decision, _ms_since(start),
+                                        self.catalog.placement([decision.model]), tried)
+            if retry is None:
+                raise failure
+            decision = retry
 
     def _observe(self, protocol: str, result: DetectResult) -> None:
         t, r = result.timing, result.routing

@@ -1,0 +1,280 @@
+"""Scale-out benchmark (issue 13): several gateways, several Triton servers. Loopback only.
+
+Two local tritonservers serve EfficientDet-D0 (random weights; one ONNX Runtime
+thread each, so each is one "device" of this machine's cores); one or two
+gateways (`tierdet serve`) take open-loop Poisson arrivals of a real 1280x720
+photograph in turn. Budgets are 4x and 10x D0's service time as the gateway
+measured it (equal shares). Per deployment and load (multiples of the capacity
+measured for that many servers): in-SLO (all requests), admitted answered in
+budget, shed, p50/p99 of answers, p99 of refusals by the client's clock, and
+the requests each Triton served (its own count).
+
+Also, in the same run:
+- the two-gateway rows again with each gateway counting only its own work
+  (no Triton queue read: how the router worked before the shared view);
+- the same arrivals replayed with shedding off (D0 pinned, no budget sent):
+  of the requests the router shed, how many would have made their budget;
+- a run where one tritonserver is killed half-way and restarted: every
+  request's outcome, and how soon the restarted server gets traffic again.
+
+Bounded: at most --requests per row and --max-seconds of arrivals. Example:
+
+    python benchmarks/scale_out.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import httpx
+from load import Outcome, closed_loop, open_loop, pct
+from tierdet.build.models import assemble, default_home, ensure_built
+from tierdet.build.weights import WeightsSource
+from tierdet.devstack.stack import GatewayProcess, free_port
+from tierdet.devstack.triton import LocalTriton
+
+MODEL = "efficientdet-d0"
+
+
+def photo_720p() -> bytes:
+    import skimage.data
+
+    image = cv2.resize(skimage.data.astronaut()[..., ::-1], (1280, 720),
+                       interpolation=cv2.INTER_CUBIC)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes()
+
+
+def served(server: LocalTriton) -> int:
+    """Requests this Triton answered (its own count)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        text = resp.read().decode()
+    prefix = f'nv_inference_request_success{{model="{MODEL}"'
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
+def start_server(repository: Path, work: Path) -> LocalTriton:
+    work.mkdir(parents=True, exist_ok=True)
+    server = LocalTriton(repository, work, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), models=[MODEL], log_path=work / "triton.log")
+    server.start()
+    server.wait_ready(180)
+    return server
+
+
+class Deployment:
+    """``gateways`` gateway processes, each with ``servers`` in its pool."""
+
+    def __init__(self, servers: list[LocalTriton], gateways: int, work: Path,
+                 shared_view: bool = True) -> None:
+        self.servers = servers
+        urls = [s.endpoint if shared_view else s.grpc_url for s in servers]
+        extra = {} if shared_view else {"triton_metrics_port": "0"}
+        self.gateways = [GatewayProcess.start(",".join(urls), work / f"gateway-{i}.log",
+                                              models=MODEL, **extra)
+                         for i in range(gateways)]
+        self.name = (f"{gateways} gw x {len(servers)} triton"
+                     + ("" if shared_view else " (own work only)"))
+
+    @property
+    def bases(self) -> list[str]:
+        return [g.http for g in self.gateways]
+
+    def stop(self) -> None:
+        for g in self.gateways:
+            g.stop()
+
+
+def service_ms(gateway: str, image: bytes, runs: int = 12) -> float:
+    """D0's Triton time per request at concurrency 1, as the gateway measures it."""
+    times = []
+    with httpx.Client(base_url=gateway, timeout=60) as client:
+        for _ in range(runs):
+            r = client.post("/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
+                            data={"model": MODEL})
+            r.raise_for_status()
+            times.append(r.json()["timing"]["infer_ms"])
+    return statistics.median(times[2:])
+
+
+def row(name: str, outcomes: list[Outcome], wall_s: float, per_server: list[int]) -> dict:
+    n = len(outcomes)
+    ok = [o for o in outcomes if o.status == 200]
+    shed = [o for o in outcomes if o.status == 503]
+    in_budget = [o for o in ok if o.latency_ms <= o.budget_ms]
+    admitted = n - len(shed)
+    return {
+        "name": name, "n": n, "in_slo": len(in_budget) / n if n else 0.0,
+        "admitted_in_budget": len(in_budget) / admitted if admitted else float("nan"),
+        "shed": len(shed) / n if n else 0.0,
+        "p50": pct([o.latency_ms for o in ok], 50), "p99": pct([o.latency_ms for o in ok], 99),
+        "shed_p99": pct([o.latency_ms for o in shed], 99),
+        "rate": n / wall_s, "per_server": per_server,
+        "other": Counter(o.code or str(o.status) for o in outcomes
+                         if o.status not in (200, 503)),
+    }
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"  {'deployment':<34}{'load':>6}{'n':>5}{'in-SLO':>8}{'adm.in':>8}{'shed':>7}"
+          f"{'p50 ms':>8}{'p99 ms':>8}{'shed p99':>9}  per triton   other")
+    for r in rows:
+        other = ", ".join(f"{k}:{v}" for k, v in r["other"].items()) or "-"
+        print(f"  {r['name']:<34}{r['load']:>6}{r['n']:>5}{r['in_slo']:>8.1%}"
+              f"{r['admitted_in_budget']:>8.1%}{r['shed']:>7.1%}{r['p50']:>8.0f}"
+              f"{r['p99']:>8.0f}{r['shed_p99']:>9.1f}  {r['per_server']!s:<12}{other}")
+
+
+def measure_row(deployment: Deployment, image: bytes, rate: float, mult: float,
+                budgets: list[float], args, fields_of=None) -> tuple[dict, list[Outcome]]:
+    def routed(rng):
+        b = rng.choice(budgets)
+        return {"sla_ms": str(round(b))}, b
+
+    before = [served(s) for s in deployment.servers]
+    outcomes, wall = asyncio.run(open_loop(deployment.bases, image, rate, args.requests,
+                                           args.max_seconds, fields_of or routed,
+                                           seed=int(mult * 100)))
+    time.sleep(1.0)  # let the queues drain before the next row
+    after = [served(s) for s in deployment.servers]
+    r = row(deployment.name, outcomes, wall, [a - b for a, b in zip(after, before, strict=True)])
+    r["load"] = f"{mult:.1f}x"
+    return r, outcomes
+
+
+def capacity(deployment: Deployment, image: bytes) -> float:
+    n = len(deployment.servers)
+    outcomes, wall = asyncio.run(closed_loop(deployment.bases[0], image, {"model": MODEL},
+                                             concurrency=4 * n, count=24 * n))
+    return sum(1 for o in outcomes if o.status == 200) / wall
+
+
+def replay_unshed(deployment: Deployment, image: bytes, rate: float, mult: float,
+                  budgets: list[float], routed_outcomes: list[Outcome], args) -> str:
+    """The same arrivals with D0 pinned and no budget sent (nothing shed)."""
+    def pinned(rng):
+        return {"model": MODEL}, rng.choice(budgets)
+
+    r, plain = measure_row(deployment, image, rate, mult, budgets, args, pinned)
+    pairs = list(zip(routed_outcomes, plain, strict=False))
+    shed = [p for r_, p in pairs if r_.status == 503]
+    made = sum(1 for p in shed if p.status == 200 and p.latency_ms <= p.budget_ms)
+    return (f"  replayed with shedding off: in-SLO {r['in_slo']:.1%}; of the {len(shed)} "
+            f"requests shed, {made} would have made their budget")
+
+
+def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: list[float],
+             work: Path, args) -> None:
+    victim = servers[0]
+    deployment = Deployment(servers, 1, work / "kill")
+    events: dict[str, float] = {}
+
+    def killer(start: float) -> None:
+        time.sleep(args.max_seconds / 2)
+        victim.process.send_signal(signal.SIGKILL)
+        events["killed"] = time.perf_counter() - start
+        victim.start()
+        victim.wait_ready(180)
+        events["ready"] = time.perf_counter() - start
+        count = served(victim)
+        while time.perf_counter() - start < args.max_seconds + 30:
+            if served(victim) > count:
+                events["traffic"] = time.perf_counter() - start
+                return
+            time.sleep(0.05)
+
+    def routed(rng):
+        b = rng.choice(budgets)
+        return {"sla_ms": str(round(b))}, b
+
+    try:
+        start = time.perf_counter()
+        thread = threading.Thread(target=killer, args=(start,), daemon=True)
+        thread.start()
+        outcomes, wall = asyncio.run(open_loop(deployment.bases, image, rate, args.requests * 2,
+                                               args.max_seconds, routed, seed=7))
+        thread.join(timeout=60)
+    finally:
+        deployment.stop()
+    statuses = Counter(f"{o.status} {o.code or ''}".strip() for o in outcomes)
+    print(f"\n== one tritonserver SIGKILLed at {events.get('killed', float('nan')):.1f} s of "
+          f"{wall:.1f} s, restarted (ready at {events.get('ready', float('nan')):.1f} s) ==")
+    print(f"  {len(outcomes)} requests at {rate:.1f} req/s: "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
+    lost = sum(1 for o in outcomes if o.status == 599)
+    print(f"  unanswered: {lost}; traffic back on the restarted server "
+          f"{events.get('traffic', float('nan')) - events.get('ready', float('nan')):.2f} s "
+          "after it was ready")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loads", default="0.8,1.0,2.0", help="multiples of measured capacity")
+    p.add_argument("--requests", type=int, default=120, help="max requests per row")
+    p.add_argument("--max-seconds", type=float, default=15.0, help="max arrival span per row")
+    p.add_argument("--home", type=Path, default=default_home())
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tierdet-scale-out-"))
+    (built,) = ensure_built([MODEL], WeightsSource.parse("random:0"), args.home)
+    repository = assemble([built], args.home / "scale-out", "cpu-local", intra_op_threads=1)
+    servers = [start_server(repository, work / name) for name in ("a", "b")]
+    image = photo_720p()
+    try:
+        probe = Deployment(servers[:1], 1, work / "probe")
+        try:
+            s_ms = service_ms(probe.bases[0], image)
+            caps = {1: capacity(probe, image)}
+        finally:
+            probe.stop()
+        pair = Deployment(servers, 1, work / "probe2")
+        try:
+            caps[2] = capacity(pair, image)
+        finally:
+            pair.stop()
+        budgets = [4 * s_ms, 10 * s_ms]
+        print(f"D0 service time (gateway's infer_ms, median): {s_ms:.1f} ms; budgets "
+              f"{budgets[0]:.0f} / {budgets[1]:.0f} ms (4x / 10x), equal shares")
+        print(f"capacity (closed loop): 1 triton {caps[1]:.1f} img/s, "
+              f"2 tritons {caps[2]:.1f} img/s")
+        rows, notes = [], []
+        for gateways, n_servers, shared in ((1, 1, True), (2, 1, True), (2, 1, False),
+                                            (1, 2, True), (2, 2, True)):
+            deployment = Deployment(servers[:n_servers], gateways, work / f"{gateways}x{n_servers}",
+                                    shared)
+            try:
+                for mult in (float(x) for x in args.loads.split(",")):
+                    rate = mult * caps[n_servers]
+                    r, outcomes = measure_row(deployment, image, rate, mult, budgets, args)
+                    rows.append(r)
+                    if mult == 0.8 and shared and r["shed"] > 0:
+                        notes.append(f"{deployment.name} at 0.8x:" + replay_unshed(
+                            deployment, image, rate, mult, budgets, outcomes, args)[1:])
+            finally:
+                deployment.stop()
+        print()
+        print_rows(rows)
+        for note in notes:
+            print("  " + note)
+        kill_run(servers, image, 0.8 * caps[2], budgets, work, args)
+    finally:
+        for server in servers:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""How ``TIERDET_TRITON_URL`` names the Triton endpoints, and how Triton's queue is read."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from tierdet.serving.pool import Target, parse_targets
+from tierdet.serving.settings import Settings
+from tierdet.serving.triton import pending_counts
+
+
+def test_a_list_of_endpoints_with_their_metrics_ports():
+    fixed, names = parse_targets("10.0.0.1:8001, 10.0.0.2:9001?metrics=9002", 8002)
+    assert fixed == [Target("10.0.0.1:8001", "http://10.0.0.1:8002/metrics"),
+                     Target("10.0.0.2:9001", "http://10.0.0.2:9002/metrics")]
+    assert names == []
+
+
+def test_a_name_to_resolve_and_a_port_of_zero_reads_no_metrics():
+    fixed, names = parse_targets("dns:///triton-headless.default.svc:8001,[::1]:8001", 0)
+    assert names == [("triton-headless.default.svc", 8001)]
+    assert fixed == [Target("[::1]:8001", None)]
+
+
+@pytest.mark.parametrize("bad", ["", "triton", "triton:port", ":8001", "dns:///triton"])
+def test_a_malformed_endpoint_stops_the_gateway_at_start(bad):
+    with pytest.raises(ValidationError, match="triton_url"):
+        Settings(triton_url=bad)
+
+
+def test_pending_counts_sum_over_versions_and_skip_other_series():
+    text = "\n".join([
+        "# HELP nv_inference_pending_request_count Instantaneous number of pending requests",
+        "# TYPE nv_inference_pending_request_count gauge",
+        'nv_inference_pending_request_count{model="efficientdet-d0",version="1"} 3',
+        'nv_inference_pending_request_count{model="efficientdet-d0",version="2"} 1',
+        'nv_inference_pending_request_count{model="damoyolo-ns",version="1"} 0',
+        'nv_inference_count{model="efficientdet-d0",version="1"} 40',
+    ])
+    assert pending_counts(text) == {"efficientdet-d0": 4, "damoyolo-ns": 0}

@@ -1,0 +1,225 @@
+"""Many Triton servers behind one gateway, and one Triton shared by many clients,
+on the real stack: two tritonserver processes serving EfficientDet-D0 on
+loopback, gateways pointed at both.
+
+What is pinned down: requests spread over the endpoints; Triton's own queue
+(every client's work) steers the router; an endpoint killed under load costs
+no request and rejoins by itself; endpoints found by re-resolving a name join
+and leave the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import time
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import TEST_MODEL, encode, photos
+from tierdet.build.models import assemble
+from tierdet.devstack.stack import GatewayProcess, free_port
+from tierdet.devstack.triton import LocalTriton
+from tierdet.serving.pool import EndpointPool, Target
+from tierdet.serving.triton import TritonClient, pending_counts
+
+JPEG = encode(photos()["astronaut"])
+
+
+def _start(repository, work) -> LocalTriton:
+    work.mkdir(parents=True, exist_ok=True)
+    server = LocalTriton(repository, work, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), models=[TEST_MODEL],
+                         log_path=work / "triton.log")
+    server.start()
+    server.wait_ready(120)
+    return server
+
+
+@pytest.fixture(scope="module")
+def pair(home, built_d0, tmp_path_factory):
+    """Two tritonservers, one intra-op thread each (two "devices" on two cores)."""
+    repository = assemble([built_d0], home / "pool-repo", "cpu-local", intra_op_threads=1)
+    work = tmp_path_factory.mktemp("pool")
+    servers = [_start(repository, work / name) for name in ("a", "b")]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def pooled(pair, tmp_path_factory):
+    """One gateway with both servers in its pool."""
+    log = tmp_path_factory.mktemp("pooled") / "gateway.log"
+    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), log)
+    yield gw
+    gw.stop()
+
+
+def _served(server: LocalTriton) -> int:
+    """Requests this Triton has answered (its own count)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        text = resp.read().decode()
+    prefix = f'nv_inference_request_success{{model="{TEST_MODEL}"'
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
+def _detect(gateway: GatewayProcess, timeout: float = 30.0, **fields) -> httpx.Response:
+    return httpx.post(gateway.http + "/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                      data={"model": TEST_MODEL, **{k: str(v) for k, v in fields.items()}},
+                      timeout=timeout)
+
+
+def _flood(server: LocalTriton, n: int) -> concurrent.futures.Future:
+    """Another client (a second gateway) queueing ``n`` requests straight at Triton."""
+    def run() -> None:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        tensor = grpcclient.InferInput("images", [1, 512, 512, 3], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, 512, 512, 3), np.uint8))
+        done = concurrent.futures.ThreadPoolExecutor(n)
+        list(done.map(lambda _: client.infer(TEST_MODEL, [tensor]), range(n)))
+        done.shutdown()
+        client.close()
+
+    return concurrent.futures.ThreadPoolExecutor(1).submit(run)
+
+
+def test_the_pool_reports_every_endpoint(pooled, pair):
+    metrics = httpx.get(pooled.http + "/metrics").text
+    for server in pair:
+        assert f'tierdet_triton_endpoint_up{{endpoint="{server.grpc_url}"}} 1.0' in metrics
+    models = httpx.get(pooled.http + "/v1/models").json()["models"]
+    assert [m["ready"] for m in models if m["name"] == TEST_MODEL] == [True]
+
+
+def test_sequential_requests_alternate_between_idle_endpoints(pooled, pair):
+    before = [_served(s) for s in pair]
+    for _ in range(10):
+        assert _detect(pooled).status_code == 200
+    spread = [_served(s) - b for s, b in zip(pair, before, strict=True)]
+    assert sum(spread) == 10
+    assert spread == [5, 5], spread
+
+
+def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
+    """The router sees work it did not send: with a queue at one endpoint (a
+    second gateway's, here sent straight to Triton) it sends to the other."""
+    busy, idle = pair
+    flood = _flood(busy, 32)  # seconds of work: it outlasts the three requests below
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _pending(busy):
+            time.sleep(0.02)
+        assert _pending(busy), "the flood never queued at Triton"
+        time.sleep(0.3)  # a few of the gateway's queue polls (every 100 ms)
+        before = [_served(busy), _served(idle)]
+        for _ in range(3):
+            assert _detect(pooled).status_code == 200
+        assert _served(idle) - before[1] == 3
+    finally:
+        flood.result(timeout=120)
+
+
+def _pending(server: LocalTriton) -> int:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return pending_counts(resp.read().decode()).get(TEST_MODEL, 0)
+
+
+def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_path):
+    """Two gateways on one device: what the other has queued counts. A tight
+    budget behind a long queue is a 503 now, not a 504 after the budget."""
+    one = pair[0]
+    gw = GatewayProcess.start(one.endpoint, tmp_path / "gateway.log")
+    try:
+        for _ in range(3):  # the router learns D0's service time here
+            assert _detect(gw).status_code == 200
+        service_ms = next(m for m in httpx.get(gw.http + "/v1/models").json()["models"]
+                          if m["name"] == TEST_MODEL)["latency_ms"]
+        flood = _flood(one, 10)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _pending(one) < 5:
+                time.sleep(0.02)
+            time.sleep(0.3)
+            queued = _pending(one)
+            assert queued >= 3, queued
+            budget = 3 * service_ms  # an idle device makes it; 3+ queued ahead do not
+            started = time.perf_counter()
+            r = _detect(gw, sla_ms=round(budget))
+            took_ms = (time.perf_counter() - started) * 1e3
+        finally:
+            flood.result(timeout=120)
+        assert r.status_code == 503, (r.status_code, r.text, queued, service_ms)
+        assert r.json()["error"]["code"] == "sla_unattainable"
+        assert took_ms < budget, took_ms
+    finally:
+        gw.stop()
+
+
+def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_path):
+    victim = pair[0]
+    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), tmp_path / "gateway.log")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(_detect, gw) for _ in range(4)]
+            time.sleep(0.3)  # some are in flight at the victim
+            victim.process.send_signal(signal.SIGKILL)
+            futures += [pool.submit(_detect, gw) for _ in range(8)]
+            answers = [f.result(timeout=60) for f in futures]
+        statuses = [r.status_code for r in answers]
+        assert all(s == 200 for s in statuses), [(r.status_code, r.text) for r in answers]
+        victim.start()
+        victim.wait_ready(120)
+        restarted = time.monotonic()
+        came_back = None
+        while time.monotonic() - restarted < 10 and came_back is None:
+            before = _served(victim)
+            assert _detect(gw).status_code == 200
+            if _served(victim) > before:
+                came_back = time.monotonic() - restarted
+        assert came_back is not None and came_back < 5.0, came_back
+    finally:
+        gw.stop()
+        if not victim.alive():
+            victim.start()
+            victim.wait_ready(120)
+
+
+def test_endpoints_join_and_leave_as_a_name_resolves(pair):
+    """A headless Service's name: each re-resolution may add or drop pods."""
+    addresses = {"127.0.0.1": pair[0], "127.0.0.2": pair[1]}
+    answer = ["127.0.0.1"]
+
+    def resolver(name: str, port: int) -> list[str]:
+        assert name == "triton-headless"
+        return list(answer)
+
+    def connect(target: Target) -> TritonClient:
+        host = target.url.rsplit(":", 1)[0]
+        return TritonClient(addresses[host].grpc_url, shared_memory=False)
+
+    async def scenario() -> list[dict[str, list[str]]]:
+        pool = EndpointPool(connect, names=[("triton-headless", 8001)], resolve_s=0.01,
+                            resolver=resolver)
+        seen = []
+        try:
+            for hosts in (["127.0.0.1"], ["127.0.0.1", "127.0.0.2"], ["127.0.0.2"]):
+                answer[:] = hosts
+                await asyncio.sleep(0.02)
+                await pool.refresh()
+                seen.append(pool.placement())
+        finally:
+            await pool.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen == [{TEST_MODEL: ["127.0.0.1:8001"]},
+                    {TEST_MODEL: ["127.0.0.1:8001", "127.0.0.2:8001"]},
+                    {TEST_MODEL: ["127.0.0.2:8001"]}]
