@@ -69,11 +69,11 @@ def photo_jpeg() -> bytes:
 
 
 async def post(client: httpx.AsyncClient, image: bytes, fields: dict[str, str],
-               budget_ms: float) -> Outcome:
+               budget_ms: float, query: dict[str, str] | None = None) -> Outcome:
     start = time.perf_counter()
     try:
         r = await client.post("/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
-                              data=fields)
+                              data=fields, params=query)
         status = r.status_code
         try:
             body = r.json()
@@ -92,7 +92,8 @@ async def open_loop(base: str | list[str], image: bytes, rate: float, count: int
                     make_fields, seed: int) -> tuple[list[Outcome], float]:
     """Poisson arrivals at ``rate``/s, at most ``count`` requests or ``max_s`` seconds;
     several gateways (``base`` a list) take the arrivals in turn. Outcomes in
-    arrival order: the same seed replays the same arrivals."""
+    arrival order: the same seed replays the same arrivals. ``make_fields(rng)``
+    gives (form fields, budget) or (form fields, budget, query parameters)."""
     rng = random.Random(seed)
     bases = [base] if isinstance(base, str) else list(base)
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
@@ -108,9 +109,9 @@ async def open_loop(base: str | list[str], image: bytes, rate: float, count: int
             delay = start + next_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            fields, budget = make_fields(rng)
+            fields, budget, *query = make_fields(rng)
             client = clients[i % len(clients)]
-            tasks.append(asyncio.create_task(post(client, image, fields, budget)))
+            tasks.append(asyncio.create_task(post(client, image, fields, budget, *query)))
         outcomes = await asyncio.gather(*tasks)
         return outcomes, time.perf_counter() - start
     finally:

@@ -82,6 +82,7 @@ class Deployment:
     def __init__(self, servers: list[LocalTriton], gateways: int, work: Path,
                  shared_view: bool = True) -> None:
         self.servers = servers
+        work.mkdir(parents=True, exist_ok=True)
         urls = [s.endpoint if shared_view else s.grpc_url for s in servers]
         extra = {} if shared_view else {"triton_metrics_port": "0"}
         self.gateways = [GatewayProcess.start(",".join(urls), work / f"gateway-{i}.log",
@@ -141,9 +142,9 @@ def print_rows(rows: list[dict]) -> None:
 
 def measure_row(deployment: Deployment, image: bytes, rate: float, mult: float,
                 budgets: list[float], args, fields_of=None) -> tuple[dict, list[Outcome]]:
-    def routed(rng):
+    def routed(rng):  # the budget in the query string: a refusal needs no body read
         b = rng.choice(budgets)
-        return {"sla_ms": str(round(b))}, b
+        return {}, b, {"sla_ms": str(round(b))}
 
     before = [served(s) for s in deployment.servers]
     outcomes, wall = asyncio.run(open_loop(deployment.bases, image, rate, args.requests,
@@ -186,6 +187,7 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
     def killer(start: float) -> None:
         time.sleep(args.max_seconds / 2)
         victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait()
         events["killed"] = time.perf_counter() - start
         victim.start()
         victim.wait_ready(180)
@@ -197,9 +199,9 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
                 return
             time.sleep(0.05)
 
-    def routed(rng):
+    def routed(rng):  # the budget in the query string: a refusal needs no body read
         b = rng.choice(budgets)
-        return {"sla_ms": str(round(b))}, b
+        return {}, b, {"sla_ms": str(round(b))}
 
     try:
         start = time.perf_counter()

@@ -132,6 +132,19 @@ def test_still_serving_after_bad_input(client):
                        ).status_code == 200
 
 
+def test_a_budget_in_the_query_is_refused_before_the_body_is_read(client):
+    """The body is garbage (it would be a 400): the 503 shows it was never parsed.
+    The connection then serves the next request."""
+    for _ in range(3):
+        r = client.post("/v1/detect", params={"sla_ms": "1"}, content=b"\xff" * 2_000_000,
+                        headers={"content-type": "image/jpeg"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "sla_unattainable"
+        assert int(r.headers["retry-after"]) >= 1
+    assert client.post("/v1/detect", params={"sla_ms": "10000"},
+                       files={"image": ("a.jpg", JPEG, "image/jpeg")}).status_code == 200
+
+
 def test_unknown_route_is_json_404(client):
     r = client.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

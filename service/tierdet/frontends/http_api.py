@@ -22,6 +22,7 @@ from tierdet.frontends.errors import http_response, invalid_option
 from tierdet.frontends.http_requests import (
     DetectBatchJsonRequest,
     DetectJsonRequest,
+    merged_options,
     parse_batch_request,
     parse_detect_request,
     request_body_doc,
@@ -43,6 +44,8 @@ PAGE_HEADERS = {
 }
 # Query parameters of /v1/detect that are not detect options.
 _NOT_OPTIONS = frozenset({"render"})
+# Options that set a request's budget: in the query string, a refusal needs no body.
+_BUDGET_FIELDS = frozenset({"sla_ms", "tier", "model"})
 
 _ERROR_STATUSES = (400, 401, 403, 413, 415, 422, 429, 502, 503, 504)
 _ERRORS: dict[int | str, dict[str, object]] = {s: {"model": ErrorReply}
@@ -119,6 +122,8 @@ def create_app(detector: Detector) -> FastAPI:
     ) -> DetectResult | Response:
         caller = _admit(request)
         query = {k: v for k, v in request.query_params.items() if k not in _NOT_OPTIONS}
+        if _BUDGET_FIELDS & query.keys():  # the budget is known: refuse before reading
+            detector.refuse_early(caller, merged_options(query, {}))
         data, options = await parse_detect_request(request, query)
         result = await detector.detect(caller, data, options)
         if render_image:

@@ -171,6 +171,8 @@ class LatencyModel:
     decay_s: float = 60.0
     loads: dict[str, _ModelLoad] = field(default_factory=dict)
     flight: set[Ticket] = field(default_factory=set)  # admitted, not finished
+    # endpoint -> time.monotonic() its device finishes the work in flight there
+    busy_until: dict[str, float] = field(default_factory=dict)
     # endpoint -> (time.monotonic() it was asked, requests queued at Triton per model)
     queues: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -215,13 +217,23 @@ class LatencyModel:
             return None
         return report
 
+    def own_ms(self, endpoint: str = LOCAL, now: float | None = None) -> float:
+        """This gateway's work left on ``endpoint``'s device: a clock that each
+        admission moves on by the request's cost and each completion resets to
+        the cost of what is still in flight; in between it runs down, so a
+        request half done counts half (FIFO: work ahead only shrinks)."""
+        if not any(t.endpoint == endpoint for t in list(self.flight)):
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.busy_until.get(endpoint, now) - now) * 1e3
+
     def backlog_ms(self, endpoint: str = LOCAL) -> float:
         """Work queued or running on ``endpoint``'s device: this gateway's own, or
         what Triton reported queued (all gateways') plus what this gateway sent
         since, whichever is more. Triton's count leaves out the batch it is
         running, so one's own work is a floor."""
         mine = [t for t in list(self.flight) if t.endpoint == endpoint]
-        own = sum(self.cost_ms(t.model) for t in mine)
+        own = self.own_ms(endpoint)
         report = self._report(endpoint)
         if report is None:
             return own
@@ -247,8 +259,11 @@ class LatencyModel:
     def admit(self, model: str, endpoint: str = LOCAL) -> Ticket:
         """Count a request as in flight at ``endpoint``."""
         with self._lock:
+            now = time.monotonic()
             ticket = Ticket(model, self.predict_ms(model, endpoint), self._idle(endpoint),
-                            self._ratio(self._load(model)), endpoint, time.monotonic())
+                            self._ratio(self._load(model)), endpoint, now)
+            start = now + self.own_ms(endpoint, now) / 1e3
+            self.busy_until[endpoint] = start + self.cost_ms(model) / 1e3
             self.flight.add(ticket)
             return ticket
 
@@ -256,6 +271,8 @@ class LatencyModel:
         """Release an admitted request; learn from its latency if it completed."""
         with self._lock:
             self.flight.discard(ticket)
+            left = sum(self.cost_ms(t.model) for t in self.flight if t.endpoint == ticket.endpoint)
+            self.busy_until[ticket.endpoint] = time.monotonic() + left / 1e3
             load = self._load(ticket.model)
             if observed_ms is None or ticket.predicted_ms <= 0:
                 return

@@ -142,6 +142,21 @@ class Detector:
 
     # -- detect ----------------------------------------------------------
 
+    def refuse_early(self, caller: Caller, options: DetectOptions) -> None:
+        """Shed before the request's body is even read, where the options known so
+        far (HTTP: the query string's budget, tier or model) already say that not
+        even the fastest model could answer in time. Options the body adds can only
+        narrow the choice, so a request this lets through may still be shed later."""
+        try:
+            self.keys.authorize(caller.key, options.tier, options.model)
+            request, candidates = self._request(caller, options)
+            self.router.precheck(request, _ms_since(caller.received),
+                                 self.catalog.placement(candidates))
+        except ApiError as exc:
+            self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
+            raise
+
+
     async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
         start = caller.received
         tier, model = options.tier, options.model or "none"
