@@ -1,8 +1,13 @@
 """Scale-out benchmark (issue 13): several gateways, several Triton servers. Loopback only.
 
-Two local tritonservers serve EfficientDet-D0 (random weights; one ONNX Runtime
-thread each, so each is one "device" of this machine's cores); one or two
-gateways (`tierdet serve`) take open-loop Poisson arrivals of a real 1280x720
+Two local tritonservers serve EfficientDet-D0's name and config, each one
+device: by default an emulated accelerator (``--device emulated``: each batch
+takes a fixed wall time and no CPU, see benchmarks/instant/model.py, so two
+servers are two independent devices and the cores are left to the gateways),
+or the real D0 graph (``--device d0``: random weights, one ONNX Runtime thread
+per server, all sharing this machine's cores with the gateways). The gateways
+get a latency profile measured at the start (as `tierdet profile` makes). One or
+two gateways (`tierdet serve`) take open-loop Poisson arrivals of a real 1280x720
 photograph in turn. Budgets are 4x and 10x D0's service time as the gateway
 measured it (equal shares). Per deployment and load (multiples of the capacity
 measured for that many servers): in-SLO (all requests), admitted answered in
@@ -19,13 +24,16 @@ Also, in the same run:
 
 Bounded: at most --requests per row and --max-seconds of arrivals. Example:
 
-    python benchmarks/scale_out.py
+    python benchmarks/scale_out.py                       # emulated devices (80 + 20 ms/image)
+    python benchmarks/scale_out.py --device d0           # D0 on this machine's cores
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
 import signal
 import statistics
 import sys
@@ -41,10 +49,12 @@ import httpx
 from load import Outcome, closed_loop, open_loop, pct
 from tierdet.build.models import assemble, default_home, ensure_built
 from tierdet.build.weights import WeightsSource
+from tierdet.devstack.profiling import measure
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 
 MODEL = "efficientdet-d0"
+HERE = Path(__file__).resolve().parent
 
 
 def photo_720p() -> bytes:
@@ -80,11 +90,13 @@ class Deployment:
     """``gateways`` gateway processes, each with ``servers`` in its pool."""
 
     def __init__(self, servers: list[LocalTriton], gateways: int, work: Path,
-                 shared_view: bool = True) -> None:
+                 profile: Path, shared_view: bool = True) -> None:
         self.servers = servers
         work.mkdir(parents=True, exist_ok=True)
         urls = [s.endpoint if shared_view else s.grpc_url for s in servers]
-        extra = {} if shared_view else {"triton_metrics_port": "0"}
+        extra = {"profile_file": str(profile)}
+        if not shared_view:
+            extra["triton_metrics_port"] = "0"
         self.gateways = [GatewayProcess.start(",".join(urls), work / f"gateway-{i}.log",
                                               models=MODEL, **extra)
                          for i in range(gateways)]
@@ -179,9 +191,9 @@ def replay_unshed(deployment: Deployment, image: bytes, rate: float, mult: float
 
 
 def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: list[float],
-             work: Path, args) -> None:
+             work: Path, profile: Path, args) -> None:
     victim = servers[0]
-    deployment = Deployment(servers, 1, work / "kill")
+    deployment = Deployment(servers, 1, work / "kill", profile)
     events: dict[str, float] = {}
 
     def killer(start: float) -> None:
@@ -223,26 +235,45 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
           "after it was ready")
 
 
+def repository_for(device: str, device_ms: str, home: Path, work: Path) -> Path:
+    (built,) = ensure_built([MODEL], WeightsSource.parse("random:0"), home)
+    if device == "d0":
+        return assemble([built], home / "scale-out", "cpu-local", intra_op_threads=1)
+    repository = assemble([built], work / "home", "cpu-local", intra_op_threads=1)
+    version = repository / MODEL / "1"
+    shutil.copy(HERE / "instant" / "model.py", version / "model.py")
+    base, per_image = (float(x) for x in device_ms.split(","))
+    (version / "device.json").write_text(json.dumps({"base_ms": base, "per_image_ms": per_image}))
+    return repository
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("emulated", "d0"), default="emulated")
+    p.add_argument("--device-ms", default="80,20",
+                   help="emulated device: ms per batch, plus ms per image in it")
     p.add_argument("--loads", default="0.8,1.0,2.0", help="multiples of measured capacity")
     p.add_argument("--requests", type=int, default=120, help="max requests per row")
     p.add_argument("--max-seconds", type=float, default=15.0, help="max arrival span per row")
     p.add_argument("--home", type=Path, default=default_home())
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tierdet-scale-out-"))
-    (built,) = ensure_built([MODEL], WeightsSource.parse("random:0"), args.home)
-    repository = assemble([built], args.home / "scale-out", "cpu-local", intra_op_threads=1)
+    repository = repository_for(args.device, args.device_ms, args.home, work)
     servers = [start_server(repository, work / name) for name in ("a", "b")]
     image = photo_720p()
     try:
-        probe = Deployment(servers[:1], 1, work / "probe")
+        profile = work / "profile.json"
+        asyncio.run(measure(servers[0].grpc_url, {MODEL: 512}, batches=(1, 2, 4, 8),
+                            runs=5)).save(profile)
+        print(f"device: {args.device}" + (f" ({args.device_ms} ms)" if args.device == "emulated"
+                                          else ""))
+        probe = Deployment(servers[:1], 1, work / "probe", profile)
         try:
             s_ms = service_ms(probe.bases[0], image)
             caps = {1: capacity(probe, image)}
         finally:
             probe.stop()
-        pair = Deployment(servers, 1, work / "probe2")
+        pair = Deployment(servers, 1, work / "probe2", profile)
         try:
             caps[2] = capacity(pair, image)
         finally:
@@ -255,8 +286,8 @@ def main() -> int:
         rows, notes = [], []
         for gateways, n_servers, shared in ((1, 1, True), (2, 1, True), (2, 1, False),
                                             (1, 2, True), (2, 2, True)):
-            deployment = Deployment(servers[:n_servers], gateways, work / f"{gateways}x{n_servers}",
-                                    shared)
+            deployment = Deployment(servers[:n_servers], gateways,
+                                    work / f"{gateways}x{n_servers}", profile, shared)
             try:
                 for mult in (float(x) for x in args.loads.split(",")):
                     rate = mult * caps[n_servers]
@@ -271,7 +302,7 @@ def main() -> int:
         print_rows(rows)
         for note in notes:
             print("  " + note)
-        kill_run(servers, image, 0.8 * caps[2], budgets, work, args)
+        kill_run(servers, image, 0.8 * caps[2], budgets, work, profile, args)
     finally:
         for server in servers:
             server.stop()

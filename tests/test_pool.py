@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from tierdet.serving.pool import Target, parse_targets
 from tierdet.serving.settings import Settings
-from tierdet.serving.triton import pending_counts
+from tierdet.serving.triton import queue_report
 
 
 def test_a_list_of_endpoints_with_their_metrics_ports():
@@ -28,13 +28,18 @@ def test_a_malformed_endpoint_stops_the_gateway_at_start(bad):
         Settings(triton_url=bad)
 
 
-def test_pending_counts_sum_over_versions_and_skip_other_series():
+def test_the_queue_report_sums_over_versions_and_failure_reasons():
     text = "\n".join([
         "# HELP nv_inference_pending_request_count Instantaneous number of pending requests",
         "# TYPE nv_inference_pending_request_count gauge",
         'nv_inference_pending_request_count{model="efficientdet-d0",version="1"} 3',
         'nv_inference_pending_request_count{model="efficientdet-d0",version="2"} 1',
         'nv_inference_pending_request_count{model="damoyolo-ns",version="1"} 0',
+        'nv_inference_request_success{model="efficientdet-d0",version="1"} 40',
+        'nv_inference_request_failure{model="efficientdet-d0",reason="REJECTED",version="1"} 2',
+        'nv_inference_request_failure{model="efficientdet-d0",reason="OTHER",version="1"} 1',
         'nv_inference_count{model="efficientdet-d0",version="1"} 40',
     ])
-    assert pending_counts(text) == {"efficientdet-d0": 4, "damoyolo-ns": 0}
+    report = queue_report(text)
+    assert report.pending == {"efficientdet-d0": 4, "damoyolo-ns": 0}
+    assert report.arrived == {"efficientdet-d0": 47, "damoyolo-ns": 0}

@@ -8,6 +8,7 @@ import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import SPECS
+from tierdet.serving.backend import QueueReport
 from tierdet.serving.routing import LatencyModel, Router, RouteRequest, Tier, TierConfig
 
 BASE = SPECS["efficientdet-d0"]
@@ -298,7 +299,8 @@ def test_idle_endpoints_take_turns():
 def test_tritons_queue_counts_work_other_gateways_sent():
     """Nothing of ours is in flight at a, but its Triton reports 3 ``slow`` queued."""
     r = router()
-    r.latency.observe_queues({"a": (time.monotonic(), {"slow": 3}), "b": (time.monotonic(), {})})
+    r.latency.observe_queues({"a": (time.monotonic(), QueueReport({"slow": 3}, {"slow": 3})),
+                              "b": (time.monotonic(), QueueReport({}, {}))})
     assert r.latency.backlog_ms("a") == pytest.approx(3 * 110.0)
     assert r.decide(RouteRequest(sla_ms=200), 3.0, TWO).endpoint == "b"
     only_a = {m: ["a"] for m in ZOO}
@@ -308,14 +310,14 @@ def test_tritons_queue_counts_work_other_gateways_sent():
 
 def test_own_work_sent_after_tritons_report_is_added_to_it():
     r = router()
-    r.latency.observe_queues({"a": (time.monotonic(), {"mid": 1})})
+    r.latency.observe_queues({"a": (time.monotonic(), QueueReport({"mid": 1}, {"mid": 1}))})
     r.latency.admit("mid", "a")  # after the report: not in Triton's count yet
     assert r.latency.backlog_ms("a") == pytest.approx(2 * 50.0, abs=1.0)
 
 
 def test_a_stale_queue_report_is_not_used():
     r = router()
-    r.latency.observe_queues({"a": (time.monotonic() - 5.0, {"slow": 9})})
+    r.latency.observe_queues({"a": (time.monotonic() - 5.0, QueueReport({"slow": 9}, {}))})
     assert r.latency.backlog_ms("a") == 0
 
 
@@ -326,3 +328,17 @@ def test_a_failed_call_goes_to_another_endpoint_only_while_the_budget_allows():
     assert retry is not None and retry.endpoint != d.endpoint and retry.model == d.model
     assert r.reroute(d, elapsed_ms=290.0, ready=TWO, tried=[d.endpoint]) is None
     assert r.reroute(d, elapsed_ms=20.0, ready=TWO, tried=["a", "b"]) is None
+
+
+def test_other_clients_work_since_the_report_is_counted_at_their_rate():
+    """Triton took in 10 ``mid`` in 0.1 s, 4 of them ours: 6 x 50 ms of others'
+    work per 0.1 s. Half a poll later, half of that rate's work is added."""
+    r = router()
+    t0 = time.monotonic() - 0.15
+    r.latency.observe_queues({"a": (t0, QueueReport({}, {"mid": 0}))})
+    for _ in range(4):
+        r.latency.finish(r.latency.admit("mid", "a"), observed_ms=50.0)
+    t1 = t0 + 0.1
+    r.latency.observe_queues({"a": (t1, QueueReport({}, {"mid": 10}))})
+    assert r.latency.others_rate["a"] == pytest.approx(6 * 50.0 / 0.1)
+    assert r.latency.backlog_ms("a") == pytest.approx(3000.0 * (time.monotonic() - t1), rel=0.1)

@@ -25,7 +25,7 @@ from tierdet.build.models import assemble
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 from tierdet.serving.pool import EndpointPool, Target
-from tierdet.serving.triton import TritonClient, pending_counts
+from tierdet.serving.triton import TritonClient, queue_report
 
 JPEG = encode(photos()["astronaut"])
 
@@ -129,7 +129,7 @@ def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
 def _pending(server: LocalTriton) -> int:
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=2) as resp:
-        return pending_counts(resp.read().decode()).get(TEST_MODEL, 0)
+        return queue_report(resp.read().decode()).pending.get(TEST_MODEL, 0)
 
 
 def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_path):

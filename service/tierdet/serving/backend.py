@@ -9,9 +9,18 @@ tritonserver. Every failure is an ``ApiError`` with a stable code.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    """One server's queue as it reports it, per model, from every client."""
+
+    pending: dict[str, int]  # requests waiting in its scheduler now
+    arrived: dict[str, int]  # requests taken in since it started (answered, failed, waiting)
 
 
 class Backend(Protocol):
@@ -37,8 +46,8 @@ class Backend(Protocol):
         """Cumulative executions per batch size."""
         ...
 
-    async def queued(self, metrics_url: str, timeout_s: float = 0.5) -> dict[str, int]:
-        """Requests waiting in the server's queue per model, from every client."""
+    async def queued(self, metrics_url: str, timeout_s: float = 0.5) -> QueueReport:
+        """The server's queue per model, every client's requests."""
         ...
 
     async def close(self) -> None: ...

@@ -10,7 +10,8 @@ same host.
 Per endpoint the pool keeps whether it answers, which models it has ready
 (Triton's repository index, re-read by the model watcher every second) and
 how many requests wait in its scheduler queue per model (Triton's
-``nv_inference_pending_request_count``, polled every ~100 ms). That queue is
+``nv_inference_pending_request_count``, and how many it has taken in, polled
+every ~50 ms). That queue is
 the device's truth, the same for every gateway that shares the device: the
 router adds it to its own in-flight work (``routing.LatencyModel``).
 
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from tierdet.serving.backend import Backend
+from tierdet.serving.backend import Backend, QueueReport
 
 log = logging.getLogger("tierdet")
 
@@ -59,8 +60,8 @@ class Endpoint:
     backend: Backend
     up: bool = False
     index: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> (state, reason)
-    pending: dict[str, int] = field(default_factory=dict)  # model -> queued at Triton
-    pending_at: float | None = None  # monotonic time the queue was asked for
+    report: QueueReport | None = None  # its queue, as Triton last reported it
+    report_at: float | None = None  # monotonic time that report was asked for
 
     @property
     def url(self) -> str:
@@ -182,7 +183,7 @@ class EndpointPool:
         endpoint = self.endpoints.get(url)
         if endpoint is not None and endpoint.up:
             endpoint.up = False
-            endpoint.pending = {}
+            endpoint.report = endpoint.report_at = None
             log.warning("triton endpoint %s is unreachable: out of the pool", url)
 
     def model_gone(self, url: str, model: str) -> None:
@@ -239,20 +240,21 @@ class EndpointPool:
                 return
             asked = time.monotonic()
             try:
-                endpoint.pending = await endpoint.backend.queued(
+                endpoint.report = await endpoint.backend.queued(
                     endpoint.target.metrics_url, timeout_s)
             except Exception:
-                endpoint.pending_at = None  # unknown: the router counts its own work only
+                endpoint.report_at = None  # unknown: the router counts its own work only
                 return
-            endpoint.pending_at = asked
+            endpoint.report_at = asked
 
         await asyncio.gather(*(one(e) for e in list(self.endpoints.values())))
 
-    def queues(self, max_age_s: float) -> Mapping[str, tuple[float, dict[str, int]]]:
-        """Endpoint -> (when asked, pending per model), for fresh reports only."""
+    def queues(self, max_age_s: float) -> Mapping[str, tuple[float, QueueReport]]:
+        """Endpoint -> (when asked, its queue report), for fresh reports only."""
         now = time.monotonic()
-        return {url: (e.pending_at, e.pending) for url, e in self.endpoints.items()
-                if e.up and e.pending_at is not None and now - e.pending_at <= max_age_s}
+        return {url: (e.report_at, e.report) for url, e in self.endpoints.items()
+                if e.up and e.report is not None and e.report_at is not None
+                and now - e.report_at <= max_age_s}
 
     async def close(self) -> None:
         for task in self._closing:

@@ -13,7 +13,8 @@ first. Each endpoint's device is treated as shared: on a CPU (and largely on
 one GPU) every model's requests compete for the same cores, so a long D1
 backlog slows a D0 answer too. A backlog is the larger of this gateway's
 own work in flight there and what Triton last reported queued (every
-gateway's work, ``observe_queues``) plus this gateway's work sent since.
+gateway's work, ``observe_queues``) plus the work sent there since: this
+gateway's, and the other gateways' at the rate Triton's counts show.
 Service times come from the measured profile, corrected online by the
 ratio of observed to predicted Triton latency (EWMA per model). When
 nothing fits the request is shed at once (or, where its tier allows, served
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile
+from tierdet.serving.backend import QueueReport
 
 # Prior for a model with no profile and no observation yet: slow enough that
 # it is only chosen when nothing measured fits.
@@ -175,6 +177,11 @@ class LatencyModel:
     busy_until: dict[str, float] = field(default_factory=dict)
     # endpoint -> (time.monotonic() it was asked, requests queued at Triton per model)
     queues: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
+    # endpoint -> device ms of work other clients send there per second (EWMA)
+    others_rate: dict[str, float] = field(default_factory=dict)
+    sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, model) -> ours
+    # endpoint -> (asked, Triton's arrived counts, our sent counts) at the last report
+    _last: dict[str, tuple[float, dict[str, int], dict[str, int]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _load(self, model: str) -> _ModelLoad:
@@ -240,15 +247,30 @@ class LatencyModel:
         asked, pending = report
         shared = sum(n * self.cost_ms(m) for m, n in pending.items() if n > 0)
         shared += sum(self.cost_ms(t.model) for t in mine if t.admitted_at > asked)
+        shared += self.others_rate.get(endpoint, 0.0) * max(0.0, time.monotonic() - asked)
         return max(own, shared)
 
     def predict_ms(self, model: str, endpoint: str = LOCAL) -> float:
         """Triton time for a request admitted now (queue + service)."""
         return self.backlog_ms(endpoint) + self.service_ms(model)
 
-    def observe_queues(self, queues: Mapping[str, tuple[float, dict[str, int]]]) -> None:
-        """What each endpoint's Triton reported queued (``EndpointPool.queues``)."""
-        self.queues = dict(queues)
+    def observe_queues(self, queues: Mapping[str, tuple[float, QueueReport]]) -> None:
+        """What each endpoint's Triton reported (``EndpointPool.queues``): its queue,
+        and from its arrival count less ours, the rate of other clients' work."""
+        with self._lock:
+            for url, (asked, report) in queues.items():
+                ours = {m: n for (e, m), n in self.sent.items() if e == url}
+                last = self._last.get(url)
+                if last is not None and asked > last[0]:
+                    work = sum(self.cost_ms(m) * max(0, (n - last[1].get(m, 0))
+                                                     - (ours.get(m, 0) - last[2].get(m, 0)))
+                               for m, n in report.arrived.items())
+                    rate = work / (asked - last[0])
+                    prev = self.others_rate.get(url)
+                    self.others_rate[url] = rate if prev is None else prev + 0.3 * (rate - prev)
+                self._last[url] = (asked, dict(report.arrived), ours)
+            self.queues = {url: (asked, dict(report.pending))
+                           for url, (asked, report) in queues.items()}
 
     def _idle(self, endpoint: str) -> bool:
         if any(t.endpoint == endpoint for t in list(self.flight)):
@@ -264,6 +286,7 @@ class LatencyModel:
                             self._ratio(self._load(model)), endpoint, now)
             start = now + self.own_ms(endpoint, now) / 1e3
             self.busy_until[endpoint] = start + self.cost_ms(model) / 1e3
+            self.sent[endpoint, model] = self.sent.get((endpoint, model), 0) + 1
             self.flight.add(ticket)
             return ticket
 

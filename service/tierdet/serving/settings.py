@@ -35,7 +35,7 @@ class Settings(BaseModel):
     triton_metrics_port: int = Field(8002, ge=0, le=65535, description=(
         "port of each Triton's metrics page, read for its queue (every gateway's work); "
         "0: route on this gateway's own work only"))
-    triton_queue_poll_ms: float = Field(100.0, ge=10.0, description=(
+    triton_queue_poll_ms: float = Field(50.0, ge=10.0, description=(
         "how often each Triton's queue is read"))
     triton_resolve_s: float = Field(5.0, gt=0, description=(
         "how often `dns:///` endpoints are re-resolved (pods joining and leaving)"))

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
+from tierdet.serving.backend import QueueReport
 from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
 # Keep-alive pings let a dead Triton be noticed on idle channels too; short
@@ -32,22 +33,30 @@ _CHANNEL_ARGS = [
 
 
 _PENDING = "nv_inference_pending_request_count{"
+_DONE = ("nv_inference_request_success{", "nv_inference_request_failure{")
 
 
-def pending_counts(metrics_text: str) -> dict[str, int]:
-    """Requests waiting in Triton's scheduler per model, from its /metrics page
-    (summed over versions)."""
-    out: dict[str, int] = {}
+def _by_model(line: str, prefix: str, out: dict[str, int]) -> None:
+    labels, _, value = line[len(prefix):].rpartition("} ")
+    for label in labels.split(","):
+        key, _, quoted = label.partition("=")
+        if key == "model":
+            name = quoted.strip('"')
+            out[name] = out.get(name, 0) + int(float(value))
+
+
+def queue_report(metrics_text: str) -> QueueReport:
+    """Triton's queue per model from its /metrics page (summed over versions and
+    failure reasons): requests waiting, and requests taken in so far."""
+    pending: dict[str, int] = {}
+    done: dict[str, int] = {}
     for line in metrics_text.splitlines():
-        if not line.startswith(_PENDING):
-            continue
-        labels, _, value = line[len(_PENDING):].rpartition("} ")
-        for label in labels.split(","):
-            key, _, quoted = label.partition("=")
-            if key == "model":
-                name = quoted.strip('"')
-                out[name] = out.get(name, 0) + int(float(value))
-    return out
+        if line.startswith(_PENDING):
+            _by_model(line, _PENDING, pending)
+        elif line.startswith(_DONE):
+            _by_model(line, line[:line.index("{") + 1], done)
+    arrived = {m: done.get(m, 0) + pending.get(m, 0) for m in done.keys() | pending.keys()}
+    return QueueReport(pending, arrived)
 
 
 def _unreachable(exc: InferenceServerException) -> bool:
@@ -88,13 +97,13 @@ class TritonClient:
             await self._http.aclose()
         await self._client.close()
 
-    async def queued(self, metrics_url: str, timeout_s: float = 0.5) -> dict[str, int]:
-        """Requests waiting in this Triton's queue per model (every client's)."""
+    async def queued(self, metrics_url: str, timeout_s: float = 0.5) -> QueueReport:
+        """This Triton's queue per model (every client's requests)."""
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=timeout_s)
         response = await self._http.get(metrics_url, timeout=timeout_s)
         response.raise_for_status()
-        return pending_counts(response.text)
+        return queue_report(response.text)
 
     async def _register(self, name: str, key: str, size: int) -> None:
         try:
