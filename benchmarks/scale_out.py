@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import cv2
 import httpx
+import numpy as np
 from load import Outcome, closed_loop, open_loop, pct
 from tierdet.build.models import assemble, default_home, ensure_built
 from tierdet.build.weights import WeightsSource
@@ -90,18 +93,23 @@ class Deployment:
     """``gateways`` gateway processes, each with ``servers`` in its pool."""
 
     def __init__(self, servers: list[LocalTriton], gateways: int, work: Path,
-                 profile: Path, shared_view: bool = True) -> None:
+                 profile: Path, variant: str = "") -> None:
+        """``variant``: "" (as shipped), "own work only" (no Triton queue read) or
+        "fixed margin" (no calibrated admission)."""
         self.servers = servers
         work.mkdir(parents=True, exist_ok=True)
+        shared_view = variant != "own work only"
         urls = [s.endpoint if shared_view else s.grpc_url for s in servers]
         extra = {"profile_file": str(profile)}
         if not shared_view:
             extra["triton_metrics_port"] = "0"
+        if variant == "fixed margin":
+            extra["route_calibrate_quantile"] = "0"
         self.gateways = [GatewayProcess.start(",".join(urls), work / f"gateway-{i}.log",
                                               models=MODEL, **extra)
                          for i in range(gateways)]
-        self.name = (f"{gateways} gw x {len(servers)} triton"
-                     + ("" if shared_view else " (own work only)"))
+        self.name = f"{gateways} gw x {len(servers)} triton" + (f" ({variant})" if variant
+                                                                  else "")
 
     @property
     def bases(self) -> list[str]:
@@ -124,15 +132,32 @@ def service_ms(gateway: str, image: bytes, runs: int = 12) -> float:
     return statistics.median(times[2:])
 
 
+def refusals(url: str, image: Path, seconds: float) -> list[float]:
+    """Latencies (ms) of requests whose 1 ms budget no model can meet, paced at 10/s by
+    a native client (hey) beside the load: the refusal path as a client sees it,
+    without the Python load generator's own lag."""
+    out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", "1", "-q", "10", "-m", "POST",
+                          "-T", "image/jpeg", "-D", str(image), "-o", "csv",
+                          url + "/v1/detect?sla_ms=1"],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    rows = [line.split(",") for line in out.splitlines()[1:] if line]
+    statuses = {row[6] for row in rows}
+    if statuses != {"503"}:
+        raise RuntimeError(f"refusal probe saw {sorted(statuses)}")
+    return [float(row[0]) * 1e3 for row in rows]
+
+
 def row(name: str, outcomes: list[Outcome], wall_s: float, per_server: list[int]) -> dict:
     n = len(outcomes)
     ok = [o for o in outcomes if o.status == 200]
     shed = [o for o in outcomes if o.status == 503]
     in_budget = [o for o in ok if o.latency_ms <= o.budget_ms]
+    in_budget_gw = [o for o in ok if o.gateway_ms is not None and o.gateway_ms <= o.budget_ms]
     admitted = n - len(shed)
     return {
         "name": name, "n": n, "in_slo": len(in_budget) / n if n else 0.0,
         "admitted_in_budget": len(in_budget) / admitted if admitted else float("nan"),
+        "admitted_in_budget_gw": len(in_budget_gw) / admitted if admitted else float("nan"),
         "shed": len(shed) / n if n else 0.0,
         "p50": pct([o.latency_ms for o in ok], 50), "p99": pct([o.latency_ms for o in ok], 99),
         "shed_p99": pct([o.latency_ms for o in shed], 99),
@@ -143,13 +168,15 @@ def row(name: str, outcomes: list[Outcome], wall_s: float, per_server: list[int]
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"  {'deployment':<34}{'load':>6}{'n':>5}{'in-SLO':>8}{'adm.in':>8}{'shed':>7}"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'shed p99':>9}  per triton   other")
+    print(f"  {'deployment':<34}{'load':>6}{'n':>5}{'in-SLO':>8}{'adm.in':>8}{'(gw)':>7}"
+          f"{'shed':>7}{'p50 ms':>8}{'p99 ms':>8}{'shed p99':>9}{'hey p99':>8}"
+          "  per triton   other")
     for r in rows:
         other = ", ".join(f"{k}:{v}" for k, v in r["other"].items()) or "-"
         print(f"  {r['name']:<34}{r['load']:>6}{r['n']:>5}{r['in_slo']:>8.1%}"
-              f"{r['admitted_in_budget']:>8.1%}{r['shed']:>7.1%}{r['p50']:>8.0f}"
-              f"{r['p99']:>8.0f}{r['shed_p99']:>9.1f}  {r['per_server']!s:<12}{other}")
+              f"{r['admitted_in_budget']:>8.1%}{r['admitted_in_budget_gw']:>7.1%}"
+              f"{r['shed']:>7.1%}{r['p50']:>8.0f}{r['p99']:>8.0f}{r['shed_p99']:>9.1f}"
+              f"{r['refusal_p99']:>8.1f}  {r['per_server']!s:<12}{other}")
 
 
 def measure_row(deployment: Deployment, image: bytes, rate: float, mult: float,
@@ -159,13 +186,21 @@ def measure_row(deployment: Deployment, image: bytes, rate: float, mult: float,
         return {}, b, {"sla_ms": str(round(b))}
 
     before = [served(s) for s in deployment.servers]
+    probe = None
+    if fields_of is None:  # a routed row: probe the refusal path beside it
+        path = Path(tempfile.mkdtemp()) / "photo.jpg"
+        path.write_bytes(image)
+        probe = concurrent.futures.ThreadPoolExecutor(1).submit(
+            refusals, deployment.bases[-1], path, args.max_seconds)
     outcomes, wall = asyncio.run(open_loop(deployment.bases, image, rate, args.requests,
                                            args.max_seconds, fields_of or routed,
                                            seed=int(mult * 100)))
+    refused = probe.result() if probe is not None else []
     time.sleep(1.0)  # let the queues drain before the next row
     after = [served(s) for s in deployment.servers]
     r = row(deployment.name, outcomes, wall, [a - b for a, b in zip(after, before, strict=True)])
     r["load"] = f"{mult:.1f}x"
+    r["refusal_p99"] = float(np.percentile(refused, 99)) if refused else float("nan")
     return r, outcomes
 
 
@@ -284,16 +319,17 @@ def main() -> int:
         print(f"capacity (closed loop): 1 triton {caps[1]:.1f} img/s, "
               f"2 tritons {caps[2]:.1f} img/s")
         rows, notes = [], []
-        for gateways, n_servers, shared in ((1, 1, True), (2, 1, True), (2, 1, False),
-                                            (1, 2, True), (2, 2, True)):
-            deployment = Deployment(servers[:n_servers], gateways,
-                                    work / f"{gateways}x{n_servers}", profile, shared)
+        for i, (gateways, n_servers, variant) in enumerate((
+                (1, 1, ""), (2, 1, ""), (2, 1, "own work only"), (2, 1, "fixed margin"),
+                (1, 2, ""), (2, 2, ""))):
+            deployment = Deployment(servers[:n_servers], gateways, work / f"deployment-{i}",
+                                    profile, variant)
             try:
                 for mult in (float(x) for x in args.loads.split(",")):
                     rate = mult * caps[n_servers]
                     r, outcomes = measure_row(deployment, image, rate, mult, budgets, args)
                     rows.append(r)
-                    if mult == 0.8 and shared and r["shed"] > 0:
+                    if mult == 0.8 and not variant and r["shed"] > 0:
                         notes.append(f"{deployment.name} at 0.8x:" + replay_unshed(
                             deployment, image, rate, mult, budgets, outcomes, args)[1:])
             finally:

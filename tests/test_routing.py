@@ -342,3 +342,35 @@ def test_other_clients_work_since_the_report_is_counted_at_their_rate():
     r.latency.observe_queues({"a": (t1, QueueReport({}, {"mid": 10}))})
     assert r.latency.others_rate["a"] == pytest.approx(6 * 50.0 / 0.1)
     assert r.latency.backlog_ms("a") == pytest.approx(3000.0 * (time.monotonic() - t1), rel=0.1)
+
+
+# -- calibrated admission ------------------------------------------------------
+
+
+def test_admission_learns_how_late_answers_run():
+    from tierdet.serving.routing import Calibration
+
+    late = Calibration(prior=1.15, quantile=0.95)
+    for _ in range(49):
+        late.observe(100.0, 150.0)
+    assert late.factor == 1.15  # too few answers yet: the configured margin
+    for _ in range(51):
+        late.observe(100.0, 150.0)
+    assert late.factor == pytest.approx(1.5)
+    early = Calibration(prior=1.15, quantile=0.95)
+    for _ in range(100):
+        early.observe(100.0, 60.0)  # pessimistic predictions: trust them as they are
+    assert early.factor == 1.0
+    off = Calibration(prior=1.15, quantile=0.0)
+    for _ in range(100):
+        off.observe(100.0, 300.0)
+    assert off.factor == 1.15
+
+
+def test_a_learned_factor_decides_what_fits():
+    r = router()
+    assert r.fits(100.0, 120.0)  # 100 * 1.1 + 5
+    for _ in range(100):
+        r.calibration.quantile = 0.95
+        r.calibration.observe(100.0, 130.0)
+    assert not r.fits(100.0, 120.0) and r.fits(100.0, 140.0)

@@ -99,6 +99,9 @@ class Metrics:
             registry=r)
         self.triton_up = Gauge(
             "tierdet_triton_up", "1 if the gateway can reach a Triton endpoint.", registry=r)
+        self.route_factor = Gauge(
+            "tierdet_route_calibration_factor", "What predictions are scaled by before they "
+            "are compared with a budget (learned from actual / predicted times).", registry=r)
         self.triton_endpoint_up = Gauge(
             "tierdet_triton_endpoint_up", "1 if the Triton endpoint is in the gateway's pool.",
             ["endpoint"], registry=r)

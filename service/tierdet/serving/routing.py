@@ -363,6 +363,44 @@ class LoadGovernor:
             self.mean_cost_ms += self.weight * (cost_ms - self.mean_cost_ms)
 
 
+@dataclass
+class Calibration:
+    """How far answers overrun their predictions, learned from the answers.
+
+    A prediction is scaled by ``factor`` before it is compared with a budget:
+    ``prior`` (1 + the configured margin) until ``min_samples`` answers are
+    seen, then the ``quantile`` of actual / predicted end-to-end time over the
+    last ``window`` admitted requests (late ones, 504s included), never under
+    1.0. Where predictions run pessimistic the router stops refusing what would
+    have made it; where they run optimistic (other gateways' bursts, a loaded
+    host) it stops admitting what will be late. ``quantile`` 0: the prior only.
+    """
+
+    prior: float = 1.15
+    quantile: float = 0.95
+    window: int = 400
+    min_samples: int = 50
+    ceiling: float = 3.0
+    factor: float = 0.0  # set from prior in __post_init__
+    ratios: deque[float] = field(default_factory=deque)
+    _seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.factor = self.prior
+
+    def observe(self, predicted_ms: float, actual_ms: float) -> None:
+        if self.quantile <= 0 or predicted_ms <= 0:
+            return
+        self.ratios.append(actual_ms / predicted_ms)
+        if len(self.ratios) > self.window:
+            self.ratios.popleft()
+        self._seen += 1
+        if len(self.ratios) >= self.min_samples and self._seen % 10 == 0:
+            ranked = sorted(self.ratios)
+            q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
+            self.factor = min(self.ceiling, max(1.0, q))
+
+
 class Router:
     """``ap``: model -> the AP (percent) it is ranked by; models not in it are never
     routed to. The catalog updates it as it learns what each model serves."""
@@ -370,12 +408,13 @@ class Router:
     def __init__(self, ap: Mapping[str, float], tiers: TierConfig,
                  latency: LatencyModel, default_budget_ms: float,
                  margin_frac: float = 0.15, margin_ms: float = 5.0,
-                 overhead_ms: float = 3.0, governor: LoadGovernor | None = None) -> None:
+                 overhead_ms: float = 3.0, governor: LoadGovernor | None = None,
+                 calibrate_quantile: float = 0.0) -> None:
         self.ap = dict(ap)
         self.tiers = tiers
         self.latency = latency
         self.default_budget_ms = default_budget_ms
-        self.margin_frac = margin_frac
+        self.calibration = Calibration(1 + margin_frac, calibrate_quantile)
         self.margin_ms = margin_ms
         self.overhead_ms = overhead_ms
         self.governor = governor or LoadGovernor()
@@ -393,7 +432,7 @@ class Router:
             self.latency.finish(run.ticket, run.observed_ms)
 
     def fits(self, predicted_ms: float, budget_ms: float) -> bool:
-        return predicted_ms * (1 + self.margin_frac) + self.margin_ms <= budget_ms
+        return predicted_ms * self.calibration.factor + self.margin_ms <= budget_ms
 
     def _budget(self, req: RouteRequest, tier: Tier | None) -> float:
         if req.sla_ms is not None:

@@ -67,7 +67,8 @@ def build_router(settings: Settings) -> Router:
     latency = LatencyModel(LatencyProfile.load(settings.profile_file))
     return Router(initial_ap(settings.pin_published_ap), tiers, latency,
                   default_budget_ms=settings.request_timeout_s * 1e3,
-                  margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms)
+                  margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms,
+                  calibrate_quantile=settings.route_calibrate_quantile)
 
 
 class Detector:
@@ -160,6 +161,7 @@ class Detector:
     async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
         start = caller.received
         tier, model = options.tier, options.model or "none"
+        decision: Decision | None = None
         self.metrics.inflight.inc()
         try:
             self.keys.authorize(caller.key, options.tier, options.model)
@@ -175,6 +177,8 @@ class Detector:
             tier, model = decision.tier, decision.model
             result = await self._run(decision, decoded, options, start, decode_s)
         except ApiError as exc:
+            if decision is not None and exc.code is ErrorCode.DEADLINE_EXCEEDED:
+                self._calibrate(decision.predicted_ms, _ms_since(start), decision.degraded)
             self.metrics.observe_failure(caller.protocol, tier,
                                          model if lookup(model) else "none", exc.outcome)
             raise
@@ -184,8 +188,17 @@ class Detector:
             raise
         finally:
             self.metrics.inflight.dec()
+        self._calibrate(result.routing.predicted_ms, result.timing.total_ms,
+                        result.routing.degraded)
         self._observe(caller.protocol, result)
         return result
+
+    def _calibrate(self, predicted_ms: float, actual_ms: float, degraded: bool) -> None:
+        """Teach the router how its admitted predictions turned out (a degraded
+        answer was never predicted to fit)."""
+        if not degraded:
+            self.router.calibration.observe(predicted_ms, actual_ms)
+            self.metrics.route_factor.set(self.router.calibration.factor)
 
     def _request(self, caller: Caller, options: DetectOptions) -> tuple[RouteRequest, list[str]]:
         """Cheap checks before any decoding (the model, tier and classes must exist);
