@@ -226,13 +226,19 @@ class LatencyModel:
 
     def own_ms(self, endpoint: str = LOCAL, now: float | None = None) -> float:
         """This gateway's work left on ``endpoint``'s device: a clock that each
-        admission moves on by the request's cost and each completion resets to
-        the cost of what is still in flight; in between it runs down, so a
-        request half done counts half (FIFO: work ahead only shrinks)."""
-        if not any(t.endpoint == endpoint for t in list(self.flight)):
+        admission moves on (by a whole batch-1 service on an idle device: a new
+        request cannot join the batch that is running; by the request's batched
+        cost behind others) and each completion resets to the cost of what is
+        still in flight; in between it runs down, so a request half done counts
+        half (FIFO: work ahead only shrinks)."""
+        here = [t for t in list(self.flight) if t.endpoint == endpoint]
+        if not here:
             return 0.0
         now = time.monotonic() if now is None else now
-        return max(0.0, self.busy_until.get(endpoint, now) - now) * 1e3
+        left = (self.busy_until.get(endpoint, now) - now) * 1e3
+        # Overdue (the device is slower than predicted right now): something is still
+        # running, progress unknown; expect half of it, not nothing.
+        return max(left, 0.5 * max(self.service_ms(t.model) for t in here))
 
     def backlog_ms(self, endpoint: str = LOCAL) -> float:
         """Work queued or running on ``endpoint``'s device: this gateway's own, or
@@ -246,6 +252,9 @@ class LatencyModel:
             return own
         asked, pending = report
         shared = sum(n * self.cost_ms(m) for m, n in pending.items() if n > 0)
+        waiting = [m for m, n in pending.items() if n > 0]
+        if waiting:  # a batch is running ahead of them (not in the count): half of one
+            shared += 0.5 * max(self.service_ms(m) for m in waiting)
         shared += sum(self.cost_ms(t.model) for t in mine if t.admitted_at > asked)
         shared += self.others_rate.get(endpoint, 0.0) * max(0.0, time.monotonic() - asked)
         return max(own, shared)
@@ -284,8 +293,9 @@ class LatencyModel:
             now = time.monotonic()
             ticket = Ticket(model, self.predict_ms(model, endpoint), self._idle(endpoint),
                             self._ratio(self._load(model)), endpoint, now)
-            start = now + self.own_ms(endpoint, now) / 1e3
-            self.busy_until[endpoint] = start + self.cost_ms(model) / 1e3
+            ahead = self.own_ms(endpoint, now)
+            cost = self.cost_ms(model) if ahead > 0 else self.service_ms(model)
+            self.busy_until[endpoint] = now + (ahead + cost) / 1e3
             self.sent[endpoint, model] = self.sent.get((endpoint, model), 0) + 1
             self.flight.add(ticket)
             return ticket
