@@ -355,19 +355,23 @@ def test_admission_learns_how_late_answers_run():
 
     late = Calibration(prior=1.15, quantile=0.95)
     for _ in range(49):
-        late.observe(100.0, 150.0)
+        late.observe(100.0, 150.0, 150.0)
     assert late.factor == 1.15  # too few answers yet: the configured margin
     for _ in range(51):
-        late.observe(100.0, 150.0)
+        late.observe(100.0, 150.0, 150.0)
     assert late.factor == pytest.approx(1.5)
     early = Calibration(prior=1.15, quantile=0.95)
     for _ in range(100):
-        early.observe(100.0, 60.0)  # pessimistic predictions: trust them as they are
+        early.observe(100.0, 60.0, 150.0)  # pessimistic predictions: trust them as they are
     assert early.factor == 1.0
     off = Calibration(prior=1.15, quantile=0.0)
     for _ in range(100):
-        off.observe(100.0, 300.0)
+        off.observe(100.0, 300.0, 150.0)
     assert off.factor == 1.15
+    far = Calibration(prior=1.15, quantile=0.95)
+    for _ in range(100):
+        far.observe(20.0, 60.0, 1000.0)  # admitted with lots of room: not counted
+    assert far.factor == 1.15
 
 
 def test_a_learned_factor_decides_what_fits():
@@ -375,5 +379,5 @@ def test_a_learned_factor_decides_what_fits():
     assert r.fits(100.0, 120.0)  # 100 * 1.1 + 5
     for _ in range(100):
         r.calibration.quantile = 0.95
-        r.calibration.observe(100.0, 130.0)
+        r.calibration.observe(100.0, 130.0, 150.0)
     assert not r.fits(100.0, 120.0) and r.fits(100.0, 140.0)

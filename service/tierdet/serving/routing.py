@@ -381,15 +381,20 @@ class Calibration:
     ``prior`` (1 + the configured margin) until ``min_samples`` answers are
     seen, then the ``quantile`` of actual / predicted end-to-end time over the
     last ``window`` admitted requests (late ones, 504s included), never under
-    1.0. Where predictions run pessimistic the router stops refusing what would
-    have made it; where they run optimistic (other gateways' bursts, a loaded
-    host) it stops admitting what will be late. ``quantile`` 0: the prior only.
+    1.0. Only requests admitted near their budget count (predicted at least
+    ``band`` of it): that is where the factor decides, and a short prediction's
+    relative error (a few ms of host jitter on an idle device) says little
+    about a long queue's. Where predictions run pessimistic the router stops
+    refusing what would have made it; where they run optimistic (other
+    gateways' bursts, a loaded host) it stops admitting what will be late.
+    ``quantile`` 0: the prior only.
     """
 
     prior: float = 1.15
     quantile: float = 0.95
     window: int = 400
     min_samples: int = 50
+    band: float = 0.5
     ceiling: float = 3.0
     factor: float = 0.0  # set from prior in __post_init__
     ratios: deque[float] = field(default_factory=deque)
@@ -398,8 +403,8 @@ class Calibration:
     def __post_init__(self) -> None:
         self.factor = self.prior
 
-    def observe(self, predicted_ms: float, actual_ms: float) -> None:
-        if self.quantile <= 0 or predicted_ms <= 0:
+    def observe(self, predicted_ms: float, actual_ms: float, budget_ms: float) -> None:
+        if self.quantile <= 0 or predicted_ms <= 0 or predicted_ms < self.band * budget_ms:
             return
         self.ratios.append(actual_ms / predicted_ms)
         if len(self.ratios) > self.window:

@@ -178,7 +178,7 @@ class Detector:
             result = await self._run(decision, decoded, options, start, decode_s)
         except ApiError as exc:
             if decision is not None and exc.code is ErrorCode.DEADLINE_EXCEEDED:
-                self._calibrate(decision.predicted_ms, _ms_since(start), decision.degraded)
+                self._calibrate(decision, _ms_since(start))
             self.metrics.observe_failure(caller.protocol, tier,
                                          model if lookup(model) else "none", exc.outcome)
             raise
@@ -188,16 +188,17 @@ class Detector:
             raise
         finally:
             self.metrics.inflight.dec()
-        self._calibrate(result.routing.predicted_ms, result.timing.total_ms,
-                        result.routing.degraded)
+        if decision is not None:
+            self._calibrate(decision, result.timing.total_ms)
         self._observe(caller.protocol, result)
         return result
 
-    def _calibrate(self, predicted_ms: float, actual_ms: float, degraded: bool) -> None:
+    def _calibrate(self, decision: Decision, actual_ms: float) -> None:
         """Teach the router how its admitted predictions turned out (a degraded
         answer was never predicted to fit)."""
-        if not degraded:
-            self.router.calibration.observe(predicted_ms, actual_ms)
+        if not decision.degraded:
+            self.router.calibration.observe(decision.predicted_ms, actual_ms,
+                                            decision.budget_ms)
             self.metrics.route_factor.set(self.router.calibration.factor)
 
     def _request(self, caller: Caller, options: DetectOptions) -> tuple[RouteRequest, list[str]]:
