@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -71,13 +70,8 @@ def photo_720p() -> bytes:
 
 
 def served(server: LocalTriton) -> int:
-    """Requests this Triton answered (its own count)."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        text = resp.read().decode()
-    prefix = f'nv_inference_request_success{{model="{MODEL}"'
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith(prefix))
+    """Requests this Triton took in (its own count: answered, failed or waiting)."""
+    return server.queue().arrived.get(MODEL, 0)
 
 
 def start_server(repository: Path, work: Path) -> LocalTriton:
@@ -94,13 +88,13 @@ class Deployment:
 
     def __init__(self, servers: list[LocalTriton], gateways: int, work: Path,
                  profile: Path, variant: str = "") -> None:
-        """``variant``: "" (as shipped), "own work only" (no Triton queue read) or
-        "fixed margin" (no calibrated admission)."""
+        """``variant``: "" (calibrated admission, p95), "own work only" (no Triton
+        queue read) or "fixed margin" (the default: no calibration)."""
         self.servers = servers
         work.mkdir(parents=True, exist_ok=True)
         shared_view = variant != "own work only"
         urls = [s.endpoint if shared_view else s.grpc_url for s in servers]
-        extra = {"profile_file": str(profile)}
+        extra = {"profile_file": str(profile), "route_calibrate_quantile": "0.95"}
         if not shared_view:
             extra["triton_metrics_port"] = "0"
         if variant == "fixed margin":

@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import signal
 import time
-import urllib.request
 
 import httpx
 import numpy as np
@@ -25,7 +24,7 @@ from tierdet.build.models import assemble
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 from tierdet.serving.pool import EndpointPool, Target
-from tierdet.serving.triton import TritonClient, queue_report
+from tierdet.serving.triton import TritonClient
 
 JPEG = encode(photos()["astronaut"])
 
@@ -61,13 +60,8 @@ def pooled(pair, tmp_path_factory):
 
 
 def _served(server: LocalTriton) -> int:
-    """Requests this Triton has answered (its own count)."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        text = resp.read().decode()
-    prefix = f'nv_inference_request_success{{model="{TEST_MODEL}"'
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith(prefix))
+    """Requests this Triton has taken in (its own count; none wait here)."""
+    return server.queue().arrived.get(TEST_MODEL, 0)
 
 
 def _detect(gateway: GatewayProcess, timeout: float = 30.0, **fields) -> httpx.Response:
@@ -111,13 +105,13 @@ def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
     """The router sees work it did not send: with a queue at one endpoint (a
     second gateway's, here sent straight to Triton) it sends to the other."""
     busy, idle = pair
-    flood = _flood(busy, 32)  # seconds of work: it outlasts the three requests below
+    flood = _flood(busy, 48)  # seconds of work: it outlasts the three requests below
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not _pending(busy):
             time.sleep(0.02)
         assert _pending(busy), "the flood never queued at Triton"
-        time.sleep(0.3)  # a few of the gateway's queue polls (every 100 ms)
+        time.sleep(0.7)  # the gateway reads the queue again (every 0.25 s when idle)
         before = [_served(busy), _served(idle)]
         for _ in range(3):
             assert _detect(pooled).status_code == 200
@@ -127,9 +121,7 @@ def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
 
 
 def _pending(server: LocalTriton) -> int:
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        return queue_report(resp.read().decode()).pending.get(TEST_MODEL, 0)
+    return server.queue().pending.get(TEST_MODEL, 0)
 
 
 def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_path):
@@ -142,12 +134,12 @@ def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_p
             assert _detect(gw).status_code == 200
         service_ms = next(m for m in httpx.get(gw.http + "/v1/models").json()["models"]
                           if m["name"] == TEST_MODEL)["latency_ms"]
-        flood = _flood(one, 10)
+        flood = _flood(one, 24)
         try:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and _pending(one) < 5:
                 time.sleep(0.02)
-            time.sleep(0.3)
+            time.sleep(0.7)  # the gateway reads the queue again (every 0.25 s when idle)
             queued = _pending(one)
             assert queued >= 3, queued
             budget = 3 * service_ms  # an idle device makes it; 3+ queued ahead do not

@@ -27,6 +27,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tierdet.serving.backend import QueueReport
+from tierdet.serving.triton import queue_report
+
 
 class TritonError(RuntimeError):
     pass
@@ -141,6 +144,13 @@ class LocalTriton:
 
     def model_ready(self, model: str) -> bool:
         return self._get(f"/v2/models/{model}/ready") == 200
+
+    def queue(self) -> QueueReport:
+        """What this server reports of its queue on its metrics page (what gateways
+        read): requests waiting and requests taken in, per model."""
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            return queue_report(resp.read().decode())
 
     def model_states(self) -> dict[str, str]:
         """Model -> Triton state (READY, UNAVAILABLE, LOADING, ...); {} if unreachable."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -29,6 +30,7 @@ from tierdet.serving.usecase import Detector
 log = logging.getLogger("tierdet")
 REFRESH_S = 1.0
 STATS_EVERY = 5  # refresh ticks between polls of Triton's statistics
+IDLE_POLL_S = 0.25  # Triton's queue, while no request comes
 
 
 class _Uvicorn(uvicorn.Server):
@@ -58,14 +60,18 @@ async def _watch_models(detector: Detector, health_servicer: health.HealthServic
 
 
 async def _watch_queues(detector: Detector, every_s: float, stop: asyncio.Event) -> None:
-    """Keep the router's view of every Triton's queue current (all gateways' work)."""
+    """Keep the router's view of every Triton's queue current (all gateways' work):
+    every ``every_s`` while requests come, every IDLE_POLL_S when none came for a
+    second (an idle gateway need not make Triton render its metrics 20 times a
+    second; its view stays younger than the router's limit, 1 s)."""
     while not stop.is_set():
         try:
             await detector.poll_queues()
         except Exception:
             log.exception("queue poll failed")
+        busy = time.monotonic() - detector.last_request_at < 1.0
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+            await asyncio.wait_for(stop.wait(), every_s if busy else max(every_s, IDLE_POLL_S))
 
 
 def triton_pool(settings: Settings) -> EndpointPool:

@@ -83,6 +83,7 @@ class Catalog:
         self.router = router
         self.metrics = metrics
         self.states: dict[str, ModelState] = {}
+        self._endpoints_shown: set[str] = set()  # endpoints with an endpoint_up series
         self.backend_up = False
         self.refreshed_at: float | None = None  # time.monotonic() of the last refresh
         self.evaluations: dict[tuple[str, str, str, str],
@@ -110,6 +111,9 @@ class Catalog:
         self.backend_up = index is not None
         self.refreshed_at = time.monotonic()
         self.metrics.triton_up.set(1 if index is not None else 0)
+        for url in self._endpoints_shown - set(self.pool.endpoints):  # left the pool
+            self.metrics.triton_endpoint_up.remove(url)
+        self._endpoints_shown = set(self.pool.endpoints)
         for url, endpoint in self.pool.endpoints.items():
             self.metrics.triton_endpoint_up.labels(url).set(1 if endpoint.up else 0)
         names = self.settings.models or tuple(n for n in (index or {}) if lookup(n))

@@ -242,9 +242,8 @@ class EndpointPool:
             try:
                 endpoint.report = await endpoint.backend.queued(
                     endpoint.target.metrics_url, timeout_s)
-            except Exception:
-                endpoint.report_at = None  # unknown: the router counts its own work only
-                return
+            except Exception:  # a server too busy to answer in time: keep the last
+                return  # report, which ages out of use (the router's limit, 1 s)
             endpoint.report_at = asked
 
         await asyncio.gather(*(one(e) for e in list(self.endpoints.values())))

@@ -61,11 +61,11 @@ class Settings(BaseModel):
     route_margin_frac: float = Field(0.15, ge=0.0, le=2.0, description=(
         "a model is chosen only if predicted * (1 + frac) + ms fits the budget"))
     route_margin_ms: float = Field(5.0, ge=0.0, description="see `TIERDET_ROUTE_MARGIN_FRAC`")
-    route_calibrate_quantile: float = Field(0.95, ge=0.0, lt=1.0, description=(
+    route_calibrate_quantile: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "scale predictions by this quantile of actual / predicted time (at least 1.0) "
         "over the last 400 requests admitted near their budget (predicted at least half "
-        "of it), once 50 are seen, instead of 1 + `TIERDET_ROUTE_MARGIN_FRAC`; 0: the "
-        "fixed margin only"))
+        "of it), once 50 are seen, instead of 1 + `TIERDET_ROUTE_MARGIN_FRAC` (e.g. 0.95); "
+        "0: the fixed margin only"))
     default_score_threshold: float = Field(0.25, ge=0.0, le=1.0, description=(
         "score threshold of requests that give none"))
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description=(

@@ -83,6 +83,7 @@ class Detector:
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
+        self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
 
     # -- admission -------------------------------------------------------
 
@@ -95,6 +96,7 @@ class Detector:
         except ApiError as exc:
             self.metrics.observe_failure(protocol, None, "none", exc.outcome)
             raise
+        self.last_request_at = time.monotonic()
         return Caller(key, protocol, time.perf_counter() if received is None else received,
                       deadline_ms)
 
@@ -156,7 +158,6 @@ class Detector:
         except ApiError as exc:
             self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
             raise
-
 
     async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
         start = caller.received
