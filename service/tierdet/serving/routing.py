@@ -214,9 +214,13 @@ class LatencyModel:
         """Device time one more request of ``model`` adds when the device is busy."""
         return self.marginal_ms(model) * self._ratio(self._load(model))
 
+    def _at(self, endpoint: str) -> list[Ticket]:
+        """This gateway's requests in flight at ``endpoint`` (a snapshot)."""
+        return [t for t in list(self.flight) if t.endpoint == endpoint]
+
     def inflight(self, endpoint: str = LOCAL) -> int:
         """This gateway's requests in flight at ``endpoint``."""
-        return sum(1 for t in list(self.flight) if t.endpoint == endpoint)
+        return len(self._at(endpoint))
 
     def _report(self, endpoint: str) -> tuple[float, dict[str, int]] | None:
         report = self.queues.get(endpoint)
@@ -231,7 +235,7 @@ class LatencyModel:
         cost behind others) and each completion resets to the cost of what is
         still in flight; in between it runs down, so a request half done counts
         half (FIFO: work ahead only shrinks)."""
-        here = [t for t in list(self.flight) if t.endpoint == endpoint]
+        here = self._at(endpoint)
         if not here:
             return 0.0
         now = time.monotonic() if now is None else now
@@ -245,7 +249,7 @@ class LatencyModel:
         what Triton reported queued (all gateways') plus what this gateway sent
         since, whichever is more. Triton's count leaves out the batch it is
         running, so one's own work is a floor."""
-        mine = [t for t in list(self.flight) if t.endpoint == endpoint]
+        mine = self._at(endpoint)
         own = self.own_ms(endpoint)
         report = self._report(endpoint)
         if report is None:
@@ -282,7 +286,7 @@ class LatencyModel:
                            for url, (asked, report) in queues.items()}
 
     def _idle(self, endpoint: str) -> bool:
-        if any(t.endpoint == endpoint for t in list(self.flight)):
+        if self._at(endpoint):
             return False
         report = self._report(endpoint)
         return report is None or not any(report[1].values())
@@ -304,7 +308,7 @@ class LatencyModel:
         """Release an admitted request; learn from its latency if it completed."""
         with self._lock:
             self.flight.discard(ticket)
-            left = sum(self.cost_ms(t.model) for t in self.flight if t.endpoint == ticket.endpoint)
+            left = sum(self.cost_ms(t.model) for t in self._at(ticket.endpoint))
             self.busy_until[ticket.endpoint] = time.monotonic() + left / 1e3
             load = self._load(ticket.model)
             if observed_ms is None or ticket.predicted_ms <= 0:
