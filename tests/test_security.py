@@ -1,4 +1,4 @@
-"""API keys: hashed, constant-time compared, 401 vs 403, per-key token buckets."""
+"""API keys: hashed, constant-time compared, 401 vs 403, per-key token buckets\n(shared by every worker of a gateway)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,18 @@ def test_rate_limit_is_a_token_bucket_with_retry_after():
     assert info.value.code is ErrorCode.RATE_LIMITED and info.value.http_status == 429
     assert info.value.retry_after_s >= 1
     ring.take(ALICE, now=100.6)  # 2 tokens/s: one more after half a second
+
+
+def test_rings_sharing_a_buckets_file_share_each_keys_burst(tmp_path):
+    # As two gateway workers do: each loads the keys, both map the same file.
+    first, second = KeyRing((BOB, ALICE)), KeyRing((BOB, ALICE))
+    for ring in (first, second):
+        ring.share(tmp_path / "buckets")
+    first.take(ALICE, now=100.0)
+    second.take(ALICE, now=100.0)
+    first.take(ALICE, now=100.0)
+    assert _code(lambda: second.take(ALICE, now=100.0)) is ErrorCode.RATE_LIMITED
+    second.take(ALICE, now=100.6)  # the refill is shared too
 
 
 def test_keys_file(tmp_path):

@@ -21,6 +21,7 @@ from tierdet.frontends.errors import grpc_abort, invalid_option
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.serving.metrics import ADDS_UP
 from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
 
@@ -54,9 +55,9 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         self.frames_held = Gauge(
             "tierdet_stream_frames_held", "Frames read from DetectStream calls and not yet "
             "answered (all streams); at most TIERDET_STREAM_MAX_INFLIGHT per stream.",
-            registry=registry)
+            multiprocess_mode=ADDS_UP, registry=registry)
         self.streams_open = Gauge("tierdet_streams_open", "DetectStream calls in progress.",
-                                  registry=registry)
+                                  multiprocess_mode=ADDS_UP, registry=registry)
 
     def _admit(self, context: grpc.aio.ServicerContext,
                received: float | None = None) -> Caller:
@@ -128,14 +129,18 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
 def create_grpc_server(
     detector: Detector, address: str, credentials: grpc.ServerCredentials | None = None,
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
     """A grpc.aio server bound to ``address`` (TLS with ``credentials``); returns it,
-    its health servicer and port."""
+    its health servicer and port. ``share_port``: bind with SO_REUSEPORT, so the
+    gateway's workers share it (gRPC sets it by default, which would let a second
+    gateway start on a port already served)."""
     settings = detector.settings
     server = grpc.aio.server(options=[
         # One image as raw bytes (no base64 here) plus room for the options.
         ("grpc.max_receive_message_length", settings.max_image_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.so_reuseport", 1 if share_port else 0),
     ], maximum_concurrent_rpcs=settings.max_concurrency)
     pb_grpc.add_DetectorServicer_to_server(DetectorServicer(detector), server)
     health_servicer = health.aio.HealthServicer()

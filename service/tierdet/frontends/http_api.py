@@ -11,7 +11,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierdet import __version__
@@ -166,7 +166,7 @@ def create_app(detector: Detector) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(detector.metrics.registry),
+        return Response(detector.metrics.exposition(),
                         media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

@@ -1,4 +1,5 @@
-"""Run the gateway: HTTP and gRPC front ends in one event loop.
+"""Run the gateway: HTTP and gRPC front ends in one event loop (per worker:
+``workers`` runs several).
 
 Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
 within ``grace_s``, then exit. ``tierdet serve`` and the container
@@ -20,6 +21,7 @@ from grpc_health.v1 import health
 
 from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
+from tierdet.frontends.workers import Job, listen_shared, run_workers
 from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool, Target
@@ -94,21 +96,43 @@ def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
                       grace_s: float = 10.0) -> None:
-    configure_decoders(settings.max_image_pixels)
+    """Serve until SIGTERM/SIGINT or ``stop``: in this process, or with
+    ``TIERDET_WORKERS`` > 1 in that many worker processes sharing the ports."""
     stop = stop or asyncio.Event()
+    _stop_on_signals(stop)
+    if settings.workers > 1:
+        await run_workers(settings, stop, grace_s)
+    else:
+        await serve(settings, stop, grace_s)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: float = 10.0,
+                job: Job | None = None) -> None:
+    """The gateway in this process; as one of several workers with ``job``."""
+    configure_decoders(settings.max_image_pixels)
+    # httpx logs each request at INFO: a line per queue poll, 20 a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if stop is None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
     triton = triton_pool(settings)
     detector = Detector(settings, triton, Metrics())
+    if job is not None:
+        detector.keys.share(job.buckets)
     await detector.catalog.refresh()
     for info in detector.catalog.infos():
         log.info("model %s: ready=%s weights=%s", info.name, info.ready, info.weights)
 
     grpc_server, health_servicer, grpc_port = create_grpc_server(
-        detector, f"{settings.grpc_host}:{settings.grpc_port}", _grpc_credentials(settings))
+        detector, f"{settings.grpc_host}:{settings.grpc_port}", _grpc_credentials(settings),
+        share_port=job is not None)
     await grpc_server.start()
     tls = settings.tls_cert_file is not None
     http = _Uvicorn(uvicorn.Config(
@@ -117,7 +141,8 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
         lifespan="off", limit_concurrency=settings.max_concurrency,
         ssl_certfile=str(settings.tls_cert_file) if tls else None,
         ssl_keyfile=str(settings.tls_key_file) if tls else None))
-    http_task = asyncio.create_task(http.serve())
+    sockets = [listen_shared(settings.http_host, settings.http_port)] if job else None
+    http_task = asyncio.create_task(http.serve(sockets))
     watch_task = asyncio.create_task(_watch_models(detector, health_servicer, stop))
     queue_task = asyncio.create_task(
         _watch_queues(detector, settings.triton_queue_poll_ms / 1e3, stop))

@@ -112,6 +112,8 @@ class Catalog:
         self.refreshed_at = time.monotonic()
         self.metrics.triton_up.set(1 if index is not None else 0)
         for url in self._endpoints_shown - set(self.pool.endpoints):  # left the pool
+            # 0 first: with workers the series' file outlives remove(), at its last value.
+            self.metrics.triton_endpoint_up.labels(url).set(0)
             self.metrics.triton_endpoint_up.remove(url)
         self._endpoints_shown = set(self.pool.endpoints)
         for url, endpoint in self.pool.endpoints.items():

@@ -4,14 +4,23 @@ Labels only take values from closed sets: protocol (http, grpc), tier
 (configured names, or "none" for pinned models and bare budgets), model
 (registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
 rate_limited), stage.
+
+With several gateway workers (``TIERDET_WORKERS``) every process writes its
+values to files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
+multiprocess mode) and a scrape of any worker reads them all: counters and
+histograms add up over workers, gauges say how they combine
+(``multiprocess_mode``; ignored in a single process).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from tierdet.registry.accuracy import EvalRecord, latest_and_previous
@@ -22,6 +31,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
 RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error", "unauthorized", "rate_limited")
 NO_TIER = "none"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How a gauge combines over workers: facts every worker reads alike (readiness,
+# AP) take the latest write; what each worker holds (requests in flight) adds up.
+SAME: Final = "mostrecent"
+ADDS_UP: Final = "livesum"
 
 
 class TritonBatchCollector(Collector):
@@ -58,16 +72,17 @@ class Metrics:
         ap_labels = ["model", "tier", "dataset", "source", "metric"]
         self.ap = Gauge(
             "tierdet_model_ap", "Measured AP (0..1) of the latest evaluation; source=gateway "
-            "is the full serving path, source=onnx the bare model.", ap_labels, registry=r)
+            "is the full serving path, source=onnx the bare model.", ap_labels,
+            multiprocess_mode=SAME, registry=r)
         self.ap_previous = Gauge(
             "tierdet_model_ap_previous", "Measured AP of the evaluation before the latest.",
-            ap_labels, registry=r)
+            ap_labels, multiprocess_mode=SAME, registry=r)
         self.ap_time = Gauge(
             "tierdet_model_ap_evaluated_timestamp_seconds", "When the latest evaluation ran.",
-            ["model", "tier", "dataset", "source"], registry=r)
+            ["model", "tier", "dataset", "source"], multiprocess_mode=SAME, registry=r)
         self.published_ap = Gauge(
             "tierdet_model_published_ap", "Published COCO val2017 AP of the official weights "
-            "(percent).", ["model"], registry=r)
+            "(percent).", ["model"], multiprocess_mode=SAME, registry=r)
         self.requests = Counter(
             "tierdet_requests", "Detect requests answered, by outcome.",
             ["protocol", "tier", "model", "outcome"], registry=r)
@@ -90,25 +105,40 @@ class Metrics:
             "Actual / predicted end-to-end latency of routed requests.", ["model"],
             buckets=RATIO_BUCKETS, registry=r)
         self.inflight = Gauge(
-            "tierdet_inflight_requests", "Detect requests being processed.", registry=r)
+            "tierdet_inflight_requests", "Detect requests being processed.",
+            multiprocess_mode=ADDS_UP, registry=r)
         self.images = Counter(
             "tierdet_images", "Images answered successfully, by model.", ["model"],
             registry=r)
         self.model_ready = Gauge(
             "tierdet_model_ready", "1 if Triton reports the model ready.", ["model"],
-            registry=r)
+            multiprocess_mode=SAME, registry=r)
         self.triton_up = Gauge(
-            "tierdet_triton_up", "1 if the gateway can reach a Triton endpoint.", registry=r)
+            "tierdet_triton_up", "1 if the gateway can reach a Triton endpoint.",
+            multiprocess_mode=SAME, registry=r)
         self.route_factor = Gauge(
             "tierdet_route_calibration_factor", "What predictions are scaled by before they "
-            "are compared with a budget (learned from actual / predicted times).", registry=r)
+            "are compared with a budget (learned from actual / predicted times; with workers, "
+            "the largest).", multiprocess_mode="livemax", registry=r)
         self.triton_endpoint_up = Gauge(
             "tierdet_triton_endpoint_up", "1 if the Triton endpoint is in the gateway's pool.",
-            ["endpoint"], registry=r)
+            ["endpoint"], multiprocess_mode=SAME, registry=r)
         self.triton_requests = Counter(
             "tierdet_triton_requests", "Calls to each Triton endpoint, by outcome "
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
             ["endpoint", "outcome"], registry=r)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or with workers every
+        worker's values (and this process's Triton batch statistics, which every
+        worker polls alike)."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, directory)
+        merged.register(self.triton_batches)
+        return generate_latest(merged)
 
     def set_accuracy(self, records: list[EvalRecord]) -> None:
         for (model, tier, dataset, source), (latest, previous) in \

@@ -5,16 +5,24 @@ a presented key is compared against every stored hash with
 ``hmac.compare_digest``, so timing says nothing about which key or how
 much of it matched. 401: no key or an unknown key; 403: a known key asking
 for a tier or model it is not allowed; 429: over its rate, with the time
-until its next token as Retry-After.
+until its next token as Retry-After. With several gateway workers the
+buckets live in one file every worker maps (``SharedBuckets``), so a key's
+rate holds for the gateway, not for each worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import math
+import mmap
+import os
+import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +49,66 @@ class _Bucket:
     updated: float
 
 
+class LocalBuckets:
+    """One process's buckets, by key index."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def get(self, index: int) -> _Bucket | None:
+        return self._buckets.get(index)
+
+    def put(self, index: int, bucket: _Bucket) -> None:
+        self._buckets[index] = bucket
+
+
+class SharedBuckets(LocalBuckets):
+    """Buckets in a file every worker maps: a (tokens, updated) pair of doubles per
+    key, in the keys file's order (every worker loads the same file), read and
+    written under an exclusive flock. ``updated`` is CLOCK_MONOTONIC, one clock
+    for every process of the host; 0 marks a bucket not used yet."""
+
+    SLOT = struct.Struct("dd")
+
+    def __init__(self, path: Path, count: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        size = max(1, count) * self.SLOT.size
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._lock:  # flock does not exclude this process's other threads
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def get(self, index: int) -> _Bucket | None:
+        tokens, updated = self.SLOT.unpack_from(self._map, index * self.SLOT.size)
+        return _Bucket(tokens, updated) if updated else None
+
+    def put(self, index: int, bucket: _Bucket) -> None:
+        self.SLOT.pack_into(self._map, index * self.SLOT.size, bucket.tokens, bucket.updated)
+
+
 @dataclass
 class KeyRing:
     keys: tuple[ApiKey, ...] = ()
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    buckets: LocalBuckets = field(default_factory=LocalBuckets)
+
+    def share(self, path: Path) -> None:
+        """Keep the rate buckets in ``path``, with every process that shares it."""
+        self.buckets = SharedBuckets(path, len(self.keys))
 
     @property
     def enabled(self) -> bool:
@@ -102,14 +165,18 @@ class KeyRing:
             return
         now = time.monotonic() if now is None else now
         size = key.burst or max(1.0, key.rate_per_s)
-        with self._lock:
-            bucket = self._buckets.setdefault(key.name, _Bucket(size, now))
+        index = self.keys.index(key)
+        with self.buckets.locked():
+            bucket = self.buckets.get(index) or _Bucket(size, now)
             bucket.tokens = min(size, bucket.tokens + (now - bucket.updated) * key.rate_per_s)
             bucket.updated = now
-            if bucket.tokens >= 1.0:
+            allowed = bucket.tokens >= 1.0
+            if allowed:
                 bucket.tokens -= 1.0
-                return
-            wait = (1.0 - bucket.tokens) / key.rate_per_s
+            self.buckets.put(index, bucket)
+        if allowed:
+            return
+        wait = (1.0 - bucket.tokens) / key.rate_per_s
         raise ApiError(ErrorCode.RATE_LIMITED, f"key {key.name} is over {key.rate_per_s:g} "
                        "requests/s", retry_after_s=max(1.0, math.ceil(wait)))
 

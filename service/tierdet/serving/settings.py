@@ -84,8 +84,12 @@ class Settings(BaseModel):
     tls_cert_file: Path | None = Field(None, description="TLS certificate for HTTP and gRPC")
     tls_key_file: Path | None = Field(None, description="its private key")
     max_concurrency: int = Field(256, ge=1, description=(
-        "requests and gRPC calls served at once; beyond it HTTP answers 503 and gRPC "
-        "RESOURCE_EXHAUSTED, so memory stays bounded under overload"))
+        "requests and gRPC calls served at once (shared among the workers); beyond it HTTP "
+        "answers 503 and gRPC RESOURCE_EXHAUSTED, so memory stays bounded under overload"))
+    workers: int = Field(1, ge=1, le=64, description=(
+        "gateway processes sharing the HTTP and gRPC ports (each decodes on its own core; "
+        "they share metrics, rate limits and, through Triton's queue, the router's view "
+        "of the device): about one per core the gateway has"))
     batch_max_images: int = Field(16, ge=1, le=256, description=(
         "images in one `POST /v1/detect/batch` (each still bound by the image limits)"))
     batch_concurrency: int = Field(4, ge=1, le=64, description=(
