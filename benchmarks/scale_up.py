@@ -72,10 +72,21 @@ def photos() -> dict[str, bytes]:
 # -- measuring ------------------------------------------------------------------
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its live descendants (a
+    gateway's workers), all their threads."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if entry.name.isdigit() and int(_stat(int(entry.name))[1]) == pid:
+                children.append(int(entry.name))
+    fields = _stat(pid)
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_s(child) for child in children)
 
 
 @dataclass
@@ -116,9 +127,11 @@ def hey(url: str, body: Path, content_type: str, concurrency: int, seconds: floa
 
 def h2load(target: str, body: Path, concurrency: int, seconds: float) -> Load:
     """gRPC Detect calls as raw HTTP/2 (h2load cannot read gRPC status trailers:
-    the call is checked once with a real client before)."""
-    out = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", "1",
-                          "-m", str(concurrency), "-d", str(body),
+    the call is checked once with a real client before). One call at a time on
+    each of ``concurrency`` connections: the kernel spreads connections, not
+    calls, over a gateway's workers."""
+    out = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", str(concurrency),
+                          "-m", "1", "-d", str(body),
                           "-H", "content-type: application/grpc", "-H", "te: trailers",
                           f"http://{target}/tierdet.v1.Detector/Detect"],
                          capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
@@ -166,7 +179,8 @@ def triton_serving(built: BuiltModel, work: Path, instant: bool) -> LocalTriton:
 @contextlib.contextmanager
 def gateway(triton: LocalTriton, log: Path, service: Path | None = None,
             **settings: str) -> Iterator[GatewayProcess]:
-    """``tierdet serve``; from another checkout's service/ folder with ``service``."""
+    """``tierdet serve`` (``workers="2"``: two worker processes); from another
+    checkout's service/ folder with ``service``."""
     saved = os.environ.get("PYTHONPATH")
     if service is not None:
         os.environ["PYTHONPATH"] = str(service)
@@ -239,9 +253,11 @@ def instant_section(built: BuiltModel, jpegs: dict[str, bytes], work: Path,
                         for name, jpeg in jpegs.items()}
         direct.close()
         rows = []
-        sides = [("tierdet", None)] + ([("baseline", baseline)] if baseline else [])
-        for side, service in sides:
-            with gateway(triton, work / f"gateway-{side}.log", service) as gw:
+        sides = [(f"tierdet {n}w", None, n) for n in args.workers] + (
+            [("baseline", baseline, 1)] if baseline else [])
+        for side, service, workers in sides:
+            settings = {"workers": str(workers)} if workers > 1 else {}
+            with gateway(triton, work / f"gateway-{side}.log", service, **settings) as gw:
                 rows += measure_gateway(side, gw, jpegs, work, args)
         print(f"\n## Instant model ({MODEL}'s config, answers at once), "
               f"closed loop c={args.concurrency}, {args.seconds:.0f} s each\n")
@@ -253,14 +269,17 @@ def instant_section(built: BuiltModel, jpegs: dict[str, bytes], work: Path,
                   f"{seq:.1f} | {seq / straight_p50[name]:.2f}x |")
         for name, ms in straight_p50.items():
             print(f"| tritonclient straight | {name} | gRPC | | | {ms:.1f} | 1.00x |")
-        if baseline:
-            print()
-            for _, name, protocol, load, _ in (r for r in rows if r[0] == "tierdet"):
-                base = next(r[3] for r in rows if r[0] == "baseline" and r[1:3] ==
-                            (name, protocol))
-                print(f"{name} {protocol}: CPU per request {base.cpu_ms:.1f} -> "
-                      f"{load.cpu_ms:.1f} ms ({base.cpu_ms / load.cpu_ms:.2f}x less), "
-                      f"images/s {load.rps / base.rps:.2f}x")
+        print()
+        ours = [side for side, _, _ in sides if side != "baseline"]
+        references = ours[:1] + (["baseline"] if baseline else [])
+        for reference in references:
+            for side in (s for s in ours if s != reference):
+                for _, name, protocol, load, _ in (r for r in rows if r[0] == side):
+                    ref = next(r[3] for r in rows if r[0] == reference and r[1:3] ==
+                               (name, protocol))
+                    print(f"{name} {protocol}: {side} vs {reference}: images/s "
+                          f"{load.rps / ref.rps:.2f}x, CPU per request {load.cpu_ms:.1f} "
+                          f"vs {ref.cpu_ms:.1f} ms")
     finally:
         triton.stop()
 
@@ -308,13 +327,18 @@ def real_model_section(built: BuiltModel, jpeg: bytes, work: Path,
     (work / "body.hand").write_bytes(multipart(jpeg)[0])
     results: dict[tuple[str, int], list[Load]] = {}
     triton = triton_serving(built, work / "real", instant=False)
+    most = max(args.workers)
     try:
         with gateway(triton, work / "gateway-real.log") as gw, \
+                gateway(triton, work / "gateway-real-workers.log", workers=str(most)) as many, \
                 handwritten(built.onnx, work / "handwritten.log") as hand:
+            sides = [("tierdet", gw.http + "/v1/detect", "body.http"),
+                     ("hand-written", hand + "/detect", "body.hand")]
+            if most > 1:
+                sides.insert(1, (f"tierdet {most}w", many.http + "/v1/detect", "body.http"))
             for _ in range(args.rounds):
                 for concurrency in (1, 4):
-                    for side, url, sent in (("tierdet", gw.http + "/v1/detect", "body.http"),
-                                            ("hand-written", hand + "/detect", "body.hand")):
+                    for side, url, sent in sides:
                         load = hey(url, work / sent, content_type, concurrency, args.seconds)
                         results.setdefault((side, concurrency), []).append(load)
     finally:
@@ -329,10 +353,11 @@ def real_model_section(built: BuiltModel, jpeg: bytes, work: Path,
               f"{statistics.median(x.p50_ms for x in loads):.0f} | "  # type: ignore[misc]
               f"{statistics.median(x.p99_ms for x in loads):.0f} |")  # type: ignore[misc]
     for concurrency in (1, 4):
-        ours = statistics.median(x.rps for x in results[("tierdet", concurrency)])
         theirs = statistics.median(x.rps for x in results[("hand-written", concurrency)])
-        print(f"concurrency {concurrency}: tierdet {ours / theirs:.2f}x the hand-written "
-              "service's images/s")
+        for side, _, _ in sides[:-1]:
+            ours = statistics.median(x.rps for x in results[(side, concurrency)])
+            print(f"concurrency {concurrency}: {side} {ours / theirs:.2f}x the hand-written "
+                  "service's images/s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequential", type=int, default=60)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sections", default="instant,real")
+    p.add_argument("--workers", default="1,2", type=lambda v: [int(n) for n in v.split(",")],
+                   help="gateway worker counts measured side by side (the first is the "
+                        "reference of the ratios)")
     args = p.parse_args(argv)
     for tool in ("hey", "h2load"):
         if shutil.which(tool) is None:

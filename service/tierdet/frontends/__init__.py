@@ -6,7 +6,8 @@ calls ``tierdet.serving.usecase.Detector`` and translates the answer back:
 ``http_api`` holds the routes, ``batch`` the multi-image endpoint,
 ``grpc_api`` the Detector service (``streaming`` bounds DetectStream),
 ``middleware`` refuses oversized bodies, ``errors`` is the one mapping of an
-``ApiError`` to an HTTP response and a gRPC status, ``server`` runs it all.
+``ApiError`` to an HTTP response and a gRPC status, ``server`` runs it all
+(``workers``: in several processes on the same ports).
 
 May import: ``tierdet.serving``, ``tierdet.contract``, ``tierdet.registry``,
 fastapi, starlette, uvicorn, grpc.
