@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     SLA_UNATTAINABLE = "sla_unattainable"
+    OVERLOADED = "overloaded"
     MODEL_NOT_READY = "model_not_ready"
     TRITON_UNAVAILABLE = "triton_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -90,6 +91,10 @@ KINDS: dict[ErrorCode, ErrorKind] = {
     ErrorCode.SLA_UNATTAINABLE: ErrorKind(
         503, "RESOURCE_EXHAUSTED", "shed",
         "no model can answer within the budget now: shed at once (with `Retry-After`)"),
+    ErrorCode.OVERLOADED: ErrorKind(
+        503, "RESOURCE_EXHAUSTED", "shed",
+        "more requests at once than `TIERDET_MAX_CONCURRENCY`: refused before the body is "
+        "read (with `Retry-After`)"),
     ErrorCode.MODEL_NOT_READY: ErrorKind(503, "UNAVAILABLE", "error",
                                          "the model (or every model) is not ready "
                                          "(with `Retry-After`)"),

@@ -27,7 +27,7 @@ from tierdet.frontends.http_requests import (
     parse_detect_request,
     request_body_doc,
 )
-from tierdet.frontends.middleware import BodyLimit
+from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit
 from tierdet.serving import decoding, render
 from tierdet.serving.security import bearer
 from tierdet.serving.settings import Settings
@@ -86,6 +86,9 @@ def create_app(detector: Detector) -> FastAPI:
         description="Object detection that answers within your latency budget.",
     )
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
+    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency,  # outermost
+                       refused=lambda: detector.metrics.observe_failure(
+                           "http", None, "none", "shed"))
 
     def _admit(request: Request) -> Caller:
         """API key check and rate limit, before any body is read."""
@@ -128,7 +131,8 @@ def create_app(detector: Detector) -> FastAPI:
         result = await detector.detect(caller, data, options)
         if render_image:
             fmt = render.negotiate(request.headers.get("accept"))
-            body = await asyncio.to_thread(_rendered, data, result, settings, fmt)
+            async with detector.image_slot():  # the image is decoded again, in full
+                body = await asyncio.to_thread(_rendered, data, result, settings, fmt)
             return Response(body, media_type=render.MEDIA_TYPES[fmt], headers={
                 "Vary": "Accept", "X-Tierdet-Model": result.model,
                 "X-Tierdet-Detections": str(len(result.detections)),

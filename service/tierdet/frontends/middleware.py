@@ -1,4 +1,5 @@
-"""Refuse oversized request bodies while they stream in (an ASGI middleware)."""
+"""ASGI middlewares: refuse oversized request bodies while they stream in, and
+requests beyond the concurrency bound before they are read."""
 
 from __future__ import annotations
 
@@ -57,3 +58,32 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` API requests (paths under ``/v1/``) in progress: one more
+    is answered 503 ``overloaded`` before its body is read, so what the gateway
+    holds stays bounded (serving/memory.py). Probes, metrics and the page are
+    not counted and always answer. ``refused()`` is told of each refusal."""
+
+    def __init__(self, app: ASGIApp, limit: int, refused: Callable[[], None]) -> None:
+        self.app = app
+        self.limit = limit
+        self.refused = refused
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            self.refused()
+            await http_response(ApiError(
+                ErrorCode.OVERLOADED, f"more than {self.limit} requests at once",
+                retry_after_s=1.0))(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

@@ -22,6 +22,7 @@ from grpc_health.v1 import health
 from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
 from tierdet.frontends.workers import Job, listen_shared, run_workers
+from tierdet.serving import memory
 from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool, Target
@@ -100,6 +101,8 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
     ``TIERDET_WORKERS`` > 1 in that many worker processes sharing the ports."""
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
+    log.info("gateway memory: %s (%d workers, %d image slots each; see serving/memory.py)",
+             memory.bound(settings).describe(), settings.workers, memory.image_slots(settings))
     if settings.workers > 1:
         await run_workers(settings, stop, grace_s)
     else:
@@ -138,7 +141,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
     http = _Uvicorn(uvicorn.Config(
         create_app(detector), host=settings.http_host, port=settings.http_port,
         log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=int(grace_s),
-        lifespan="off", limit_concurrency=settings.max_concurrency,
+        # Requests are bounded by the app (ConcurrencyLimit, a JSON 503); uvicorn's
+        # bound counts connections, idle keep-alive ones too: a backstop only.
+        lifespan="off", limit_concurrency=4 * settings.max_concurrency + 64,
         ssl_certfile=str(settings.tls_cert_file) if tls else None,
         ssl_keyfile=str(settings.tls_key_file) if tls else None))
     sockets = [listen_shared(settings.http_host, settings.http_port)] if job else None

@@ -85,7 +85,12 @@ class Settings(BaseModel):
     tls_key_file: Path | None = Field(None, description="its private key")
     max_concurrency: int = Field(256, ge=1, description=(
         "requests and gRPC calls served at once (shared among the workers); beyond it HTTP "
-        "answers 503 and gRPC RESOURCE_EXHAUSTED, so memory stays bounded under overload"))
+        "answers 503 `overloaded` before reading the body and gRPC RESOURCE_EXHAUSTED, so "
+        "memory stays bounded under overload (probes and /metrics always answer)"))
+    image_slots: int = Field(0, ge=0, le=256, description=(
+        "decoded images one worker holds at once, from decoding to the letterbox (each up "
+        "to 6 bytes a pixel of `TIERDET_MAX_IMAGE_PIXELS`); others wait their turn; 0: the "
+        "worker's share of the cores it may use"))
     workers: int = Field(1, ge=1, le=64, description=(
         "gateway processes sharing the HTTP and gRPC ports (each decodes on its own core; "
         "they share metrics, rate limits and, through Triton's queue, the router's view "

@@ -29,7 +29,7 @@ from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import get_spec, lookup
-from tierdet.serving import decoding, imaging, postprocess
+from tierdet.serving import decoding, imaging, memory, postprocess
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
 from tierdet.serving.metrics import Metrics
@@ -84,6 +84,8 @@ class Detector:
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
+        # Decoded images held at once: what bounds the gateway's memory (see memory).
+        self.image_slots = asyncio.Semaphore(memory.image_slots(settings))
 
     # -- admission -------------------------------------------------------
 
@@ -169,14 +171,15 @@ class Detector:
             request, candidates = self._request(caller, options)
             reachable = self.router.precheck(request, _ms_since(start),
                                              self.catalog.placement(candidates))
-            # The decoders release the GIL: decoding in a worker thread keeps the
-            # event loop answering other requests meanwhile.
-            decoded, decode_s = await asyncio.to_thread(self._decode, image, reachable)
-            # Only among the models the image was decoded for (see precheck).
-            decision = self.router.decide(request, _ms_since(start),
-                                          self.catalog.placement(reachable))
-            tier, model = decision.tier, decision.model
-            result = await self._run(decision, decoded, options, start, decode_s)
+            async with self.image_slot() as slot:
+                # The decoders release the GIL: decoding in a worker thread keeps the
+                # event loop answering other requests meanwhile.
+                slot.image, decode_s = await asyncio.to_thread(self._decode, image, reachable)
+                # Only among the models the image was decoded for (see precheck).
+                decision = self.router.decide(request, _ms_since(start),
+                                              self.catalog.placement(reachable))
+                tier, model = decision.tier, decision.model
+                result = await self._run(decision, slot, options, start, decode_s)
         except ApiError as exc:
             if decision is not None and exc.code is ErrorCode.DEADLINE_EXCEEDED:
                 self._calibrate(decision, _ms_since(start))
@@ -193,6 +196,11 @@ class Detector:
             self._calibrate(decision, result.timing.total_ms)
         self._observe(caller.protocol, result)
         return result
+
+    def image_slot(self) -> ImageSlot:
+        """A slot for one decoded image (``async with``): waits while every slot
+        of this worker is taken."""
+        return ImageSlot(self.image_slots)
 
     def _calibrate(self, decision: Decision, actual_ms: float) -> None:
         """Teach the router how its admitted predictions turned out (a degraded
@@ -255,7 +263,7 @@ class Detector:
                                       (image.width, image.height), out)
         return geometry, time.perf_counter() - t0
 
-    async def _run(self, decision: Decision, image: decoding.Decoded, options: DetectOptions,
+    async def _run(self, decision: Decision, slot: ImageSlot, options: DetectOptions,
                    start: float, decode_s: float) -> DetectResult:
         spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
@@ -263,7 +271,8 @@ class Detector:
         # The input is written where the endpoint reads it from (its shared memory).
         with self._backend(decision).input_buffer((1, size, size, 3)) as batch:
             geometry, prep_s = await asyncio.to_thread(
-                self._prepare, image, size, spec.preprocessing, batch[0])
+                self._prepare, slot.take(), size, spec.preprocessing, batch[0])
+            slot.release()  # letterboxed: the pixels are not needed while Triton runs
             t_infer = time.perf_counter()
             rows, decision = await self._infer(decision, batch, start)
             t_post = time.perf_counter()
@@ -331,6 +340,35 @@ class Detector:
                                 in_slo, r.predicted_ms / 1e3)
         if r.degraded:
             self.metrics.degraded.labels(r.tier or "none", result.model).inc()
+
+
+class ImageSlot:
+    """One of a worker's slots for a decoded image, held from decoding until the
+    image is letterboxed; the pixels are dropped with it, so no more decoded
+    images than slots are alive at once."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = False
+        self.image: decoding.Decoded | None = None
+
+    async def __aenter__(self) -> ImageSlot:
+        await self._slots.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+    def take(self) -> decoding.Decoded:
+        assert self.image is not None, "nothing decoded into this slot"
+        return self.image
+
+    def release(self) -> None:
+        self.image = None
+        if self._held:
+            self._held = False
+            self._slots.release()
 
 
 def _ms_since(start: float) -> float:

@@ -1,0 +1,86 @@
+"""What a gateway holds in memory at most, so that a pod can be sized instead
+of OOM-killed.
+
+Three things grow with load, each bounded by a setting:
+
+- **request bodies**: at most ``TIERDET_MAX_CONCURRENCY`` requests are held at
+  once (over all workers), each up to BODY_COPIES x ``TIERDET_MAX_IMAGE_BYTES``
+  (a JSON body is the image base64-encoded, 4/3 of it, kept by the framework;
+  while it is parsed the text once more; then the image's bytes);
+- **decoded images**: each worker holds at most ``image_slots`` at once, from
+  decoding until the image is letterboxed into the model's input (and while
+  an annotated image is drawn), each up to IMAGE_COPIES x 3 bytes x
+  ``TIERDET_MAX_IMAGE_PIXELS`` (the decoder's output and an EXIF rotation's
+  copy);
+- the **interpreter** with its libraries, BASE_MB per worker (measured: an idle
+  worker serving D0 is ~125 MB resident).
+
+Multipart uploads larger than 1 MB are spooled to /tmp meanwhile (Starlette),
+at most ``spool_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tierdet.serving.settings import Settings
+
+BODY_COPIES = 4
+IMAGE_COPIES = 2
+BASE_MB = 200
+MIB = 1024 * 1024
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may run on: its CPU quota where a cgroup sets one
+    (a pod's CPU limit), else its affinity."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup.read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
+def image_slots(settings: Settings, cores: int | None = None) -> int:
+    """Decoded images one worker holds at once: the setting, or the worker's
+    share of the cores (decoding more at once than cores gains nothing)."""
+    if settings.image_slots:
+        return settings.image_slots
+    cores = usable_cores() if cores is None else cores
+    return max(1, math.ceil(cores / settings.workers))
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    bodies: int
+    images: int
+    base: int
+
+    @property
+    def total(self) -> int:
+        return self.bodies + self.images + self.base
+
+    def describe(self) -> str:
+        return (f"{self.total / MIB:.0f} MiB at most: request bodies {self.bodies / MIB:.0f}, "
+                f"decoded images {self.images / MIB:.0f}, interpreters {self.base / MIB:.0f}")
+
+
+def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
+    """The most every worker of a gateway with ``settings`` holds together."""
+    image = IMAGE_COPIES * 3 * settings.max_image_pixels
+    held = settings.workers * math.ceil(settings.max_concurrency / settings.workers)
+    return MemoryBound(
+        bodies=held * BODY_COPIES * settings.max_image_bytes,
+        images=settings.workers * image_slots(settings, cores) * image,
+        base=settings.workers * BASE_MB * MIB)
+
+
+def spool_bytes(settings: Settings) -> int:
+    """The most multipart uploads take in /tmp at once."""
+    return settings.max_concurrency * settings.max_image_bytes

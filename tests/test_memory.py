@@ -1,0 +1,118 @@
+"""The gateway's memory bound: at most ``image_slots`` decoded images per worker
+are alive at once, so a flood of 40-megapixel images at the configured
+concurrency keeps the process under the bound serving/memory.py computes
+(the figure the chart's memory limit is checked against); beyond the
+concurrency bound requests are refused at once, and probes still answer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from conftest import TEST_MODEL
+from tierdet.devstack.stack import GatewayProcess
+from tierdet.serving import memory
+from tierdet.serving.settings import Settings
+
+WIDTH, HEIGHT = 7680, 5200  # 39.9 MP, under the default 40 MP limit
+CONCURRENCY, SLOTS = 6, 2
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+
+
+def large_png() -> bytes:
+    """40 MP that decode in full (PNG has no reduced decode): 120 MB of pixels each."""
+    ramp = np.linspace(0, 255, WIDTH, dtype=np.uint8)
+    image = np.broadcast_to(ramp[None, :, None], (HEIGHT, WIDTH, 3)).copy()
+    cv2.rectangle(image, (1000, 1000), (3000, 4000), (0, 0, 255), -1)
+    return cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+
+
+def peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_slots_default_to_the_workers_share_of_the_cores():
+    assert memory.image_slots(Settings(workers=2), cores=8) == 4
+    assert memory.image_slots(Settings(workers=4), cores=2) == 1
+    assert memory.image_slots(Settings(image_slots=3, workers=4), cores=2) == 3
+
+
+def test_a_cgroup_quota_is_what_a_pod_may_use(tmp_path):
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # a CPU limit of 1.5
+    assert memory.usable_cores(limit) == min(2, memory.usable_cores(tmp_path / "none"))
+    limit.write_text("max 100000\n")
+    assert memory.usable_cores(limit) == memory.usable_cores(tmp_path / "none")
+
+
+def test_forty_megapixel_flood_stays_under_the_bound(triton, tmp_path):
+    png = large_png()
+    assert len(png) < MAX_IMAGE_BYTES
+    settings = {"max_concurrency": str(CONCURRENCY), "image_slots": str(SLOTS),
+                "max_image_bytes": str(MAX_IMAGE_BYTES), "models": TEST_MODEL}
+    bound = memory.bound(Settings.from_env({f"TIERDET_{k.upper()}": v for k, v in settings.items()}))
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log", **settings)
+    try:
+        idle = peak_rss(gateway.process.pid)
+
+        def post(_: int) -> int:
+            return httpx.post(gateway.http + "/v1/detect",
+                              files={"image": ("big.png", png, "image/png")},
+                              data={"model": TEST_MODEL, "sla_ms": "60000"},
+                              timeout=120).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            codes = list(pool.map(post, range(2 * CONCURRENCY)))
+        peak = peak_rss(gateway.process.pid)
+    finally:
+        gateway.stop()
+    assert codes == [200] * (2 * CONCURRENCY)
+    image = 3 * WIDTH * HEIGHT
+    print(f"peak {peak / memory.MIB:.0f} MiB (idle {idle / memory.MIB:.0f}), "
+          f"bound {bound.describe()}")
+    # The flood was real (more than one image decoded at a time, at full size)...
+    assert peak - idle > 1.5 * image, (idle, peak)
+    # ...and bounded: what the slots allow, far from six images at once.
+    assert peak < bound.total, (peak, bound.describe())
+    assert peak - idle < (SLOTS + 1) * memory.IMAGE_COPIES * image, (idle, peak)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_bound_counts_every_worker(workers):
+    one = memory.bound(Settings(workers=1, image_slots=1))
+    many = memory.bound(Settings(workers=workers, image_slots=1))
+    assert many.images == workers * one.images and many.base == workers * one.base
+    assert many.bodies == one.bodies  # the concurrency bound is the gateway's
+
+
+def test_beyond_the_concurrency_bound_requests_are_refused_and_probes_answer(triton, tmp_path):
+    png = large_png()
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log",
+                                   max_concurrency="2", image_slots="1", models=TEST_MODEL)
+    try:
+        def post(_: int) -> httpx.Response:
+            return httpx.post(gateway.http + "/v1/detect",
+                              files={"image": ("big.png", png, "image/png")},
+                              data={"model": TEST_MODEL, "sla_ms": "60000"}, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = pool.map(post, range(6))
+            probes = [httpx.get(gateway.http + path, timeout=5).status_code
+                      for path in ("/healthz", "/metrics")]
+            answers = list(answers)
+        refused = [a for a in answers if a.status_code == 503]
+        assert probes == [200, 200]
+        assert refused and all(a.json()["error"]["code"] == "overloaded" and
+                               a.headers["retry-after"] == "1" for a in refused)
+        assert all(a.status_code in (200, 503) for a in answers)
+        assert sum(a.status_code == 200 for a in answers) >= 2
+        # The gateway serves on after the flood.
+        assert post(0).status_code == 200
+    finally:
+        gateway.stop()
