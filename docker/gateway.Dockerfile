@@ -32,7 +32,8 @@ ENV PATH=/opt/tierdet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     TIERDET_HTTP_HOST=0.0.0.0 \
-    TIERDET_GRPC_HOST=0.0.0.0
+    TIERDET_GRPC_HOST=0.0.0.0 \
+    TIERDET_ACCESS_LOG=stderr
 USER 10001:10001
 EXPOSE 8080 50051
 # python, not curl: the slim image has no curl, and the port follows TIERDET_HTTP_PORT.

@@ -56,7 +56,8 @@ def test_forty_megapixel_flood_stays_under_the_bound(triton, tmp_path):
     assert len(png) < MAX_IMAGE_BYTES
     settings = {"max_concurrency": str(CONCURRENCY), "image_slots": str(SLOTS),
                 "max_image_bytes": str(MAX_IMAGE_BYTES), "models": TEST_MODEL}
-    bound = memory.bound(Settings.from_env({f"TIERDET_{k.upper()}": v for k, v in settings.items()}))
+    bound = memory.bound(Settings.from_env(
+        {f"TIERDET_{k.upper()}": v for k, v in settings.items()}))
     gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log", **settings)
     try:
         idle = peak_rss(gateway.process.pid)

@@ -1,4 +1,5 @@
-"""API keys: hashed, constant-time compared, 401 vs 403, per-key token buckets\n(shared by every worker of a gateway)."""
+"""API keys: hashed, constant-time compared, 401 vs 403, per-key token buckets
+(shared by every worker of a gateway)."""
 
 from __future__ import annotations
 

@@ -30,12 +30,13 @@ async def run_batch(detector: Detector, caller: Caller, images: list[BatchImage]
 
     async def one(index: int, image: BatchImage) -> BatchItem:
         if image.error is not None:
+            detector.log_refused(caller.restarted(index), options, image.error)
             return BatchItem(index, image.filename, None, wire.error_info(image.error))
         async with slots:
             # The budget of each image counts from when the gateway starts on
             # it: images queued behind their siblings are not shed for waiting.
             try:
-                result = await detector.detect(caller.restarted(), image.data, options)
+                result = await detector.detect(caller.restarted(index), image.data, options)
             except ApiError as exc:
                 return BatchItem(index, image.filename, None, wire.error_info(exc))
             except Exception:

@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from tierdet.contract.errors import GRPC_CODE_KEY, ApiError, ErrorCode, first_problem
+from tierdet.serving import access
 
 
 def http_response(exc: ApiError) -> JSONResponse:
+    access.note_refusal(exc.code)
     retry_after = exc.retry_after_header()
     headers = {"Retry-After": retry_after} if retry_after is not None else {}
     return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
@@ -34,7 +36,10 @@ def grpc_status(exc: ApiError) -> grpc.StatusCode:
 
 
 async def grpc_abort(context: grpc.aio.ServicerContext, exc: ApiError) -> NoReturn:
+    access.note_refusal(exc.code)
     trailing = [(GRPC_CODE_KEY, exc.code.value)]
+    if (call := access.current()) is not None:  # abort replaces what was set before
+        trailing.append((access.HEADER, call.request_id))
     retry_after = exc.retry_after_header()
     if retry_after is not None:
         trailing.append(("retry-after", retry_after))

@@ -3,9 +3,10 @@ standard health and reflection."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +22,7 @@ from tierdet.frontends.errors import grpc_abort, invalid_option
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.serving import access
 from tierdet.serving.metrics import ADDS_UP
 from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
@@ -59,6 +61,23 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         self.streams_open = Gauge("tierdet_streams_open", "DetectStream calls in progress.",
                                   multiprocess_mode=ADDS_UP, registry=registry)
 
+    @contextlib.contextmanager
+    def _call(self, context: grpc.aio.ServicerContext, method: str) -> Iterator[access.Call]:
+        """The call's id (the caller's ``x-request-id`` when sane), returned in the
+        trailing metadata; the access-log line of a call that reached no image."""
+        rid = access.request_id(_metadata(context, access.HEADER))
+        context.set_trailing_metadata(((access.HEADER, rid),))
+        with access.call(rid, "grpc", method) as call:
+            try:
+                yield call
+            finally:
+                if not call.images:
+                    status = ("OK" if call.code == "ok"
+                              else ErrorCode(call.code).kind.grpc_status)
+                    self.detector.access.write(
+                        call, code=call.code, status=status,
+                        latency_ms=round((time.perf_counter() - call.started) * 1e3, 1))
+
     def _admit(self, context: grpc.aio.ServicerContext,
                received: float | None = None) -> Caller:
         return self.detector.admit(bearer(_metadata(context, "authorization"),
@@ -68,38 +87,40 @@ class DetectorServicer(pb_grpc.DetectorServicer):
     async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
         received = time.perf_counter()
-        try:
-            caller = self._admit(context, received)
-            result = await self.detector.detect(caller, request.image,
-                                                options_from_request(request))
-        except ApiError as exc:
-            await grpc_abort(context, exc)
-        except Exception:
-            log.exception("unhandled error")
-            await grpc_abort(context, ApiError(ErrorCode.INTERNAL, "internal error"))
-        return wire.to_message(result, pb.DetectResponse())
+        with self._call(context, "Detect"):
+            try:
+                caller = self._admit(context, received)
+                result = await self.detector.detect(caller, request.image,
+                                                    options_from_request(request))
+            except ApiError as exc:
+                await grpc_abort(context, exc)
+            except Exception:
+                log.exception("unhandled error")
+                await grpc_abort(context, ApiError(ErrorCode.INTERNAL, "internal error"))
+            return wire.to_message(result, pb.DetectResponse())
 
     async def DetectStream(self, request_iterator: AsyncIterator[pb.DetectFrame],  # noqa: N802
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[pb.DetectFrameResult]:
-        try:
-            caller = self._admit(context)
-        except ApiError as exc:
-            await grpc_abort(context, exc)
-        self.streams_open.inc()
-        try:
-            # Each result is yielded only once the previous one is written, and
-            # ordered_map reads no further than the bound: a slow reader on the
-            # other end stops us reading, and HTTP/2 flow control stops its sender.
-            async def frame(f: pb.DetectFrame) -> pb.DetectFrameResult:
-                return wire.frame_to_message(await self._frame(f, caller))
+        with self._call(context, "DetectStream"):
+            try:
+                caller = self._admit(context)
+            except ApiError as exc:
+                await grpc_abort(context, exc)
+            self.streams_open.inc()
+            try:
+                # Each result is yielded only once the previous one is written, and
+                # ordered_map reads no further than the bound: a slow reader on the
+                # other end stops us reading, and HTTP/2 flow control stops its sender.
+                async def frame(f: pb.DetectFrame) -> pb.DetectFrameResult:
+                    return wire.frame_to_message(await self._frame(f, caller))
 
-            async for result in ordered_map(aiter(request_iterator), frame,
-                                            self.detector.settings.stream_max_inflight,
-                                            self.frames_held):
-                yield result
-        finally:
-            self.streams_open.dec()
+                async for result in ordered_map(aiter(request_iterator), frame,
+                                                self.detector.settings.stream_max_inflight,
+                                                self.frames_held):
+                    yield result
+            finally:
+                self.streams_open.dec()
 
     async def _frame(self, frame: pb.DetectFrame, caller: Caller) -> FrameResult:
         """One frame's answer; its failure is reported in it, never raised.
@@ -107,9 +128,14 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         The call's deadline is not a frame's: it bounds the whole stream (and
         cancels it when it passes). Each frame is budgeted by its own sla_ms
         or tier, so a long-running stream keeps its tiers' degrade rules."""
+        item = caller.restarted(frame.frame_id)
         try:
-            result = await self.detector.detect(caller.restarted(), frame.request.image,
-                                                options_from_request(frame.request))
+            options = options_from_request(frame.request)
+        except ApiError as exc:
+            self.detector.log_refused(item, DetectOptions.model_validate({}), exc)
+            return FrameResult(frame.frame_id, None, wire.error_info(exc))
+        try:
+            result = await self.detector.detect(item, frame.request.image, options)
         except ApiError as exc:
             return FrameResult(frame.frame_id, None, wire.error_info(exc))
         except Exception:
@@ -120,11 +146,12 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        try:
-            self._admit(context)
-        except ApiError as exc:
-            await grpc_abort(context, exc)
-        return wire.to_message(self.detector.models(), pb.ListModelsResponse())
+        with self._call(context, "ListModels"):
+            try:
+                self._admit(context)
+            except ApiError as exc:
+                await grpc_abort(context, exc)
+            return wire.to_message(self.detector.models(), pb.ListModelsResponse())
 
 
 def create_grpc_server(

@@ -27,7 +27,7 @@ from tierdet.frontends.http_requests import (
     parse_detect_request,
     request_body_doc,
 )
-from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit
+from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, RequestContext
 from tierdet.serving import decoding, render
 from tierdet.serving.security import bearer
 from tierdet.serving.settings import Settings
@@ -86,9 +86,10 @@ def create_app(detector: Detector) -> FastAPI:
         description="Object detection that answers within your latency budget.",
     )
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
-    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency,  # outermost
+    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency,
                        refused=lambda: detector.metrics.observe_failure(
                            "http", None, "none", "shed"))
+    app.add_middleware(RequestContext, log=detector.access)  # outermost: ids on every answer
 
     def _admit(request: Request) -> Caller:
         """API key check and rate limit, before any body is read."""
@@ -108,11 +109,6 @@ def create_app(detector: Detector) -> FastAPI:
         code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_OPTION
         body = {"error": {"code": code.value, "message": str(exc.detail)}}
         return JSONResponse(body, status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")  # the trace goes to the log, never the client
-        return http_response(ApiError(ErrorCode.INTERNAL, "internal error"))
 
     @app.post("/v1/detect", response_model=DetectResult, responses=_DETECT_RESPONSES,
               openapi_extra=request_body_doc("image", DetectJsonRequest),

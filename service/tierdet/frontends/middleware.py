@@ -1,14 +1,65 @@
-"""ASGI middlewares: refuse oversized request bodies while they stream in, and
-requests beyond the concurrency bound before they are read."""
+"""ASGI middlewares: the request's id and access-log line, refusing requests
+beyond the concurrency bound before they are read, and oversized bodies while
+they stream in."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.frontends.errors import http_response
+from tierdet.serving import access
+from tierdet.serving.access import AccessLog
+
+log = logging.getLogger("tierdet.http")
+
+
+class RequestContext:
+    """The outermost layer: every HTTP request runs as an ``access.call`` with an
+    id (the caller's ``X-Request-ID`` when sane, else a new one) that comes back
+    on the answer, errors included. An API call (under ``/v1/``) that reached no
+    image gets its access-log line here; images get theirs from the use case."""
+
+    def __init__(self, app: ASGIApp, log: AccessLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(access.HEADER.encode(), b"")
+        rid = access.request_id(given.decode("latin-1"))
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()),
+                                      (access.HEADER.encode(), rid.encode())]
+            await send(message)
+
+        with access.call(rid, "http", f"{scope['method']} {scope['path']}") as call:
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                if status:  # the answer has begun: nothing more can be said
+                    raise
+                # Answered here, not by Starlette's outermost handler, so that
+                # the id comes back on this answer too.
+                log.exception("unhandled error")
+                await http_response(ApiError(ErrorCode.INTERNAL, "internal error"))(
+                    scope, receive, send_with_id)
+            finally:
+                if scope["path"].startswith("/v1/") and not call.images:
+                    self.log.write(call, code=call.code, status=status,
+                                   latency_ms=round((time.perf_counter() - call.started)
+                                                    * 1e3, 1))
 
 
 class BodyLimit:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health
 from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
 from tierdet.frontends.workers import Job, listen_shared, run_workers
-from tierdet.serving import memory
+from tierdet.serving import access, memory
 from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool, Target
@@ -122,6 +122,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
     configure_decoders(settings.max_image_pixels)
     # httpx logs each request at INFO: a line per queue poll, 20 a second.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    access.tag_log_records()
     if stop is None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
@@ -170,4 +171,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         watch_task.cancel()
         queue_task.cancel()
         await triton.close()
+        detector.access.close()
         log.info("gateway stopped")

@@ -104,6 +104,10 @@ class Settings(BaseModel):
         "frames one DetectStream holds (read, not yet answered); at the bound the gateway "
         "stops reading, so flow control pushes back on the sender"))
     log_level: str = Field("info", description="uvicorn's log level")
+    access_log: str = Field("off", description=(
+        "one JSON line per image and per refused call (request id, key name, tier, budget, "
+        "model, endpoint, outcome, latency, image size): `stderr`, a file path, or `off` "
+        "(the gateway image sets `stderr`)"))
 
     @field_validator("triton_url")
     @classmethod

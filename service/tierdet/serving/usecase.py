@@ -29,7 +29,8 @@ from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import get_spec, lookup
-from tierdet.serving import decoding, imaging, memory, postprocess
+from tierdet.serving import access, decoding, imaging, memory, postprocess
+from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
 from tierdet.serving.metrics import Metrics
@@ -55,11 +56,12 @@ class Caller:
     protocol: str  # "http" or "grpc" (the metrics label)
     received: float  # perf_counter() when the request arrived: budgets count from here
     deadline_ms: float | None = None  # the transport's own deadline from ``received``
+    item: int | None = None  # a batch image's index, a stream frame's id
 
-    def restarted(self) -> Caller:
+    def restarted(self, item: int | None = None) -> Caller:
         """The same caller for one more piece of work starting now, with no
         transport deadline (a batch image, a stream frame: each has its budget)."""
-        return replace(self, received=time.perf_counter(), deadline_ms=None)
+        return replace(self, received=time.perf_counter(), deadline_ms=None, item=item)
 
 
 def build_router(settings: Settings) -> Router:
@@ -83,6 +85,7 @@ class Detector:
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
+        self.access = AccessLog(settings.access_log)
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
         # Decoded images held at once: what bounds the gateway's memory (see memory).
         self.image_slots = asyncio.Semaphore(memory.image_slots(settings))
@@ -94,6 +97,8 @@ class Detector:
         """Authenticate and rate-limit a caller (no-op without configured keys)."""
         try:
             key = self.keys.authenticate(credentials)
+            if key is not None and (call := access.current()) is not None:
+                call.key = key.name  # known now, even if the rate refuses it
             self.keys.take(key)
         except ApiError as exc:
             self.metrics.observe_failure(protocol, None, "none", exc.outcome)
@@ -162,6 +167,21 @@ class Detector:
             raise
 
     async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
+        seen = _Outcome()
+        try:
+            seen.result = await self._detect(caller, image, options, seen)
+            return seen.result
+        except ApiError as exc:
+            seen.code = exc.code
+            raise
+        except Exception:
+            seen.code = ErrorCode.INTERNAL
+            raise
+        finally:
+            self._log_access(caller, options, len(image), seen)
+
+    async def _detect(self, caller: Caller, image: bytes, options: DetectOptions,
+                      seen: _Outcome) -> DetectResult:
         start = caller.received
         tier, model = options.tier, options.model or "none"
         decision: Decision | None = None
@@ -179,7 +199,9 @@ class Detector:
                 decision = self.router.decide(request, _ms_since(start),
                                               self.catalog.placement(reachable))
                 tier, model = decision.tier, decision.model
-                result = await self._run(decision, slot, options, start, decode_s)
+                seen.decision = decision
+                result, decision = await self._run(decision, slot, options, start, decode_s)
+                seen.decision = decision  # the endpoint that answered (failover)
         except ApiError as exc:
             if decision is not None and exc.code is ErrorCode.DEADLINE_EXCEEDED:
                 self._calibrate(decision, _ms_since(start))
@@ -192,10 +214,37 @@ class Detector:
             raise
         finally:
             self.metrics.inflight.dec()
-        if decision is not None:
-            self._calibrate(decision, result.timing.total_ms)
+        self._calibrate(decision, result.timing.total_ms)
         self._observe(caller.protocol, result)
         return result
+
+    def log_refused(self, caller: Caller, options: DetectOptions, exc: ApiError) -> None:
+        """The access-log line of an image refused before it reached ``detect``."""
+        self._log_access(caller, options, 0, _Outcome(code=exc.code))
+
+    def _log_access(self, caller: Caller, options: DetectOptions, image_bytes: int,
+                    seen: _Outcome) -> None:
+        """The access-log line of one image (see access)."""
+        call = access.current()
+        if call is None:
+            return
+        call.images += 1
+        if not self.access.enabled:
+            return
+        code, decision, result = seen.code, seen.decision, seen.result
+        if code is None:
+            status: int | str = 200 if caller.protocol == "http" else "OK"
+        else:
+            status = code.kind.http_status if caller.protocol == "http" else code.kind.grpc_status
+        self.access.write(
+            call, item=caller.item, code=code.value if code else "ok", status=status,
+            tier=decision.tier if decision else options.tier,
+            budget_ms=decision.budget_ms if decision else options.sla_ms,
+            model=decision.model if decision else options.model,
+            endpoint=decision.endpoint if decision else None,
+            predicted_ms=round(decision.predicted_ms, 1) if decision else None,
+            latency_ms=round(_ms_since(caller.received), 1), image_bytes=image_bytes,
+            width=result.width if result else None, height=result.height if result else None)
 
     def image_slot(self) -> ImageSlot:
         """A slot for one decoded image (``async with``): waits while every slot
@@ -264,7 +313,8 @@ class Detector:
         return geometry, time.perf_counter() - t0
 
     async def _run(self, decision: Decision, slot: ImageSlot, options: DetectOptions,
-                   start: float, decode_s: float) -> DetectResult:
+                   start: float, decode_s: float) -> tuple[DetectResult, Decision]:
+        """The answer, and the decision that gave it (another endpoint after a failover)."""
         spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
         size = spec.input_size
@@ -287,7 +337,7 @@ class Detector:
         routing = Routing(decision.tier, decision.budget_ms, decision.predicted_ms,
                           timing.total_ms, decision.degraded)
         return DetectResult(spec.name, geometry.width, geometry.height, detections, timing,
-                            routing)
+                            routing), decision
 
     def _backend(self, decision: Decision) -> Backend:
         endpoint = self.pool.endpoints.get(decision.endpoint)
@@ -340,6 +390,15 @@ class Detector:
                                 in_slo, r.predicted_ms / 1e3)
         if r.degraded:
             self.metrics.degraded.labels(r.tier or "none", result.model).inc()
+
+
+@dataclass
+class _Outcome:
+    """How one image went, for its access-log line."""
+
+    decision: Decision | None = None
+    result: DetectResult | None = None
+    code: ErrorCode | None = None
 
 
 class ImageSlot:
