@@ -10,6 +10,7 @@ an invalid project unless that dependency says `required: false`.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ import jsonschema
 import pytest
 import yaml
 from deploy_support import (
+    CHART,
     COMPOSE_FILE,
     DOCKER,
     NON_SETTINGS_ENV,
@@ -64,6 +66,17 @@ def _container_ports(service: dict[str, Any]) -> set[int]:
     return {int(p.rsplit(":", 1)[-1]) for p in service.get("ports", [])}
 
 
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Z_][A-Z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def _as_compose_reads(text: str, env: dict[str, str] | None = None) -> str:
+    """The file after compose's interpolation (it comes before parsing): ${VAR:-default}
+    from ``env`` or the default, $$ a literal $."""
+    env = env or {}
+    return _VARIABLE.sub(lambda m: "$" if m.group(0) == "$$"
+                         else env.get(m.group(1), m.group(2) or ""), text)
+
+
 # --- the file is valid Compose ------------------------------------------------------------
 
 
@@ -75,7 +88,9 @@ def test_compose_file_matches_the_compose_spec_schema():
 
 
 def test_compose_file_parses_and_validates_with_the_compose_spec_crate():
-    project = compose_spec.PyOptions(apply_merge=True).from_yaml(COMPOSE_FILE.read_text())
+    # Interpolated first, as compose does: a published port's host address is a variable.
+    text = _as_compose_reads(COMPOSE_FILE.read_text())
+    project = compose_spec.PyOptions(apply_merge=True).from_yaml(text)
     project.validate()
     assert sorted(project.service_names()) == sorted(_services())
 
@@ -271,3 +286,81 @@ def test_nothing_secret_is_set_in_compose():
         for key, value in (service.get("environment") or {}).items():
             if re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", key):
                 assert str(value).startswith("${"), f"{name}: {key} has a literal value"
+
+
+# --- security and shutdown ------------------------------------------------------------------
+
+
+def test_every_port_is_published_on_this_host_only_unless_told():
+    # Without API keys the gateway serves anyone who reaches it.
+    for name, service in _services().items():
+        for port in service.get("ports", []):
+            assert _as_compose_reads(port).startswith("127.0.0.1:"), f"{name}: {port}"
+    wider = [_as_compose_reads(p, {"TIERDET_PUBLISH_ADDRESS": "0.0.0.0"})
+             for p in _services()["gateway"]["ports"]]
+    assert wider == ["0.0.0.0:8080:8080", "0.0.0.0:50051:50051"]
+
+
+def _start_triton(service: dict[str, Any], tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """The argv a service's start script execs tritonserver with (a stand-in records it)."""
+    shell, dash_c, script, argv0, *flags = service["command"]
+    assert (shell, dash_c, argv0) == ("sh", "-c", "tritonserver")
+    stand_in = tmp_path / "bin" / "tritonserver"
+    stand_in.parent.mkdir(exist_ok=True)
+    stand_in.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    stand_in.chmod(0o755)
+    out = tmp_path / "argv"
+    run_tool(["sh", "-c", _as_compose_reads(script), argv0, *flags],
+             env={"PATH": f"{stand_in.parent}:/usr/bin:/bin", "ARGS_OUT": str(out), **env})
+    argv = out.read_text().splitlines()
+    assert argv[:len(flags)] == flags  # the service's own flags come first, unchanged
+    return argv[len(flags):]
+
+
+def _restricted(argv: list[str]) -> dict[str, tuple[str, str]]:
+    """{flag: (groups, header=value)} of the restricted-API flags."""
+    pairs = dict(a[2:].split("=", 1) for a in argv)
+    return {flag: tuple(value.split(":", 1)) for flag, value in pairs.items()}
+
+
+@pytest.mark.parametrize("name", ["triton", "triton-cpu"])
+def test_triton_restricts_the_api_groups_the_chart_restricts(name, tmp_path):
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["triton"]["restrictedApis"]
+    argv = _start_triton(_services()[name], tmp_path, {"TRITON_ADMIN_KEY": "k3y"})
+    assert _restricted(argv) == {
+        "grpc-restricted-protocol": (",".join(chart["grpc"]), f"{chart['header']}=k3y"),
+        "http-restricted-api": (",".join(chart["http"]), f"{chart['header']}=k3y"),
+    }
+    assert _services()[name]["environment"]["TRITON_ADMIN_KEY"] == "${TRITON_ADMIN_KEY:-}"
+
+
+def test_the_triton_start_script_passes_shellcheck(tmp_path):
+    script = tmp_path / "triton-start.sh"
+    script.write_text("#!/bin/sh\n" + _as_compose_reads(_services()["triton"]["command"][2]))
+    result = run_tool([tool("shellcheck"), str(script)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_without_an_admin_key_each_start_locks_them_with_a_random_one(tmp_path):
+    # Triton refuses an empty value; a fixed default would be a published password.
+    keys = set()
+    for env in ({}, {"TRITON_ADMIN_KEY": ""}):
+        argv = _start_triton(_services()["triton"], tmp_path, env)
+        (key,) = {header.split("=", 1)[1] for _, header in _restricted(argv).values()}
+        assert re.fullmatch(r"[0-9a-f]{32}", key)
+        keys.add(key)
+    assert len(keys) == 2
+
+
+def test_stops_leave_time_for_the_drain():
+    from tierdet.frontends.server import run_gateway
+
+    s = _services()
+    # docker stops the gateway first (it depends on Triton); SIGKILL comes after
+    # stop_grace_period (10 s by default), which must outlast each drain. The
+    # gateway's: run_gateway's grace_s, then the worker supervisor's 5 s.
+    gateway_drain = inspect.signature(run_gateway).parameters["grace_s"].default + 5
+    assert compose_spec.parse_duration(s["gateway"]["stop_grace_period"]) >= gateway_drain + 5
+    for name in ("triton", "triton-cpu"):
+        exit_timeout = int(_command_flags(s[name])["exit-timeout-secs"])
+        assert compose_spec.parse_duration(s[name]["stop_grace_period"]) >= exit_timeout + 5

@@ -11,6 +11,7 @@ prometheus-adapter queries the autoscalers depend on.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -35,6 +36,7 @@ from deploy_support import (
 )
 from helm_python import Chart, HelmError, HelmValuesError, lint
 from tierdet.registry.specs import SPECS
+from tierdet.serving import memory
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import parse_targets
 from tierdet.serving.routing import TierConfig
@@ -117,6 +119,8 @@ def test_every_variant_renders_the_whole_deployment(variant):
         ("ConfigMap", "tierdet-gateway"), ("Deployment", "tierdet-gateway"),
         ("Deployment", "tierdet-triton"), ("HorizontalPodAutoscaler", "tierdet-gateway"),
         ("HorizontalPodAutoscaler", "tierdet-triton"), ("Job", "tierdet-model-builder-1"),
+        ("NetworkPolicy", "tierdet-gateway"), ("NetworkPolicy", "tierdet-triton"),
+        ("Secret", "tierdet-triton-admin"),
         ("PersistentVolumeClaim", "tierdet-models"), ("PodDisruptionBudget", "tierdet-gateway"),
         ("PodDisruptionBudget", "tierdet-triton"), ("PrometheusRule", "tierdet"),
         ("Service", "tierdet-gateway"), ("Service", "tierdet-triton"),
@@ -213,6 +217,14 @@ def test_values_schema_is_valid_and_the_shipped_values_pass():
     {"triton": {"autoscaling": {"queueTimeUsPerRequest": 0}}},
     {"persistence": {"size": "lots"}},
     {"tritonn": {}},
+    {"apiKeys": {"existingSecret": "Not_A_Name"}},
+    {"tls": {"secretName": "tierdet-tls"}},  # not a value: existingSecret
+    {"networkPolicy": {"enabled": "yes"}},
+    {"networkPolicy": {"prometheusFrom": []}},  # unscraped: the autoscalers go blind
+    {"networkPolicy": {"gatewayFrom": [{"pods": {}}]}},
+    {"triton": {"restrictedApis": {"grpc": ["model-repo"]}}},
+    {"gateway": {"preStopSleepSeconds": -1}},
+    {"triton": {"exitTimeoutSeconds": "30s"}},
 ])
 def test_a_bad_value_is_rejected_by_the_schema_and_by_helm(bad):
     merged = chart().merge_values(bad)
@@ -248,6 +260,27 @@ def test_gateway_settings_in_the_schema_are_settings_fields():
 
 
 # --- the gateway ----------------------------------------------------------------------------
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes memory quantity in bytes (the binary and decimal suffixes)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text)).groups()  # type: ignore[union-attr]
+    return int(float(number) * units.get(unit, 1))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_gateway_pod_has_room_for_what_its_settings_let_it_hold(variant):
+    # The memory limit and the /tmp volume are sized from the concurrency and the
+    # image limits (serving/memory.py), so a flood of the largest images is not
+    # an OOM kill or an eviction.
+    settings = Settings.from_env(env_of(container(variant, "gateway")))
+    assert settings.image_slots, "set: a pod's cores are not known when it is rendered"
+    limit = quantity(container(variant, "gateway")["resources"]["limits"]["memory"])
+    assert memory.bound(settings).total <= limit, memory.bound(settings).describe()
+    tmp = next(v for v in pod_spec(variant, "gateway")["volumes"] if v["name"] == "tmp")
+    assert memory.spool_bytes(settings) <= quantity(tmp["emptyDir"]["sizeLimit"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -593,3 +626,388 @@ def test_model_volume_survives_uninstall_and_is_shared():
     assert claims == {pvc["metadata"]["name"]}
     existing = render({"persistence": {"existingClaim": "shared-models"}})
     assert not [m for m in existing if m["kind"] == "PersistentVolumeClaim"]
+
+
+# --- API keys and TLS -----------------------------------------------------------------------
+
+
+def _gateway_of(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod spec, gateway container) of the chart rendered with ``values``."""
+    (deployment,) = [m for m in render(values) if m["kind"] == "Deployment"
+                     and m["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    spec = deployment["spec"]["template"]["spec"]
+    return spec, spec["containers"][0]
+
+
+def _mounted_file(spec: dict[str, Any], c: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret, key) whose file the container sees at ``path``, mounted read-only."""
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    relative = path[len(mount["mountPath"]) + 1:]
+    (key,) = [i["key"] for i in volume["secret"]["items"] if i["path"] == relative]
+    return volume["secret"]["secretName"], key
+
+
+def test_api_keys_come_from_an_existing_secret_mounted_read_only():
+    spec, gateway = _gateway_of({"apiKeys": {"existingSecret": "tierdet-api-keys",
+                                             "key": "clients.yaml"}})
+    settings = Settings.from_env(env_of(gateway))
+    assert _mounted_file(spec, gateway, str(settings.api_keys_file)) == ("tierdet-api-keys",
+                                                                        "clients.yaml")
+    assert settings.tls_cert_file is None
+
+
+def test_tls_comes_from_a_tls_secret_and_probes_and_scrapes_use_https():
+    values = {"tls": {"existingSecret": "tierdet-tls"}}
+    spec, gateway = _gateway_of(values)
+    settings = Settings.from_env(env_of(gateway))
+    assert _mounted_file(spec, gateway, str(settings.tls_cert_file)) == ("tierdet-tls", "tls.crt")
+    assert _mounted_file(spec, gateway, str(settings.tls_key_file)) == ("tierdet-tls", "tls.key")
+    # The gateway serves TLS on its HTTP port: a plain-HTTP probe would fail forever.
+    assert gateway["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert gateway["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    (monitor,) = [m for m in render(values) if m["kind"] == "ServiceMonitor"
+                  and m["metadata"]["name"] == "tierdet-gateway"]
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    assert not list(crd_validator("ServiceMonitor").iter_errors(monitor))
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_manifests_with_secrets_and_narrowed_clients_validate_strictly(kube):
+    values = {"apiKeys": {"existingSecret": "keys"}, "tls": {"existingSecret": "tls"},
+              "networkPolicy": {"gatewayFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+              "triton": {"restrictedApis": {"existingSecret": "triton-admin"}}}
+    for manifest in render(values):
+        if manifest["kind"] in CRDS:
+            errors = list(crd_validator(manifest["kind"]).iter_errors(manifest))
+            assert not errors, [e.message for e in errors]
+        else:
+            kubernetes_validate.validate(manifest, kube, strict=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_api_keys_and_tls_are_off_by_default(variant):
+    settings = Settings.from_env(env_of(container(variant, "gateway")))
+    assert settings.api_keys_file is None and settings.tls_cert_file is None
+    assert container(variant, "gateway")["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+    assert all("secret" not in v for v in pod_spec(variant, "gateway")["volumes"])
+
+
+# --- NetworkPolicy --------------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert "matchExpressions" not in selector  # not rendered by the chart's defaults
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def admits(policy: dict[str, Any], port: int, pod: dict[str, str],
+           namespace: str = NAMESPACE) -> bool:
+    """Whether ``policy`` lets a pod with labels ``pod`` in ``namespace`` reach ``port``
+    (NetworkPolicy semantics: rules add up; a rule without `from` admits everyone; a
+    peer without namespaceSelector is the policy's own namespace)."""
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"].get("ingress", []):
+        if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                continue
+            in_namespace = (_selects(peer["namespaceSelector"], namespace_labels)
+                            if "namespaceSelector" in peer else namespace == NAMESPACE)
+            if in_namespace and _selects(peer.get("podSelector", {}), pod):
+                return True
+    return False
+
+
+def _policy(manifests_: Any, component: str) -> dict[str, Any]:
+    (policy,) = [m for m in manifests_ if m["kind"] == "NetworkPolicy"
+                 and m["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return policy
+
+
+def _pod_labels(variant: str, kind: str, component: str) -> dict[str, str]:
+    return one(variant, kind, component)["spec"]["template"]["metadata"]["labels"]
+
+
+# kube-prometheus-stack's Prometheus pods (the chart's default peer).
+PROMETHEUS = {"app.kubernetes.io/name": "prometheus", "prometheus": "kube-prometheus-stack"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_answers_only_the_gateways_and_prometheus(variant):
+    policy = _policy(manifests(variant), "triton")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert _selects(policy["spec"]["podSelector"], _pod_labels(variant, "Deployment", "triton"))
+    ports = {p["name"]: p["containerPort"] for p in container(variant, "triton")["ports"]}
+    gateway = _pod_labels(variant, "Deployment", "gateway")
+    # Gateways call gRPC and read every pod's queue on the metrics port.
+    metrics = int(env_of(container(variant, "gateway"))["TIERDET_TRITON_METRICS_PORT"])
+    assert metrics == ports["metrics"]
+    assert admits(policy, ports["grpc"], gateway) and admits(policy, metrics, gateway)
+    assert admits(policy, ports["metrics"], PROMETHEUS, "monitoring")
+    assert not admits(policy, ports["grpc"], PROMETHEUS, "monitoring")
+    # Nobody else: other pods here, the model builder (it shares the volume, not the
+    # network), the gateway's own namesake in another namespace, and HTTP (probes only).
+    builder = _pod_labels(variant, "Job", "model-builder")
+    for port in ports.values():
+        assert not admits(policy, port, {"app": "anything"})
+        assert not admits(policy, port, builder)
+        assert not admits(policy, port, gateway, "elsewhere")
+    assert not admits(policy, ports["http"], gateway)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_gateway_is_open_to_everyone_by_default(variant):
+    policy = _policy(manifests(variant), "gateway")
+    assert _selects(policy["spec"]["podSelector"], _pod_labels(variant, "Deployment", "gateway"))
+    for port in (p["containerPort"] for p in container(variant, "gateway")["ports"]):
+        assert admits(policy, port, {"app": "anything"}, "any-namespace")
+
+
+def test_gateway_clients_can_be_narrowed_and_prometheus_still_scrapes_it():
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+    policy = _policy(render({"networkPolicy": {"gatewayFrom": [ingress]}}), "gateway")
+    assert admits(policy, 8080, {"app": "nginx"}, "ingress")
+    assert admits(policy, 50051, {"app": "nginx"}, "ingress")
+    assert not admits(policy, 8080, {"app": "anything"})
+    assert admits(policy, 8080, PROMETHEUS, "monitoring")  # /metrics is on the HTTP port
+    assert not admits(policy, 50051, PROMETHEUS, "monitoring")
+
+
+def test_the_prometheus_peers_are_a_value_that_replaces_the_default():
+    elsewhere = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "observability"}},
+        "podSelector": {"matchLabels": {"app": "prometheus"}}}
+    here = {"podSelector": {"matchLabels": {"app": "prometheus"}}}  # this namespace
+    rendered = render({"networkPolicy": {"prometheusFrom": [elsewhere, here],
+                                         "gatewayFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}})
+    for component, port in (("triton", 8002), ("gateway", 8080)):
+        policy = _policy(rendered, component)
+        assert admits(policy, port, {"app": "prometheus"}, "observability")
+        assert admits(policy, port, {"app": "prometheus"})
+        assert not admits(policy, port, PROMETHEUS, "monitoring")
+
+
+def test_network_policies_can_be_left_out():
+    assert not [m for m in render({"networkPolicy": {"enabled": False}})
+                if m["kind"] == "NetworkPolicy"]
+
+
+# --- Triton's restricted APIs ---------------------------------------------------------------
+
+# What each call the gateway makes on Triton (self._client.<method> in
+# tierdet/serving/triton.py) belongs to, in Triton's restricted-API groups.
+GATEWAY_TRITON_CALLS = {
+    "is_server_live": "health", "is_model_ready": "health", "infer": "inference",
+    "register_system_shared_memory": "shared-memory",
+    "unregister_system_shared_memory": "shared-memory",
+    "get_model_repository_index": "model-repository",  # grouped with load and unload
+    "get_inference_statistics": "statistics", "get_model_config": "model-config",
+    "close": None,  # the client's own channel
+}
+ADMIN_VALUE_VAR = "$(TRITON_RESTRICTED_API_VALUE)"
+
+
+def _restrictions(args: list[str]) -> dict[str, tuple[set[str], str]]:
+    """{"grpc"|"http": (groups, "header=value")} from tritonserver's flags."""
+    out = {}
+    for protocol, flag in (("grpc", "grpc-restricted-protocol"), ("http", "http-restricted-api")):
+        for value in flags(args).get(flag, []):
+            groups, _, header = value.partition(":")
+            out[protocol] = (set(groups.split(",")), header)
+    return out
+
+
+def test_every_triton_call_of_the_gateway_has_its_api_group():
+    from tierdet.serving import triton
+
+    source = Path(triton.__file__).read_text()
+    assert set(re.findall(r"self\._client\.(\w+)\(", source)) == set(GATEWAY_TRITON_CALLS)
+    assert "tritonclient.http" not in source  # gRPC only: no HTTP API of Triton is used
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_restricts_only_api_groups_the_gateway_never_calls(variant):
+    triton = container(variant, "triton", "triton")
+    restricted = _restrictions(triton["args"])
+    used = set(GATEWAY_TRITON_CALLS.values()) - {None}
+    # A restricted call without the header is UNAVAILABLE: to the gateway, Triton down.
+    assert restricted["grpc"][0] and not restricted["grpc"][0] & used
+    assert "model-repository" in restricted["http"][0]  # load/unload: HTTP only
+    assert "health" not in restricted["http"][0]  # kubelet's probes
+    value = {e["name"]: e for e in triton["env"]}[ADMIN_VALUE_VAR[2:-1]]
+    secret = one(variant, "Secret", "triton")
+    assert value["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
+                                                  "key": "header-value"}
+    for _groups, header in restricted.values():
+        assert header == f"tierdet-admin={ADMIN_VALUE_VAR}"
+    generated = base64.b64decode(secret["data"]["header-value"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", generated)
+
+
+def test_an_existing_admin_secret_replaces_the_generated_one():
+    values = {"triton": {"restrictedApis": {"existingSecret": "triton-admin", "key": "v"}}}
+    rendered = render(values)
+    assert not [m for m in rendered if m["kind"] == "Secret"]
+    (deployment,) = [m for m in rendered if m["kind"] == "Deployment"
+                     and m["metadata"]["name"] == "tierdet-triton"]
+    triton = next(c for c in deployment["spec"]["template"]["spec"]["containers"])
+    value = {e["name"]: e for e in triton["env"]}[ADMIN_VALUE_VAR[2:-1]]
+    assert value["valueFrom"]["secretKeyRef"] == {"name": "triton-admin", "key": "v"}
+
+
+def test_restrictions_can_be_lifted():
+    values = {"triton": {"restrictedApis": {"grpc": [], "http": []}}}
+    rendered = render(values)
+    assert not [m for m in rendered if m["kind"] == "Secret"]
+    (deployment,) = [m for m in rendered if m["kind"] == "Deployment"
+                     and m["metadata"]["name"] == "tierdet-triton"]
+    triton = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert not _restrictions(triton["args"])
+    assert ADMIN_VALUE_VAR[2:-1] not in {e["name"] for e in triton["env"]}
+
+
+# One call of each group, over gRPC (client, headers) and HTTP (method, path).
+GRPC_PROBES = {
+    "health": lambda c, h: c.is_server_live(headers=h),
+    "metadata": lambda c, h: c.get_server_metadata(headers=h),
+    "inference": lambda c, h: c.infer("absent", [_one_byte()], headers=h),
+    "shared-memory": lambda c, h: c.get_system_shared_memory_status(headers=h),
+    "model-config": lambda c, h: c.get_model_config("absent", headers=h),
+    "model-repository": lambda c, h: c.get_model_repository_index(headers=h),
+    "statistics": lambda c, h: c.get_inference_statistics(headers=h),
+    "trace": lambda c, h: c.get_trace_settings(headers=h),
+    "logging": lambda c, h: c.get_log_settings(headers=h),
+}
+HTTP_PROBES = {
+    "health": ("GET", "/v2/health/live"), "metadata": ("GET", "/v2"),
+    "inference": ("POST", "/v2/models/absent/infer"),
+    "shared-memory": ("GET", "/v2/systemsharedmemory/status"),
+    "model-config": ("GET", "/v2/models/absent/config"),
+    "model-repository": ("POST", "/v2/repository/index"),
+    "statistics": ("GET", "/v2/models/stats"), "trace": ("GET", "/v2/trace/setting"),
+    "logging": ("GET", "/v2/logging"),
+}
+
+
+def _one_byte() -> Any:
+    import numpy as np
+    from tritonclient.grpc import InferInput
+
+    tensor = InferInput("x", [1], "UINT8")
+    tensor.set_data_from_numpy(np.zeros(1, np.uint8))
+    return tensor
+
+
+def _grpc_refused(call: Any, client: Any, headers: dict[str, str] | None) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call(client, headers)
+    except InferenceServerException as exc:
+        return "restricted" in (exc.message() or "")
+    return False
+
+
+def test_the_restrictions_parse_and_hold_on_tritonserver(tmp_path):
+    """The chart's flags on the real tritonserver (the wheel's 2.51, the release of
+    the chart's 24.10 image): each group is refused without the header exactly when
+    restricted, and answered with it; every group the gateway uses stays open."""
+    import httpx
+    import tritonclient.grpc as triton_grpc
+    from tierdet.devstack.stack import free_port
+    from tierdet.devstack.triton import LocalTriton
+
+    value = "s3cret-value-0123"
+    args = [a.replace(ADMIN_VALUE_VAR, value)
+            for a in container("default", "triton", "triton")["args"] if "restricted" in a]
+    restricted = _restrictions(args)
+    (tmp_path / "repository").mkdir()
+    server = LocalTriton(tmp_path / "repository", tmp_path, http_port=free_port(),
+                         grpc_port=free_port(), metrics_port=free_port(),
+                         log_path=tmp_path / "triton.log")
+    # The devstack's flags (loopback, its backends), then the chart's restrictions.
+    server.command = lambda: LocalTriton.command(server) + args  # type: ignore[method-assign]
+    server.start()
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        server.wait_ready(60)
+        admin = {"triton-grpc-protocol-tierdet-admin": value}
+        for group, call in GRPC_PROBES.items():
+            refused = _grpc_refused(call, client, None)
+            assert refused == (group in restricted["grpc"][0]), group
+            assert not _grpc_refused(call, client, admin), group
+        for group, (method, path) in HTTP_PROBES.items():
+            plain = httpx.request(method, server.http_url + path, timeout=5)
+            assert (plain.status_code == 403) == (group in restricted["http"][0]), group
+            with_header = httpx.request(method, server.http_url + path, timeout=5,
+                                        headers={"tierdet-admin": value})
+            assert with_header.status_code != 403, group
+        assert not {g for g in GATEWAY_TRITON_CALLS.values() if g} & restricted["grpc"][0]
+    finally:
+        client.close()
+        server.stop()
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+def _gateway_drain_s() -> int:
+    """How long the gateway may take after SIGTERM: in-flight requests get run_gateway's
+    grace_s, then the worker supervisor kills what is left 5 s later (Supervisor.stop)."""
+    import inspect
+
+    from tierdet.frontends.server import run_gateway
+
+    return int(inspect.signature(run_gateway).parameters["grace_s"].default) + 5
+
+
+def _pre_stop_sleep(c: dict[str, Any]) -> int:
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "/bin/sleep"
+    return int(command[1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pods_get_their_prestop_sleep_and_drain_before_they_are_killed(variant):
+    gateway, triton = container(variant, "gateway"), container(variant, "triton", "triton")
+    exit_timeout = int(flags(triton["args"])["exit-timeout-secs"][0])
+    for component, c, drain in (("gateway", gateway, _gateway_drain_s()),
+                                ("triton", triton, exit_timeout)):
+        grace = pod_spec(variant, component)["terminationGracePeriodSeconds"]
+        assert grace >= _pre_stop_sleep(c) + drain + 5, component
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_leaving_triton_serves_until_every_gateway_has_re_resolved(variant):
+    # Gateways re-resolve the headless Service every triton_resolve_s; CoreDNS
+    # answers with a 5 s TTL.
+    resolve_s = Settings.from_env({}).triton_resolve_s
+    assert _pre_stop_sleep(container(variant, "triton", "triton")) > resolve_s + 5
+    assert _pre_stop_sleep(container(variant, "gateway")) > 0
+
+
+def test_the_prestop_sleep_exists_in_the_images():
+    # /bin/sleep is coreutils, an Essential package of every Debian image (the
+    # gateway's slim base) and present in NGC's Ubuntu-based Triton image;
+    # lifecycle.preStop.sleep would need Kubernetes 1.30, the chart supports 1.28.
+    assert dockerfile_from("gateway")[-1].startswith("python:3.11-slim-bookworm")
+    assert chart().merge_values(None)["images"]["triton"]["repository"] == \
+        "nvcr.io/nvidia/tritonserver"
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == ">=1.28.0-0"
+
+
+def test_a_grace_period_shorter_than_the_shutdown_stops_the_install():
+    drain = _gateway_drain_s()
+    cases = (("gateway", 5 + drain + 5, f"the gateway's drain ({drain} s) + 5 s"),
+             ("triton", 15 + 30 + 5, "triton.exitTimeoutSeconds (30 s) + 5 s"))
+    for component, needed, message in cases:
+        short = {component: {"terminationGracePeriodSeconds": needed - 1}}
+        with pytest.raises(HelmError, match=re.escape(f"{message} = {needed} s")):
+            chart().render(short, name=RELEASE, namespace=NAMESPACE)
+        enough = {component: {"terminationGracePeriodSeconds": needed}}
+        chart().render(enough, name=RELEASE, namespace=NAMESPACE)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+from pathlib import Path
 
+import jsonschema
+import yaml
 from deploy_support import REPO, compose, dotenv
+from tierdet.serving.settings import Settings
 
 
 def _section() -> str:
@@ -57,5 +62,22 @@ def test_helm_commands_name_the_chart_and_values_files():
 def test_triton_image_and_gateway_ports_are_the_ones_deployed():
     services = compose()["services"]
     assert f"`{services['triton']['image']}`" in _section()
-    assert services["gateway"]["ports"] == ["8080:8080", "50051:50051"]
-    assert "| gateway | 8080 (HTTP), 50051 (gRPC) |" in _section()
+    assert services["gateway"]["ports"] == ["${TIERDET_PUBLISH_ADDRESS:-127.0.0.1}:8080:8080",
+                                            "${TIERDET_PUBLISH_ADDRESS:-127.0.0.1}:50051:50051"]
+    assert "| gateway | 127.0.0.1:8080 (HTTP), 127.0.0.1:50051 (gRPC) |" in _section()
+    assert "TIERDET_PUBLISH_ADDRESS=0.0.0.0 docker compose up" in _section()
+
+
+def test_the_api_keys_override_is_valid_compose_the_gateway_reads():
+    (override,) = [yaml.safe_load(block) for block in
+                   re.findall(r"```yaml\n(.*?)```", _section(), re.DOTALL)
+                   if "TIERDET_API_KEYS_FILE" in block]
+    schema = json.loads((REPO / "tests" / "schemas" / "compose-spec.json").read_text())
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(override))
+    gateway = override["services"]["gateway"]
+    (secret,) = gateway["secrets"]
+    assert "file" in override["secrets"][secret]
+    # Compose mounts a service's secret at /run/secrets/<name>.
+    settings = Settings.from_env(gateway["environment"])
+    assert settings.api_keys_file == Path("/run/secrets") / secret
+    assert set(gateway) <= set(compose()["services"]["gateway"]) | {"secrets"}

@@ -75,6 +75,34 @@ the install with its message.
 {{- fail (printf "monitoring.%s.labels is empty: set the labels your Prometheus selects %ss by (kube-prometheus-stack: release: <its release name>), or disable it" $name (title $name)) -}}
 {{- end -}}
 {{- end -}}
+{{- /* A pod killed before its drain ends drops the requests it still holds. */ -}}
+{{- $shutdowns := dict
+      "gateway" (list .Values.gateway (int (include "tierdet.gatewayDrainSeconds" .)) "the gateway's drain")
+      "triton" (list .Values.triton (int .Values.triton.exitTimeoutSeconds) "triton.exitTimeoutSeconds") -}}
+{{- range $component, $s := $shutdowns -}}
+{{- $pod := index $s 0 -}}
+{{- $needed := add $pod.preStopSleepSeconds (index $s 1) 5 -}}
+{{- if lt (int $pod.terminationGracePeriodSeconds) (int $needed) -}}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%v) must be at least %s.preStopSleepSeconds (%v) + %s (%d s) + 5 s = %d s" $component $pod.terminationGracePeriodSeconds $component $pod.preStopSleepSeconds (index $s 2) (index $s 1) $needed) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Seconds the gateway takes to stop after SIGTERM at most: in-flight requests get
+grace_s (10, tierdet.frontends.server.run_gateway), then the supervisor kills
+workers still running 5 s later (frontends/workers.py, Supervisor.stop).
+*/}}
+{{- define "tierdet.gatewayDrainSeconds" -}}15{{- end -}}
+
+{{/* Whether the gateway serves TLS (then its probes and scrapes use HTTPS). */}}
+{{- define "tierdet.gatewayScheme" -}}
+{{- if .Values.tls.existingSecret -}}HTTPS{{- else -}}HTTP{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the value of Triton's restricted-API header. */}}
+{{- define "tierdet.tritonAdminSecret" -}}
+{{- default (include "tierdet.component" (list . "triton-admin")) .Values.triton.restrictedApis.existingSecret -}}
 {{- end -}}
 
 {{/*
