@@ -24,6 +24,7 @@ from tierdet.serving.security import hash_key
 JPEG = encode(photos()["coffee"])
 OPEN, LIMITED = "open-5c1e9d0b7a", "limited-8e2f4a6c13"
 GENERATED = re.compile(r"[0-9a-f]{32}")
+PINNED = {"model": TEST_MODEL, "sla_ms": "60000"}  # no budget to miss: these are about lines
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,8 @@ def test_grpc_returns_the_id_in_trailing_metadata_on_answers_and_errors(logged):
                                                   ("x-request-id", "grpc-ok")], timeout=30)
         assert dict(call.trailing_metadata())["x-request-id"] == "grpc-ok"
         with pytest.raises(grpc.RpcError) as info:
-            stub.Detect(pb.DetectRequest(image=b"junk"), timeout=30,
+            stub.Detect(pb.DetectRequest(image=b"junk", model=TEST_MODEL, sla_ms=60000),
+                        timeout=30,
                         metadata=[("x-api-key", OPEN), ("x-request-id", "grpc-bad")])
         trailing = dict(info.value.trailing_metadata())
         assert trailing["x-request-id"] == "grpc-bad"
@@ -123,8 +125,8 @@ def test_an_answered_image_is_one_line_with_where_it_went(logged):
 
 @pytest.mark.parametrize(("rid", "sent", "code", "status"), [
     ("shed", {"params": {"sla_ms": "0.001"}}, "sla_unattainable", 503),
-    ("bad", {"files": {"image": ("a.jpg", JPEG[:1000], "image/jpeg")}}, "unreadable_image",
-     400),
+    ("bad", {"files": {"image": ("a.jpg", JPEG[:1000], "image/jpeg")},
+             "data": PINNED}, "unreadable_image", 400),
     ("nokey", {"key": None}, "unauthenticated", 401),
     ("badjson", {"files": None, "content": b"{", "headers": {"content-type":
                                                              "application/json"}},
@@ -145,7 +147,8 @@ def test_every_outcome_is_a_line_with_its_code(logged, rid, sent, code, status):
 
 def test_a_rate_limited_key_is_logged_by_name(logged):
     gw, log = logged
-    codes = [post(gw, key=LIMITED, rid=f"rate-{i}").status_code for i in range(2)]
+    codes = [post(gw, key=LIMITED, rid=f"rate-{i}", data=PINNED).status_code
+             for i in range(2)]
     assert codes == [200, 429]
     (line,) = lines_of(log, "rate-1")
     assert line["code"] == "rate_limited" and line["key"] == "limited"
@@ -155,7 +158,8 @@ def test_a_batch_is_a_line_per_image_with_its_index(logged):
     gw, log = logged
     good = base64.b64encode(JPEG).decode()
     r = post(gw, "/v1/detect/batch", rid="batch", files=None,
-             json={"images": [good, "!!not base64!!", good]})
+             json={"images": [good, "!!not base64!!", good], "model": TEST_MODEL,
+                   "sla_ms": 60000})
     assert r.status_code == 200
     lines = sorted(lines_of(log, "batch", 3), key=lambda x: x["item"])
     assert [(x["item"], x["code"]) for x in lines] == [
@@ -164,9 +168,11 @@ def test_a_batch_is_a_line_per_image_with_its_index(logged):
 
 def test_a_stream_is_a_line_per_frame_with_its_id(logged):
     gw, log = logged
-    frames = [pb.DetectFrame(frame_id=7, request=pb.DetectRequest(image=JPEG)),
-              pb.DetectFrame(frame_id=8, request=pb.DetectRequest(image=b"junk")),
-              pb.DetectFrame(frame_id=9, request=pb.DetectRequest(image=JPEG,
+    # Pinned, with a budget no answer misses: the point is the lines, not routing.
+    pinned = {"model": TEST_MODEL, "sla_ms": 60000}
+    frames = [pb.DetectFrame(frame_id=7, request=pb.DetectRequest(image=JPEG, **pinned)),
+              pb.DetectFrame(frame_id=8, request=pb.DetectRequest(image=b"junk", **pinned)),
+              pb.DetectFrame(frame_id=9, request=pb.DetectRequest(image=JPEG, **pinned,
                                                                   score_threshold=2.0))]
     with grpc.insecure_channel(gw.grpc) as channel:
         replies = list(pb_grpc.DetectorStub(channel).DetectStream(

@@ -21,7 +21,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "registry": ({"registry", "contract"}, {"pydantic", "yaml"}),
     "serving": ({"serving", "registry", "contract"},
                 {"numpy", "cv2", "simplejpeg", "tritonclient", "httpx", "prometheus_client",
-                 "pydantic", "yaml"}),
+                 "pydantic", "yaml", "opentelemetry"}),
     "frontends": ({"frontends", "serving", "registry", "contract", "proto"},
                   {"fastapi", "starlette", "uvicorn", "grpc", "grpc_health", "grpc_reflection",
                    "prometheus_client", "pydantic"}),

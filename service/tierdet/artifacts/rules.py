@@ -60,6 +60,13 @@ class Alert:
     signals: tuple[str, ...] = field(default=())
 
 
+PENDING_RECORD = "tierdet:triton_pending_requests:avg1m"
+# The recording rules the HorizontalPodAutoscalers scale on (through
+# prometheus-adapter; templates/triton-hpa.yaml, gateway-hpa.yaml).
+SCALING_SERIES = ("tierdet:triton_queue_time_per_request_us:rate1m", PENDING_RECORD,
+                  "tierdet:gateway_requests_per_second:rate1m")
+
+
 def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
     gw, tr = t.sel("gateway"), t.sel("triton")
     met = t.sel("gateway", 'result="met"')
@@ -95,8 +102,18 @@ def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
                    "/\n"
                    "clamp_min(sum by (namespace, pod) "
                    f"(rate(nv_inference_request_success{tr}[1m])), 1e-6)"),
+            # Requests waiting in Triton's queues (its own gauge, per model), summed
+            # per pod and averaged over a minute. Unlike queue time, which Triton adds
+            # only for requests it runs, it stays high while the queue policy rejects
+            # requests whose timeout passed: overload then still reads as overload.
+            Record(PENDING_RECORD,
+                   "sum by (namespace, pod) "
+                   f"(avg_over_time(nv_inference_pending_request_count{tr}[1m]))"),
+            # 0 for a gateway that has answered nothing yet (its request counter has
+            # no series before the first request): idle reads as idle, not as absent.
             Record("tierdet:gateway_requests_per_second:rate1m",
-                   f"sum by (namespace, pod) (rate(tierdet_requests_total{gw}[1m]))"),
+                   f"sum by (namespace, pod) (rate(tierdet_requests_total{gw}[1m]))\n"
+                   f"or\nsum by (namespace, pod) (0 * tierdet_triton_up{gw})"),
         ]),
         ("tierdet.alerts", [
             Alert("TierdetSLOAttainmentLow", "tier:tierdet_slo_attainment:ratio_rate5m < 0.99",
@@ -124,6 +141,19 @@ def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
                   "average; latency budgets are being missed. Check that the autoscaler can "
                   "add Triton pods (GPU capacity, prometheus-adapter).",
                   signals=("tierdet:triton_queue_time_per_request_us:rate1m",)),
+            # The HPAs read these through prometheus-adapter; without them they hold
+            # their replica count (Triton stays at one pod) and nothing else says so.
+            Alert("TierdetAutoscalingBlind",
+                  "\nor\n".join(f'label_replace(absent({series}{t.sel("namespace")}), '
+                                 f'"series", "{series}", "", "")' for series in SCALING_SERIES),
+                  "15m", "ticket",
+                  "The autoscalers get no {{ $labels.series }}",
+                  "No {{ $labels.series }} for 15 minutes: the HorizontalPodAutoscaler that "
+                  "scales on it holds its replica count whatever the load. Check that "
+                  "Prometheus scrapes the gateway and Triton pods (ServiceMonitor labels, "
+                  "NetworkPolicy) and loads the tierdet rules; a first start that is still "
+                  "building TensorRT engines also has no Triton series yet.",
+                  signals=SCALING_SERIES),
             Alert("TierdetGatewayErrors",
                   "(sum(rate(tierdet_requests_total"
                   f"{failed}[5m])) or vector(0))\n"

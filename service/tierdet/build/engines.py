@@ -18,7 +18,15 @@ Layout (``HOME`` is ``TIERDET_HOME``, as written by ``tierdet build``):
   HOME/engines/<key>/<model>.plan, .json  cached plans and what they were built from
   HOME/engines/<key>/<model>.log          trtexec's output; .failed.json: a remembered failure
   HOME/engines/<key>/report.json          the last build's outcome per model
+  HOME/engines/<key>/.<model>.lock        held while that model's plan is checked or built
   HOME/repository/gpu/<model>/            what tritonserver loads (rewritten each run)
+
+Triton pods starting together share the volume: each model has its own lock
+(pods building different models run at once; a second pod wanting the same
+plan waits, then finds it cached), and every file is written under a unique
+temporary name in its folder and renamed into place, so a builder killed
+half-way (an evicted pod, a timeout) leaves no half-written plan, stamp or
+report under the name readers use.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -245,15 +254,49 @@ def wait_for_models(home: Path, models: Sequence[str], wait_s: float,
 
 
 @contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """One builder per cache folder: Triton pods starting together share the volume."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("w") as handle:
+def locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock ``path`` (created if missing) across Triton pods
+    sharing the volume; the kernel releases it when the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def model_lock(cache: Path, model: str) -> Path:
+    """The lock held while ``model``'s plan in ``cache`` is checked, built or installed."""
+    return cache / f".{model}.lock"
+
+
+def temporary_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A new, empty file of a unique name in ``path``'s folder (hidden, so never
+    mistaken for ``path``): written there, then renamed over ``path`` atomically."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp's 0600 would stay with the file once renamed
+    return Path(name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old content or the new, never a part of it."""
+    tmp = temporary_beside(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_leftovers(path: Path) -> None:
+    """Temporary files of ``path`` left by a builder that died (call with its lock held:
+    no live builder of the same file exists then)."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.iterdir():
+        if leftover.name.startswith(prefix) and leftover.name.endswith(".tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _tail(path: Path) -> str:
@@ -274,9 +317,17 @@ class Failure:
 
 def run_trtexec(trtexec: str, onnx: Path, plan: Path, shapes: Shapes, log_path: Path,
                 timeout_s: float) -> Failure | None:
-    """Build ``plan`` from ``onnx``; returns None on success."""
-    tmp = plan.with_name(plan.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    """Build ``plan`` from ``onnx``; returns None on success. trtexec writes a
+    temporary file beside it, renamed to ``plan`` only once complete."""
+    tmp = temporary_beside(plan)
+    try:
+        return _trtexec_into(trtexec, onnx, tmp, plan, shapes, log_path, timeout_s)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _trtexec_into(trtexec: str, onnx: Path, tmp: Path, plan: Path, shapes: Shapes,
+                  log_path: Path, timeout_s: float) -> Failure | None:
     profile = shapes.as_dict()
     argv = [trtexec, f"--onnx={onnx}", f"--saveEngine={tmp}", f"--{PRECISION}",
             f"--minShapes={profile['min']}", f"--optShapes={profile['opt']}",
@@ -288,12 +339,10 @@ def run_trtexec(trtexec: str, onnx: Path, plan: Path, shapes: Shapes, log_path: 
             code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s,
                                   check=False).returncode
         except subprocess.TimeoutExpired:
-            tmp.unlink(missing_ok=True)
             return Failure(f"trtexec timed out after {timeout_s:.0f} s (log {log_path})", False)
         except OSError as exc:
             return Failure(f"cannot run trtexec: {exc}", False)
     if code != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
-        tmp.unlink(missing_ok=True)
         why = f"trtexec exited {code}" if code != 0 else "trtexec wrote no engine"
         return Failure(f"{why} (log {log_path}):\n{_tail(log_path)}", True)
     tmp.replace(plan)
@@ -327,6 +376,8 @@ def _build_plan(model: str, opts: BuildOptions, toolchain: Toolchain, cache: Pat
                                         f"retried (--retry-failed to force): {detail}")
     log(f"{model}: building {PRECISION} engine for {toolchain.gpu} "
         f"(TensorRT {toolchain.tensorrt}, batch 1..{shapes.max_batch})")
+    for path in (plan, stamp_path, failed):
+        remove_leftovers(path)
     started = time.monotonic()
     failure = run_trtexec(opts.trtexec, onnx, plan, shapes, cache / f"{model}.log",
                           opts.timeout_s)
@@ -334,12 +385,12 @@ def _build_plan(model: str, opts: BuildOptions, toolchain: Toolchain, cache: Pat
         plan.unlink(missing_ok=True)
         stamp_path.unlink(missing_ok=True)
         if failure.final:
-            failed.write_text(json.dumps({"stamp": stamp, "detail": failure.detail},
-                                         indent=2) + "\n")
+            write_atomic(failed, json.dumps({"stamp": stamp, "detail": failure.detail},
+                                            indent=2) + "\n")
         return Outcome(model, "failed", failure.detail)
     failed.unlink(missing_ok=True)
     built_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    stamp_path.write_text(json.dumps({"stamp": stamp, "built_at": built_at}, indent=2) + "\n")
+    write_atomic(stamp_path, json.dumps({"stamp": stamp, "built_at": built_at}, indent=2) + "\n")
     return Outcome(model, "built", f"{plan} in {time.monotonic() - started:.0f} s")
 
 
@@ -399,21 +450,32 @@ def _swap_in(staging: Path, repository: Path) -> None:
 
 
 def build_repository(models: Sequence[str], toolchain: Toolchain, opts: BuildOptions) -> Report:
-    """Build or reuse a plan per model and write the ``gpu`` repository of the good ones."""
+    """Build or reuse a plan per model and write the ``gpu`` repository of the good ones.
+
+    Each model's plan is checked, built and installed under that model's own lock:
+    builders of different models run side by side, builders of the same model take
+    turns (the later one then finds the plan cached).
+    """
     cache = opts.home / "engines" / toolchain.key
+    cache.mkdir(parents=True, exist_ok=True)
     report = Report(toolchain)
-    staging = opts.repository.with_name(f".{opts.repository.name}.staging")
-    with locked(cache):
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    opts.repository.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{opts.repository.name}.staging.",
+                                    dir=opts.repository.parent))
+    try:
         for model in models:
-            outcome, plan, provenance = _ensure_plan(model, opts, toolchain, cache)
+            with locked(model_lock(cache, model)):
+                outcome, plan, provenance = _ensure_plan(model, opts, toolchain, cache)
+                if plan is not None:  # linked or copied while no one can replace it
+                    _install(staging, model, plan, opts.templates / model / "config.pbtxt",
+                             provenance)
             report.outcomes.append(outcome)
-            if plan is not None:
-                _install(staging, model, plan, opts.templates / model / "config.pbtxt",
-                         provenance)
-        _swap_in(staging, opts.repository)
-        (cache / "report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        # Builders writing the same repository (compose's, in the volume) take turns.
+        with locked(opts.repository.with_name(f".{opts.repository.name}.lock")):
+            _swap_in(staging, opts.repository)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_atomic(cache / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
     return report
 
 

@@ -93,6 +93,11 @@ def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
     if target == "cpu-local":
         lines += _params({"onnx_file": "model.onnx", "intra_op_threads": str(intra_op_threads)})
     elif target == "cpu":
+        # Where tritonserver runs ONNX Runtime's global thread pool (the Helm chart,
+        # sized from the pod's CPU request, and compose), the pool's size applies.
+        lines += ["# Ignored under --backend-config=onnxruntime,enable-global-threadpool=1 "
+                  "(Helm chart, compose): one pool for every model. Without it, 0 gives "
+                  "each model a thread per core."]
         lines += _params({"intra_op_thread_count": str(intra_op_threads)})
     lines += _params({PROVENANCE_PREFIX + k: v for k, v in (provenance or {}).items()})
     return "\n".join(lines) + "\n"

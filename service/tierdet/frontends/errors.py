@@ -40,6 +40,8 @@ async def grpc_abort(context: grpc.aio.ServicerContext, exc: ApiError) -> NoRetu
     trailing = [(GRPC_CODE_KEY, exc.code.value)]
     if (call := access.current()) is not None:  # abort replaces what was set before
         trailing.append((access.HEADER, call.request_id))
+        if call.trace_id is not None:
+            trailing.append(("x-trace-id", call.trace_id))
     retry_after = exc.retry_after_header()
     if retry_after is not None:
         trailing.append(("retry-after", retry_after))

@@ -22,7 +22,7 @@ from tierdet.frontends.errors import grpc_abort, invalid_option
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
-from tierdet.serving import access
+from tierdet.serving import access, tracing
 from tierdet.serving.metrics import ADDS_UP
 from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
@@ -66,14 +66,19 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         """The call's id (the caller's ``x-request-id`` when sane), returned in the
         trailing metadata; the access-log line of a call that reached no image."""
         rid = access.request_id(_metadata(context, access.HEADER))
-        context.set_trailing_metadata(((access.HEADER, rid),))
-        with access.call(rid, "grpc", method) as call:
+        carrier = {k: v for k in ("traceparent", "tracestate") if (v := _metadata(context, k))}
+        trace_id = tracing.trace_id(carrier.get("traceparent"))
+        trailing = [(access.HEADER, rid)] + ([("x-trace-id", trace_id)] if trace_id else [])
+        context.set_trailing_metadata(tuple(trailing))
+        with access.call(rid, "grpc", method) as call, \
+                tracing.server_span(f"Detector/{method}", carrier):
+            call.trace_id = trace_id
             try:
                 yield call
             finally:
+                status = "OK" if call.code == "ok" else ErrorCode(call.code).kind.grpc_status
+                tracing.annotate(request_id=rid, code=call.code, status=status)
                 if not call.images:
-                    status = ("OK" if call.code == "ok"
-                              else ErrorCode(call.code).kind.grpc_status)
                     self.detector.access.write(
                         call, code=call.code, status=status,
                         latency_ms=round((time.perf_counter() - call.started) * 1e3, 1))

@@ -4,8 +4,10 @@ metrics, and the web page at /."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,12 +80,21 @@ def _rendered(data: bytes, result: DetectResult, settings: Settings,
     return render.encode(render.draw(image, result.detections), fmt)
 
 
+# FastAPI >= 0.160 makes spans of its own once a tracer provider is set, beside the
+# gateway's (serving.tracing), which are the same for HTTP and gRPC: one set only.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                   "operation_spans": False, "auto_configure": False}}
+    if "telemetry" in inspect.signature(FastAPI).parameters else {})
+
+
 def create_app(detector: Detector) -> FastAPI:
     settings = detector.settings
     index_html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
     app = FastAPI(
         title="tierdet", version=__version__,
         description="Object detection that answers within your latency budget.",
+        **_NO_NATIVE_TELEMETRY,
     )
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency,

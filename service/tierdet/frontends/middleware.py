@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.frontends.errors import http_response
-from tierdet.serving import access
+from tierdet.serving import access, tracing
 from tierdet.serving.access import AccessLog
 
 log = logging.getLogger("tierdet.http")
@@ -32,19 +32,25 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(access.HEADER.encode(), b"")
-        rid = access.request_id(given.decode("latin-1"))
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = access.request_id(headers.get(access.HEADER))
+        trace_id = tracing.trace_id(headers.get("traceparent"))
+        ids = [(access.HEADER.encode(), rid.encode())]
+        if trace_id is not None:
+            ids.append((b"x-trace-id", trace_id.encode()))
         status = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()),
-                                      (access.HEADER.encode(), rid.encode())]
+                message["headers"] = [*message.get("headers", ()), *ids]
             await send(message)
 
-        with access.call(rid, "http", f"{scope['method']} {scope['path']}") as call:
+        method = f"{scope['method']} {scope['path']}"
+        with access.call(rid, "http", method) as call, \
+                tracing.server_span(method, headers):
+            call.trace_id = trace_id
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception:
@@ -56,6 +62,7 @@ class RequestContext:
                 await http_response(ApiError(ErrorCode.INTERNAL, "internal error"))(
                     scope, receive, send_with_id)
             finally:
+                tracing.annotate(request_id=rid, code=call.code, status=status)
                 if scope["path"].startswith("/v1/") and not call.images:
                     self.log.write(call, code=call.code, status=status,
                                    latency_ms=round((time.perf_counter() - call.started)

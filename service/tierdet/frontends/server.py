@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from grpc_health.v1 import health
 from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
 from tierdet.frontends.workers import Job, listen_shared, run_workers
-from tierdet.serving import access, memory
+from tierdet.serving import access, memory, tracing
 from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool, Target
@@ -123,6 +124,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
     # httpx logs each request at INFO: a line per queue poll, 20 a second.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     access.tag_log_records()
+    if tracing.configure():
+        log.info("tracing: spans to %s over OTLP",
+                 os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                 or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     if stop is None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
@@ -172,4 +177,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         queue_task.cancel()
         await triton.close()
         detector.access.close()
+        tracing.shutdown()
         log.info("gateway stopped")

@@ -51,6 +51,7 @@ class Call:
     started: float  # perf_counter()
     key: str | None = None  # the API key's name, once admitted
     code: str = "ok"  # the error code it was refused with, if any
+    trace_id: str | None = None  # from the caller's traceparent, returned as X-Trace-Id
     images: int = 0  # lines the use case wrote for it
 
 

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
+from tierdet.serving import tracing
 from tierdet.serving.backend import QueueReport
 from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
@@ -161,7 +162,7 @@ class TritonClient:
         result = await self._client.infer(
             model, [tensor], outputs=[InferRequestedOutput(OUTPUT_NAME)],
             priority=priority, timeout=max(1, int(timeout_s * 1e6)),
-            client_timeout=timeout_s,
+            client_timeout=timeout_s, headers=tracing.headers(),  # Triton continues the trace
         )
         return result.as_numpy(OUTPUT_NAME)
 

@@ -29,7 +29,7 @@ from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import get_spec, lookup
-from tierdet.serving import access, decoding, imaging, memory, postprocess
+from tierdet.serving import access, decoding, imaging, memory, postprocess, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
@@ -96,10 +96,11 @@ class Detector:
               deadline_ms: float | None = None) -> Caller:
         """Authenticate and rate-limit a caller (no-op without configured keys)."""
         try:
-            key = self.keys.authenticate(credentials)
-            if key is not None and (call := access.current()) is not None:
-                call.key = key.name  # known now, even if the rate refuses it
-            self.keys.take(key)
+            with tracing.span("admission"):
+                key = self.keys.authenticate(credentials)
+                if key is not None and (call := access.current()) is not None:
+                    call.key = key.name  # known now, even if the rate refuses it
+                self.keys.take(key)
         except ApiError as exc:
             self.metrics.observe_failure(protocol, None, "none", exc.outcome)
             raise
@@ -168,17 +169,18 @@ class Detector:
 
     async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
         seen = _Outcome()
-        try:
-            seen.result = await self._detect(caller, image, options, seen)
-            return seen.result
-        except ApiError as exc:
-            seen.code = exc.code
-            raise
-        except Exception:
-            seen.code = ErrorCode.INTERNAL
-            raise
-        finally:
-            self._log_access(caller, options, len(image), seen)
+        with tracing.span("detect"):
+            try:
+                seen.result = await self._detect(caller, image, options, seen)
+                return seen.result
+            except ApiError as exc:
+                seen.code = exc.code
+                raise
+            except Exception:
+                seen.code = ErrorCode.INTERNAL
+                raise
+            finally:
+                self._log_access(caller, options, len(image), seen)
 
     async def _detect(self, caller: Caller, image: bytes, options: DetectOptions,
                       seen: _Outcome) -> DetectResult:
@@ -194,10 +196,13 @@ class Detector:
             async with self.image_slot() as slot:
                 # The decoders release the GIL: decoding in a worker thread keeps the
                 # event loop answering other requests meanwhile.
-                slot.image, decode_s = await asyncio.to_thread(self._decode, image, reachable)
+                with tracing.span("decode", image_bytes=len(image)):
+                    slot.image, decode_s = await asyncio.to_thread(self._decode, image,
+                                                                   reachable)
                 # Only among the models the image was decoded for (see precheck).
-                decision = self.router.decide(request, _ms_since(start),
-                                              self.catalog.placement(reachable))
+                with tracing.span("route", candidates=",".join(reachable)):
+                    decision = self.router.decide(request, _ms_since(start),
+                                                  self.catalog.placement(reachable))
                 tier, model = decision.tier, decision.model
                 seen.decision = decision
                 result, decision = await self._run(decision, slot, options, start, decode_s)
@@ -226,18 +231,17 @@ class Detector:
                     seen: _Outcome) -> None:
         """The access-log line of one image (see access)."""
         call = access.current()
-        if call is None:
-            return
-        call.images += 1
-        if not self.access.enabled:
+        if call is not None:
+            call.images += 1
+        if call is None or not (self.access.enabled or tracing.enabled()):
             return
         code, decision, result = seen.code, seen.decision, seen.result
         if code is None:
             status: int | str = 200 if caller.protocol == "http" else "OK"
         else:
             status = code.kind.http_status if caller.protocol == "http" else code.kind.grpc_status
-        self.access.write(
-            call, item=caller.item, code=code.value if code else "ok", status=status,
+        fields = dict(
+            item=caller.item, code=code.value if code else "ok", status=status,
             tier=decision.tier if decision else options.tier,
             budget_ms=decision.budget_ms if decision else options.sla_ms,
             model=decision.model if decision else options.model,
@@ -245,6 +249,8 @@ class Detector:
             predicted_ms=round(decision.predicted_ms, 1) if decision else None,
             latency_ms=round(_ms_since(caller.received), 1), image_bytes=image_bytes,
             width=result.width if result else None, height=result.height if result else None)
+        tracing.annotate(**fields)  # on this image's span
+        self.access.write(call, **fields)
 
     def image_slot(self) -> ImageSlot:
         """A slot for one decoded image (``async with``): waits while every slot
@@ -320,8 +326,9 @@ class Detector:
         size = spec.input_size
         # The input is written where the endpoint reads it from (its shared memory).
         with self._backend(decision).input_buffer((1, size, size, 3)) as batch:
-            geometry, prep_s = await asyncio.to_thread(
-                self._prepare, slot.take(), size, spec.preprocessing, batch[0])
+            with tracing.span("preprocess", input_size=size):
+                geometry, prep_s = await asyncio.to_thread(
+                    self._prepare, slot.take(), size, spec.preprocessing, batch[0])
             slot.release()  # letterboxed: the pixels are not needed while Triton runs
             t_infer = time.perf_counter()
             rows, decision = await self._infer(decision, batch, start)
@@ -329,8 +336,9 @@ class Detector:
         threshold = (options.score_threshold if options.score_threshold is not None
                      else self.settings.default_score_threshold)
         limit = min(options.max_detections or spec.max_detections, spec.max_detections)
-        detections = postprocess.detections_from_rows(rows[0], spec.labels, geometry,
-                                                      threshold, limit, keep)
+        with tracing.span("postprocess"):
+            detections = postprocess.detections_from_rows(rows[0], spec.labels, geometry,
+                                                          threshold, limit, keep)
         end = time.perf_counter()
         timing = Timing(decode_s * 1e3, prep_s * 1e3, (t_post - t_infer) * 1e3,
                         (end - t_post) * 1e3, (end - start) * 1e3)
@@ -355,7 +363,9 @@ class Detector:
         while True:
             timeout_s = (self.settings.request_timeout_s if decision.degraded
                          else decision.timeout_s(_ms_since(start)))
-            with self.router.dispatch(decision.model, decision.endpoint) as run:
+            with self.router.dispatch(decision.model, decision.endpoint) as run, \
+                    tracing.span("triton", model=decision.model, endpoint=decision.endpoint,
+                                 timeout_ms=round(timeout_s * 1e3, 1)):
                 t0 = time.perf_counter()
                 try:
                     rows = await self._backend(decision).infer(

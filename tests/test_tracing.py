@@ -1,0 +1,161 @@
+"""OpenTelemetry traces on a real gateway, received by a real OTLP receiver (the
+collector's gRPC TraceService, from opentelemetry-proto) on loopback: a
+request's spans continue the caller's trace with the right parents, carry
+what the router did, and the trace id comes back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import httpx
+import pytest
+from conftest import TEST_MODEL, encode, photos
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from tierdet.devstack.stack import GatewayProcess, free_port
+from tierdet.proto import detection_pb2 as pb
+from tierdet.proto import detection_pb2_grpc as pb_grpc
+from tierdet.serving import tracing
+
+JPEG = encode(photos()["coffee"])
+TRACE, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+STAGES = {"decode", "route", "preprocess", "triton", "postprocess"}
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):  # noqa: N802 (gRPC naming)
+        with self.lock:
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    self.spans.extend(scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: str, count: int, timeout_s: float = 10.0) -> list:
+        """The spans of ``trace_id`` once ``count`` have arrived (export is batched)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                spans = [s for s in self.spans if s.trace_id.hex() == trace_id]
+            if len(spans) >= count or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def traced(triton, tmp_path_factory):
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        env.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export soon, tests wait less
+        env.setenv("OTEL_SERVICE_NAME", "tierdet-test")
+        gw = GatewayProcess.start(triton.endpoint,
+                                  tmp_path_factory.mktemp("traced") / "gateway.log")
+    yield gw, receiver
+    gw.stop()
+    server.stop(0)
+
+
+def by_name(spans) -> dict:
+    return {s.name: s for s in spans}
+
+
+def check_tree(spans, server_name: str, parent: str | None) -> None:
+    named = by_name(spans)
+    server, detect = named[server_name], named["detect"]
+    assert (server.parent_span_id.hex() or None) == parent
+    assert named["admission"].parent_span_id == server.span_id
+    assert detect.parent_span_id == server.span_id
+    for stage in STAGES:
+        assert named[stage].parent_span_id == detect.span_id, stage
+    attributes = {a.key: a.value for a in detect.attributes}
+    assert attributes["tierdet.model"].string_value == TEST_MODEL
+    assert attributes["tierdet.endpoint"].string_value
+    assert attributes["tierdet.code"].string_value == "ok"
+    # 60 s asked; a gRPC call's 30 s deadline is the tighter budget.
+    assert 29_000 < attributes["tierdet.budget_ms"].double_value <= 60_000
+    assert attributes["tierdet.predicted_ms"].double_value > 0
+
+
+def test_an_http_request_continues_the_callers_trace(traced):
+    gw, receiver = traced
+    r = httpx.post(gw.http + "/v1/detect", timeout=30,
+                   headers={"traceparent": f"00-{TRACE}-{PARENT}-01"},
+                   files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                   data={"model": TEST_MODEL, "sla_ms": "60000"})
+    assert r.status_code == 200 and r.headers["x-trace-id"] == TRACE
+    spans = receiver.of_trace(TRACE, len(STAGES) + 3)
+    check_tree(spans, "POST /v1/detect", PARENT)
+
+
+def test_a_grpc_call_continues_the_callers_trace(traced):
+    gw, receiver = traced
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    with grpc.insecure_channel(gw.grpc) as channel:
+        _, call = pb_grpc.DetectorStub(channel).Detect.with_call(
+            pb.DetectRequest(image=JPEG, model=TEST_MODEL, sla_ms=60000), timeout=30,
+            metadata=[("traceparent", f"00-{trace}-b7ad6b7169203331-01")])
+    assert dict(call.trailing_metadata())["x-trace-id"] == trace
+    check_tree(receiver.of_trace(trace, len(STAGES) + 3), "Detector/Detect",
+               "b7ad6b7169203331")
+
+
+def test_without_a_traceparent_a_request_starts_its_own_trace(traced):
+    gw, receiver = traced
+    r = httpx.post(gw.http + "/v1/detect", timeout=30, headers={"x-request-id": "own-trace"},
+                   files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                   data={"model": TEST_MODEL, "sla_ms": "60000"})
+    assert r.status_code == 200 and "x-trace-id" not in r.headers
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with receiver.lock:
+            mine = [s for s in receiver.spans if any(
+                a.key == "tierdet.request_id" and a.value.string_value == "own-trace"
+                for a in s.attributes)]
+        if mine:
+            break
+        time.sleep(0.05)
+    (server,) = mine
+    assert server.parent_span_id == b"" and server.trace_id.hex() != TRACE
+
+
+def test_a_refused_call_is_a_span_with_its_code(traced):
+    gw, receiver = traced
+    trace = "5bf92f3577b34da6a3ce929d0e0e4737"
+    r = httpx.post(gw.http + "/v1/detect", timeout=30,
+                   headers={"traceparent": f"00-{trace}-{PARENT}-01"},
+                   files={"image": ("a.jpg", b"junk", "image/jpeg")},
+                   data={"model": TEST_MODEL, "sla_ms": "60000"})
+    assert r.status_code == 415 and r.headers["x-trace-id"] == trace
+    spans = by_name(receiver.of_trace(trace, 3))
+    attributes = {a.key: a.value for a in spans["detect"].attributes}
+    assert attributes["tierdet.code"].string_value == "unsupported_media_type"
+
+
+def test_with_tracing_off_the_trace_id_still_comes_back(client):
+    r = client.get("/v1/models", headers={"traceparent": f"00-{TRACE}-{PARENT}-01"})
+    assert r.headers["x-trace-id"] == TRACE
+    assert "x-trace-id" not in client.get(
+        "/v1/models", headers={"traceparent": "00-zz-not-a-traceparent-01"}).headers
+
+
+def test_tracing_is_on_only_when_an_endpoint_is_configured():
+    assert not tracing.wanted({})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"})
+    assert not tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+                               "OTEL_SDK_DISABLED": "true"})
+    assert not tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+                               "OTEL_TRACES_EXPORTER": "none"})
+    assert tracing.trace_id(f"00-{TRACE}-{PARENT}-01") == TRACE
+    assert tracing.trace_id(f"00-{'0' * 32}-{PARENT}-01") is None
