@@ -85,6 +85,7 @@ class LocalTriton:
     metrics_port: int = 8002
     models: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)  # e.g. --trace-config ...
     process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -104,7 +105,7 @@ class LocalTriton:
             "--log-verbose=0",
         ]
         cmd += [f"--load-model={m}" for m in self.models]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self) -> None:
         if self.process and self.process.poll() is None:
