@@ -352,6 +352,28 @@ def test_without_an_admin_key_each_start_locks_them_with_a_random_one(tmp_path):
     assert len(keys) == 2
 
 
+def test_cpu_triton_runs_one_onnx_runtime_pool_of_a_chosen_size():
+    """The cpu repository's configs give each model a thread per host core; the
+    global pool (as in the chart) replaces that with one pool for every model."""
+    def pool(service: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
+        values = [_as_compose_reads(a, env)[len("--backend-config="):]
+                  for a in service["command"] if a.startswith("--backend-config=")]
+        assert all(v.startswith("onnxruntime,") for v in values), values
+        return dict(v.removeprefix("onnxruntime,").split("=", 1) for v in values)
+
+    cpu = _services()["triton-cpu"]
+    # Default 0: ONNX Runtime's own choice for its one pool, a thread per physical core.
+    assert pool(cpu) == {"enable-global-threadpool": "1", "intra_op_thread_count": "0",
+                         "inter_op_thread_count": "1"}
+    assert pool(cpu, {"TRITON_CPU_THREADS": "6"})["intra_op_thread_count"] == "6"
+    assert pool(_services()["triton"]) == {}  # TensorRT plans: no ONNX Runtime
+    # The chart's CPU Triton runs the same pool (sized there from its CPU request).
+    chart = (CHART / "templates" / "triton-deployment.yaml").read_text()
+    for setting in ("enable-global-threadpool=1", "inter_op_thread_count=1",
+                    "intra_op_thread_count="):
+        assert f"--backend-config=onnxruntime,{setting}" in chart
+
+
 def test_stops_leave_time_for_the_drain():
     from tierdet.frontends.server import run_gateway
 

@@ -40,11 +40,20 @@ if model in os.environ.get("FAKE_TRTEXEC_FAIL", "").split(","):
     print("[E] Error[4]: [network.cpp::validate] unsupported layer")
     print("&&&& FAILED TensorRT.trtexec")
     sys.exit(1)
-time.sleep(float(os.environ.get("FAKE_TRTEXEC_SLEEP", "0")))
+started = time.time()
 with open(args["onnx"], "rb") as f:
     onnx = f.read()
+engine = b"PLAN" + onnx + repr(sorted(args.items())).encode()
 with open(args["saveEngine"], "wb") as f:
-    f.write(b"PLAN" + onnx + repr(sorted(args.items())).encode())
+    if os.environ.get("FAKE_TRTEXEC_PARTIAL"):  # half the engine, then a long build
+        f.write(engine[:len(engine) // 2])
+        f.flush()
+    time.sleep(float(os.environ.get("FAKE_TRTEXEC_SLEEP", "0")))
+    f.seek(0)
+    f.write(engine)
+if os.environ.get("FAKE_TRTEXEC_TIMES"):
+    with open(os.environ["FAKE_TRTEXEC_TIMES"], "a") as times:
+        times.write(json.dumps([model, started, time.time()]) + "\\n")
 print("&&&& PASSED TensorRT.trtexec")
 '''
 
@@ -68,7 +77,9 @@ def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     bin_dir.mkdir()
     log = tmp_path / "trtexec.log"
     monkeypatch.setenv("FAKE_TRTEXEC_LOG", str(log))
-    for name in ("FAKE_TRTEXEC_FAIL", "FAKE_TRTEXEC_SLEEP", "FAKE_GPUS", "FAKE_GPU_EXIT"):
+    monkeypatch.setenv("FAKE_TRTEXEC_TIMES", str(tmp_path / "trtexec.times"))
+    for name in ("FAKE_TRTEXEC_FAIL", "FAKE_TRTEXEC_SLEEP", "FAKE_GPUS", "FAKE_GPU_EXIT",
+                 "FAKE_TRTEXEC_PARTIAL"):
         monkeypatch.delenv(name, raising=False)
     return {
         "trtexec": _executable(bin_dir / "trtexec",
@@ -77,6 +88,7 @@ def tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
                                    FAKE_TRTEXEC.format(python=sys.executable, version="8601")),
         "nvidia-smi": _executable(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI),
         "log": log,
+        "times": tmp_path / "trtexec.times",
     }
 
 
@@ -105,15 +117,38 @@ def templates(tmp_path: Path) -> Path:
     return root
 
 
-def _build(home: Path, templates: Path, tools: dict[str, Path], *extra: str,
-           trtexec: str = "trtexec", via: str = "script") -> subprocess.CompletedProcess[str]:
+def _build_argv(home: Path, templates: Path, tools: dict[str, Path], *extra: str,
+                trtexec: str = "trtexec", via: str = "script") -> list[str]:
     args = ["build", "--templates", str(templates), "--trtexec", str(tools[trtexec]),
             "--nvidia-smi", str(tools["nvidia-smi"]), *extra]
     if via == "script":  # as in the TensorRT container: stdlib only, no tierdet install
-        argv = [sys.executable, "-I", "-S", str(ENGINES_PY), "--home", str(home), *args]
-    else:
-        argv = [sys.executable, "-m", "tierdet.cli", "--home", str(home), "engines", *args]
-    return run_tool(argv, cwd=REPO)
+        return [sys.executable, "-I", "-S", str(ENGINES_PY), "--home", str(home), *args]
+    return [sys.executable, "-m", "tierdet.cli", "--home", str(home), "engines", *args]
+
+
+def _build(home: Path, templates: Path, tools: dict[str, Path], *extra: str,
+           trtexec: str = "trtexec", via: str = "script") -> subprocess.CompletedProcess[str]:
+    return run_tool(_build_argv(home, templates, tools, *extra, trtexec=trtexec, via=via),
+                    cwd=REPO)
+
+
+def _start_build(home: Path, templates: Path, tools: dict[str, Path], model: str,
+                 repository: Path) -> subprocess.Popen[str]:
+    """One Triton pod's init container: a build into the pod's own repository."""
+    argv = _build_argv(home, templates, tools, "--models", model, "--repository",
+                       str(repository))
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _build_times(tools: dict[str, Path]) -> list[tuple[str, float, float]]:
+    return [tuple(json.loads(line)) for line in tools["times"].read_text().splitlines()]
 
 
 def _calls(tools: dict[str, Path]) -> list[list[str]]:
@@ -347,3 +382,85 @@ def test_engines_py_names_provenance_as_the_registry_does():
     from tierdet.registry.tensors import PROVENANCE_PREFIX
 
     assert engines.PROVENANCE_PREFIX == PROVENANCE_PREFIX
+
+
+# --- pods sharing the volume --------------------------------------------------------------
+
+
+def test_builds_of_different_models_run_at_once(home, templates, tools, monkeypatch):
+    """Two Triton pods starting together, each building a model the other does not:
+    one lock per model, so neither waits for the other's (up to an hour) build."""
+    monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "3")
+    pods = [_start_build(home, templates, tools, model, home / f"pod-{i}" / "gpu")
+            for i, model in enumerate(("efficientdet-d0", "damoyolo-s"))]
+    for proc in pods:
+        _finish(proc)
+    (a, a_start, a_end), (b, b_start, b_end) = sorted(_build_times(tools))
+    assert {a, b} == {"efficientdet-d0", "damoyolo-s"}
+    assert max(a_start, b_start) < min(a_end, b_end), "the two builds did not overlap"
+    for i, model in enumerate(("efficientdet-d0", "damoyolo-s")):
+        assert [p.name for p in (home / f"pod-{i}" / "gpu").iterdir()] == [model]
+
+
+def test_builds_of_the_same_model_take_turns_and_the_second_reuses_the_plan(
+        home, templates, tools, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "2")
+    pods = [_start_build(home, templates, tools, "damoyolo-ns", home / f"pod-{i}" / "gpu")
+            for i in range(2)]
+    outputs = [_finish(proc) for proc in pods]
+    # One trtexec run: the pod that waited for the lock found the plan built.
+    assert _built_models(_calls(tools)) == ["damoyolo-ns"]
+    assert sorted("damoyolo-ns: built" in out for out in outputs) == [False, True]
+    assert sum("damoyolo-ns: cached" in out for out in outputs) == 1
+    plans = {(home / f"pod-{i}" / "gpu" / "damoyolo-ns" / "1" / "model.plan").read_bytes()
+             for i in range(2)}
+    (plan,) = plans
+    assert plan.startswith(b"PLANonnx graph of damoyolo-ns")
+
+
+def test_a_builder_killed_mid_build_leaves_no_half_written_plan(home, templates, tools,
+                                                               monkeypatch):
+    """An evicted pod (SIGKILL to the init container, trtexec with it) while trtexec
+    has written half an engine: no reader sees a plan, the next start builds it."""
+    import signal
+    import time
+
+    monkeypatch.setenv("FAKE_TRTEXEC_PARTIAL", "1")
+    monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "60")
+    cache = home / "engines" / "nvidia-h100-80gb-hbm3_trt10.5.0"
+    proc = _start_build(home, templates, tools, "damoyolo-ns", home / "repository" / "gpu")
+    deadline = time.monotonic() + 30
+    while not [p for p in cache.glob(".damoyolo-ns.plan.*.tmp") if p.stat().st_size]:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    (partial,) = cache.glob(".damoyolo-ns.plan.*.tmp")  # hidden, under its own name
+    assert not partial.read_bytes().endswith(b")]")
+    assert not (cache / "damoyolo-ns.plan").exists()
+    assert not (cache / "damoyolo-ns.json").exists()
+    assert not (home / "repository" / "gpu").exists()  # never swapped in
+
+    monkeypatch.delenv("FAKE_TRTEXEC_PARTIAL")
+    monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "0")
+    result = _build(home, templates, tools, "--models", "damoyolo-ns")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "damoyolo-ns: built" in result.stdout
+    plan = (home / "repository" / "gpu" / "damoyolo-ns" / "1" / "model.plan").read_bytes()
+    assert plan == (cache / "damoyolo-ns.plan").read_bytes()
+    assert plan.startswith(b"PLANonnx graph of damoyolo-ns") and plan.endswith(b")]")
+    assert not list(cache.glob(".damoyolo-ns.plan.*"))  # the dead builder's file is gone
+    assert (cache / "damoyolo-ns.plan").stat().st_mode & 0o777 == 0o644
+
+
+def test_files_are_replaced_whole_under_unique_names(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    names = {engines.temporary_beside(target).name for _ in range(3)}
+    assert len(names) == 3
+    assert all(n.startswith(".report.json.") and n.endswith(".tmp") for n in names)
+    engines.write_atomic(target, "new")
+    assert target.read_text() == "new"
+    engines.remove_leftovers(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -215,6 +215,7 @@ def test_values_schema_is_valid_and_the_shipped_values_pass():
     {"gateway": {"ports": {"http": "eighty"}}},
     {"gateway": {"settings": {"max_image_size": 1}}},  # not a setting
     {"triton": {"autoscaling": {"queueTimeUsPerRequest": 0}}},
+    {"triton": {"autoscaling": {"pendingRequestsPerPod": 0}}},
     {"persistence": {"size": "lots"}},
     {"tritonn": {}},
     {"apiKeys": {"existingSecret": "Not_A_Name"}},
@@ -248,6 +249,10 @@ def test_tiers_must_name_the_three_levels():
      "monitoring.serviceMonitor.labels is empty"),
     ({"monitoring": {"prometheusRule": {"labels": {"release": None}}}},
      "monitoring.prometheusRule.labels is empty"),
+    ({"target": "cpu", "triton": {"resources": {"requests": {"cpu": None}}}},
+     "triton.resources.requests.cpu is empty: target cpu sizes ONNX Runtime's threads"),
+    ({"target": "cpu", "triton": {"resources": {"requests": {"cpu": "two"}}}},
+     "triton.resources.requests.cpu (two) must be a CPU count"),
 ])
 def test_cross_value_checks_stop_the_install(bad, message):
     with pytest.raises(HelmError, match=re.escape(message)):
@@ -439,12 +444,84 @@ def test_cpu_triton_loads_exactly_the_models_from_the_cpu_repository():
     assert flags(wait["args"])["repository"] == ["/var/lib/tierdet/repository/cpu"]
 
 
+def _backend_config(args: list[str]) -> dict[str, str]:
+    """{setting: value} of tritonserver's --backend-config=onnxruntime,<setting>=<value>."""
+    out = {}
+    for value in flags(args).get("backend-config", []):
+        backend, _, setting = value.partition(",")
+        assert backend == "onnxruntime", value
+        key, _, item = setting.partition("=")
+        out[key] = item
+    return out
+
+
+@pytest.mark.parametrize(("cpu", "threads"), [
+    (None, 8),  # values-cpu.yaml's request
+    ("2500m", 2), (1.5, 1), ("500m", 1), (3, 3), ("16", 16),
+])
+def test_cpu_triton_runs_one_onnx_runtime_pool_sized_by_its_cpu_request(cpu, threads):
+    """The repository's configs give each model a pool of a thread per node core
+    (intra_op_thread_count 0); with the global pool Triton ignores them and every
+    model shares one pool of a thread per CPU the pod requests."""
+    values = overlay("cpu") or {}
+    if cpu is not None:
+        values["triton"] = {**values["triton"], "resources": {"requests": {"cpu": cpu}}}
+    (deployment,) = [m for m in render(values) if m["kind"] == "Deployment"
+                     and m["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"]
+    triton = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert str(triton["resources"]["requests"]["cpu"]) == str(cpu or "8")
+    assert _backend_config(triton["args"]) == {"enable-global-threadpool": "1",
+                                                "intra_op_thread_count": str(threads),
+                                                "inter_op_thread_count": "1"}
+    # What the configs in the volume say (written by the model-builder Job, kept
+    # across upgrades, so a changed request could not reach them there).
+    from tierdet.build.repository import render_config
+
+    config = render_config(SPECS["efficientdet-d0"], "cpu")
+    assert 'key: "intra_op_thread_count" value { string_value: "0" }' in config
+    assert "enable-global-threadpool=1" in config  # the comment that says it is ignored
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_gpu_triton_has_no_onnx_runtime_threads(variant):
+    assert not flags(container(variant, "triton", "triton")["args"]).get("backend-config")
+
+
 def test_the_cpu_init_container_command_is_a_real_tierdet_command():
     from tierdet import cli
 
     wait = container("cpu", "triton", "wait-for-models")
     args = cli.parser().parse_args(wait["command"][1:] + wait["args"])
     assert args.engines_command == "wait" and args.home == Path("/var/lib/tierdet")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_triton_rolls_out_without_a_surge_pod(variant):
+    strategy = one(variant, "Deployment", "triton")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    if "engines" in {c["name"] for c in pod_spec(variant, "triton")["initContainers"]}:
+        # No spare GPU for a surge pod: it would stay Pending and stall the rollout.
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    else:  # CPU: the new pod comes up before an old one goes
+        assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_progress_deadline_covers_the_engine_builds(variant):
+    """A new pod waits for the export, builds each model's engine in turn (GPU), then
+    loads; the Deployment must not be reported failed before all of that can end."""
+    spec = pod_spec(variant, "triton")
+    (init,) = spec["initContainers"]
+    args = flags(init["args"][1:] if init["name"] == "engines" else init["args"])
+    worst = float(args["wait-s"][0])
+    if init["name"] == "engines":
+        worst += len(args["models"][0].split(",")) * float(args["timeout-s"][0])
+    startup = container(variant, "triton", "triton")["startupProbe"]
+    worst += startup["periodSeconds"] * startup["failureThreshold"]
+    deadline = one(variant, "Deployment", "triton")["spec"]["progressDeadlineSeconds"]
+    assert isinstance(deadline, int) and deadline >= worst + 600  # + scheduling, pulls
+    if variant == "gpu":
+        assert len(args["models"][0].split(",")) == 5 and deadline == 22800
 
 
 def test_triton_image_matches_compose_and_the_engines_release():
@@ -476,13 +553,14 @@ def test_autoscalers_use_metrics_the_adapter_serves_from_the_recording_rules(var
                for r in g["rules"] if "record" in r}
     served = {r["name"]["as"]: _series_name(r["seriesQuery"]) for r in adapter_rules()}
     assert set(served.values()) <= records
-    for component, metric in (("gateway", "tierdet_gateway_requests_per_second"),
-                              ("triton", "tierdet_triton_queue_time_per_request_us")):
+    for component, metrics in (("gateway", ["tierdet_gateway_requests_per_second"]),
+                               ("triton", ["tierdet_triton_queue_time_per_request_us",
+                                           "tierdet_triton_pending_requests"])):
         hpa = one(variant, "HorizontalPodAutoscaler", component)
         assert hpa["spec"]["scaleTargetRef"]["name"] == \
             one(variant, "Deployment", component)["metadata"]["name"]
         pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
-        assert pods == [metric] and metric in served
+        assert pods == metrics and set(metrics) <= set(served)
     gateway_hpa = one(variant, "HorizontalPodAutoscaler", "gateway")
     assert {m["type"] for m in gateway_hpa["spec"]["metrics"]} == {"Resource", "Pods"}
 
@@ -504,6 +582,46 @@ def test_triton_scales_by_bounded_steps(variant):
                                                 "periodSeconds": 120}]
     assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1,
                                                   "periodSeconds": 300}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_also_scales_on_requests_waiting_in_its_queues(variant):
+    """Queue time counts only requests Triton runs: when its queue policy rejects
+    every request, it reads 0. The second metric, Triton's pending-request gauge,
+    still reads the overload (the rule's numbers: test_prometheus.py)."""
+    from tierdet.artifacts import rules
+
+    hpa = one(variant, "HorizontalPodAutoscaler", "triton")
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["spec"]["metrics"]}
+    autoscaling = chart().merge_values(overlay(variant))["triton"]["autoscaling"]
+    assert targets["tierdet_triton_pending_requests"] == {
+        "type": "AverageValue", "averageValue": str(autoscaling["pendingRequestsPerPod"])}
+    assert targets["tierdet_triton_queue_time_per_request_us"]["averageValue"] == \
+        str(autoscaling["queueTimeUsPerRequest"])
+    (adapter,) = [r for r in adapter_rules()
+                  if r["name"]["as"] == "tierdet_triton_pending_requests"]
+    assert _series_name(adapter["seriesQuery"]) == rules.PENDING_RECORD
+    (rule,) = [r for g in one(variant, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
+               if r.get("record") == rules.PENDING_RECORD]
+    assert "nv_inference_pending_request_count{" in rule["expr"]
+    assert 'service="tierdet-triton"' in rule["expr"] and "sum by (namespace, pod)" in rule["expr"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_alert_says_when_the_autoscalers_series_are_missing(variant):
+    from tierdet.artifacts import rules
+
+    spec = one(variant, "PrometheusRule")["spec"]
+    records = {r["record"] for g in spec["groups"] for r in g["rules"] if "record" in r}
+    (alert,) = [r for g in spec["groups"] for r in g["rules"]
+                if r.get("alert") == "TierdetAutoscalingBlind"]
+    # Every series an HPA reads through the adapter, each under its own label.
+    hpa_series = {_series_name(r["seriesQuery"]) for r in adapter_rules()}
+    assert hpa_series == set(rules.SCALING_SERIES) <= records
+    for series in hpa_series:
+        assert f'absent({series}{{namespace="{NAMESPACE}"}})' in alert["expr"]
+        assert f'"series", "{series}"' in alert["expr"]
+    assert alert["labels"]["severity"] == "ticket" and alert["for"] == "15m"
 
 
 def test_queue_time_rule_divides_triton_queue_time_by_successful_requests():
@@ -589,6 +707,32 @@ def test_disruption_budgets_and_services_select_their_pods(variant):
         assert services and all(svc["spec"]["selector"] == labels for svc in services)
         # The HPA owns the replica count.
         assert "replicas" not in one(variant, "Deployment", component)["spec"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_disruption_budget_never_blocks_a_drain_and_production_keeps_a_pod_up(variant):
+    """maxUnavailable, not minAvailable: with one pod, minAvailable 1 would block every
+    node drain forever. The GPU production values run two pods at least, so a drain
+    (and a rollout, which has no surge pod) always leaves one serving."""
+    pdb = one(variant, "PodDisruptionBudget", "triton")["spec"]
+    assert "minAvailable" not in pdb and pdb["maxUnavailable"] >= 1
+    hpa = one(variant, "HorizontalPodAutoscaler", "triton")["spec"]
+    rollout = one(variant, "Deployment", "triton")["spec"]["strategy"]["rollingUpdate"]
+    if variant == "gpu":
+        assert hpa["minReplicas"] - pdb["maxUnavailable"] >= 1
+        assert hpa["minReplicas"] - rollout["maxUnavailable"] >= 1
+
+
+@pytest.mark.parametrize("values", [
+    {"triton": {"autoscaling": {"enabled": False}}},
+    {"triton": {"autoscaling": {"minReplicas": 1, "maxReplicas": 1}}},
+])
+def test_a_single_triton_pod_gets_no_disruption_budget(values):
+    rendered = render(values)
+    assert not [m for m in rendered if m["kind"] == "PodDisruptionBudget"
+                and m["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"]
+    assert [m for m in rendered if m["kind"] == "PodDisruptionBudget"
+            and m["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -152,3 +152,201 @@ def test_ap_gauges_and_models_endpoint_show_measured_ap(observed_gateway):
     models = httpx.get(observed_gateway.http + "/v1/models").json()["models"]
     (d0,) = [m for m in models if m["name"] == TEST_MODEL]
     assert d0["measured_ap"] == {"fixture": 0.40}
+
+
+# --- the autoscalers' series, on a real Prometheus scraping Triton-like pods ----------------
+
+# Triton's exposition of the series the autoscaling rules read (names, types, labels
+# as tritonserver 2.51 writes them); {elapsed} drives the counters.
+TRITON_TEXT = """\
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{{model="efficientdet-d0",version="1"}} {success}
+# HELP nv_inference_request_failure Number of failed inference requests, all batch sizes
+# TYPE nv_inference_request_failure counter
+nv_inference_request_failure{{model="efficientdet-d0",reason="REJECTED",version="1"}} {rejected}
+# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds
+# TYPE nv_inference_queue_duration_us counter
+nv_inference_queue_duration_us{{model="efficientdet-d0",version="1"}} {queue_us}
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests \
+awaiting execution per-model.
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{{model="efficientdet-d0",version="1"}} {pending_d0}
+nv_inference_pending_request_count{{model="damoyolo-s",version="1"}} {pending_s}
+"""
+# busy: runs 100 requests/s, each waits 2000 µs; rejecting: rejects 50/s at their
+# queue timeout (Triton adds no queue time and no success for them) while 40 wait.
+FAKE_PODS = {
+    "busy": lambda t: {"success": int(100 * t), "rejected": 0, "queue_us": 2000 * int(100 * t),
+                       "pending_d0": 2, "pending_s": 1},
+    "rejecting": lambda t: {"success": 500, "rejected": int(50 * t), "queue_us": 5_000_000,
+                            "pending_d0": 30, "pending_s": 10},
+}
+# A gateway that has answered no request yet: no tierdet_requests_total series at all.
+IDLE_GATEWAY_TEXT = "# TYPE tierdet_triton_up gauge\ntierdet_triton_up 1.0\n"
+
+
+class _Exporter:
+    """A /metrics endpoint on loopback serving ``text(seconds since start)``."""
+
+    def __init__(self, text):
+        import http.server
+
+        started = time.monotonic()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = text(time.monotonic() - started).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+NAMESPACE = "inference"
+
+
+def _rule_file(rule_set: str, work) -> str:
+    """The compose rules as committed, or the Helm chart's PrometheusRule as rendered."""
+    if rule_set == "compose":
+        return str(RULES)
+    from helm_python import Chart
+
+    files = Chart.load(REPO / "deploy" / "helm" / "tierdet").render(
+        None, name="tierdet", namespace=NAMESPACE, is_install=True)
+    (rule,) = [doc for path, text in files.items() if path.endswith(".yaml")
+               for doc in yaml.safe_load_all(text) if doc and doc["kind"] == "PrometheusRule"]
+    path = work / "helm-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return str(path)
+
+
+@pytest.fixture
+def fake_prometheus(tmp_path):
+    """start(rule_set, pods, gateway) -> URL of a Prometheus scraping fake Triton pods
+    (names of FAKE_PODS) and an idle gateway, labelled as the operator labels them."""
+    binary = _tool("prometheus")
+    started = []
+
+    def start(rule_set, pods, gateway=True):
+        exporters = {pod: _Exporter(lambda t, pod=pod: TRITON_TEXT.format(**FAKE_PODS[pod](t)))
+                     for pod in pods}
+        if gateway:
+            exporters["gateway"] = _Exporter(lambda t: IDLE_GATEWAY_TEXT)
+        jobs = {"triton": [p for p in exporters if p != "gateway"],
+                "tierdet-gateway": [p for p in exporters if p == "gateway"]}
+        service = {"triton": "tierdet-triton", "tierdet-gateway": "tierdet-gateway"}
+        work = tmp_path / f"{rule_set}-{len(started)}"
+        work.mkdir()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [_rule_file(rule_set, work)],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [
+                    {"targets": [exporters[pod].address],
+                     "labels": {"namespace": NAMESPACE, "service": service[job], "pod": pod}}
+                    for pod in members]}
+                for job, members in jobs.items() if members],
+        }
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        proc = subprocess.Popen(
+            [binary, f"--config.file={work / 'prometheus.yml'}",
+             f"--storage.tsdb.path={work / 'db'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=(work / "prometheus.log").open("wb"), stderr=subprocess.STDOUT)
+        started.append((proc, list(exporters.values())))
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/ready", 60, proc)
+        return url
+
+    yield start
+    for proc, exporters in started:
+        stop_process(proc)
+        for exporter in exporters:
+            exporter.close()
+
+
+def _by_pod(prom: str, expr: str) -> dict[str, float]:
+    return {s["metric"].get("pod", ""): float(s["value"][1]) for s in _query(prom, expr)}
+
+
+def _blind_alert(prom: str) -> dict:
+    """The TierdetAutoscalingBlind rule's state and the series it is active for."""
+    body = httpx.get(prom + "/api/v1/rules", params={"type": "alert"}, timeout=10).json()
+    (rule,) = [r for g in body["data"]["groups"] for r in g["rules"]
+               if r["name"] == "TierdetAutoscalingBlind"]
+    return {"state": rule["state"], "health": rule["health"],
+            "series": sorted(a["labels"]["series"] for a in rule["alerts"])}
+
+
+def _wait_for(check, seconds: float = 45):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("rule_set", ["compose", "helm"])
+def test_pending_requests_rule_sees_overload_that_queue_time_reads_as_idle(
+        fake_prometheus, rule_set):
+    prom = fake_prometheus(rule_set, ["busy", "rejecting"])
+
+    def recorded():
+        queue = _by_pod(prom, "tierdet:triton_queue_time_per_request_us:rate1m")
+        pending = _by_pod(prom, rules.PENDING_RECORD)
+        rps = _by_pod(prom, "tierdet:gateway_requests_per_second:rate1m")
+        assert queue.keys() == pending.keys() == {"busy", "rejecting"}, (queue, pending)
+        assert rps == {"gateway": 0.0}  # idle, and still a series the HPA can read
+        return queue, pending
+
+    queue, pending = _wait_for(recorded)
+    # Every request of "rejecting" is refused: its queue time reads 0 as if it were
+    # idle (the HPA would scale it down), while 40 requests wait in its queues.
+    assert queue["rejecting"] == 0
+    assert queue["busy"] == pytest.approx(2000)
+    assert pending == {"busy": 3.0, "rejecting": 40.0}
+    # Every scaling series is there: the blind-autoscaler alert is quiet (once its
+    # group has been evaluated with them; before the first scrapes they were missing).
+    def quiet():
+        assert _blind_alert(prom) == {"state": "inactive", "health": "ok", "series": []}
+
+    _wait_for(quiet, 10)
+
+
+@pytest.mark.parametrize("rule_set", ["compose", "helm"])
+def test_the_blind_autoscaler_alert_fires_for_each_missing_scaling_series(
+        fake_prometheus, rule_set):
+    # Triton not scraped (say, its ServiceMonitor is not selected): both of its
+    # scaling series are missing; the gateway's is there.
+    prom = fake_prometheus(rule_set, [])
+
+    missing = sorted(["tierdet:triton_queue_time_per_request_us:rate1m", rules.PENDING_RECORD])
+
+    def active():
+        # Until the first scrape every series is missing: wait for the gateway's.
+        assert _by_pod(prom, "tierdet:gateway_requests_per_second:rate1m") == {"gateway": 0}
+        alert = _blind_alert(prom)
+        assert alert["state"] in ("pending", "firing"), alert  # pending: its 15 m "for"
+        assert alert["series"] == missing, alert
+        return alert
+
+    alert = _wait_for(active)
+    assert alert["health"] == "ok"
+    assert set(rules.SCALING_SERIES) - set(alert["series"]) == {
+        "tierdet:gateway_requests_per_second:rate1m"}

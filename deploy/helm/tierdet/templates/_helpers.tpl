@@ -75,6 +75,13 @@ the install with its message.
 {{- fail (printf "monitoring.%s.labels is empty: set the labels your Prometheus selects %ss by (kube-prometheus-stack: release: <its release name>), or disable it" $name (title $name)) -}}
 {{- end -}}
 {{- end -}}
+{{- /* CPU Triton sizes ONNX Runtime's thread pool from its CPU request. */ -}}
+{{- if and (eq .Values.target "cpu") (not (dig "requests" "cpu" "" .Values.triton.resources)) -}}
+{{- fail "triton.resources.requests.cpu is empty: target cpu sizes ONNX Runtime's threads from it (set the CPUs each Triton pod may use)" -}}
+{{- end -}}
+{{- if and (eq .Values.target "cpu") (not (regexMatch "^([0-9]+(\\.[0-9]+)?|[0-9]+m)$" (toString (dig "requests" "cpu" "" .Values.triton.resources)))) -}}
+{{- fail (printf "triton.resources.requests.cpu (%v) must be a CPU count (4, \"1.5\") or millicores (\"2500m\")" .Values.triton.resources.requests.cpu) -}}
+{{- end -}}
 {{- /* A pod killed before its drain ends drops the requests it still holds. */ -}}
 {{- $shutdowns := dict
       "gateway" (list .Values.gateway (int (include "tierdet.gatewayDrainSeconds" .)) "the gateway's drain")
@@ -94,6 +101,39 @@ grace_s (10, tierdet.frontends.server.run_gateway), then the supervisor kills
 workers still running 5 s later (frontends/workers.py, Supervisor.stop).
 */}}
 {{- define "tierdet.gatewayDrainSeconds" -}}15{{- end -}}
+
+{{/*
+How long one new Triton pod may take to become ready, the Deployment's
+progressDeadlineSeconds: its init container waits up to
+triton.engines.waitForModelsSeconds for the model-builder's export, then (GPU)
+builds each model's engine in turn, each within timeoutSecondsPerModel; then
+the startup probe allows periodSeconds x failureThreshold for loading; plus
+600 s (Kubernetes' default deadline) for scheduling and image pulls.
+*/}}
+{{- define "tierdet.tritonProgressDeadlineSeconds" -}}
+{{- $t := .Values.triton -}}
+{{- $builds := 0 -}}
+{{- if eq .Values.target "gpu" -}}
+{{- $builds = mul (len .Values.models) $t.engines.timeoutSecondsPerModel -}}
+{{- end -}}
+{{- add $t.engines.waitForModelsSeconds $builds (mul $t.probes.startup.periodSeconds $t.probes.startup.failureThreshold) 600 -}}
+{{- end -}}
+
+{{/*
+Whole CPUs in a CPU quantity ("8", 4, "1.5", "2500m"), at least 1: the ONNX
+Runtime threads of a CPU Triton pod (rounded down: more threads than the pod's
+share of the node's CPUs would contend for them).
+*/}}
+{{- define "tierdet.cpuThreads" -}}
+{{- $q := toString . -}}
+{{- $cpus := 0.0 -}}
+{{- if hasSuffix "m" $q -}}
+{{- $cpus = divf (float64 (trimSuffix "m" $q)) 1000 -}}
+{{- else -}}
+{{- $cpus = float64 $q -}}
+{{- end -}}
+{{- max 1 (int (floor $cpus)) -}}
+{{- end -}}
 
 {{/* Whether the gateway serves TLS (then its probes and scrapes use HTTPS). */}}
 {{- define "tierdet.gatewayScheme" -}}
