@@ -117,3 +117,22 @@ def test_beyond_the_concurrency_bound_requests_are_refused_and_probes_answer(tri
         assert post(0).status_code == 200
     finally:
         gateway.stop()
+
+
+def test_a_batch_counts_the_images_its_size_can_hold():
+    from tierdet.frontends.http_api import request_units
+
+    settings = Settings(max_image_bytes=1000, batch_max_images=16)
+    units = request_units(settings)
+    per_image = settings.max_body_bytes(1)
+
+    def scope(path: str, length: int | None) -> dict:
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        return {"path": path, "headers": headers}
+
+    assert units(scope("/v1/detect", 10**9)) == 1  # its body limit refuses the rest
+    assert units(scope("/v1/detect/batch", 10)) == 1
+    assert units(scope("/v1/detect/batch", 3 * per_image)) == 3
+    assert units(scope("/v1/detect/batch", 3 * per_image + 1)) == 4
+    assert units(scope("/v1/detect/batch", None)) == 16  # undeclared: all it may hold
+    assert units(scope("/v1/detect/batch", 10**9)) == 16

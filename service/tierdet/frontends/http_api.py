@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from tierdet import __version__
 from tierdet.contract.errors import ApiError, ErrorCode
@@ -60,6 +62,22 @@ _DETECT_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
+def request_units(settings: Settings) -> Callable[[Scope], int]:
+    """What a request counts against the concurrency bound: one image, or for a
+    batch the images its declared size can hold (all it may, when undeclared)."""
+    per_image = settings.max_body_bytes(1)
+
+    def units(scope: Scope) -> int:
+        if scope["path"].rstrip("/") != "/v1/detect/batch":
+            return 1
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if not declared.isdigit():
+            return settings.batch_max_images
+        return max(1, min(settings.batch_max_images, -(-int(declared) // per_image)))
+
+    return units
+
+
 def body_limits(settings: Settings):
     """Per-path body limits: one image for /v1/detect, a batch's worth for the
     batch endpoint, 64 KiB for any other /v1 route."""
@@ -98,6 +116,7 @@ def create_app(detector: Detector) -> FastAPI:
     )
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency,
+                       units_for=request_units(settings),
                        refused=lambda: detector.metrics.observe_failure(
                            "http", None, "none", "shed"))
     app.add_middleware(RequestContext, log=detector.access)  # outermost: ids on every answer

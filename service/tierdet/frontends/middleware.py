@@ -119,14 +119,18 @@ class BodyLimit:
 
 
 class ConcurrencyLimit:
-    """At most ``limit`` API requests (paths under ``/v1/``) in progress: one more
-    is answered 503 ``overloaded`` before its body is read, so what the gateway
-    holds stays bounded (serving/memory.py). Probes, metrics and the page are
-    not counted and always answer. ``refused()`` is told of each refusal."""
+    """At most ``limit`` images' worth of API requests (paths under ``/v1/``) in
+    progress: one more is answered 503 ``overloaded`` before its body is read,
+    so what the gateway holds stays bounded (serving/memory.py). A request
+    counts ``units_for(scope)`` (a batch: the images its Content-Length can
+    hold). Probes, metrics and the page are not counted and always answer.
+    ``refused()`` is told of each refusal."""
 
-    def __init__(self, app: ASGIApp, limit: int, refused: Callable[[], None]) -> None:
+    def __init__(self, app: ASGIApp, limit: int, units_for: Callable[[Scope], int],
+                 refused: Callable[[], None]) -> None:
         self.app = app
         self.limit = limit
+        self.units_for = units_for
         self.refused = refused
         self.active = 0
 
@@ -134,14 +138,15 @@ class ConcurrencyLimit:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        if self.active >= self.limit:
+        units = min(self.units_for(scope), self.limit)  # a whole-limit batch still runs alone
+        if self.active + units > self.limit:
             self.refused()
             await http_response(ApiError(
-                ErrorCode.OVERLOADED, f"more than {self.limit} requests at once",
-                retry_after_s=1.0))(scope, receive, send)
+                ErrorCode.OVERLOADED, f"more than {self.limit} images' worth of requests "
+                "at once", retry_after_s=1.0))(scope, receive, send)
             return
-        self.active += 1
+        self.active += units
         try:
             await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            self.active -= units

@@ -3,10 +3,13 @@ of OOM-killed.
 
 Three things grow with load, each bounded by a setting:
 
-- **request bodies**: at most ``TIERDET_MAX_CONCURRENCY`` requests are held at
-  once (over all workers), each up to BODY_COPIES x ``TIERDET_MAX_IMAGE_BYTES``
-  (a JSON body is the image base64-encoded, 4/3 of it, kept by the framework;
-  while it is parsed the text once more; then the image's bytes);
+- **request bodies**: HTTP holds at most ``TIERDET_MAX_CONCURRENCY`` images'
+  worth of requests at once over all workers (a batch counts the images its
+  size can hold), each up to BODY_COPIES x ``TIERDET_MAX_IMAGE_BYTES`` (a JSON
+  body is the image base64-encoded, 4/3 of it, kept by the framework; while it
+  is parsed the text once more; then the image's bytes); gRPC as many calls,
+  each holding up to ``TIERDET_STREAM_MAX_INFLIGHT`` frames (a stream) of
+  GRPC_COPIES x the image's bytes (the message and its parsed field);
 - **decoded images**: each worker holds at most ``image_slots`` at once, from
   decoding until the image is letterboxed into the model's input (and while
   an annotated image is drawn), each up to IMAGE_COPIES x 3 bytes x
@@ -29,6 +32,7 @@ from pathlib import Path
 from tierdet.serving.settings import Settings
 
 BODY_COPIES = 4
+GRPC_COPIES = 2
 IMAGE_COPIES = 2
 BASE_MB = 200
 MIB = 1024 * 1024
@@ -58,17 +62,19 @@ def image_slots(settings: Settings, cores: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class MemoryBound:
-    bodies: int
+    bodies: int  # HTTP
+    calls: int  # gRPC
     images: int
     base: int
 
     @property
     def total(self) -> int:
-        return self.bodies + self.images + self.base
+        return self.bodies + self.calls + self.images + self.base
 
     def describe(self) -> str:
-        return (f"{self.total / MIB:.0f} MiB at most: request bodies {self.bodies / MIB:.0f}, "
-                f"decoded images {self.images / MIB:.0f}, interpreters {self.base / MIB:.0f}")
+        return (f"{self.total / MIB:.0f} MiB at most: HTTP bodies {self.bodies / MIB:.0f}, "
+                f"gRPC messages {self.calls / MIB:.0f}, decoded images "
+                f"{self.images / MIB:.0f}, interpreters {self.base / MIB:.0f}")
 
 
 def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
@@ -77,6 +83,7 @@ def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
     held = settings.workers * math.ceil(settings.max_concurrency / settings.workers)
     return MemoryBound(
         bodies=held * BODY_COPIES * settings.max_image_bytes,
+        calls=held * settings.stream_max_inflight * GRPC_COPIES * settings.max_image_bytes,
         images=settings.workers * image_slots(settings, cores) * image,
         base=settings.workers * BASE_MB * MIB)
 
