@@ -7,6 +7,7 @@ without losing what it counted, and a stop ends every worker.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -56,8 +57,11 @@ def children(pid: int) -> set[int]:
 
 def detect(gateway: GatewayProcess, key: str = OPEN) -> httpx.Response:
     """One request on a connection of its own (the kernel picks the worker)."""
+    # Pinned, with a budget no answer misses: these tests are about serving, and a
+    # worker just started measures the model before its first routing.
     return httpx.post(gateway.http + "/v1/detect", headers={"X-API-Key": key},
-                      files={"image": ("a.jpg", JPEG, "image/jpeg")}, timeout=30)
+                      files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                      data={"model": TEST_MODEL, "sla_ms": "60000"}, timeout=30)
 
 
 def counted(gateway: GatewayProcess, protocol: str, outcome: str = "ok") -> float:
@@ -130,9 +134,11 @@ def test_a_port_taken_by_another_gateway_stops_the_start(workers, triton, tmp_pa
     # would start on the first one's gRPC port and take half its connections.
     taken = workers.grpc.rsplit(":", 1)[1]
     for count in ("1", "2"):
+        log = tmp_path / f"second-{count}.log"
         with pytest.raises(RuntimeError, match="exited"):
-            GatewayProcess.start(triton.endpoint, tmp_path / f"second-{count}.log",
-                                 grpc_port=taken, workers=count, timeout_s=30)
+            GatewayProcess.start(triton.endpoint, log, grpc_port=taken, workers=count,
+                                 timeout_s=30)
+        assert re.search(r"in use|Address already in use|Failed to bind", log.read_text())
 
 
 def test_a_stop_ends_every_worker(workers):

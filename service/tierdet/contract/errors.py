@@ -39,6 +39,7 @@ class ErrorCode(str, Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INFERENCE_FAILED = "inference_failed"
     INTERNAL = "internal_error"
+    CANCELLED = "cancelled"
 
     @property
     def kind(self) -> ErrorKind:
@@ -106,6 +107,10 @@ KINDS: dict[ErrorCode, ErrorKind] = {
                                           "Triton answered the inference with an error"),
     ErrorCode.INTERNAL: ErrorKind(500, "INTERNAL", "error",
                                   "a bug: the trace goes to the log, never to the client"),
+    ErrorCode.CANCELLED: ErrorKind(
+        499, "CANCELLED", "timeout",
+        "the caller went away (or its gRPC deadline passed) before the answer: nothing is "
+        "sent, the access log and metrics say so"),
 }
 
 

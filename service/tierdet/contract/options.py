@@ -15,7 +15,7 @@ the web page fills a list from ``/v1/models``) and ``x-placeholder``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -58,6 +58,13 @@ class DetectOptions(BaseModel):
                     "form and query fields, a list in JSON and gRPC); an unknown one is "
                     "refused.",
         json_schema_extra={"x-placeholder": "all, e.g. person,car"})
+    tile: Literal["auto", "off"] | None = Field(
+        None, title="Tiling",
+        description="`auto`: an image at least twice the model's input on its long side is "
+                    "also run as overlapping tiles in the same batch (small objects survive "
+                    "the resize), boxes merged; as many tiles as the budget allows, "
+                    "`routing.tiles` says how many. `off` or absent: the whole image only.",
+        json_schema_extra={"x-placeholder": "off"})
 
     @field_validator("classes", mode="before")
     @classmethod

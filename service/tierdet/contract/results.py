@@ -52,6 +52,8 @@ class Routing:
                                       "gateway.")]
     degraded: Annotated[bool, Field(description="True when no model fitted and the tier "
                                     "allowed serving the fastest one late.")]
+    tiles: Annotated[int, Field(description="Tiles run beside the whole image (`tile=auto`); "
+                                "0: the whole image only.")] = 0
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ standard health and reflection."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -68,13 +69,17 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         rid = access.request_id(_metadata(context, access.HEADER))
         carrier = {k: v for k in ("traceparent", "tracestate") if (v := _metadata(context, k))}
         trace_id = tracing.trace_id(carrier.get("traceparent"))
-        trailing = [(access.HEADER, rid)] + ([("x-trace-id", trace_id)] if trace_id else [])
-        context.set_trailing_metadata(tuple(trailing))
+        call_ids = [(access.HEADER, rid)] + (
+            [(tracing.TRACE_ID_HEADER, trace_id)] if trace_id else [])
+        context.set_trailing_metadata(tuple(call_ids))
         with access.call(rid, "grpc", method) as call, \
                 tracing.server_span(f"Detector/{method}", carrier):
             call.trace_id = trace_id
             try:
                 yield call
+            except asyncio.CancelledError:  # the client went away, or its deadline passed
+                call.code = ErrorCode.CANCELLED.value
+                raise
             finally:
                 status = "OK" if call.code == "ok" else ErrorCode(call.code).kind.grpc_status
                 tracing.annotate(request_id=rid, code=call.code, status=status)

@@ -4,6 +4,7 @@ they stream in."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ class RequestContext:
         trace_id = tracing.trace_id(headers.get("traceparent"))
         ids = [(access.HEADER.encode(), rid.encode())]
         if trace_id is not None:
-            ids.append((b"x-trace-id", trace_id.encode()))
+            ids.append((tracing.TRACE_ID_HEADER.encode(), trace_id.encode()))
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -48,8 +49,9 @@ class RequestContext:
             await send(message)
 
         method = f"{scope['method']} {scope['path']}"
+        api = scope["path"].startswith("/v1/")  # spans for the API, not probes or files
         with access.call(rid, "http", method) as call, \
-                tracing.server_span(method, headers):
+                (tracing.server_span(method, headers) if api else contextlib.nullcontext()):
             call.trace_id = trace_id
             try:
                 await self.app(scope, receive, send_with_id)
@@ -63,7 +65,7 @@ class RequestContext:
                     scope, receive, send_with_id)
             finally:
                 tracing.annotate(request_id=rid, code=call.code, status=status)
-                if scope["path"].startswith("/v1/") and not call.images:
+                if api and not call.images:
                     self.log.write(call, code=call.code, status=status,
                                    latency_ms=round((time.perf_counter() - call.started)
                                                     * 1e3, 1))
@@ -142,8 +144,8 @@ class ConcurrencyLimit:
         if self.active + units > self.limit:
             self.refused()
             await http_response(ApiError(
-                ErrorCode.OVERLOADED, f"more than {self.limit} images' worth of requests "
-                "at once", retry_after_s=1.0))(scope, receive, send)
+                ErrorCode.OVERLOADED, "the gateway is serving all the requests it may at "
+                "once (TIERDET_MAX_CONCURRENCY)", retry_after_s=1.0))(scope, receive, send)
             return
         self.active += units
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -106,6 +105,7 @@ def _held_ports(settings: Settings) -> Iterator[Settings]:
                                           f"(TIERDET_{name.upper()}): {exc.strerror}") from None
             sock, address = _address(host, port)
             held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAITs
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             update[name] = sock.getsockname()[1]
@@ -128,8 +128,8 @@ class _Worker:
 class Supervisor:
     def __init__(self, settings: Settings, run_dir: Path, grace_s: float) -> None:
         # The bound on requests at once is the gateway's: each worker holds its share.
-        per_worker = math.ceil(settings.max_concurrency / settings.workers)
-        self.settings = settings.model_copy(update={"max_concurrency": per_worker})
+        self.settings = settings.model_copy(
+            update={"max_concurrency": settings.worker_concurrency()})
         self.run_dir = run_dir
         self.grace_s = grace_s
         self.metrics_dir = run_dir / "metrics"
@@ -212,9 +212,22 @@ async def run_workers(settings: Settings, stop: asyncio.Event, grace_s: float) -
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this worker when its supervisor dies, even by SIGKILL: an orphan
+    would keep serving the ports, and the next start would find them taken."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor was gone before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     """A worker: the gateway, on shared ports, with the shared state in ``run_dir``."""
     job = Job.model_validate_json(os.environ.pop(JOB_ENV))
+    _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s "
                         f"[worker {job.index} of {job.count}]: %(message)s")
     from tierdet.frontends.server import serve

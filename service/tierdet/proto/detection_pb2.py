@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdet/proto/detection.proto\x12\ntierdet.v1\"\xce\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x13\n\x06sla_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\tB\x12\n\x10_score_thresholdB\x11\n\x0f_max_detectionsB\t\n\x07_sla_ms\"p\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x06 \x01(\x05\x12\x12\n\nclass_name\x18\x07 \x01(\t\"n\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08infer_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"e\n\x07Routing\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x11\n\tbudget_ms\x18\x02 \x01(\x01\x12\x14\n\x0cpredicted_ms\x18\x03 \x01(\x01\x12\x11\n\tactual_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\"\xb3\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12)\n\ndetections\x18\x04 \x03(\x0b\x32\x15.tierdet.v1.Detection\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.tierdet.v1.Timing\x12$\n\x07routing\x18\x06 \x01(\x0b\x32\x13.tierdet.v1.Routing\"\x13\n\x11ListModelsRequest\"\xf3\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\x12\x1e\n\x11published_coco_ap\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08params_m\x18\x06 \x01(\x01\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x0f\n\x07weights\x18\x08 \x01(\t\x12:\n\x0bmeasured_ap\x18\t \x03(\x0b\x32%.tierdet.v1.ModelInfo.MeasuredApEntry\x12\x0e\n\x06status\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x12\n\nlatency_ms\x18\x0c \x01(\x01\x12\x12\n\nrouting_ap\x18\r \x01(\x01\x1a\x31\n\x0fMeasuredApEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_published_coco_ap\"]\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbudget_ms\x18\x02 \x01(\x01\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0f\n\x07\x64\x65grade\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x08\"v\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tierdet.v1.ModelInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_tier\x18\x02 \x01(\t\x12#\n\x05tiers\x18\x03 \x03(\x0b\x32\x14.tierdet.v1.TierInfo\"K\n\x0b\x44\x65tectFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.tierdet.v1.DetectRequest\"T\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1a\n\rretry_after_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_retry_after_s\"\x84\x01\n\x11\x44\x65tectFrameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.tierdet.v1.DetectResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.tierdet.v1.ErrorH\x00\x42\t\n\x07outcome2\xe4\x01\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x19.tierdet.v1.DetectRequest\x1a\x1a.tierdet.v1.DetectResponse\x12K\n\nListModels\x12\x1d.tierdet.v1.ListModelsRequest\x1a\x1e.tierdet.v1.ListModelsResponse\x12J\n\x0c\x44\x65tectStream\x12\x17.tierdet.v1.DetectFrame\x1a\x1d.tierdet.v1.DetectFrameResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtierdet/proto/detection.proto\x12\ntierdet.v1\"\xdc\x01\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x13\n\x06sla_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x0c\n\x04tile\x18\x08 \x01(\tB\x12\n\x10_score_thresholdB\x11\n\x0f_max_detectionsB\t\n\x07_sla_ms\"p\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x06 \x01(\x05\x12\x12\n\nclass_name\x18\x07 \x01(\t\"n\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08infer_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"t\n\x07Routing\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x11\n\tbudget_ms\x18\x02 \x01(\x01\x12\x14\n\x0cpredicted_ms\x18\x03 \x01(\x01\x12\x11\n\tactual_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\r\n\x05tiles\x18\x06 \x01(\r\"\xb3\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12)\n\ndetections\x18\x04 \x03(\x0b\x32\x15.tierdet.v1.Detection\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.tierdet.v1.Timing\x12$\n\x07routing\x18\x06 \x01(\x0b\x32\x13.tierdet.v1.Routing\"\x13\n\x11ListModelsRequest\"\xf3\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\x12\x1e\n\x11published_coco_ap\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08params_m\x18\x06 \x01(\x01\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x0f\n\x07weights\x18\x08 \x01(\t\x12:\n\x0bmeasured_ap\x18\t \x03(\x0b\x32%.tierdet.v1.ModelInfo.MeasuredApEntry\x12\x0e\n\x06status\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x12\n\nlatency_ms\x18\x0c \x01(\x01\x12\x12\n\nrouting_ap\x18\r \x01(\x01\x1a\x31\n\x0fMeasuredApEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_published_coco_ap\"]\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbudget_ms\x18\x02 \x01(\x01\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0f\n\x07\x64\x65grade\x18\x04 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x08\"v\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tierdet.v1.ModelInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_tier\x18\x02 \x01(\t\x12#\n\x05tiers\x18\x03 \x03(\x0b\x32\x14.tierdet.v1.TierInfo\"K\n\x0b\x44\x65tectFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.tierdet.v1.DetectRequest\"T\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1a\n\rretry_after_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_retry_after_s\"\x84\x01\n\x11\x44\x65tectFrameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1a.tierdet.v1.DetectResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.tierdet.v1.ErrorH\x00\x42\t\n\x07outcome2\xe4\x01\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x19.tierdet.v1.DetectRequest\x1a\x1a.tierdet.v1.DetectResponse\x12K\n\nListModels\x12\x1d.tierdet.v1.ListModelsRequest\x1a\x1e.tierdet.v1.ListModelsResponse\x12J\n\x0c\x44\x65tectStream\x12\x17.tierdet.v1.DetectFrame\x1a\x1d.tierdet.v1.DetectFrameResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_MEASUREDAPENTRY']._loaded_options = None
   _globals['_MODELINFO_MEASUREDAPENTRY']._serialized_options = b'8\001'
   _globals['_DETECTREQUEST']._serialized_start=46
-  _globals['_DETECTREQUEST']._serialized_end=252
-  _globals['_DETECTION']._serialized_start=254
-  _globals['_DETECTION']._serialized_end=366
-  _globals['_TIMING']._serialized_start=368
-  _globals['_TIMING']._serialized_end=478
-  _globals['_ROUTING']._serialized_start=480
-  _globals['_ROUTING']._serialized_end=581
-  _globals['_DETECTRESPONSE']._serialized_start=584
-  _globals['_DETECTRESPONSE']._serialized_end=763
-  _globals['_LISTMODELSREQUEST']._serialized_start=765
-  _globals['_LISTMODELSREQUEST']._serialized_end=784
-  _globals['_MODELINFO']._serialized_start=787
-  _globals['_MODELINFO']._serialized_end=1158
-  _globals['_MODELINFO_MEASUREDAPENTRY']._serialized_start=1087
-  _globals['_MODELINFO_MEASUREDAPENTRY']._serialized_end=1136
-  _globals['_TIERINFO']._serialized_start=1160
-  _globals['_TIERINFO']._serialized_end=1253
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1255
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1373
-  _globals['_DETECTFRAME']._serialized_start=1375
-  _globals['_DETECTFRAME']._serialized_end=1450
-  _globals['_ERROR']._serialized_start=1452
-  _globals['_ERROR']._serialized_end=1536
-  _globals['_DETECTFRAMERESULT']._serialized_start=1539
-  _globals['_DETECTFRAMERESULT']._serialized_end=1671
-  _globals['_DETECTOR']._serialized_start=1674
-  _globals['_DETECTOR']._serialized_end=1902
+  _globals['_DETECTREQUEST']._serialized_end=266
+  _globals['_DETECTION']._serialized_start=268
+  _globals['_DETECTION']._serialized_end=380
+  _globals['_TIMING']._serialized_start=382
+  _globals['_TIMING']._serialized_end=492
+  _globals['_ROUTING']._serialized_start=494
+  _globals['_ROUTING']._serialized_end=610
+  _globals['_DETECTRESPONSE']._serialized_start=613
+  _globals['_DETECTRESPONSE']._serialized_end=792
+  _globals['_LISTMODELSREQUEST']._serialized_start=794
+  _globals['_LISTMODELSREQUEST']._serialized_end=813
+  _globals['_MODELINFO']._serialized_start=816
+  _globals['_MODELINFO']._serialized_end=1187
+  _globals['_MODELINFO_MEASUREDAPENTRY']._serialized_start=1116
+  _globals['_MODELINFO_MEASUREDAPENTRY']._serialized_end=1165
+  _globals['_TIERINFO']._serialized_start=1189
+  _globals['_TIERINFO']._serialized_end=1282
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1284
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1402
+  _globals['_DETECTFRAME']._serialized_start=1404
+  _globals['_DETECTFRAME']._serialized_end=1479
+  _globals['_ERROR']._serialized_start=1481
+  _globals['_ERROR']._serialized_end=1565
+  _globals['_DETECTFRAMERESULT']._serialized_start=1568
+  _globals['_DETECTFRAMERESULT']._serialized_end=1700
+  _globals['_DETECTOR']._serialized_start=1703
+  _globals['_DETECTOR']._serialized_end=1931
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "model", "score_threshold", "max_detections", "tier", "sla_ms", "classes")
+    __slots__ = ("image", "model", "score_threshold", "max_detections", "tier", "sla_ms", "classes", "tile")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class DetectRequest(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     SLA_MS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     model: str
     score_threshold: float
@@ -22,7 +23,8 @@ class DetectRequest(_message.Message):
     tier: str
     sla_ms: float
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., tier: _Optional[str] = ..., sla_ms: _Optional[float] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    tile: str
+    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., tier: _Optional[str] = ..., sla_ms: _Optional[float] = ..., classes: _Optional[_Iterable[str]] = ..., tile: _Optional[str] = ...) -> None: ...
 
 class Detection(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2", "score", "class_id", "class_name")
@@ -57,18 +59,20 @@ class Timing(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., infer_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class Routing(_message.Message):
-    __slots__ = ("tier", "budget_ms", "predicted_ms", "actual_ms", "degraded")
+    __slots__ = ("tier", "budget_ms", "predicted_ms", "actual_ms", "degraded", "tiles")
     TIER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
     ACTUAL_MS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
     tier: str
     budget_ms: float
     predicted_ms: float
     actual_ms: float
     degraded: bool
-    def __init__(self, tier: _Optional[str] = ..., budget_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., actual_ms: _Optional[float] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    tiles: int
+    def __init__(self, tier: _Optional[str] = ..., budget_ms: _Optional[float] = ..., predicted_ms: _Optional[float] = ..., actual_ms: _Optional[float] = ..., degraded: _Optional[bool] = ..., tiles: _Optional[int] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
     __slots__ = ("model", "width", "height", "detections", "timing", "routing")

@@ -5,7 +5,9 @@ Three things grow with load, each bounded by a setting:
 
 - **request bodies**: HTTP holds at most ``TIERDET_MAX_CONCURRENCY`` images'
   worth of requests at once over all workers (a batch counts the images its
-  size can hold), each up to BODY_COPIES x ``TIERDET_MAX_IMAGE_BYTES`` (a JSON
+  size can hold, at most a worker's share: so a worker holds at most the larger
+  of its share and ``TIERDET_BATCH_MAX_IMAGES``), each up to BODY_COPIES x
+  ``TIERDET_MAX_IMAGE_BYTES`` (a JSON
   body is the image base64-encoded, 4/3 of it, kept by the framework; while it
   is parsed the text once more; then the image's bytes); gRPC as many calls,
   each holding up to ``TIERDET_STREAM_MAX_INFLIGHT`` frames (a stream) of
@@ -14,7 +16,8 @@ Three things grow with load, each bounded by a setting:
   decoding until the image is letterboxed into the model's input (and while
   an annotated image is drawn), each up to IMAGE_COPIES x 3 bytes x
   ``TIERDET_MAX_IMAGE_PIXELS`` (the decoder's output and an EXIF rotation's
-  copy);
+  copy; drawing an annotated image: the image, its annotated copy and the
+  encoder's colour-order copy);
 - the **interpreter** with its libraries, BASE_MB per worker (measured: an idle
   worker serving D0 is ~125 MB resident).
 
@@ -33,7 +36,7 @@ from tierdet.serving.settings import Settings
 
 BODY_COPIES = 4
 GRPC_COPIES = 2
-IMAGE_COPIES = 2
+IMAGE_COPIES = 3
 BASE_MB = 200
 MIB = 1024 * 1024
 
@@ -80,9 +83,12 @@ class MemoryBound:
 def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
     """The most every worker of a gateway with ``settings`` holds together."""
     image = IMAGE_COPIES * 3 * settings.max_image_pixels
-    held = settings.workers * math.ceil(settings.max_concurrency / settings.workers)
+    held = settings.workers * settings.worker_concurrency()
+    # A batch counts at most a worker's whole share, yet holds batch_max_images.
+    images_held = settings.workers * max(settings.worker_concurrency(),
+                                         settings.batch_max_images)
     return MemoryBound(
-        bodies=held * BODY_COPIES * settings.max_image_bytes,
+        bodies=images_held * BODY_COPIES * settings.max_image_bytes,
         calls=held * settings.stream_max_inflight * GRPC_COPIES * settings.max_image_bytes,
         images=settings.workers * image_slots(settings, cores) * image,
         base=settings.workers * BASE_MB * MIB)

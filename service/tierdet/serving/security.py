@@ -107,8 +107,12 @@ class KeyRing:
     buckets: LocalBuckets = field(default_factory=LocalBuckets)
 
     def share(self, path: Path) -> None:
-        """Keep the rate buckets in ``path``, with every process that shares it."""
-        self.buckets = SharedBuckets(path, len(self.keys))
+        """Keep the rate buckets beside ``path``, with every process that shares it.
+        The file is named by the keys (slots are by position): a worker restarted
+        after the keys file changed does not read other keys' buckets."""
+        names = hashlib.sha256("\n".join(k.name for k in self.keys).encode()).hexdigest()
+        self.buckets = SharedBuckets(path.with_name(f"{path.name}-{names[:12]}"),
+                                     len(self.keys))
 
     @property
     def enabled(self) -> bool:

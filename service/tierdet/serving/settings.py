@@ -84,12 +84,13 @@ class Settings(BaseModel):
     tls_cert_file: Path | None = Field(None, description="TLS certificate for HTTP and gRPC")
     tls_key_file: Path | None = Field(None, description="its private key")
     max_concurrency: int = Field(256, ge=1, description=(
-        "requests and gRPC calls served at once (shared among the workers); beyond it HTTP "
+        "requests and gRPC calls served at once (split evenly among the workers); beyond it HTTP "
         "answers 503 `overloaded` before reading the body and gRPC RESOURCE_EXHAUSTED, so "
         "memory stays bounded under overload (probes and /metrics always answer)"))
     image_slots: int = Field(0, ge=0, le=256, description=(
         "decoded images one worker holds at once, from decoding to the letterbox (each up "
-        "to 6 bytes a pixel of `TIERDET_MAX_IMAGE_PIXELS`); others wait their turn; 0: the "
+        "to three copies of 3 bytes a pixel of `TIERDET_MAX_IMAGE_PIXELS`); others wait their "
+        "turn; 0: the "
         "worker's share of the cores it may use"))
     workers: int = Field(1, ge=1, le=64, description=(
         "gateway processes sharing the HTTP and gRPC ports (each decodes on its own core; "
@@ -114,6 +115,11 @@ class Settings(BaseModel):
     def _endpoints(cls, value: str) -> str:
         parse_targets(value, 0)  # a malformed entry stops the gateway at start, named
         return value
+
+    def worker_concurrency(self) -> int:
+        """Each worker's share of ``max_concurrency`` (the kernel spreads connections
+        over workers, so each holds its part of the bound)."""
+        return -(-self.max_concurrency // self.workers)
 
     def max_body_bytes(self, images: int = 1) -> int:
         """The largest HTTP body a valid request of ``images`` images can have: each

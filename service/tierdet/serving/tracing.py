@@ -1,11 +1,12 @@
 """OpenTelemetry traces of detect requests.
 
-A call is a server span (parent: the caller's W3C ``traceparent``), with a
-child per stage: ``admission``, ``decode``, ``route``, ``triton`` (the call to
-the chosen endpoint; its ``traceparent`` goes to Triton, which continues the
-trace when it runs with ``--trace-config mode=opentelemetry``) and
-``postprocess``. Attributes say what the router did: model, endpoint, tier,
-budget, predicted and actual ms, outcome code.
+An API call is a server span (parent: the caller's W3C ``traceparent``), with
+a child ``admission`` and, per image, ``detect`` with a child per stage:
+``decode``, ``route``, ``preprocess``, ``triton`` (the call to the chosen
+endpoint; its ``traceparent`` goes to Triton, which continues the trace when it
+runs with ``--trace-config mode=opentelemetry``) and ``postprocess``.
+Attributes say what the router did: model, endpoint, tier, budget, predicted
+and actual ms, outcome code, tiles.
 
 On only when an OTLP endpoint is configured by the standard variables
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``;
@@ -26,6 +27,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+TRACE_ID_HEADER = "x-trace-id"  # the trace id back to the caller (HTTP and gRPC)
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _OFF = contextlib.nullcontext()
 _tracer: Any = None  # an opentelemetry Tracer once configured

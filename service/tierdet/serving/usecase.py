@@ -18,8 +18,12 @@ so the front ends only translate wire formats.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,7 +33,7 @@ from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import get_spec, lookup
-from tierdet.serving import access, decoding, imaging, memory, postprocess, tracing
+from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
@@ -38,6 +42,8 @@ from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
 from tierdet.serving.security import ApiKey, KeyRing
 from tierdet.serving.settings import Settings
+
+T = TypeVar("T")
 
 # Readiness older than this is not trusted: the watcher refreshes every second,
 # a refresh waits at most a few seconds for Triton (a new model's latency
@@ -89,6 +95,7 @@ class Detector:
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
         # Decoded images held at once: what bounds the gateway's memory (see memory).
         self.image_slots = asyncio.Semaphore(memory.image_slots(settings))
+        self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
 
     # -- admission -------------------------------------------------------
 
@@ -176,6 +183,9 @@ class Detector:
             except ApiError as exc:
                 seen.code = exc.code
                 raise
+            except asyncio.CancelledError:
+                seen.code = ErrorCode.CANCELLED
+                raise
             except Exception:
                 seen.code = ErrorCode.INTERNAL
                 raise
@@ -196,22 +206,30 @@ class Detector:
             async with self.image_slot() as slot:
                 # The decoders release the GIL: decoding in a worker thread keeps the
                 # event loop answering other requests meanwhile.
+                tiled = options.tile == "auto"  # tiles need the image's own pixels
                 with tracing.span("decode", image_bytes=len(image)):
-                    slot.image, decode_s = await asyncio.to_thread(self._decode, image,
-                                                                   reachable)
+                    slot.image, decode_s = await _in_thread(self._decode, image, reachable,
+                                                            tiled)
                 # Only among the models the image was decoded for (see precheck).
                 with tracing.span("route", candidates=",".join(reachable)):
                     decision = self.router.decide(request, _ms_since(start),
                                                   self.catalog.placement(reachable))
+                    tiles, decision = (self._tiles(decision, slot.take(), _ms_since(start))
+                                       if tiled else ([], decision))
                 tier, model = decision.tier, decision.model
                 seen.decision = decision
-                result, decision = await self._run(decision, slot, options, start, decode_s)
+                result, decision = await self._run(decision, slot, options, start, decode_s,
+                                                   tiles)
                 seen.decision = decision  # the endpoint that answered (failover)
         except ApiError as exc:
             if decision is not None and exc.code is ErrorCode.DEADLINE_EXCEEDED:
                 self._calibrate(decision, _ms_since(start))
             self.metrics.observe_failure(caller.protocol, tier,
                                          model if lookup(model) else "none", exc.outcome)
+            raise
+        except asyncio.CancelledError:
+            self.metrics.observe_failure(caller.protocol, tier,
+                                         model if lookup(model) else "none", "timeout")
             raise
         except Exception:
             self.metrics.observe_failure(caller.protocol, tier,
@@ -248,7 +266,8 @@ class Detector:
             endpoint=decision.endpoint if decision else None,
             predicted_ms=round(decision.predicted_ms, 1) if decision else None,
             latency_ms=round(_ms_since(caller.received), 1), image_bytes=image_bytes,
-            width=result.width if result else None, height=result.height if result else None)
+            width=result.width if result else None, height=result.height if result else None,
+            tiles=result.routing.tiles if result else None)
         tracing.annotate(**fields)  # on this image's span
         self.access.write(call, **fields)
 
@@ -297,53 +316,105 @@ class Detector:
                            f"classes: no ready model has all of {', '.join(options.classes)}")
         return knowing
 
-    def _decode(self, data: bytes, models: list[str]) -> tuple[decoding.Decoded, float]:
-        """Decode at the smallest scale that still covers every model in ``models``."""
+    def _decode(self, data: bytes, models: list[str], full: bool = False
+                ) -> tuple[decoding.Decoded, float]:
+        """Decode at the smallest scale that still covers every model in ``models``
+        (``full``: every pixel)."""
         t0 = time.perf_counter()
         inputs = [(s.input_size, s.preprocessing) for s in map(get_spec, models)]
 
         def fits(width: int, height: int) -> bool:
             return all(imaging.covers(width, height, size, prep) for size, prep in inputs)
 
+        reduced = self.settings.decode_scale == "reduced" and not full
         decoded = decoding.decode(data, self.settings.max_image_bytes,
-                                  self.settings.max_image_pixels,
-                                  fits if self.settings.decode_scale == "reduced" else None)
+                                  self.settings.max_image_pixels, fits if reduced else None)
         return decoded, time.perf_counter() - t0
+
+    def _tiles(self, decision: Decision, image: decoding.Decoded, elapsed_ms: float
+               ) -> tuple[list[tiling.Tile], Decision]:
+        """The tiles the budget leaves room for beside the whole view (one batch:
+        at most the model's batch size), and the decision with their cost in its
+        prediction. Each tile costs the model's marginal device time and its
+        letterbox (measured, see ``_learn_tile_prep``)."""
+        if decision.degraded:
+            return [], decision
+        spec = get_spec(decision.model)
+        per_tile = self.router.latency.cost_ms(decision.model) + self._tile_prep_ms
+        spare = (decision.budget_ms - elapsed_ms - self.router.margin_ms
+                 - decision.predicted_ms * self.router.calibration.factor)
+        room = int(spare / self.router.calibration.factor // per_tile) if spare > 0 else 0
+        height, width = image.pixels.shape[:2]
+        tiles = tiling.plan(width, height, spec.input_size,
+                            min(spec.batching.max_batch_size - 1, room))
+        return tiles, replace(decision,
+                              predicted_ms=decision.predicted_ms + len(tiles) * per_tile)
+
+    def _learn_tile_prep(self, prep_s: float, views: int) -> None:
+        if views > 1:
+            self._tile_prep_ms += 0.2 * (prep_s * 1e3 / views - self._tile_prep_ms)
 
     @staticmethod
     def _prepare(image: decoding.Decoded, size: int, prep: imaging.Preprocessing,
-                 out: np.ndarray) -> tuple[imaging.Geometry, float]:
+                 tiles: list[tiling.Tile], out: np.ndarray
+                 ) -> tuple[list[imaging.Geometry], float]:
+        """The whole view into ``out[0]``, each tile into the next (``tiles`` in
+        decoded pixels; their geometry maps boxes back to the tile's corner)."""
         t0 = time.perf_counter()
-        _, geometry = imaging.prepare(image.pixels, size, prep, image.step,
-                                      (image.width, image.height), out)
-        return geometry, time.perf_counter() - t0
+        _, whole = imaging.prepare(image.pixels, size, prep, image.step,
+                                   (image.width, image.height), out[0])
+        geometries = [whole]
+        for tile, view in zip(tiles, out[1:], strict=True):
+            crop = image.pixels[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width]
+            original = (min(tile.width * image.step, image.width - tile.x * image.step),
+                        min(tile.height * image.step, image.height - tile.y * image.step))
+            geometries.append(imaging.prepare(crop, size, prep, image.step, original,
+                                              view)[1])
+        return geometries, time.perf_counter() - t0
 
     async def _run(self, decision: Decision, slot: ImageSlot, options: DetectOptions,
-                   start: float, decode_s: float) -> tuple[DetectResult, Decision]:
+                   start: float, decode_s: float, tiles: list[tiling.Tile]
+                   ) -> tuple[DetectResult, Decision]:
         """The answer, and the decision that gave it (another endpoint after a failover)."""
         spec = get_spec(decision.model)
         keep = postprocess.class_filter(options.classes, spec.labels)
         size = spec.input_size
+        step = slot.take().step
         # The input is written where the endpoint reads it from (its shared memory).
-        with self._backend(decision).input_buffer((1, size, size, 3)) as batch:
-            with tracing.span("preprocess", input_size=size):
-                geometry, prep_s = await asyncio.to_thread(
-                    self._prepare, slot.take(), size, spec.preprocessing, batch[0])
+        with self._backend(decision).input_buffer((1 + len(tiles), size, size, 3)) as batch:
+            with tracing.span("preprocess", input_size=size, tiles=len(tiles)):
+                geometries, prep_s = await _in_thread(
+                    self._prepare, slot.take(), size, spec.preprocessing, tiles, batch)
             slot.release()  # letterboxed: the pixels are not needed while Triton runs
+            self._learn_tile_prep(prep_s, len(batch))
             t_infer = time.perf_counter()
             rows, decision = await self._infer(decision, batch, start)
             t_post = time.perf_counter()
         threshold = (options.score_threshold if options.score_threshold is not None
                      else self.settings.default_score_threshold)
         limit = min(options.max_detections or spec.max_detections, spec.max_detections)
+        whole = geometries[0]
         with tracing.span("postprocess"):
-            detections = postprocess.detections_from_rows(rows[0], spec.labels, geometry,
-                                                          threshold, limit, keep)
+            if not tiles:
+                detections = postprocess.detections_from_rows(rows[0], spec.labels, whole,
+                                                              threshold, limit, keep)
+            else:
+                found = list(postprocess.detections_from_rows(
+                    rows[0], spec.labels, whole, threshold, spec.max_detections, keep))
+                for tile, geometry, tile_rows in zip(tiles, geometries[1:], rows[1:],
+                                                     strict=True):
+                    found += [tiling.shifted(d, tile.x * step, tile.y * step, whole.width,
+                                             whole.height)
+                              for d in postprocess.detections_from_rows(
+                                  tile_rows, spec.labels, geometry, threshold,
+                                  spec.max_detections, keep)]
+                detections = tiling.merge(found, limit)
+        geometry = whole
         end = time.perf_counter()
         timing = Timing(decode_s * 1e3, prep_s * 1e3, (t_post - t_infer) * 1e3,
                         (end - t_post) * 1e3, (end - start) * 1e3)
         routing = Routing(decision.tier, decision.budget_ms, decision.predicted_ms,
-                          timing.total_ms, decision.degraded)
+                          timing.total_ms, decision.degraded, len(tiles))
         return DetectResult(spec.name, geometry.width, geometry.height, detections, timing,
                             routing), decision
 
@@ -373,7 +444,8 @@ class Detector:
                 except ApiError as exc:
                     failure = exc
                 else:
-                    run.observe((time.perf_counter() - t0) * 1e3)
+                    if len(batch) == 1:  # the latency model learns single images only
+                        run.observe((time.perf_counter() - t0) * 1e3)
                     self.metrics.triton_requests.labels(decision.endpoint, "ok").inc()
                     return rows, decision
             if failure.code not in FAILOVER:
@@ -438,6 +510,20 @@ class ImageSlot:
         if self._held:
             self._held = False
             self._slots.release()
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread (the decoders release the GIL). If the
+    caller is cancelled meanwhile, it still waits for the thread before it goes:
+    the thread holds the pixels (their slot) and writes the input buffer, and
+    neither may be handed to another request before it is done."""
+    future = asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(contextvars.copy_context().run, fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 def _ms_since(start: float) -> float:

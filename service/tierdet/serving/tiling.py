@@ -1,0 +1,104 @@
+"""Tiled inference for images much larger than the model's input (slicing in
+the spirit of SAHI).
+
+Letterboxing a 4000x3000 photograph into a 512 px input shrinks it 7.8x:
+whatever was under ~10 px is gone. With ``tile=auto`` such an image is also
+cut into overlapping tiles, each resized into the model's input (shrunk far
+less), and sent in the same Triton batch as the whole view (which keeps the
+large objects whole); the boxes of every view are mapped back to the image
+and merged by class-aware NMS across views.
+
+How many tiles is the budget's call (``plan``): the finest grid whose tiles
+fit in one batch and whose extra device time fits what the budget leaves;
+none when the image is not at least MIN_ZOOM times the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tierdet.contract.results import Detection
+
+OVERLAP = 0.2  # of a tile's side, shared with its neighbour
+MIN_ZOOM = 2.0  # tile only images whose long side is at least this many inputs
+GROWTH = 1.25  # a coarser grid's tile side, from the finer one's
+MERGE_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A square-ish window of the decoded image, in decoded pixels."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+def _starts(length: int, side: int) -> list[int]:
+    if length <= side:
+        return [0]
+    n = math.ceil((length - side) / (side * (1 - OVERLAP))) + 1
+    return [round(i * (length - side) / (n - 1)) for i in range(n)]
+
+
+def grid(width: int, height: int, side: int) -> list[Tile]:
+    """Tiles of ``side`` covering the image, neighbours overlapping by at least
+    OVERLAP of a side (spread evenly, the last ones flush with the edges)."""
+    return [Tile(x, y, min(side, width), min(side, height))
+            for y in _starts(height, side) for x in _starts(width, side)]
+
+
+def plan(width: int, height: int, input_size: int, max_tiles: int) -> list[Tile]:
+    """The finest grid of at most ``max_tiles`` tiles (their side from the
+    model's input up), or none: the image is too small to gain from tiles, or
+    the budget leaves room for fewer than two."""
+    if max_tiles < 2 or max(width, height) < MIN_ZOOM * input_size:
+        return []
+    side = input_size
+    while True:
+        tiles = grid(width, height, side)
+        if len(tiles) <= 1:
+            return []
+        if len(tiles) <= max_tiles:
+            return tiles
+        side = math.ceil(side * GROWTH)
+
+
+def shifted(detection: Detection, dx: float, dy: float, width: int, height: int) -> Detection:
+    """A tile's box in the whole image's pixels."""
+    return Detection(min(detection.x1 + dx, width), min(detection.y1 + dy, height),
+                     min(detection.x2 + dx, width), min(detection.y2 + dy, height),
+                     detection.score, detection.class_id, detection.class_name)
+
+
+def merge(detections: list[Detection], limit: int, iou: float = MERGE_IOU
+          ) -> tuple[Detection, ...]:
+    """Class-aware greedy NMS over the boxes of every view, best first, at most
+    ``limit``: an object seen by two overlapping tiles (and the whole view)
+    comes back once, with its best box."""
+    if not detections:
+        return ()
+    order = sorted(range(len(detections)), key=lambda i: -detections[i].score)
+    boxes = np.array([[d.x1, d.y1, d.x2, d.y2] for d in detections], dtype=np.float64)
+    classes = np.array([d.class_id for d in detections])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept: list[int] = []
+    suppressed = np.zeros(len(detections), dtype=bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        kept.append(i)
+        if len(kept) == limit:
+            break
+        x1 = np.maximum(boxes[i, 0], boxes[:, 0])
+        y1 = np.maximum(boxes[i, 1], boxes[:, 1])
+        x2 = np.minimum(boxes[i, 2], boxes[:, 2])
+        y2 = np.minimum(boxes[i, 3], boxes[:, 3])
+        inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+        overlap = inter / np.maximum(area[i] + area - inter, 1e-9)
+        suppressed |= (overlap > iou) & (classes == classes[i])
+    return tuple(detections[i] for i in kept)
