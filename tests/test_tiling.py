@@ -111,3 +111,13 @@ def test_a_large_image_in_tiles_finds_its_small_objects_once(card_stack):
                   box[3] <= t.y + t.height for t in tiles) for _, box in truth]
     shared = [n for n, views in zip(found_tiled, inside, strict=True) if views >= 2]
     assert shared and all(n <= 1 for n in shared) and sum(shared) >= 1
+
+
+def test_a_box_cut_off_by_a_tiles_inner_edge_is_left_to_the_view_that_holds_it_whole():
+    tile = tiling.Tile(600, 0, 600, 600)  # the image is 2000 x 600: left and right are inner
+    cut = Detection(600.5, 100.0, 650.0, 200.0, 0.9, 1, "person")
+    whole = Detection(700.0, 100.0, 900.0, 200.0, 0.9, 1, "person")
+    at_the_image_top = Detection(700.0, 0.0, 900.0, 200.0, 0.9, 1, "person")
+    assert tiling.cut_off(cut, tile, 1, 2000, 600)
+    assert not tiling.cut_off(whole, tile, 1, 2000, 600)
+    assert not tiling.cut_off(at_the_image_top, tile, 1, 2000, 600)  # the image's own edge

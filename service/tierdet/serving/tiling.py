@@ -5,8 +5,10 @@ Letterboxing a 4000x3000 photograph into a 512 px input shrinks it 7.8x:
 whatever was under ~10 px is gone. With ``tile=auto`` such an image is also
 cut into overlapping tiles, each resized into the model's input (shrunk far
 less), and sent in the same Triton batch as the whole view (which keeps the
-large objects whole); the boxes of every view are mapped back to the image
-and merged by class-aware NMS across views.
+large objects whole); the boxes of every view are mapped back to the image,
+a tile's boxes cut off by its inner edges are dropped (a neighbour or the
+whole view holds those objects whole), and the rest are merged by
+class-aware NMS across views.
 
 How many tiles is the budget's call (``plan``): the finest grid whose tiles
 fit in one batch and whose extra device time fits what the budget leaves;
@@ -26,6 +28,7 @@ OVERLAP = 0.2  # of a tile's side, shared with its neighbour
 MIN_ZOOM = 2.0  # tile only images whose long side is at least this many inputs
 GROWTH = 1.25  # a coarser grid's tile side, from the finer one's
 MERGE_IOU = 0.5
+EDGE_PX = 2.0  # a tile's box this close to an inner edge is cut off by it
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ def plan(width: int, height: int, input_size: int, max_tiles: int) -> list[Tile]
         if len(tiles) <= max_tiles:
             return tiles
         side = math.ceil(side * GROWTH)
+
+
+def cut_off(detection: Detection, tile: Tile, step: int, width: int, height: int,
+            margin: float = EDGE_PX) -> bool:
+    """Whether a tile's box (image pixels) touches an edge the tile shares with the
+    rest of the image: the object goes on beyond the tile, and the neighbour that
+    holds it whole (or the whole view) gives its box; this part would come back
+    beside it as a second, smaller object."""
+    left, top = tile.x * step, tile.y * step
+    right = min(width, (tile.x + tile.width) * step)
+    bottom = min(height, (tile.y + tile.height) * step)
+    return ((left > 0 and detection.x1 <= left + margin)
+            or (top > 0 and detection.y1 <= top + margin)
+            or (right < width and detection.x2 >= right - margin)
+            or (bottom < height and detection.y2 >= bottom - margin))
 
 
 def shifted(detection: Detection, dx: float, dy: float, width: int, height: int) -> Detection:

@@ -403,11 +403,13 @@ class Detector:
                     rows[0], spec.labels, whole, threshold, spec.max_detections, keep))
                 for tile, geometry, tile_rows in zip(tiles, geometries[1:], rows[1:],
                                                      strict=True):
-                    found += [tiling.shifted(d, tile.x * step, tile.y * step, whole.width,
-                                             whole.height)
-                              for d in postprocess.detections_from_rows(
-                                  tile_rows, spec.labels, geometry, threshold,
-                                  spec.max_detections, keep)]
+                    moved = (tiling.shifted(d, tile.x * step, tile.y * step, whole.width,
+                                            whole.height)
+                             for d in postprocess.detections_from_rows(
+                                 tile_rows, spec.labels, geometry, threshold,
+                                 spec.max_detections, keep))
+                    found += [d for d in moved if not tiling.cut_off(
+                        d, tile, step, whole.width, whole.height)]
                 detections = tiling.merge(found, limit)
         geometry = whole
         end = time.perf_counter()
