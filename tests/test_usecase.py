@@ -226,3 +226,55 @@ def test_the_models_answer_lists_tiers_with_the_default_marked():
     assert [(t.name, t.default) for t in served.tiers] == [
         ("realtime", False), ("balanced", True), ("accurate", False)]
     assert COCO90.category_id("traffic light") == 10
+
+
+class ViewBackend(FakeBackend):
+    """Answers, for each view of a batch, the rows ``answer(view, size)`` gives."""
+
+    def __init__(self, answer) -> None:
+        super().__init__({D0: _rows()})
+        self.answer = answer
+
+    async def infer(self, model, images, timeout_s, priority=0):
+        self.calls.append((model, images.shape))
+        return np.stack([self.answer(i, len(images)) for i in range(len(images))])
+
+
+def test_a_box_in_the_overlap_of_tiles_comes_back_once_at_its_place():
+    from tierdet.serving import imaging, tiling
+
+    width, height = 2048, 1024
+    truth = np.array([[1300.0, 300.0, 1360.0, 360.0]])  # in 4 tiles (none at x 0), whole view
+    tiles = tiling.plan(width, height, 512, 7)
+    prep = SPECS[D0].preprocessing
+    views = [imaging.prepare(np.zeros((height, width, 3), np.uint8), 512, prep)[1]] + [
+        imaging.prepare(np.zeros((t.height, t.width, 3), np.uint8), 512, prep)[1]
+        for t in tiles]
+    corners = [(0, 0)] + [(t.x, t.y) for t in tiles]
+    holders = [i for i, (x, y) in enumerate(corners) if i == 0 or (
+        x <= truth[0, 0] and truth[0, 2] <= x + tiles[i - 1].width and
+        y <= truth[0, 1] and truth[0, 3] <= y + tiles[i - 1].height)]
+    assert len(holders) >= 3  # the whole view and at least two overlapping tiles
+
+    def answer(view: int, count: int) -> np.ndarray:
+        # One batch: the whole view, then every tile (or a lone view: a probe).
+        assert count in (1, 1 + len(tiles))
+        if view not in holders:
+            return _rows()
+        geometry, (x, y) = views[view], corners[view]
+        scale = np.array([geometry.scale_x, geometry.scale_y] * 2)
+        offset = np.array([geometry.offset_x, geometry.offset_y] * 2)
+        box = (truth - [x, y, x, y]) * scale + offset  # the view's input pixels
+        # The tiles see it larger and sharper: they score it higher than the whole view.
+        return _rows((*box[0], 0.9 if view else 0.6, PERSON))
+
+    detector, _ = _detector(backend=ViewBackend(answer))
+    result = _detect(detector, _jpeg(width, height), model=D0, tile="auto", sla_ms=60000,
+                     score_threshold=0.1)
+    assert result.routing.tiles == len(tiles) >= 2
+    (found,) = result.detections
+    assert np.abs(np.array(found.box) - truth[0]).max() <= 2.0
+    assert found.score == pytest.approx(0.9) and found.class_name == "person"
+    # Off: one view, no tiles asked of Triton.
+    plain = _detect(detector, _jpeg(width, height), model=D0, sla_ms=60000)
+    assert plain.routing.tiles == 0
