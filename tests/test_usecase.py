@@ -278,3 +278,62 @@ def test_a_box_in_the_overlap_of_tiles_comes_back_once_at_its_place():
     # Off: one view, no tiles asked of Triton.
     plain = _detect(detector, _jpeg(width, height), model=D0, sla_ms=60000)
     assert plain.routing.tiles == 0
+
+
+@pytest.mark.parametrize("code", [ErrorCode.DEADLINE_EXCEEDED, ErrorCode.INFERENCE_FAILED,
+                                  ErrorCode.TRITON_UNAVAILABLE])
+def test_a_failed_image_is_an_access_log_line_with_its_code(tmp_path, code):
+    # The outcomes the real stack cannot be made to give on demand (timeout, error);
+    # the others are pinned on a real gateway in test_access.py.
+    import json
+
+    from tierdet.serving import access
+
+    log = tmp_path / "access.jsonl"
+    backend = FakeBackend({D0: D0_ROWS}, fail=ApiError(code, "as asked"))
+    detector, _ = _detector(backend=backend, access_log=str(log))
+
+    async def run():
+        with access.call("fails", "grpc", "Detect"):
+            caller = detector.admit(None, "grpc")
+            with pytest.raises(ApiError):
+                await detector.detect(caller, _jpeg(64, 64),
+                                      DetectOptions(model=D0, sla_ms=60000))
+
+    asyncio.run(run())
+    (line,) = map(json.loads, log.read_text().splitlines())
+    assert (line["request_id"], line["code"]) == ("fails", code.value)
+    assert line["status"] == code.kind.grpc_status and line["model"] == D0
+
+
+def test_a_cancelled_image_is_logged_as_cancelled(tmp_path):
+    import json
+
+    from tierdet.serving import access
+
+    class Hanging(FakeBackend):
+        hang = False  # the latency probes at start answer
+
+        async def infer(self, model, images, timeout_s, priority=0):
+            if self.hang:
+                await asyncio.Event().wait()
+            return await super().infer(model, images, timeout_s, priority)
+
+    log = tmp_path / "access.jsonl"
+    backend = Hanging({D0: D0_ROWS})
+    detector, _ = _detector(backend=backend, access_log=str(log))
+    backend.hang = True
+
+    async def run():
+        with access.call("gone", "grpc", "Detect"):
+            caller = detector.admit(None, "grpc")
+            task = asyncio.create_task(detector.detect(
+                caller, _jpeg(64, 64), DetectOptions(model=D0, sla_ms=60000)))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())
+    (line,) = map(json.loads, log.read_text().splitlines())
+    assert (line["code"], line["status"]) == ("cancelled", "CANCELLED")
