@@ -105,17 +105,20 @@ def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
     """The router sees work it did not send: with a queue at one endpoint (a
     second gateway's, here sent straight to Triton) it sends to the other."""
     busy, idle = pair
-    flood = _flood(busy, 48)  # seconds of work: it outlasts the three requests below
+    flood = _flood(busy, 96)  # seconds of work: it outlasts the requests below
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not _pending(busy):
             time.sleep(0.02)
         assert _pending(busy), "the flood never queued at Triton"
         time.sleep(0.7)  # the gateway reads the queue again (every 0.25 s when idle)
-        before = [_served(busy), _served(idle)]
-        for _ in range(3):
+        before, sent = _served(idle), 0
+        # Only while the queue is there is the claim true: a loaded machine may
+        # drain it sooner (one CI run served a third request after it had).
+        while sent < 3 and _pending(busy) >= 8:
             assert _detect(pooled).status_code == 200
-        assert _served(idle) - before[1] == 3
+            sent += 1
+        assert sent >= 2 and _served(idle) - before == sent
     finally:
         flood.result(timeout=120)
 
