@@ -107,9 +107,15 @@ def test_a_busy_device_moves_the_router_to_a_faster_model(zoo, zoo_gateway):
         time.sleep(0.2)  # three requests of the big model are in flight now
         busy = _post(client, sla_ms=budget)
         assert [f.result() for f in backlog] == [200] * 3
-    assert busy.status_code in (200, 503), busy.text
+    assert busy.status_code in (200, 503, 504), busy.text
     if busy.status_code == 200:
         assert busy.json()["model"] != best["name"]
         assert busy.json()["routing"]["predicted_ms"] <= budget
+    elif busy.status_code == 504:
+        # Routed to a faster model that then missed the deadline (a loaded 2-core
+        # machine): still a move, and the 504 names the model it went to.
+        error = busy.json()["error"]
+        assert error["code"] == "deadline_exceeded", busy.text
+        assert not error["message"].startswith(best["name"] + ":"), busy.text
     else:  # nothing fitted behind that backlog: refused, not queued
         assert busy.json()["error"]["code"] == "sla_unattainable"
