@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from tierdet.contract.errors import GRPC_CODE_KEY, ApiError, ErrorCode, first_problem
-from tierdet.serving import access, tracing
+from tierdet.serving import access
 
 
 def http_response(exc: ApiError) -> JSONResponse:
@@ -39,9 +39,7 @@ async def grpc_abort(context: grpc.aio.ServicerContext, exc: ApiError) -> NoRetu
     access.note_refusal(exc.code)
     trailing = [(GRPC_CODE_KEY, exc.code.value)]
     if (call := access.current()) is not None:  # abort replaces what was set before
-        trailing.append((access.HEADER, call.request_id))
-        if call.trace_id is not None:
-            trailing.append((tracing.TRACE_ID_HEADER, call.trace_id))
+        trailing += call.ids()
     retry_after = exc.retry_after_header()
     if retry_after is not None:
         trailing.append(("retry-after", retry_after))

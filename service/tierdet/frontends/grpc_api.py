@@ -66,15 +66,11 @@ class DetectorServicer(pb_grpc.DetectorServicer):
     def _call(self, context: grpc.aio.ServicerContext, method: str) -> Iterator[access.Call]:
         """The call's id (the caller's ``x-request-id`` when sane), returned in the
         trailing metadata; the access-log line of a call that reached no image."""
-        rid = access.request_id(_metadata(context, access.HEADER))
         carrier = {k: v for k in ("traceparent", "tracestate") if (v := _metadata(context, k))}
-        trace_id = tracing.trace_id(carrier.get("traceparent"))
-        call_ids = [(access.HEADER, rid)] + (
-            [(tracing.TRACE_ID_HEADER, trace_id)] if trace_id else [])
-        context.set_trailing_metadata(tuple(call_ids))
-        with access.call(rid, "grpc", method) as call, \
+        with access.incoming("grpc", method, _metadata(context, access.HEADER),
+                             carrier.get("traceparent")) as call, \
                 tracing.server_span(f"Detector/{method}", carrier):
-            call.trace_id = trace_id
+            context.set_trailing_metadata(tuple(call.ids()))
             try:
                 yield call
             except asyncio.CancelledError:  # the client went away, or its deadline passed
@@ -82,11 +78,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                 raise
             finally:
                 status = "OK" if call.code == "ok" else ErrorCode(call.code).kind.grpc_status
-                tracing.annotate(request_id=rid, code=call.code, status=status)
-                if not call.images:
-                    self.detector.access.write(
-                        call, code=call.code, status=status,
-                        latency_ms=round((time.perf_counter() - call.started) * 1e3, 1))
+                access.ended(call, status, self.detector.access)
 
     def _admit(self, context: grpc.aio.ServicerContext,
                received: float | None = None) -> Caller:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,11 +33,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = access.request_id(headers.get(access.HEADER))
-        trace_id = tracing.trace_id(headers.get("traceparent"))
-        ids = [(access.HEADER.encode(), rid.encode())]
-        if trace_id is not None:
-            ids.append((tracing.TRACE_ID_HEADER.encode(), trace_id.encode()))
+        ids: list[tuple[bytes, bytes]] = []  # the call's, once it is made
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -50,9 +45,10 @@ class RequestContext:
 
         method = f"{scope['method']} {scope['path']}"
         api = scope["path"].startswith("/v1/")  # spans for the API, not probes or files
-        with access.call(rid, "http", method) as call, \
+        with access.incoming("http", method, headers.get(access.HEADER),
+                             headers.get("traceparent")) as call, \
                 (tracing.server_span(method, headers) if api else contextlib.nullcontext()):
-            call.trace_id = trace_id
+            ids = [(k.encode(), v.encode()) for k, v in call.ids()]
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception:
@@ -64,11 +60,7 @@ class RequestContext:
                 await http_response(ApiError(ErrorCode.INTERNAL, "internal error"))(
                     scope, receive, send_with_id)
             finally:
-                tracing.annotate(request_id=rid, code=call.code, status=status)
-                if api and not call.images:
-                    self.log.write(call, code=call.code, status=status,
-                                   latency_ms=round((time.perf_counter() - call.started)
-                                                    * 1e3, 1))
+                access.ended(call, status, self.log if api else None)
 
 
 class BodyLimit:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tierdet.contract.errors import ErrorCode
+from tierdet.serving import tracing
 
 HEADER = "x-request-id"
 _SANE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
@@ -54,6 +55,14 @@ class Call:
     trace_id: str | None = None  # from the caller's traceparent, returned as X-Trace-Id
     images: int = 0  # lines the use case wrote for it
 
+    def ids(self) -> list[tuple[str, str]]:
+        """The (name, value) pairs every answer carries, errors included: the
+        request id, and the trace id when the caller sent a ``traceparent``."""
+        pairs = [(HEADER, self.request_id)]
+        if self.trace_id is not None:
+            pairs.append((tracing.TRACE_ID_HEADER, self.trace_id))
+        return pairs
+
 
 _current: ContextVar[Call | None] = ContextVar("tierdet_call", default=None)
 
@@ -63,13 +72,32 @@ def current() -> Call | None:
 
 
 @contextlib.contextmanager
-def call(request_id: str, protocol: str, method: str) -> Iterator[Call]:
+def call(request_id: str, protocol: str, method: str,
+         trace_id: str | None = None) -> Iterator[Call]:
     """The call in progress for this task (and the tasks it starts)."""
-    token = _current.set(Call(request_id, protocol, method, time.perf_counter()))
+    token = _current.set(Call(request_id, protocol, method, time.perf_counter(),
+                              trace_id=trace_id))
     try:
         yield _current.get()  # type: ignore[misc]
     finally:
         _current.reset(token)
+
+
+def incoming(protocol: str, method: str, given_id: str | None,
+             traceparent: str | None) -> contextlib.AbstractContextManager[Call]:
+    """The call of a request that brought these headers (HTTP) or metadata
+    (gRPC): each front end reads its own transport, the ids are made here."""
+    return call(request_id(given_id), protocol, method, tracing.trace_id(traceparent))
+
+
+def ended(call: Call, status: int | str, log: AccessLog | None) -> None:
+    """What a front end records as a call ends: its outcome on the server span,
+    and in ``log`` its access-log line if it reached no image (the use case
+    wrote a line per image). ``log`` None: a call with no line of its own."""
+    tracing.annotate(request_id=call.request_id, code=call.code, status=status)
+    if log is not None and not call.images:
+        log.write(call, code=call.code, status=status,
+                  latency_ms=round((time.perf_counter() - call.started) * 1e3, 1))
 
 
 def note_refusal(code: ErrorCode) -> None:
