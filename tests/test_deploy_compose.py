@@ -36,6 +36,7 @@ from deploy_support import (
     tool,
 )
 from tierdet import __version__
+from tierdet.artifacts.dashboards import DASHBOARDS
 from tierdet.registry.specs import SPECS
 from tierdet.serving.settings import Settings
 
@@ -265,8 +266,10 @@ def test_grafana_finds_its_provisioned_dashboards_and_prometheus():
         "GF_PATHS_PROVISIONING"]
     providers = yaml.safe_load((provisioning / "dashboards" / "tierdet.yml").read_text())
     paths = {p["options"]["path"] for p in providers["providers"]}
-    assert paths == {mounts["./docker/grafana/dashboards"]}
-    assert list((DOCKER / "grafana" / "dashboards").glob("*.json"))
+    # The chart's generated dashboards, the one copy both deployments use.
+    assert paths == {mounts["./deploy/helm/tierdet/dashboards"]}
+    assert {p.name for p in (REPO / "deploy/helm/tierdet/dashboards").glob("*.json")} == {
+        f"{uid}.json" for uid in DASHBOARDS}
     sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
     port = next(p for p in s["prometheus"]["ports"]).rsplit(":", 1)[-1]
     assert {d["url"] for d in sources["datasources"]} == {f"http://prometheus:{port}"}

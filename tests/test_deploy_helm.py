@@ -35,6 +35,8 @@ from deploy_support import (
     tool,
 )
 from helm_python import Chart, HelmError, HelmValuesError, lint
+from tierdet.artifacts.dashboards import DASHBOARDS
+from tierdet.artifacts.dashboards import render as render_dashboard
 from tierdet.registry.specs import SPECS
 from tierdet.serving import memory
 from tierdet.serving.metrics import Metrics
@@ -117,6 +119,7 @@ def test_every_variant_renders_the_whole_deployment(variant):
     kinds = sorted((m["kind"], m["metadata"]["name"]) for m in manifests(variant))
     expected = {
         ("ConfigMap", "tierdet-gateway"), ("Deployment", "tierdet-gateway"),
+        ("ConfigMap", "tierdet-dashboard-overview"), ("ConfigMap", "tierdet-dashboard-triton"),
         ("Deployment", "tierdet-triton"), ("HorizontalPodAutoscaler", "tierdet-gateway"),
         ("HorizontalPodAutoscaler", "tierdet-triton"), ("Job", "tierdet-model-builder-1"),
         ("NetworkPolicy", "tierdet-gateway"), ("NetworkPolicy", "tierdet-triton"),
@@ -692,6 +695,39 @@ def test_service_monitors_scrape_named_ports_of_the_services(variant):
         assert len(scraped) == 1, [m["metadata"]["name"] for m in scraped]
         assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
 
+
+
+def _dashboard_maps(values: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {name: m for m in render(values) if m["kind"] == "ConfigMap"
+            for name in m.get("data", {}) if name.endswith(".json")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_generated_dashboard_ships_as_a_configmap_the_grafana_sidecar_loads(variant):
+    maps = _dashboard_maps(overlay(variant))
+    assert set(maps) == {f"{uid}.json" for uid in DASHBOARDS}
+    for uid in DASHBOARDS:
+        m = maps[f"{uid}.json"]
+        assert json.loads(m["data"][f"{uid}.json"]) == json.loads(render_dashboard(uid))
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert m["metadata"]["namespace"] == NAMESPACE
+
+
+def test_dashboards_bind_to_the_grafanas_own_prometheus_through_a_variable():
+    for uid in DASHBOARDS:
+        board = json.loads(render_dashboard(uid))
+        (variable,) = board["templating"]["list"]
+        assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+        uids = {t["datasource"]["uid"] for p in board["panels"] for t in p["targets"]}
+        assert uids == {"$" + "{" + variable["name"] + "}"}
+
+
+def test_dashboards_go_to_the_sidecars_namespace_or_not_at_all():
+    moved = _dashboard_maps({"monitoring": {"grafanaDashboards": {
+        "enabled": True, "namespace": "monitoring", "labels": {"team-dashboards": "yes"}}}})
+    assert {m["metadata"]["namespace"] for m in moved.values()} == {"monitoring"}
+    assert all(m["metadata"]["labels"]["team-dashboards"] == "yes" for m in moved.values())
+    assert _dashboard_maps({"monitoring": {"grafanaDashboards": {"enabled": False}}}) == {}
 
 # --- availability and security --------------------------------------------------------------
 

@@ -1,5 +1,12 @@
 """Grafana dashboards, generated: `tierdet generate` rewrites
-docker/grafana/dashboards/*.json (a test fails if the committed files drift).
+deploy/helm/tierdet/dashboards/*.json (a test fails if the committed files drift).
+
+One copy serves both deployments: the chart ships each file as a ConfigMap
+for Grafana's dashboard sidecar (templates/grafana-dashboards.yaml), and
+compose mounts the same directory into its Grafana. Panels query a
+``datasource`` variable rather than a fixed datasource uid, so the boards
+bind to whatever Prometheus the cluster's Grafana has (the default one
+unless the viewer picks another).
 
 Panels are declared as (title, unit, [(legend, PromQL)]) so the queries
 live in one place; the real-Prometheus test runs every one of them.
@@ -11,8 +18,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASOURCE = {"type": "prometheus", "uid": "tierdet-prometheus"}
-OUT_DIR = Path(__file__).resolve().parents[3] / "docker" / "grafana" / "dashboards"
+DATASOURCE_VARIABLE = {
+    "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
+    "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
+}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+OUT_DIR = Path(__file__).resolve().parents[3] / "deploy" / "helm" / "tierdet" / "dashboards"
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ def render(uid: str) -> str:
         "uid": uid, "title": title, "schemaVersion": 39, "version": 1, "editable": True,
         "tags": ["tierdet"], "time": {"from": "now-1h", "to": "now"}, "refresh": "10s",
         "timezone": "browser",
+        "templating": {"list": [DATASOURCE_VARIABLE]},
         "panels": [_panel(p, i) for i, p in enumerate(panels, start=1)],
     }
     return json.dumps(board, indent=2) + "\n"
