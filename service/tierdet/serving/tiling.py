@@ -18,11 +18,14 @@ none when the image is not at least MIN_ZOOM times the input.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from tierdet.contract.results import Detection
+from tierdet.registry.labels import LabelSet
+from tierdet.serving import imaging, postprocess
 
 OVERLAP = 0.2  # of a tile's side, shared with its neighbour
 MIN_ZOOM = 2.0  # tile only images whose long side is at least this many inputs
@@ -120,3 +123,25 @@ def merge(detections: list[Detection], limit: int, iou: float = MERGE_IOU
         overlap = inter / np.maximum(area[i] + area - inter, 1e-9)
         suppressed |= (overlap > iou) & (classes == classes[i])
     return tuple(detections[i] for i in kept)
+
+
+def detections_from_views(rows: np.ndarray, labels: LabelSet,
+                          geometries: Sequence[imaging.Geometry], tiles: Sequence[Tile],
+                          step: int, score_threshold: float, limit: int, per_view: int,
+                          keep: frozenset[int] | None = None) -> tuple[Detection, ...]:
+    """The detections of one tiled image: ``rows[0]`` and ``geometries[0]`` are
+    the whole view's, the rest each tile's in order; ``step`` is the decode's
+    scale (tiles are in decoded pixels, boxes in the image's).
+
+    Every view keeps up to ``per_view`` boxes (the model's own limit) and the
+    caller's ``limit`` applies only after the merge: the duplicates it removes
+    must not have taken the places of distinct objects."""
+    whole = geometries[0]
+    found = list(postprocess.detections_from_rows(rows[0], labels, whole, score_threshold,
+                                                  per_view, keep))
+    for tile, geometry, tile_rows in zip(tiles, geometries[1:], rows[1:], strict=True):
+        moved = (shifted(d, tile.x * step, tile.y * step, whole.width, whole.height)
+                 for d in postprocess.detections_from_rows(tile_rows, labels, geometry,
+                                                           score_threshold, per_view, keep))
+        found += [d for d in moved if not cut_off(d, tile, step, whole.width, whole.height)]
+    return merge(found, limit)

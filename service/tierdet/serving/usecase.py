@@ -395,29 +395,19 @@ class Detector:
         limit = min(options.max_detections or spec.max_detections, spec.max_detections)
         whole = geometries[0]
         with tracing.span("postprocess"):
-            if not tiles:
+            if not tiles:  # one view: nothing to merge, the limit applies at once
                 detections = postprocess.detections_from_rows(rows[0], spec.labels, whole,
                                                               threshold, limit, keep)
             else:
-                found = list(postprocess.detections_from_rows(
-                    rows[0], spec.labels, whole, threshold, spec.max_detections, keep))
-                for tile, geometry, tile_rows in zip(tiles, geometries[1:], rows[1:],
-                                                     strict=True):
-                    moved = (tiling.shifted(d, tile.x * step, tile.y * step, whole.width,
-                                            whole.height)
-                             for d in postprocess.detections_from_rows(
-                                 tile_rows, spec.labels, geometry, threshold,
-                                 spec.max_detections, keep))
-                    found += [d for d in moved if not tiling.cut_off(
-                        d, tile, step, whole.width, whole.height)]
-                detections = tiling.merge(found, limit)
-        geometry = whole
+                detections = tiling.detections_from_views(
+                    rows, spec.labels, geometries, tiles, step, threshold, limit,
+                    spec.max_detections, keep)
         end = time.perf_counter()
         timing = Timing(decode_s * 1e3, prep_s * 1e3, (t_post - t_infer) * 1e3,
                         (end - t_post) * 1e3, (end - start) * 1e3)
         routing = Routing(decision.tier, decision.budget_ms, decision.predicted_ms,
                           timing.total_ms, decision.degraded, len(tiles))
-        return DetectResult(spec.name, geometry.width, geometry.height, detections, timing,
+        return DetectResult(spec.name, whole.width, whole.height, detections, timing,
                             routing), decision
 
     def _backend(self, decision: Decision) -> Backend:
