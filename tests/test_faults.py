@@ -83,8 +83,11 @@ def test_triton_killed_under_load_fails_fast_then_recovers(own_stack):
     recovered = _wait_status(gateway.http + "/readyz", 200, 60)
     # The new Triton knows none of the gateway's shared-memory regions: the first
     # call learns it (and is answered over the wire), the next registers again.
+    # A 60 s budget here and below: what is tested is recovery, not routing, and
+    # the default tier's 500 ms can be missed on a loaded 2-core CI machine (a
+    # correct 504), all the more by the first calls to a Triton just restarted.
     for _ in range(2):
-        status, body, _ = _detect(gateway.http)
+        status, body, _ = _detect(gateway.http, sla_ms=60_000)
         assert status == 200, body
     assert regions_of(triton.grpc_url, gateway)
     print(f"recovered {recovered:.1f} s after Triton was restarted")
@@ -118,7 +121,7 @@ def test_readiness_recovers_within_5s_once_triton_is_back(own_stack):
     triton.start()
     triton.wait_ready(120)  # Triton itself ready: from here the gateway has 5 s
     assert _wait_status(gateway.http + "/readyz", 200, 5.0) <= 5.0
-    assert _detect(gateway.http)[0] == 200
+    assert _detect(gateway.http, sla_ms=60_000)[0] == 200
 
 
 def test_model_that_fails_to_load_is_reported_and_others_serve(home, built_d0, tmp_path):
