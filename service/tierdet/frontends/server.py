@@ -81,7 +81,8 @@ async def _watch_queues(detector: Detector, every_s: float, stop: asyncio.Event)
 def triton_pool(settings: Settings) -> EndpointPool:
     """The Triton endpoints ``TIERDET_TRITON_URL`` names, one client each."""
     def connect(target: Target) -> TritonClient:
-        return TritonClient(target.url, settings.triton_shared_memory)
+        return TritonClient(target.url, settings.triton_shared_memory,
+                            settings.triton_keepalive_ms)
 
     return EndpointPool.from_spec(settings.triton_url, connect, settings.triton_metrics_port,
                                   settings.triton_resolve_s)

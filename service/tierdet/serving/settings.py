@@ -39,6 +39,9 @@ class Settings(BaseModel):
         "how often each Triton's queue is read"))
     triton_resolve_s: float = Field(5.0, gt=0, description=(
         "how often `dns:///` endpoints are re-resolved (pods joining and leaving)"))
+    triton_keepalive_ms: int = Field(10_000, ge=0, description=(
+        "gRPC keep-alive ping interval while a call to Triton is open (a vanished Triton "
+        "fails the call within it + 2 s); 0: no pings"))
     triton_shared_memory: bool = Field(True, description=(
         "send pixels through system shared memory when Triton can map the gateway's (same "
         "host or pod, a shared /dev/shm); otherwise, and when false, over gRPC"))

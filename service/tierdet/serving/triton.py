@@ -19,18 +19,33 @@ from tierdet.serving import tracing
 from tierdet.serving.backend import QueueReport
 from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
-# Keep-alive pings let a dead Triton be noticed on idle channels too; short
-# reconnect backoff lets a restarted Triton be used again within a second or
-# two (gRPC's default backoff grows to minutes).
-_CHANNEL_ARGS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 2_000),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
-]
+KEEPALIVE_MS = 10_000
+
+
+def channel_args(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """gRPC channel options of a client to one Triton.
+
+    Keep-alive pings make a call to a Triton that vanished without closing the
+    connection (a node lost, a partition) fail within ``keepalive_ms`` + 2 s, not
+    at its deadline; 0 turns them off. Triton (gRPC's server defaults:
+    --grpc-http2-min-recv-ping-interval-without-data 300 s, --grpc-http2-max-ping-strikes
+    2) answers a client that pings more often while it sends no data with GOAWAY
+    "too_many_pings". This client pings only while a call is open, at most twice
+    until data flows, and the model watcher reads Triton's repository index every
+    second, which is data: against a tritonserver with that policy it is never cut
+    off (tests/test_keepalive.py, which also shows a client that pings idle
+    channels is). A short reconnect backoff lets a restarted Triton be used again
+    within a second or two (gRPC's default backoff grows to minutes).
+    """
+    keepalive = [("grpc.keepalive_time_ms", keepalive_ms), ("grpc.keepalive_timeout_ms", 2_000),
+                 ("grpc.keepalive_permit_without_calls", 0),
+                 ("grpc.http2.max_pings_without_data", 2)] if keepalive_ms else []
+    return [*keepalive,
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 256 * 1024 * 1024)]
 
 
 _PENDING = "nv_inference_pending_request_count{"
@@ -80,9 +95,11 @@ def _to_api_error(exc: InferenceServerException, model: str) -> ApiError:
 
 
 class TritonClient:
-    def __init__(self, url: str, shared_memory: bool = True) -> None:
+    def __init__(self, url: str, shared_memory: bool = True,
+                 keepalive_ms: int = KEEPALIVE_MS) -> None:
         self.url = url
-        self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        self._client = triton_aio.InferenceServerClient(
+            url, channel_args=channel_args(keepalive_ms))
         self.shm = SharedMemoryPool(self._register) if shared_memory else None
         self._staged: dict[int, Region] = {}  # buffer address -> its region
         self._http: httpx.AsyncClient | None = None  # for Triton's metrics page
