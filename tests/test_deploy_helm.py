@@ -418,6 +418,18 @@ def test_the_gpu_resource_name_is_a_value():
     assert triton["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == 1
 
 
+def test_the_runtime_class_is_a_value_and_left_to_the_cluster_by_default():
+    """Nodes whose default runtime does not expose GPUs need the GPU Operator's
+    RuntimeClass; elsewhere naming one that does not exist would stop the pod."""
+    for variant in VARIANTS:
+        assert "runtimeClassName" not in pod_spec(variant, "triton")
+    values = overlay("gpu") or {}
+    values["triton"] = {**values.get("triton", {}), "runtimeClassName": "nvidia"}
+    pod = next(m for m in render(values) if m["kind"] == "Deployment"
+               and m["metadata"]["labels"]["app.kubernetes.io/component"] == "triton")
+    assert pod["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+
+
 @pytest.mark.parametrize("retry", [False, True])
 def test_the_engines_init_container_arguments_parse_as_engines_py_does(retry):
     import argparse
