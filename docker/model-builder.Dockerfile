@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # One-shot model builder: downloads official weights (sha256-verified), exports
 # ONNX with `tierdet build` into TIERDET_HOME (the model volume) and assembles
-# the `cpu` Triton repository there. Models already built are kept (see
-# docker/build-missing.sh). Build from the repository root:
+# the `cpu` Triton repository there. Models already built in the current export
+# format are kept (see docker/build-missing.sh). Build from the repository root:
 #   docker build -f docker/model-builder.Dockerfile -t tierdet-model-builder:0.1.0 .
 
 FROM python:3.11-slim-bookworm AS builder

@@ -225,12 +225,8 @@ def test_tierdet_serve_and_up_share_server_run_gateway():
 
 
 FAKE_TIERDET = """#!/bin/sh
-# Stand-in for the tierdet CLI: records its arguments, writes what `build` writes.
+# Stand-in for the tierdet CLI: records its arguments.
 echo "$*" >> "$FAKE_TIERDET_LOG"
-home=$2 model=$9
-mkdir -p "$home/onnx" "$home/repository/cpu/$model"
-echo onnx > "$home/onnx/$model.onnx"; echo '{}' > "$home/onnx/$model.json"
-echo config > "$home/repository/cpu/$model/config.pbtxt"
 """
 
 
@@ -248,20 +244,18 @@ def _run_builder(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProces
     return result, log.read_text().splitlines() if log.exists() else []
 
 
-def test_model_builder_runs_tierdet_build_only_for_missing_models(tmp_path):
+def test_model_builder_asks_tierdet_build_to_keep_current_builds(tmp_path):
+    """One `tierdet build --keep-current` per model: which builds are current
+    (weights, export format, installed) is tierdet's to say, tested in
+    tests/test_build_records.py."""
     home = tmp_path / "home"
     result, calls = _run_builder(tmp_path, "official", "cpu", "efficientdet-d0,damoyolo-s")
     assert result.returncode == 0, result.stderr
     assert calls == [
-        f"--home {home} build --weights official --target cpu --models efficientdet-d0",
-        f"--home {home} build --weights official --target cpu --models damoyolo-s"]
-
-    (home / "repository" / "cpu" / "damoyolo-s" / "config.pbtxt").unlink()  # incomplete
-    result, calls = _run_builder(tmp_path, "official", "cpu",
-                                 "efficientdet-d0,damoyolo-s,damoyolo-ns")
-    assert result.returncode == 0, result.stderr
-    assert "efficientdet-d0: already built, kept" in result.stdout
-    assert [c.rsplit(" ", 1)[-1] for c in calls] == ["damoyolo-s", "damoyolo-ns"]
+        f"--home {home} build --weights official --target cpu --models efficientdet-d0 "
+        "--keep-current",
+        f"--home {home} build --weights official --target cpu --models damoyolo-s "
+        "--keep-current"]
 
 
 def test_model_builder_script_refuses_bad_usage(tmp_path):
@@ -274,5 +268,6 @@ def test_the_build_command_the_script_runs_exists():
     from tierdet.cli import building
 
     args = cli.parser().parse_args(["--home", "/h", "build", "--weights", "official",
-                                    "--target", "cpu", "--models", "efficientdet-d0"])
-    assert args.func is building.cmd_build and args.target == "cpu"
+                                    "--target", "cpu", "--models", "efficientdet-d0",
+                                    "--keep-current"])
+    assert args.func is building.cmd_build and args.target == "cpu" and args.keep_current

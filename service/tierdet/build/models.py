@@ -2,14 +2,20 @@
 
 Layout under the home folder (``TIERDET_HOME``, default ~/.cache/tierdet):
   weights/<official file>         verified downloads
-  onnx/<model>.onnx, .json        built models and their provenance
+  onnx/<model>.onnx, .json        built models and their build records (provenance)
   repository/<target>/<model>/    what tritonserver loads
+
+A build record names the weights, the export format (``EXPORT_FORMAT``) and
+when and by what it was built. A model is built again when its record names
+other weights or another export format (or none): a fixed exporter reaches
+volumes that already hold the old graphs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -18,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tierdet import __version__
+from tierdet.build.export import EXPORT_FORMAT
 from tierdet.build.repository import Target, install_model
 from tierdet.build.weights import WeightsSource, resolve_checkpoint, sha256_file
 from tierdet.registry.profile import LatencyProfile, tuned_batching
@@ -25,6 +32,7 @@ from tierdet.registry.specs import Batching, ModelSpec, get_spec
 from tierdet.registry.tensors import INPUT_NAME, MODEL_METADATA_KEY
 from tierdet.registry.trained import sidecar_ap
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltModel:
@@ -54,6 +62,33 @@ def load_built(home: Path, name: str) -> BuiltModel | None:
     return BuiltModel(spec, path, provenance)
 
 
+def build_stamp() -> dict[str, str]:
+    """What every build record says about the build itself (models and cards alike)."""
+    return {"export_format": str(EXPORT_FORMAT),
+            "built_with": f"tierdet {__version__}",
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def format_is_current(provenance: dict[str, str]) -> bool:
+    """The record was exported in this exporter's format (a record without one
+    predates format 2)."""
+    return provenance.get("export_format") == str(EXPORT_FORMAT)
+
+
+def stale(existing: BuiltModel | None, source: WeightsSource) -> str | None:
+    """Why ``existing`` is not the build ``source`` asks for (None: it is)."""
+    if existing is None:
+        return "not built"
+    if not format_is_current(existing.provenance):
+        recorded = existing.provenance.get("export_format", "none")
+        return f"built in export format {recorded}, the exporter writes {EXPORT_FORMAT}"
+    # A build from other weights (say a random one, when official ones are
+    # asked for) is not what the caller wants.
+    if existing.provenance.get("weights") != source.describe():
+        return f"built from other weights ({existing.provenance.get('weights')})"
+    return None
+
+
 def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
                 progress: bool = True) -> BuiltModel:
     """Export ``spec`` with ``source`` weights and check the result runs."""
@@ -75,8 +110,7 @@ def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
             "weights_digest_check": digest_check(spec, source),
             # Counted on the exported module (DAMO-YOLO: RepConvs fused), for the docs.
             "params": str(sum(p.numel() for p in network.module.parameters())),
-            "built_with": f"tierdet {__version__}",
-            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **build_stamp(),
             **measured_provenance(checkpoint),
         }
         path = export_onnx(spec, network, onnx_path(home, spec.name), metadata=provenance)
@@ -106,9 +140,7 @@ def build_card(card_path: Path, home: Path) -> BuiltModel:
         return BuiltModel(spec, built.onnx, provenance)
     graph = cards.check_graph(card)
     spec = cards.spec_for_build(spec, graph)
-    provenance = {**cards.card_provenance(card, card_path, graph),
-                  "built_with": f"tierdet {__version__}",
-                  "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    provenance = {**cards.card_provenance(card, card_path, graph), **build_stamp()}
     path = cards.save(cards.wrap(card, graph), onnx_path(home, spec.name),
                       {MODEL_METADATA_KEY: spec.name, **provenance})
     verify_onnx(spec, path, batch=2 if graph.batchable else 1)
@@ -120,7 +152,7 @@ def build_card(card_path: Path, home: Path) -> BuiltModel:
 def ensure_cards(card_paths: Iterable[Path], home: Path, rebuild: bool = False
                  ) -> list[BuiltModel]:
     """Each card's model: the one built before if neither the card nor its file
-    changed since, else built now."""
+    changed since and it was exported in the current format, else built now."""
     from tierdet.registry.cards import CheckpointSource, register
 
     built = []
@@ -130,6 +162,7 @@ def ensure_cards(card_paths: Iterable[Path], home: Path, rebuild: bool = False
         source = (card.source.checkpoint if isinstance(card.source, CheckpointSource)
                   else card.source.onnx)
         if (existing is not None and source.is_file()
+                and format_is_current(existing.provenance)
                 and existing.provenance.get("card_sha256") == sha256_file(card_path)
                 and existing.provenance.get("weights_sha256") == sha256_file(source)):
             built.append(existing)
@@ -172,14 +205,17 @@ def verify_onnx(spec: ModelSpec, path: Path, batch: int = 2) -> None:
 
 def ensure_built(names: Iterable[str], source: WeightsSource, home: Path,
                  rebuild: bool = False, progress: bool = True) -> list[BuiltModel]:
+    """Each model as built before, unless that build is ``stale`` (or ``rebuild``)."""
     built = []
     for name in names:
         existing = None if rebuild else load_built(home, name)
-        # A build from other weights (say a random one, when official ones are
-        # asked for) is not what the caller wants: build again.
-        if existing is not None and existing.provenance.get("weights") != source.describe():
-            existing = None
-        built.append(existing or build_model(get_spec(name), source, home, progress))
+        why = stale(existing, source)
+        if why is None and existing is not None:
+            built.append(existing)
+            continue
+        if existing is not None:
+            log.info("%s: building again: %s", name, why)
+        built.append(build_model(get_spec(name), source, home, progress))
     return built
 
 

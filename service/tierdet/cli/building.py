@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tierdet.build import engines
 from tierdet.registry.specs import DEFAULT_MODELS, SPECS, ZOO, lookup
+
+if TYPE_CHECKING:
+    from tierdet.build.models import BuiltModel
+    from tierdet.build.weights import WeightsSource
 
 
 def model_names(text: str | None, all_models: bool = False) -> list[str]:
@@ -42,13 +47,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     source = WeightsSource.parse(args.weights)
     names = [] if args.card and not args.models and not args.all else model_names(
         args.models, args.all)
-    built = [build_model(get_spec(m), source, args.home) for m in names]
+    built = []
+    for name in names:
+        kept, installed = _kept(args, name, source) if args.keep_current else (None, False)
+        if not installed:
+            built.append(kept or build_model(get_spec(name), source, args.home))
     built += [build_card(card, args.home) for card in args.card or ()]
+    if not built:
+        return 0
     for model in built:
         print(f"{model.spec.name}: {model.onnx} ({model.provenance['weights']})")
     repository = assemble(built, args.home, args.target, args.threads)
     print(f"repository: {repository}")
     return 0
+
+
+def _kept(args: argparse.Namespace, name: str, source: WeightsSource
+          ) -> tuple[BuiltModel | None, bool]:
+    """``--keep-current``: the build HOME holds of ``name`` if it is from ``source``
+    and in the current export format (else None: build it), and whether it is
+    installed in the target's repository already."""
+    from tierdet.build.models import load_built, stale
+
+    existing = load_built(args.home, name)
+    why = stale(existing, source)
+    if why is not None:
+        print(f"{name}: {why}: building")
+        return None, False
+    if (args.home / "repository" / args.target / name / "config.pbtxt").is_file():
+        print(f"{name}: already built, kept")
+        return existing, True
+    print(f"{name}: already built, installing it into the {args.target} repository")
+    return existing, False
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -80,6 +110,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="repository flavour to assemble (gpu engines are built on the GPU host)")
     b.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads per model (0: all cores)")
+    b.add_argument("--keep-current", action="store_true",
+                   help="keep a model HOME already holds, built from these weights in the "
+                        "current export format (installing it into TARGET's repository if "
+                        "missing there); build the others (the model builder's mode: an "
+                        "unchanged ONNX keeps its cached TensorRT engines)")
     b.set_defaults(func=cmd_build)
 
     g = sub.add_parser("generate", help="rewrite every generated file from its source",

@@ -1,1 +1,16 @@
-"""Model export (build-time only: needs the ``build`` extra with torch)."""
+"""Model export (build-time only: needs the ``build`` extra with torch).
+
+This file imports nothing: ``tierdet.build.models`` reads ``EXPORT_FORMAT``
+without torch.
+"""
+
+# The version of the graphs this exporter writes, recorded in every build
+# record (``HOME/onnx/<model>.json``, key ``export_format``). Bump it whenever
+# the exported graph changes: a build recorded under another format (or none)
+# is exported again by ``ensure_built`` and the model builder, and the engine
+# cache retries TensorRT builds that failed under an older one.
+#   1: the first graphs (no version recorded).
+#   2: the TensorRT-clean graphs: the uint8 input cast first, NMS with an
+#      explicit score threshold, per-class NMS without coordinate offsets,
+#      no ScatterND ``reduction`` attribute.
+EXPORT_FORMAT = 2
