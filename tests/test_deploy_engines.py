@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from deploy_support import ENGINES_PY, REPO, run_tool
 from tierdet.build import engines
+from tierdet.build.export import EXPORT_FORMAT
 from tierdet.build.repository import render_config
 from tierdet.registry.specs import get_spec
 
@@ -51,6 +52,11 @@ with open(args["saveEngine"], "wb") as f:
     time.sleep(float(os.environ.get("FAKE_TRTEXEC_SLEEP", "0")))
     f.seek(0)
     f.write(engine)
+if "timingCacheFile" in args:  # as trtexec: the file's timings plus this build's
+    cache = args["timingCacheFile"]
+    before = open(cache).read() if os.path.exists(cache) else ""
+    with open(cache, "w") as f:
+        f.write(before + "timed " + model + "\\n")
 if os.environ.get("FAKE_TRTEXEC_TIMES"):
     with open(os.environ["FAKE_TRTEXEC_TIMES"], "a") as times:
         times.write(json.dumps([model, started, time.time()]) + "\\n")
@@ -101,6 +107,7 @@ def home(tmp_path: Path) -> Path:
         onnx = home / "onnx" / f"{name}.onnx"
         onnx.write_bytes(f"onnx graph of {name}".encode())
         provenance = {"weights": "official", "weights_sha256": "ab" * 32,
+                      "export_format": str(EXPORT_FORMAT),
                       "built_with": "tierdet test", "built_at": "2026-01-01T00:00:00+00:00",
                       "onnx_sha256": hashlib.sha256(onnx.read_bytes()).hexdigest()}
         onnx.with_suffix(".json").write_text(json.dumps(provenance))
@@ -175,13 +182,26 @@ def test_first_start_builds_fp16_engines_and_writes_the_gpu_repository(home, tem
     assert _built_models(calls) == sorted(MODELS)
     d0 = next(c for c in calls if "efficientdet-d0.onnx" in " ".join(c))
     assert "--fp16" in d0
+    # One profile, tuned for batch 1 (engines.Shapes says why), up to the config's max.
     assert "--minShapes=images:1x512x512x3" in d0
-    assert "--optShapes=images:8x512x512x3" in d0
+    assert "--optShapes=images:1x512x512x3" in d0
     assert "--maxShapes=images:8x512x512x3" in d0
     ns = next(c for c in calls if "damoyolo-ns.onnx" in " ".join(c))
+    assert "--optShapes=images:1x416x416x3" in ns
     assert "--maxShapes=images:8x416x416x3" in ns
 
     key = "nvidia-h100-80gb-hbm3_trt10.5.0"
+    # Each build times kernels into its own copy of the cache beside the plans,
+    # which then replaces the shared one: the three builds' timings are all kept.
+    cache = home / "engines" / key
+    for call in calls:
+        (timing,) = [a[len("--timingCacheFile="):] for a in call
+                     if a.startswith("--timingCacheFile=")]
+        assert Path(timing).parent == cache and Path(timing).name.startswith(".")
+    timed = (cache / "timing.cache").read_text().splitlines()
+    assert sorted(timed) == sorted(f"timed {m}" for m in MODELS)
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")
+                  and not p.name.endswith(".lock")) == []
     repository = home / "repository" / "gpu"
     for name in MODELS:
         plan = repository / name / "1" / "model.plan"
@@ -280,6 +300,65 @@ def test_a_failing_model_is_reported_and_left_out_while_the_others_serve(
     assert sorted(p.name for p in repository.iterdir()) == sorted(MODELS)
 
 
+def _set_export_format(home: Path, model: str, export_format: str | None) -> None:
+    """Rewrite ``model``'s build record as a build of ``export_format`` (None: a record
+    from before formats were recorded); the ONNX bytes stay as they are."""
+    record_path = home / "onnx" / f"{model}.json"
+    record = json.loads(record_path.read_text())
+    record.pop("export_format", None)
+    if export_format is not None:
+        record["export_format"] = export_format
+    record_path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("old_format", ["1", None], ids=["format-1", "no-format"])
+def test_a_failure_under_an_older_export_format_is_forgotten(home, templates, tools,
+                                                            monkeypatch, old_format):
+    """A model that failed under format N is tried again once its ONNX is of format
+    N+1, even where the bytes did not change; under the same format it is not."""
+    _set_export_format(home, "damoyolo-s", old_format)
+    monkeypatch.setenv("FAKE_TRTEXEC_FAIL", "damoyolo-s")
+    assert _build(home, templates, tools, "--models", "damoyolo-s").returncode == 1
+    cache = next((home / "engines").iterdir())
+    stamp = json.loads((cache / "damoyolo-s.failed.json").read_text())["stamp"]
+    assert stamp["export_format"] == (old_format or "")
+    _calls(tools)
+
+    _set_export_format(home, "damoyolo-s", str(EXPORT_FORMAT))  # the fixed exporter's
+    monkeypatch.delenv("FAKE_TRTEXEC_FAIL")
+    result = _build(home, templates, tools, "--models", "damoyolo-s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f"damoyolo-s: forgetting the failure under export format {old_format or 'none'}; "
+            f"trying again under {EXPORT_FORMAT}") in result.stdout
+    assert _built_models(_calls(tools)) == ["damoyolo-s"]
+    assert not (cache / "damoyolo-s.failed.json").exists()
+    assert json.loads((cache / "damoyolo-s.json").read_text())["stamp"]["export_format"] == (
+        str(EXPORT_FORMAT))
+
+    # A failure under the current format is remembered as before.
+    (home / "onnx" / "damoyolo-s.onnx").write_bytes(b"still unsupported")
+    monkeypatch.setenv("FAKE_TRTEXEC_FAIL", "damoyolo-s")
+    assert _build(home, templates, tools, "--models", "damoyolo-s").returncode == 1
+    _calls(tools)
+    result = _build(home, templates, tools, "--models", "damoyolo-s")
+    assert result.returncode == 1 and _calls(tools) == []
+    assert "not retried" in _report(home)["models"]["damoyolo-s"]["detail"]
+
+
+def test_a_failed_build_leaves_the_timing_cache_as_it_was(home, templates, tools, monkeypatch):
+    assert _build(home, templates, tools, "--models", "efficientdet-d0").returncode == 0
+    cache = next((home / "engines").iterdir())
+    assert (cache / "timing.cache").read_text() == "timed efficientdet-d0\n"
+    monkeypatch.setenv("FAKE_TRTEXEC_FAIL", "damoyolo-s")
+    assert _build(home, templates, tools, "--models", "damoyolo-s").returncode == 1
+    assert (cache / "timing.cache").read_text() == "timed efficientdet-d0\n"
+    monkeypatch.delenv("FAKE_TRTEXEC_FAIL")
+    assert _build(home, templates, tools, "--models", "damoyolo-s",
+                  "--retry-failed").returncode == 0
+    assert (cache / "timing.cache").read_text() == "timed efficientdet-d0\ntimed damoyolo-s\n"
+    assert not list(cache.glob(".*timing.cache*"))
+
+
 def test_models_without_onnx_or_template_are_reported(home, templates, tools):
     (templates / "damoyolo-ns" / "config.pbtxt").unlink()
     result = _build(home, templates, tools,
@@ -347,6 +426,10 @@ def test_shapes_come_from_the_generated_config():
         shapes = engines.shapes_from_config(render_config(spec, "gpu"))
         assert (shapes.size, shapes.max_batch) == (spec.input_size,
                                                    spec.batching.max_batch_size)
+        size, top = spec.input_size, spec.batching.max_batch_size
+        assert shapes.as_dict() == {"min": f"images:1x{size}x{size}x3",
+                                    "opt": f"images:1x{size}x{size}x3",
+                                    "max": f"images:{top}x{size}x{size}x3"}
 
 
 def test_wait_for_the_model_builder(home, tmp_path):
@@ -428,6 +511,8 @@ def test_a_builder_killed_mid_build_leaves_no_half_written_plan(home, templates,
     monkeypatch.setenv("FAKE_TRTEXEC_PARTIAL", "1")
     monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "60")
     cache = home / "engines" / "nvidia-h100-80gb-hbm3_trt10.5.0"
+    cache.mkdir(parents=True)
+    (cache / "timing.cache").write_text("timed earlier\n")
     proc = _start_build(home, templates, tools, "damoyolo-ns", home / "repository" / "gpu")
     deadline = time.monotonic() + 30
     while not [p for p in cache.glob(".damoyolo-ns.plan.*.tmp") if p.stat().st_size]:
@@ -441,6 +526,9 @@ def test_a_builder_killed_mid_build_leaves_no_half_written_plan(home, templates,
     assert not (cache / "damoyolo-ns.plan").exists()
     assert not (cache / "damoyolo-ns.json").exists()
     assert not (home / "repository" / "gpu").exists()  # never swapped in
+    assert (cache / "timing.cache").read_text() == "timed earlier\n"
+    (copy,) = cache.glob(".damoyolo-ns.timing.cache.*.tmp")  # the dead builder's own copy
+    assert copy.read_text() == "timed earlier\n"
 
     monkeypatch.delenv("FAKE_TRTEXEC_PARTIAL")
     monkeypatch.setenv("FAKE_TRTEXEC_SLEEP", "0")
@@ -451,6 +539,8 @@ def test_a_builder_killed_mid_build_leaves_no_half_written_plan(home, templates,
     assert plan == (cache / "damoyolo-ns.plan").read_bytes()
     assert plan.startswith(b"PLANonnx graph of damoyolo-ns") and plan.endswith(b")]")
     assert not list(cache.glob(".damoyolo-ns.plan.*"))  # the dead builder's file is gone
+    assert not list(cache.glob(".damoyolo-ns.timing.cache.*"))
+    assert (cache / "timing.cache").read_text() == "timed earlier\ntimed damoyolo-ns\n"
     assert (cache / "damoyolo-ns.plan").stat().st_mode & 0o777 == 0o644
 
 

@@ -4,10 +4,14 @@ A TensorRT plan only runs on the GPU model and TensorRT version that built it,
 so plans are built where Triton runs (compose's ``engine-builder`` service,
 the Helm chart's init container) and cached in the model volume under
 ``HOME/engines/<gpu>_trt<version>/``. A cached plan is reused while its ONNX
-file (sha256), shapes and precision are unchanged. A model whose build fails
-is reported and left out of the repository, so the other models still serve;
-the failure is remembered for the same inputs, so Triton pods that scale out
-later do not spend minutes failing again (timeouts are retried).
+file (sha256), its export format, shapes and precision are unchanged. A model
+whose build fails is reported and left out of the repository, so the other
+models still serve; the failure is remembered for the same inputs, so Triton
+pods that scale out later do not spend minutes failing again (timeouts are
+retried). A failure remembered under an older export format (the build
+record's ``export_format``) is forgotten: a fixed exporter gets its retry.
+trtexec's timing cache (the kernels it timed) is kept beside the plans, so a
+build after the first skips the tactics already timed on this GPU.
 
 Only the standard library is imported at module level: NVIDIA's TensorRT
 container runs this file with its own python3 (``python3 engines.py build``),
@@ -17,6 +21,7 @@ Layout (``HOME`` is ``TIERDET_HOME``, as written by ``tierdet build``):
   HOME/onnx/<model>.onnx, .json          built by ``tierdet build`` (+ provenance)
   HOME/engines/<key>/<model>.plan, .json  cached plans and what they were built from
   HOME/engines/<key>/<model>.log          trtexec's output; .failed.json: a remembered failure
+  HOME/engines/<key>/timing.cache         trtexec's timing cache, shared by the models' builds
   HOME/engines/<key>/report.json          the last build's outcome per model
   HOME/engines/<key>/.<model>.lock        held while that model's plan is checked or built
   HOME/repository/gpu/<model>/            what tritonserver loads (rewritten each run)
@@ -25,8 +30,11 @@ Triton pods starting together share the volume: each model has its own lock
 (pods building different models run at once; a second pod wanting the same
 plan waits, then finds it cached), and every file is written under a unique
 temporary name in its folder and renamed into place, so a builder killed
-half-way (an evicted pod, a timeout) leaves no half-written plan, stamp or
-report under the name readers use.
+half-way (an evicted pod, a timeout) leaves no half-written plan, stamp,
+report or timing cache under the name readers use. Each trtexec run works on
+its own copy of the timing cache, renamed over the shared one once the build
+succeeds: builds running at once never corrupt it (the last to finish wins,
+and the other's new timings are timed again next time).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ PRECISION = "fp16"
 # Where NVIDIA's containers keep trtexec when it is not on PATH.
 TRTEXEC_FALLBACKS = ("/usr/src/tensorrt/bin/trtexec", "/workspace/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 20
+TIMING_CACHE = "timing.cache"
 
 
 class EngineError(RuntimeError):
@@ -86,10 +95,14 @@ class Shapes:
         return f"{self.input_name}:{batch}x{self.size}x{self.size}x3"
 
     def as_dict(self) -> dict[str, str]:
-        # opt = max: the dynamic batcher fills batches under load, where
-        # throughput matters; batch 1 stays fast enough at low load.
-        return {"min": self.spec(1), "opt": self.spec(self.max_batch),
-                "max": self.spec(self.max_batch)}
+        # opt = 1: TensorRT times its kernels at the opt shape, and batch 1 is
+        # where latency is tightest (the realtime tier, every request at low
+        # load); larger batches come only under load, where the dynamic batcher
+        # trades a little per-image speed for throughput, and still run in the
+        # same plan up to max. One profile rather than one per tier's batch:
+        # Triton binds an instance to a profile, not a batch to the profile
+        # that fits it, and each profile costs build time and device memory.
+        return {"min": self.spec(1), "opt": self.spec(1), "max": self.spec(self.max_batch)}
 
 
 @dataclass
@@ -295,7 +308,8 @@ def remove_leftovers(path: Path) -> None:
     no live builder of the same file exists then)."""
     prefix = f".{path.name}."
     for leftover in path.parent.iterdir():
-        if leftover.name.startswith(prefix) and leftover.name.endswith(".tmp"):
+        # .tmp.lock: the lock file trtexec keeps beside a timing cache it writes
+        if leftover.name.startswith(prefix) and leftover.name.endswith((".tmp", ".tmp.lock")):
             leftover.unlink(missing_ok=True)
 
 
@@ -315,23 +329,53 @@ class Failure:
     final: bool
 
 
-def run_trtexec(trtexec: str, onnx: Path, plan: Path, shapes: Shapes, log_path: Path,
-                timeout_s: float) -> Failure | None:
-    """Build ``plan`` from ``onnx``; returns None on success. trtexec writes a
-    temporary file beside it, renamed to ``plan`` only once complete."""
-    tmp = temporary_beside(plan)
+def timing_cache_copy(shared: Path, model: str) -> Path:
+    """A copy of the ``shared`` timing cache for one build of ``model``, under a
+    unique name beside it (``timing_cache_leftovers`` finds it by ``model``);
+    absent where no cache exists yet: trtexec then starts one under that name."""
+    private = temporary_beside(timing_cache_leftovers(shared, model))
     try:
-        return _trtexec_into(trtexec, onnx, tmp, plan, shapes, log_path, timeout_s)
+        shutil.copyfile(shared, private)
+    except FileNotFoundError:
+        private.unlink()
+    return private
+
+
+def timing_cache_leftovers(shared: Path, model: str) -> Path:
+    """The name ``remove_leftovers`` takes for ``model``'s copies of ``shared``
+    (only ``model``'s builder, holding its lock, uses them)."""
+    return shared.with_name(f"{model}.{shared.name}")
+
+
+def run_trtexec(trtexec: str, onnx: Path, plan: Path, shapes: Shapes, log_path: Path,
+                timeout_s: float, timing_cache: Path | None = None) -> Failure | None:
+    """Build ``plan`` from ``onnx``; returns None on success. trtexec writes a
+    temporary file beside it, renamed to ``plan`` only once complete. With
+    ``timing_cache``, trtexec starts from a copy of it, and that copy (now with
+    this build's timings added) replaces it after a successful build."""
+    tmp = temporary_beside(plan)
+    model = plan.stem  # plans are named <model>.plan
+    timing = timing_cache_copy(timing_cache, model) if timing_cache is not None else None
+    try:
+        failure = _trtexec_into(trtexec, onnx, tmp, plan, shapes, log_path, timeout_s, timing)
+        if (failure is None and timing_cache is not None and timing is not None
+                and timing.is_file() and timing.stat().st_size > 0):
+            timing.replace(timing_cache)
+        return failure
     finally:
         tmp.unlink(missing_ok=True)
+        if timing is not None:
+            timing.unlink(missing_ok=True)
+            timing.with_name(timing.name + ".lock").unlink(missing_ok=True)
 
 
 def _trtexec_into(trtexec: str, onnx: Path, tmp: Path, plan: Path, shapes: Shapes,
-                  log_path: Path, timeout_s: float) -> Failure | None:
+                  log_path: Path, timeout_s: float, timing: Path | None) -> Failure | None:
     profile = shapes.as_dict()
     argv = [trtexec, f"--onnx={onnx}", f"--saveEngine={tmp}", f"--{PRECISION}",
             f"--minShapes={profile['min']}", f"--optShapes={profile['opt']}",
-            f"--maxShapes={profile['max']}", "--skipInference"]
+            f"--maxShapes={profile['max']}", "--skipInference",
+            *([f"--timingCacheFile={timing}"] if timing is not None else [])]
     with log_path.open("w") as out:
         out.write("$ " + " ".join(argv) + "\n")
         out.flush()
@@ -359,28 +403,51 @@ class BuildOptions:
     retry_failed: bool = False
 
 
-def _stamp_matches(path: Path, stamp: dict[str, object]) -> bool:
+def _read_stamp(path: Path) -> dict[str, object] | None:
     try:
-        return json.loads(path.read_text()).get("stamp") == stamp
-    except (OSError, ValueError):
+        stamp = json.loads(path.read_text()).get("stamp")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _stamp_matches(path: Path, stamp: dict[str, object]) -> bool:
+    return _read_stamp(path) == stamp
+
+
+def forget_older_failure(model: str, failed: Path, stamp: dict[str, object]) -> bool:
+    """Forget ``model``'s remembered failure if it was recorded under another export
+    format than the ONNX's now (a record without one predates format 2): the
+    exporter was fixed since, so the build is tried again."""
+    recorded = _read_stamp(failed)
+    if recorded is None:
         return False
+    before, now = (str(s.get("export_format") or "none") for s in (recorded, stamp))
+    if before == now:
+        return False
+    log(f"{model}: forgetting the failure under export format {before}; trying again "
+        f"under {now}")
+    failed.unlink(missing_ok=True)
+    return True
 
 
 def _build_plan(model: str, opts: BuildOptions, toolchain: Toolchain, cache: Path,
                 onnx: Path, shapes: Shapes, stamp: dict[str, object]) -> Outcome:
     plan, stamp_path, failed = (cache / f"{model}.plan", cache / f"{model}.json",
                                 cache / f"{model}.failed.json")
+    forget_older_failure(model, failed, stamp)
     if not opts.retry_failed and _stamp_matches(failed, stamp):
         detail = json.loads(failed.read_text())["detail"]
         return Outcome(model, "failed", "failed before with this ONNX, GPU and TensorRT, not "
                                         f"retried (--retry-failed to force): {detail}")
     log(f"{model}: building {PRECISION} engine for {toolchain.gpu} "
         f"(TensorRT {toolchain.tensorrt}, batch 1..{shapes.max_batch})")
-    for path in (plan, stamp_path, failed):
+    timing_cache = cache / TIMING_CACHE
+    for path in (plan, stamp_path, failed, timing_cache_leftovers(timing_cache, model)):
         remove_leftovers(path)
     started = time.monotonic()
     failure = run_trtexec(opts.trtexec, onnx, plan, shapes, cache / f"{model}.log",
-                          opts.timeout_s)
+                          opts.timeout_s, timing_cache)
     if failure:
         plan.unlink(missing_ok=True)
         stamp_path.unlink(missing_ok=True)
@@ -407,8 +474,10 @@ def _ensure_plan(model: str, opts: BuildOptions, toolchain: Toolchain,
         shapes = shapes_from_config(template.read_text())
     except ValueError as exc:
         return Outcome(model, "failed", f"{template}: {exc}"), None, {}
+    provenance = json.loads(onnx.with_suffix(".json").read_text())
     stamp: dict[str, object] = {
-        "onnx_sha256": sha256_file(onnx), "shapes": shapes.as_dict(), "precision": PRECISION,
+        "onnx_sha256": sha256_file(onnx), "export_format": provenance.get("export_format", ""),
+        "shapes": shapes.as_dict(), "precision": PRECISION,
         "gpu": toolchain.gpu, "tensorrt": toolchain.tensorrt}
     plan = cache / f"{model}.plan"
     if plan.is_file() and _stamp_matches(cache / f"{model}.json", stamp):
@@ -417,7 +486,6 @@ def _ensure_plan(model: str, opts: BuildOptions, toolchain: Toolchain,
         outcome = _build_plan(model, opts, toolchain, cache, onnx, shapes, stamp)
         if outcome.status == "failed":
             return outcome, None, {}
-    provenance = json.loads(onnx.with_suffix(".json").read_text())
     provenance["engine"] = (f"TensorRT {toolchain.tensorrt} {PRECISION} on {toolchain.gpu}, "
                             f"batch 1..{shapes.max_batch}")
     return outcome, plan, provenance
@@ -565,7 +633,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--timeout-s", type=float, default=3600.0, help="limit per trtexec run")
     b.add_argument("--retry-failed", action="store_true",
                    help="build again models that failed before with the same ONNX, GPU and "
-                        "TensorRT (a failure is remembered; timeouts are always retried)")
+                        "TensorRT (a failure is remembered; timeouts are always retried, and "
+                        "a failure under an older export format is forgotten)")
     b.set_defaults(engines_func=cmd_build)
     k.set_defaults(engines_func=cmd_key)
 
