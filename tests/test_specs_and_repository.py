@@ -80,6 +80,28 @@ def test_targets_pick_their_backend():
     assert 'platform: "tensorrt_plan"' in gpu and "KIND_GPU" in gpu
 
 
+def test_instance_counts_come_from_the_spec():
+    """Two copies per model on a GPU, one on CPU (specs.Instances says why), in every
+    committed config; a spec's own counts reach its configs."""
+    from dataclasses import replace
+
+    from tierdet.registry.specs import Instances
+
+    expected = {"gpu": "kind: KIND_GPU count: 2", "cpu": "kind: KIND_CPU count: 1",
+                "cpu-local": "kind: KIND_CPU count: 1"}
+    for target in TARGETS:
+        for spec in SPECS.values():
+            text = (COMMITTED_ROOT / target / spec.name / "config.pbtxt").read_text()
+            (group,) = re.findall(r"^instance_group \[ \{ (.*) \} \]$", text, re.MULTILINE)
+            assert group == expected[target], (target, spec.name)
+    spec = replace(SPECS["efficientdet-d7"], instances=Instances(gpu=1, cpu=3))
+    assert "instance_group [ { kind: KIND_GPU count: 1 } ]" in render_config(spec, "gpu")
+    for target in ("cpu", "cpu-local"):
+        assert "instance_group [ { kind: KIND_CPU count: 3 } ]" in render_config(spec, target)
+    with pytest.raises(ValueError, match="at least 1"):
+        Instances(gpu=0)
+
+
 def test_provenance_is_escaped_into_the_config():
     text = render_config(SPECS["efficientdet-d0"], "cpu-local",
                          provenance={"weights": 'file /tmp/a "b"\\c'})

@@ -83,7 +83,8 @@ def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
         f"  max_queue_delay_microseconds: {b.max_queue_delay_us}",
         *([] if target == "cpu-local" else _queue_policy(b)),
         "}",
-        f"instance_group [ {{ kind: {'KIND_GPU' if target == 'gpu' else 'KIND_CPU'} count: 1 }} ]",
+        (f"instance_group [ {{ kind: KIND_GPU count: {spec.instances.gpu} }} ]" if target == "gpu"
+         else f"instance_group [ {{ kind: KIND_CPU count: {spec.instances.cpu} }} ]"),
         "model_warmup [ {",
         '  name: "zeros" batch_size: 1',
         f'  inputs {{ key: "{INPUT_NAME}" value {{ data_type: TYPE_UINT8 '

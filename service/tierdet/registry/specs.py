@@ -109,6 +109,29 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class Instances:
+    """How many copies of a model Triton runs at once (its ``instance_group`` count).
+
+    GPU 2: while one copy's batch computes, the other's inputs are copied in and
+    its outputs out (copy/compute overlap), and the dynamic batcher can hand the
+    next batch over without waiting. Triton's TensorRT backend shares one engine
+    between the copies on a device; each copy adds its execution context and
+    activation memory (lower it for a large model on a small GPU). CPU 1: ONNX
+    Runtime already spreads one batch over every core it is given (the models'
+    thread pool, or Triton's global one), so a second copy would only compete
+    for the same cores (and, in the python backend, hold a second session and
+    stub process).
+    """
+
+    gpu: int = 2
+    cpu: int = 1
+
+    def __post_init__(self) -> None:
+        if self.gpu < 1 or self.cpu < 1:
+            raise ValueError(f"instance counts must be at least 1, got {self}")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     family: Family
@@ -127,6 +150,7 @@ class ModelSpec:
     pre_nms_top_k: int = 3840
     nms_iou: float = 0.5
     batching: Batching = field(default_factory=Batching)
+    instances: Instances = field(default_factory=Instances)
 
 
 _EFFDET_RELEASE = "https://github.com/rwightman/efficientdet-pytorch/releases/download/v0.1/"
@@ -254,6 +278,7 @@ __all__ = [
     "Batching",
     "DigestKind",
     "Family",
+    "Instances",
     "ModelSpec",
     "OfficialWeights",
     "Preprocessing",
