@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tierdet.build.models import BuiltModel, build_model, default_home, load_built
+from tierdet.build.models import (
+    BuiltModel,
+    build_model,
+    default_home,
+    format_is_current,
+    load_built,
+)
 from tierdet.build.weights import WeightsSource
 from tierdet.registry.specs import SPECS, ZOO, ModelSpec
 
@@ -48,8 +54,10 @@ def photo() -> np.ndarray:
 
 def built(spec: ModelSpec, home: Path, weights: WeightsSource) -> BuiltModel:
     model = load_built(home, spec.name)
-    # Builds from before the parameter count was recorded are rebuilt.
-    if model is None or "params" not in model.provenance:
+    # Any weights do (latency does not depend on them); builds from before the
+    # parameter count was recorded, or of another export format, are rebuilt.
+    if (model is None or "params" not in model.provenance
+            or not format_is_current(model.provenance)):
         model = build_model(spec, weights, home, progress=False)
     return model
 
