@@ -865,11 +865,6 @@ def main(argv: list[str] | None = None) -> int:
         return export_worker(args.export_worker, plan_for(args).models)
     unpacked = bootstrap(args.assets)
     sections = set(args.sections.split(","))
-    # On a GPU, first: the exports run on the CPU while section 1 runs on the GPU. On a
-    # CPU (smoke test) they would only share its cores: they start at section 3.
-    exports = None
-    if "3" in sections and args.device.startswith("cuda"):
-        exports = Exports(plan_for(args).models, args.assets, args.budget)
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -878,8 +873,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_for(args)
     if plan.cuda and not torch.cuda.is_available():
         say("no CUDA device: run with --device cpu for a smoke test")
-        if exports:
-            exports.close()
         return 2
     if plan.cuda:
         torch.backends.cudnn.benchmark = True
@@ -905,6 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     plan.results.update(device=device_name, torch=torch.__version__, quick=args.quick,
                         photos=source)
     nets: dict[str, Any] = {}
+    # On a GPU, now: the exports run on the CPU while section 1 runs on the GPU. On a
+    # CPU (smoke test) they would only share its cores: they start at section 3.
+    exports = None
+    if "3" in sections and plan.cuda:
+        exports = Exports(plan.models, args.assets, deadline.left())
 
     def save() -> None:  # after every section: a hard stop keeps what was measured
         plan.results["skipped"] = deadline.skipped
