@@ -106,12 +106,16 @@ def effdet_raw(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.
 
 @torch.no_grad()
 def effdet_predict(model: torch.nn.Module, x: torch.Tensor, spec: ModelSpec) -> np.ndarray:
-    """effdet's DetBenchPredict rows, in our convention (class slot, zeros past the end)."""
+    """effdet's DetBenchPredict rows, in our convention (class slot, zeros past the end).
+    Boxes are clipped to the input frame before NMS, as tierdet's graph clips its
+    candidates (effdet does so when told the image's size, at scale 1 here)."""
     from effdet import DetBenchPredict
 
     bench = DetBenchPredict(model).eval()  # reads model.config and calls model(x)
     bench.max_detection_points = spec.pre_nms_top_k
-    ref = bench(x).numpy()
+    frame = {"img_scale": torch.ones(x.shape[0]),
+             "img_size": torch.tensor([[spec.input_size] * 2] * x.shape[0], dtype=torch.float32)}
+    ref = bench(x, img_info=frame).numpy()
     ref[..., 5] -= 1  # effdet reports class slot + 1
     ref[ref[..., 4] <= 0] = 0
     return ref

@@ -81,7 +81,8 @@ def test_in_graph_nms_equals_effdet_detbenchpredict(built_d0, d0_network):
 
 
 def test_nms_op_matches_torchvision():
-    """The custom op's ONNX translation keeps exactly what torchvision keeps."""
+    """The custom op's ONNX translation keeps exactly what torchvision keeps: NMS
+    within each class, over the candidates scoring above the threshold."""
     from tierdet.build.export.nms import CUSTOM_TRANSLATIONS, nms_keep
 
     g = torch.Generator().manual_seed(0)
@@ -89,19 +90,24 @@ def test_nms_op_matches_torchvision():
     wh = torch.rand(2, 300, 2, generator=g) * 60 + 1
     boxes = torch.cat([xy, xy + wh], dim=2)
     scores = torch.rand(2, 300, generator=g)
-    want = nms_keep(boxes, scores, 0.5)
+    classes = torch.randint(0, 3, (2, 300), generator=g)
+    want = nms_keep(boxes, scores, classes, 3, 0.5, 0.2)
 
     class Keep(torch.nn.Module):
-        def forward(self, b, s):
-            return nms_keep(b, s, 0.5)
+        def forward(self, b, s, c):
+            return nms_keep(b, s, c, 3, 0.5, 0.2)
 
-    program = torch.onnx.export(Keep().eval(), (boxes, scores), dynamo=True,
+    program = torch.onnx.export(Keep().eval(), (boxes, scores, classes), dynamo=True,
                                 custom_translation_table=CUSTOM_TRANSLATIONS)
     session = ort.InferenceSession(program.model_proto.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     got = session.run(None, {i.name: t.numpy() for i, t in
-                             zip(session.get_inputs(), (boxes, scores), strict=True)})[0]
+                             zip(session.get_inputs(), (boxes, scores, classes), strict=True)})[0]
     assert want.sum() > 10 and (want.numpy() == got).all()
+    # Nothing at or below the threshold is kept, and classes do not suppress each other:
+    # the same boxes as one class keep fewer.
+    assert not (want[scores <= 0.2] > 0).any()
+    assert nms_keep(boxes, scores, torch.zeros_like(classes), 3, 0.5, 0.2).sum() < want.sum()
 
 
 def test_a_cached_build_is_reused_only_for_the_same_weights(built_d0, tmp_path):

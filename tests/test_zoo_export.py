@@ -88,7 +88,8 @@ def test_official_checkpoint_through_the_exporter_matches_golden(stem, golden_gr
 @pytest.mark.parametrize("stem", _nano_in_ci(GOLDEN_STEMS))
 def test_served_boxes_are_the_official_corner_boxes(stem, golden_graphs):
     """Each detection of the served graph is an official (anchor, class) output:
-    its box equals that anchor's official x1,y1,x2,y2 and its score that class's."""
+    its box equals that anchor's official x1,y1,x2,y2 (clipped to the input frame,
+    as the served graph clips candidates) and its score that class's."""
     golden = _golden(stem)
     spec, _, full_path = golden_graphs(stem)
     session = ort.InferenceSession(str(full_path), providers=["CPUExecutionProvider"])
@@ -98,15 +99,16 @@ def test_served_boxes_are_the_official_corner_boxes(stem, golden_graphs):
     for b, image_rows in enumerate(rows):
         valid = image_rows[image_rows[:, 4] > 0]
         assert len(valid) == spec.max_detections
+        official = np.clip(golden.boxes[b], 0, spec.input_size)
         for x1, y1, x2, y2, score, cls in valid:
-            box_err = np.abs(golden.boxes[b] - [x1, y1, x2, y2]).max(axis=1)
+            box_err = np.abs(official - [x1, y1, x2, y2]).max(axis=1)
             score_err = np.abs(golden.scores[b, :, int(cls)] - score)
             assert ((box_err <= box_tol) & (score_err <= score_tol)).any(), (b, x1, y1, x2, y2)
         # The same rows read as centre/size (the official end2end mistake)
         # match no official box: every detection would be lost.
         cx, cy, w, h = valid[:, :4].T
         as_cs = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-        nearest = np.abs(golden.boxes[b][None] - as_cs[:, None]).max(axis=2).min(axis=1)
+        nearest = np.abs(official[None] - as_cs[:, None]).max(axis=2).min(axis=1)
         closest_centre_size = min(closest_centre_size, float(nearest.min()))
     assert closest_centre_size > 10 * box_tol, closest_centre_size
 
@@ -144,7 +146,8 @@ def test_damoyolo_graph_equals_torch_and_batches(built_ns):
 
 
 def test_damoyolo_boxes_are_corners_in_the_served_graph(built_ns):
-    """Without golden files: served rows are corner boxes of the raw network."""
+    """Without golden files: served rows are corner boxes of the raw network
+    (clipped to the input frame, as the graph clips its candidates)."""
     from tierdet.build.export.onnx_export import load_network
 
     spec = built_ns.spec
@@ -152,7 +155,7 @@ def test_damoyolo_boxes_are_corners_in_the_served_graph(built_ns):
     images = _synthetic(4, 1, spec.input_size)
     with torch.no_grad():
         boxes, _ = network.module(torch.from_numpy(images).permute(0, 3, 1, 2).float())
-    raw = boxes[0].numpy()
+    raw = np.clip(boxes[0].numpy(), 0, spec.input_size)
     session = ort.InferenceSession(str(built_ns.onnx), providers=["CPUExecutionProvider"])
     rows = session.run(None, {"images": images})[0][0]
     for row in rows[rows[:, 4] > 0]:

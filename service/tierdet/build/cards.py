@@ -226,7 +226,7 @@ def _back(card: ModelCard, anchors: int):
     out = card.output
     head = DetectionHead(pre_nms_top_k=min(card.pre_nms_top_k, anchors * _num_classes(card)),
                          max_detections=card.max_detections, iou_threshold=card.nms_iou,
-                         scores_are_logits=out.scores == "logits")
+                         scores_are_logits=out.scores == "logits", input_size=card.input.size)
 
     class Back(nn.Module):
         cells: torch.Tensor  # buffers (a yolox grid)
@@ -271,7 +271,7 @@ def _export(module, example: tuple, inputs: list[str], outputs: list[str]):
     import onnx
     import torch
 
-    from tierdet.build.export.nms import CUSTOM_TRANSLATIONS
+    from tierdet.build.export.nms import CUSTOM_TRANSLATIONS, drop_default_reduction
 
     batch = torch.export.Dim("batch", min=1, max=1024)
     names = list(inspect.signature(module.forward).parameters)[:len(example)]
@@ -283,7 +283,9 @@ def _export(module, example: tuple, inputs: list[str], outputs: list[str]):
             dynamo=True, external_data=False, custom_translation_table=CUSTOM_TRANSLATIONS,
             verbose=False)
     assert program is not None  # dynamo=True returns the program
-    return onnx.load_from_string(program.model_proto.SerializeToString())
+    model = onnx.load_from_string(program.model_proto.SerializeToString())
+    drop_default_reduction(model)
+    return model
 
 
 def wrap(card: ModelCard, graph: CardGraph):

@@ -12,5 +12,6 @@ without torch.
 #   1: the first graphs (no version recorded).
 #   2: the TensorRT-clean graphs: the uint8 input cast first, NMS with an
 #      explicit score threshold, per-class NMS without coordinate offsets,
-#      no ScatterND ``reduction`` attribute.
+#      no ScatterND ``reduction`` attribute, candidates clipped to the input
+#      frame (tierdet.build.trt_compat checks every rule).
 EXPORT_FORMAT = 2

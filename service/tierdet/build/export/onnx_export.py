@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tierdet.build.export.network import Network
-from tierdet.build.export.nms import CUSTOM_TRANSLATIONS
+from tierdet.build.export.nms import CUSTOM_TRANSLATIONS, drop_default_reduction
 from tierdet.build.export.postprocess import DetectionHead, ExportWrapper
 from tierdet.registry.specs import Family, ModelSpec
 from tierdet.registry.tensors import INPUT_NAME, MODEL_METADATA_KEY, OUTPUT_NAME, RAW_OUTPUT_NAMES
@@ -36,9 +36,11 @@ def load_network(spec: ModelSpec, checkpoint: Path | None, seed: int | None,
     return build_network(spec, checkpoint, seed or 0, input_size)
 
 
-def wrap_for_export(spec: ModelSpec, network: Network) -> ExportWrapper:
+def wrap_for_export(spec: ModelSpec, network: Network,
+                    input_size: int | None = None) -> ExportWrapper:
     head = DetectionHead(pre_nms_top_k=spec.pre_nms_top_k, max_detections=spec.max_detections,
-                         iou_threshold=spec.nms_iou, scores_are_logits=network.scores_are_logits)
+                         iou_threshold=spec.nms_iou, scores_are_logits=network.scores_are_logits,
+                         input_size=input_size or spec.input_size)
     return ExportWrapper(network.module, head, spec.preprocessing.mean,
                          spec.preprocessing.std).eval()
 
@@ -55,7 +57,7 @@ class RawWrapper(nn.Module):
         self.inner = export_wrapper
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float()
+        x = images.float().permute(0, 3, 1, 2)  # Cast first, as ExportWrapper
         x = (x - self.inner.mean) * self.inner.inv_std
         return self.inner.network(x)
 
@@ -71,7 +73,7 @@ def export_onnx(spec: ModelSpec, network: Network, path: Path,
     """
     import onnx
 
-    wrapper = wrap_for_export(spec, network)
+    wrapper = wrap_for_export(spec, network, input_size)
     module: nn.Module = wrapper
     outputs = [OUTPUT_NAME]
     if raw:
@@ -90,6 +92,7 @@ def export_onnx(spec: ModelSpec, network: Network, path: Path,
             custom_translation_table=CUSTOM_TRANSLATIONS, verbose=False,
         )
     model = onnx.load(str(tmp))
+    drop_default_reduction(model)
     onnx.helper.set_model_props(model, {MODEL_METADATA_KEY: spec.name, **(metadata or {})})
     onnx.save(model, str(tmp))
     tmp.replace(path)  # atomic: a half-written model is never picked up

@@ -1,4 +1,4 @@
-"""Shared in-graph post-processing: top-k candidates, class-aware NMS, top-K.
+"""Shared in-graph post-processing: top-k candidates, per-class NMS, top-K.
 
 Every family hands over decoded boxes and per-class scores; this module
 turns them into the service's fixed output ``[B, K, 6]`` rows of
@@ -13,15 +13,28 @@ from torch import nn
 
 from tierdet.build.export.nms import nms_keep
 
-# Rank of a suppressed candidate: below any logit or probability. A finite
-# number rather than -inf keeps IsInf out of the graph (TensorRT coverage).
-SUPPRESSED = -1e30
+# NMS considers only candidates scoring above these (ONNX's NonMaxSuppression
+# and TensorRT's both take a threshold; TensorRT's default 0 would drop every
+# negative logit). Below them a candidate could not be returned anyway: a
+# logit under -104 has a float32 sigmoid of exactly 0, and a score of 0 is the
+# output's padding; and a candidate only suppresses lower-scored ones.
+LOGIT_FLOOR = -104.0
+PROBABILITY_FLOOR = 0.0
+# Rank of a suppressed candidate: below any kept score, and finite in fp16
+# (TensorRT's --fp16 may run these layers in half precision; -inf or -1e30
+# there would leave the range the compatibility check allows).
+SUPPRESSED = -60000.0
 
 
 class DetectionHead(nn.Module):
     def __init__(self, pre_nms_top_k: int, max_detections: int, iou_threshold: float,
-                 scores_are_logits: bool) -> None:
+                 scores_are_logits: bool, input_size: int | None = None) -> None:
         super().__init__()
+        # Candidates are clipped to the input frame (None: not clipped). A box
+        # past the frame means nothing to the caller, and an unbounded one (a
+        # regression's exp() on an odd input reaches 1e14 or inf) leaves fp16's
+        # range on TensorRT; inside the frame fp16 keeps 1 px up to 2048.
+        self.input_size = input_size
         self.pre_nms_top_k = pre_nms_top_k
         self.max_detections = max_detections
         self.iou_threshold = iou_threshold
@@ -39,10 +52,10 @@ class DetectionHead(nn.Module):
         anchor = top_idx // num_classes
         cls = top_idx % num_classes
         cand = boxes.gather(1, anchor.unsqueeze(2).expand(-1, -1, 4))
-        # Class-aware NMS in one call: shift each class to its own region.
-        extent = cand.abs().amax(dim=(1, 2), keepdim=True) + 1.0
-        shift = extent * cls.to(cand.dtype).unsqueeze(2)
-        keep = nms_keep(cand + shift, top_scores, self.iou_threshold)
+        if self.input_size is not None:
+            cand = cand.clamp(0.0, float(self.input_size))
+        floor = LOGIT_FLOOR if self.scores_are_logits else PROBABILITY_FLOOR
+        keep = nms_keep(cand, top_scores, cls, num_classes, self.iou_threshold, floor)
         ranked = torch.where(keep > 0, top_scores, torch.full_like(top_scores, SUPPRESSED))
         final_scores, final_idx = ranked.topk(self.max_detections, dim=1)
         valid = final_scores > SUPPRESSED
@@ -78,7 +91,8 @@ class ExportWrapper(nn.Module):
                              persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
+        # Cast first: TensorRT takes a uint8 network input only straight into a Cast.
+        x = images.float().permute(0, 3, 1, 2)
         x = (x - self.mean) * self.inv_std
         boxes, scores = self.network(x)
         return self.head(boxes, scores)
