@@ -57,9 +57,7 @@ class RawWrapper(nn.Module):
         self.inner = export_wrapper
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.float().permute(0, 3, 1, 2)  # Cast first, as ExportWrapper
-        x = (x - self.inner.mean) * self.inner.inv_std
-        return self.inner.network(x)
+        return self.inner.network(self.inner.normalise(images))
 
 
 def export_onnx(spec: ModelSpec, network: Network, path: Path,

@@ -90,9 +90,12 @@ class ExportWrapper(nn.Module):
         self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, 3, 1, 1),
                              persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> the network's float NCHW input."""
         # Cast first: TensorRT takes a uint8 network input only straight into a Cast.
         x = images.float().permute(0, 3, 1, 2)
-        x = (x - self.mean) * self.inv_std
-        boxes, scores = self.network(x)
+        return (x - self.mean) * self.inv_std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        boxes, scores = self.network(self.normalise(images))
         return self.head(boxes, scores)
