@@ -53,6 +53,7 @@ def _card(tmp_path: Path, **changes) -> Path:
     ({"licence": None}, "licence"),
     ({"colour": "red"}, "colour"),
     ({"source.sha256": "abc"}, "source"),
+    ({"label_set": "shapes"}, "label_set"),  # coco80's classes are COCO's label set
 ])
 def test_a_malformed_card_is_refused_naming_the_field(tmp_path, changes, field):
     with pytest.raises(CardError) as info:
@@ -118,6 +119,8 @@ def test_card_models_serve_beside_the_zoo_and_find_a_person(card_stack):
     assert yolox["published_coco_ap"] == yolox["routing_ap"] == 25.8
     assert models[TEST_MODEL]["routing_ap"] == 0.0
     assert models["shapes-ns"]["routing_ap"] == 84.8
+    assert (models["yolox-nano"]["label_set"], models["shapes-ns"]["label_set"]) == (
+        "coco", "shapes")
     data, info = photo_with_people()
     r = httpx.post(card_stack.http + "/v1/detect", files={"image": ("p.jpg", data)},
                    data={"model": "yolox-nano", "classes": "person"}, timeout=60)
@@ -130,6 +133,22 @@ def test_card_models_serve_beside_the_zoo_and_find_a_person(card_stack):
     r = httpx.post(card_stack.http + "/v1/detect", files={"image": ("p.jpg", data)},
                    data={"tier": "accurate", "classes": "person"}, timeout=60)
     assert r.status_code == 200 and r.json()["model"] == "yolox-nano"
+
+
+def test_the_router_never_ranks_a_shapes_ap_against_a_coco_one(card_stack, tmp_path):
+    """shapes-ns's 84.8 is on its own six classes: a request any model could answer
+    goes to the COCO models (YOLOX-Nano, 25.8), one for a shape to the shapes model."""
+    from tierdet.training.datasets.synthetic import SynthConfig, generate
+
+    data, _ = photo_with_people()
+    r = httpx.post(card_stack.http + "/v1/detect", files={"image": ("p.jpg", data)},
+                   data={"tier": "accurate"}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == "yolox-nano", r.text
+    shapes = generate(tmp_path / "shapes", {"val": 1}, SynthConfig(size=256), seed=3)
+    image = sorted((shapes / "val").glob("*.jpg"))[0].read_bytes()
+    r = httpx.post(card_stack.http + "/v1/detect", files={"image": ("s.jpg", image)},
+                   data={"tier": "accurate", "classes": "circle,star"}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == "shapes-ns", r.text
 
 
 def test_a_fine_tuned_card_finds_its_own_classes(card_stack, tmp_path):

@@ -81,5 +81,5 @@ def test_results_round_trip_through_protobuf():
     assert wire.from_message(DetectResult, wire.to_message(result, pb.DetectResponse())) == result
     info = ModelsInfo("balanced", (TierInfo("balanced", 500.0, ("a", "b"), True, True),),
                       (ModelInfo("a", "efficientdet", 512, "letterbox", None, 3.9, True,
-                                 "READY", "", "random", 30.0, 0.0, {"set": 0.5}),))
+                                 "READY", "", "random", 30.0, 0.0, "coco", {"set": 0.5}),))
     assert wire.from_message(ModelsInfo, wire.to_message(info, pb.ListModelsResponse())) == info

@@ -134,6 +134,9 @@ class ModelInfo:
                                        "online).")]
     routing_ap: Annotated[float, Field(description="The AP (percent) the router ranks this "
                                        "model by.")]
+    label_set: Annotated[str, Field(description="The data set its classes are (coco, or a "
+                                    "card's): the router ranks only models of one label set "
+                                    "against each other.")]
     measured_ap: Annotated[dict[str, float], Field(
         description="AP (0..1) measured through the gateway, keyed by dataset (or "
                     "dataset/tier): the model's own evaluation record and `tierdet eval` "

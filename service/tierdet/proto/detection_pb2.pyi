@@ -95,7 +95,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason", "latency_ms", "routing_ap")
+    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason", "latency_ms", "routing_ap", "label_set")
     class MeasuredApEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class ModelInfo(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_AP_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SET_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     input_size: int
@@ -129,7 +130,8 @@ class ModelInfo(_message.Message):
     reason: str
     latency_ms: float
     routing_ap: float
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ..., routing_ap: _Optional[float] = ...) -> None: ...
+    label_set: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ..., routing_ap: _Optional[float] = ..., label_set: _Optional[str] = ...) -> None: ...
 
 class TierInfo(_message.Message):
     __slots__ = ("name", "budget_ms", "models", "degrade", "default")

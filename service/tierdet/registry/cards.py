@@ -104,6 +104,11 @@ class ModelCard(_Strict):
     classes: Literal["coco80"] | tuple[str, ...] = Field(
         description="coco80 (COCO's 80 classes in the usual order; ids are COCO's) or the "
                     "class names in output order (ids 1..N).")
+    label_set: Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)] | None \
+        = Field(None, description=(
+            "The data set these classes are: the router ranks by AP only models of one label "
+            "set (APs on different data sets do not compare). Default: coco for coco80, "
+            "else the card's name; cards fine-tuned on the same classes share one."))
     published_ap: PublishedAP | None = None
     nms_iou: float = Field(0.5, gt=0, lt=1)
     pre_nms_top_k: int = Field(3840, ge=1, le=3840, description=(
@@ -111,6 +116,14 @@ class ModelCard(_Strict):
     max_detections: int = Field(100, ge=1, le=1000)
     licence: str = Field(min_length=1)
     provenance: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _coco_is_cocos_classes(self) -> ModelCard:
+        coco = self.classes == "coco80"
+        if self.label_set is not None and coco != (self.label_set == COCO80.name):
+            raise ValueError(f"label_set: {COCO80.name!r} is the label set of classes: coco80, "
+                             "and only of it")
+        return self
 
     @model_validator(mode="after")
     def _checkpoint_sources_are_graphs_of_their_family(self) -> ModelCard:
@@ -129,7 +142,7 @@ def labels_of(card: ModelCard) -> LabelSet:
     names = card.classes
     if len(set(names)) != len(names):
         raise CardError(f"{card.name}: classes: a name appears twice")
-    return LabelSet(name=card.name, category_ids=tuple(range(1, len(names) + 1)),
+    return LabelSet(name=card.label_set or card.name, category_ids=tuple(range(1, len(names) + 1)),
                     category_names={i + 1: n for i, n in enumerate(names)})
 
 

@@ -172,7 +172,8 @@ class Catalog:
                       published_coco_ap=st.spec.published_ap, params_m=st.spec.params_m,
                       ready=st.ready, status=st.status, reason=st.reason, weights=st.weights,
                       latency_ms=round(self.router.latency.service_ms(name), 3),
-                      routing_ap=st.routing_ap, measured_ap=self.measured_ap(st))
+                      routing_ap=st.routing_ap, label_set=st.spec.labels.name,
+                      measured_ap=self.measured_ap(st))
             for name, st in sorted(self.states.items()))
 
     def _backend_of(self, model: str) -> Backend:

@@ -29,6 +29,13 @@ seen recently). Under light load, or with only loose budgets around, the
 discount is near zero; with frequent tight requests, loose ones take small
 models and the tight ones keep fitting. A load governor also keeps the
 projected device utilization under a target.
+
+AP measured on different data sets does not compare (a model fine-tuned on
+six shapes scores 85 where a COCO detector scores 30): the router ranks only
+models of one label set against each other. A request that several label
+sets could answer goes to the default one's models (COCO's, unless the
+gateway says otherwise); one that classes or a pinned model confine to
+another set is routed within that set.
 """
 
 from __future__ import annotations
@@ -422,14 +429,18 @@ class Calibration:
 
 class Router:
     """``ap``: model -> the AP (percent) it is ranked by; models not in it are never
-    routed to. The catalog updates it as it learns what each model serves."""
+    routed to. The catalog updates it as it learns what each model serves.
+    ``label_sets``: model -> the name of its label set (absent: the default's)."""
 
     def __init__(self, ap: Mapping[str, float], tiers: TierConfig,
                  latency: LatencyModel, default_budget_ms: float,
                  margin_frac: float = 0.15, margin_ms: float = 5.0,
                  overhead_ms: float = 3.0, governor: LoadGovernor | None = None,
-                 calibrate_quantile: float = 0.0) -> None:
+                 calibrate_quantile: float = 0.0, label_sets: Mapping[str, str] | None = None,
+                 default_label_set: str = "coco") -> None:
         self.ap = dict(ap)
+        self.label_sets = dict(label_sets or {})
+        self.default_label_set = default_label_set
         self.tiers = tiers
         self.latency = latency
         self.default_budget_ms = default_budget_ms
@@ -481,7 +492,23 @@ class Router:
         if not candidates:
             raise ApiError(ErrorCode.MODEL_NOT_READY, "no model is ready for this request",
                            retry_after_s=2.0)
-        return candidates
+        return self._one_label_set(candidates)
+
+    def _one_label_set(self, candidates: list[str]) -> list[str]:
+        """The candidates whose APs compare: all of them when they share a label
+        set, else the default set's (an ``invalid_option`` when it has none)."""
+        def label_set(model: str) -> str:
+            return self.label_sets.get(model, self.default_label_set)
+
+        sets = {label_set(m) for m in candidates}
+        if len(sets) == 1:
+            return candidates
+        if self.default_label_set in sets:
+            return [m for m in candidates if label_set(m) == self.default_label_set]
+        raise ApiError(ErrorCode.INVALID_OPTION,
+                       f"models of different label sets ({', '.join(sorted(sets))}) could "
+                       "answer, and their APs do not compare: name a model, or classes "
+                       "that only one label set has")
 
     def _nearest(self, model: str, endpoints: Iterable[str]) -> tuple[str, float]:
         """The endpoint where ``model``'s work would start first, and its backlog.

@@ -53,6 +53,9 @@ class Settings(BaseModel):
     pin_published_ap: bool = Field(
         False, description="rank every model by its published AP whatever its weights (for "
                            "routing tests and benchmarks on random weights, which rank 0)")
+    default_label_set: str = Field("coco", min_length=1, description=(
+        "the label set a request goes to when models of several could answer it (their "
+        "APs do not compare); coco: the zoo's"))
     tiers_file: Path | None = Field(
         None, description="YAML: `{default: balanced, tiers: {name: {budget_ms, models, "
                           "degrade, priority}}}`; unset: the built-in tiers")

@@ -32,7 +32,7 @@ from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
-from tierdet.registry.specs import get_spec, lookup
+from tierdet.registry.specs import get_spec, known, lookup
 from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
@@ -76,7 +76,9 @@ def build_router(settings: Settings) -> Router:
     return Router(initial_ap(settings.pin_published_ap), tiers, latency,
                   default_budget_ms=settings.request_timeout_s * 1e3,
                   margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms,
-                  calibrate_quantile=settings.route_calibrate_quantile)
+                  calibrate_quantile=settings.route_calibrate_quantile,
+                  label_sets={name: spec.labels.name for name, spec in known().items()},
+                  default_label_set=settings.default_label_set)
 
 
 class Detector:
