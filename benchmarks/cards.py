@@ -5,6 +5,8 @@ prepared as the gateway prepares it, medians of --runs after warm-up, all in
 one run): the card's own graph at batch 1 (its own float input, made here
 the way the card says), the wrapped graph (uint8 in, decode + NMS inside) at
 batch 1, and the wrapped graph at batch 4 per image (it was made batchable).
+``--compare`` adds another wrapped graph of the same card (an older build's,
+e.g. copied before an exporter change) at batch 1, in the same run.
 
     python benchmarks/cards.py --card examples/cards/yolox-nano.yaml
 """
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, default=default_home())
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare", type=Path, help="another wrapped graph of this card")
     args = p.parse_args(argv)
     card = load_card(args.card)
     if isinstance(card.source, CheckpointSource):
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         ("wrapped graph, batch 4, per image",
          median_ms(lambda: wrapped.run(None, {"images": four}), args.runs) / 4),
     ]
+    if args.compare:
+        other = session(args.compare, args.threads)
+        rows.append((f"{args.compare.name}, batch 1",
+                     median_ms(lambda: other.run(None, {"images": one}), args.runs)))
     print(f"{card.name}: {built.provenance['batching']}; ONNX Runtime {ort.__version__}, "
           f"{args.threads} threads, median of {args.runs}")
     for label, ms in rows:

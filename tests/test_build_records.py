@@ -56,10 +56,10 @@ def _assert_exported_now(home: Path, name: str) -> dict[str, str]:
     return record
 
 
-def test_the_export_format_is_two():
-    """Format 2: the TensorRT-clean graphs (tierdet/build/export/__init__.py says what
-    changed); a bump there is what makes every volume export its models again."""
-    assert EXPORT_FORMAT == 2
+def test_the_export_format_is_three():
+    """Format 3: single-label cards rank boxes, not pairs (tierdet/build/export/__init__.py
+    says what changed); a bump there is what makes every volume export its models again."""
+    assert EXPORT_FORMAT == 3
 
 
 def test_stale_says_why_a_build_cannot_be_kept(tmp_path):

@@ -163,20 +163,20 @@ def _two_label_sets(extra: dict[str, str]) -> Router:
 
 def test_a_request_both_label_sets_could_answer_goes_to_the_default_sets_best():
     r = _two_label_sets({})
-    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY + ["shapes"]).model == "slow"
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, [*READY, "shapes"]).model == "slow"
 
 
 def test_a_request_only_one_label_set_can_answer_is_routed_within_it():
     r = _two_label_sets({"shapes-ns": "shapes"})
     r.ap["shapes-ns"] = 80.0
     assert r.decide(RouteRequest(sla_ms=5000), 3.0, ["shapes", "shapes-ns"]).model == "shapes"
-    assert r.decide(RouteRequest(model="shapes"), 3.0, READY + ["shapes"]).model == "shapes"
+    assert r.decide(RouteRequest(model="shapes"), 3.0, [*READY, "shapes"]).model == "shapes"
 
 
 def test_two_label_sets_none_of_them_the_default_are_refused_not_compared():
     r = _two_label_sets({"fast": "retail", "mid": "retail", "slow": "retail"})
     with pytest.raises(ApiError) as info:
-        r.decide(RouteRequest(sla_ms=5000), 3.0, READY + ["shapes"])
+        r.decide(RouteRequest(sla_ms=5000), 3.0, [*READY, "shapes"])
     assert info.value.code is ErrorCode.INVALID_OPTION and info.value.http_status == 422
     assert "retail, shapes" in info.value.message
 

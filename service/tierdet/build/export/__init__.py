@@ -14,4 +14,7 @@ without torch.
 #      explicit score threshold, per-class NMS without coordinate offsets,
 #      no ScatterND ``reduction`` attribute, candidates clipped to the input
 #      frame (tierdet.build.trt_compat checks every rule).
-EXPORT_FORMAT = 2
+#   3: a single-label card (``multi_label: false``) ranks each box by its best
+#      class (N candidates) instead of every (box, class) pair with the
+#      others zeroed (N x C).
+EXPORT_FORMAT = 3

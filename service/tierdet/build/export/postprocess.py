@@ -49,8 +49,21 @@ class DetectionHead(nn.Module):
         # so which box survives, to the backend); sigmoid is monotonic, so it
         # is applied to the final rows only.
         top_scores, top_idx = scores.reshape(batch, -1).topk(self.pre_nms_top_k, dim=1)
-        anchor = top_idx // num_classes
-        cls = top_idx % num_classes
+        return self._select(boxes, top_scores, top_idx // num_classes,
+                            top_idx % num_classes, num_classes)
+
+    def forward_best_class(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """As ``forward``, each box with its best class only (YOLOX's own
+        evaluation): ranks N boxes instead of N x C pairs, the same candidates
+        without scoring C - 1 pairs per box that could only lose."""
+        best, classes = scores.max(dim=2)
+        top_scores, anchor = best.topk(min(self.pre_nms_top_k, best.shape[1]), dim=1)
+        return self._select(boxes, top_scores, anchor, classes.gather(1, anchor),
+                            scores.shape[2])
+
+    def _select(self, boxes: torch.Tensor, top_scores: torch.Tensor, anchor: torch.Tensor,
+                cls: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The ranked candidates (score, anchor, class) -> NMS -> [B, K, 6]."""
         cand = boxes.gather(1, anchor.unsqueeze(2).expand(-1, -1, 4))
         if self.input_size is not None:
             cand = cand.clamp(0.0, float(self.input_size))
