@@ -16,5 +16,7 @@ without torch.
 #      frame (tierdet.build.trt_compat checks every rule).
 #   3: a single-label card (``multi_label: false``) ranks each box by its best
 #      class (N candidates) instead of every (box, class) pair with the
-#      others zeroed (N x C).
+#      others zeroed (N x C); a card's front skips an identity normalisation;
+#      the zoo's top-k of (anchor, class) pairs runs in two steps (the same
+#      pairs, a fraction of the work).
 EXPORT_FORMAT = 3

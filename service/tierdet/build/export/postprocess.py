@@ -42,21 +42,40 @@ class DetectionHead(nn.Module):
 
     def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """boxes [B, N, 4] xyxy input pixels; scores [B, N, C] -> [B, K, 6]."""
-        batch, _, num_classes = scores.shape
+        num_classes = scores.shape[2]
         # Rank every (anchor, class) pair, as effdet and DAMO-YOLO do. Ranking
         # and NMS run on the scores as given: for logits that avoids the ties
         # sigmoid makes near 1.0 in float32 (tied scores leave NMS order, and
         # so which box survives, to the backend); sigmoid is monotonic, so it
         # is applied to the final rows only.
-        top_scores, top_idx = scores.reshape(batch, -1).topk(self.pre_nms_top_k, dim=1)
-        return self._select(boxes, top_scores, top_idx // num_classes,
-                            top_idx % num_classes, num_classes)
+        top_scores, anchor, cls = self._best_pairs(scores)
+        return self._select(boxes, top_scores, anchor, cls, num_classes)
+
+    def _best_pairs(self, scores: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``pre_nms_top_k`` best (anchor, class) pairs: scores, anchors, classes.
+
+        In two steps where that is less work (D0: 49,104 anchors x 90 classes,
+        one TopK over 4.4 M pairs took 17 ms of its ~120 ms on ONNX Runtime's
+        CPU): the best pairs all lie among the k anchors whose own best pair is
+        highest (an anchor outside them is beaten by k pairs, one from each),
+        so the pairs of those k anchors are ranked instead. The same pairs;
+        only the order of tied scores may differ."""
+        batch, anchors, num_classes = scores.shape
+        k = self.pre_nms_top_k
+        if k >= anchors:
+            top_scores, idx = scores.reshape(batch, -1).topk(k, dim=1)
+            return top_scores, idx // num_classes, idx % num_classes
+        _, near = scores.amax(dim=2).topk(k, dim=1)  # [B, k] anchors
+        pairs = scores.gather(1, near.unsqueeze(2).expand(-1, -1, num_classes))
+        top_scores, idx = pairs.reshape(batch, -1).topk(k, dim=1)
+        return top_scores, near.gather(1, idx // num_classes), idx % num_classes
 
     def forward_best_class(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """As ``forward``, each box with its best class only (YOLOX's own
         evaluation): ranks N boxes instead of N x C pairs, the same candidates
         without scoring C - 1 pairs per box that could only lose."""
-        best, classes = scores.max(dim=2)
+        best, classes = (t.squeeze(2) for t in scores.topk(1, dim=2))  # TopK: TensorRT's
         top_scores, anchor = best.topk(min(self.pre_nms_top_k, best.shape[1]), dim=1)
         return self._select(boxes, top_scores, anchor, classes.gather(1, anchor),
                             scores.shape[2])
