@@ -194,7 +194,8 @@ def _front(card: ModelCard):
     prep = card.input
 
     class Front(nn.Module):
-        mean: torch.Tensor  # buffers
+        order: torch.Tensor  # buffers
+        mean: torch.Tensor
         inv_std: torch.Tensor
 
         def __init__(self) -> None:
