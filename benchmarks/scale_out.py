@@ -10,9 +10,10 @@ get a latency profile measured at the start (as `tierdet profile` makes). One or
 two gateways (`tierdet serve`) take open-loop Poisson arrivals of a real 1280x720
 photograph in turn. Budgets are 4x and 10x D0's service time as the gateway
 measured it (equal shares). Per deployment and load (multiples of the capacity
-measured for that many servers): in-SLO (all requests), admitted answered in
-budget, shed, p50/p99 of answers, p99 of refusals by the client's clock, and
-the requests each Triton served (its own count).
+measured for that many servers): in-SLO (all requests, and each budget's
+apart), admitted answered in budget, shed, p50/p99 of answers, p99 of
+refusals by the client's clock, and the requests each Triton served (its own
+count).
 
 Also, in the same run:
 - the two-gateway rows again with each gateway counting only its own work
@@ -148,8 +149,12 @@ def row(name: str, outcomes: list[Outcome], wall_s: float, per_server: list[int]
     in_budget = [o for o in ok if o.latency_ms <= o.budget_ms]
     in_budget_gw = [o for o in ok if o.gateway_ms is not None and o.gateway_ms <= o.budget_ms]
     admitted = n - len(shed)
+    budgets = sorted({o.budget_ms for o in outcomes})
     return {
         "name": name, "n": n, "in_slo": len(in_budget) / n if n else 0.0,
+        # in-SLO of the requests with each budget, tightest first (4x, 10x)
+        "by_budget": [sum(1 for o in in_budget if o.budget_ms == b)
+                      / sum(1 for o in outcomes if o.budget_ms == b) for b in budgets],
         "admitted_in_budget": len(in_budget) / admitted if admitted else float("nan"),
         "admitted_in_budget_gw": len(in_budget_gw) / admitted if admitted else float("nan"),
         "shed": len(shed) / n if n else 0.0,
@@ -162,12 +167,15 @@ def row(name: str, outcomes: list[Outcome], wall_s: float, per_server: list[int]
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"  {'deployment':<34}{'load':>6}{'n':>5}{'in-SLO':>8}{'adm.in':>8}{'(gw)':>7}"
+    print(f"  {'deployment':<34}{'load':>6}{'n':>5}{'in-SLO':>8}{'4x':>7}{'10x':>7}"
+          f"{'adm.in':>8}{'(gw)':>7}"
           f"{'shed':>7}{'p50 ms':>8}{'p99 ms':>8}{'shed p99':>9}{'hey p99':>8}"
           "  per triton   other")
     for r in rows:
         other = ", ".join(f"{k}:{v}" for k, v in r["other"].items()) or "-"
+        tight, loose = (r["by_budget"] + [float("nan")] * 2)[:2]
         print(f"  {r['name']:<34}{r['load']:>6}{r['n']:>5}{r['in_slo']:>8.1%}"
+              f"{tight:>7.1%}{loose:>7.1%}"
               f"{r['admitted_in_budget']:>8.1%}{r['admitted_in_budget_gw']:>7.1%}"
               f"{r['shed']:>7.1%}{r['p50']:>8.0f}{r['p99']:>8.0f}{r['shed_p99']:>9.1f}"
               f"{r['refusal_p99']:>8.1f}  {r['per_server']!s:<12}{other}")

@@ -125,6 +125,27 @@ def test_the_model_builder_keeps_current_builds_and_exports_old_ones(tmp_path):
             in (d0 / "config.pbtxt").read_text())
 
 
+def test_the_model_builder_keeps_a_current_card_and_installs_it(tmp_path):
+    """A card whose file and graph are unchanged is not exported again (its plan stays
+    cached); it is installed into the target's repository, with its gpu template."""
+    from tierdet.build.repository import card_template
+    from tierdet.registry.cards import register
+
+    yolox = register(CARDS[0])
+    home = tmp_path / "home"
+    record = _record(home, yolox.name, card_sha256=sha256_file(CARDS[0]),
+                     weights_sha256=sha256_file(yolox.source.onnx))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "TIERDET_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = run_tool(["sh", str(DOCKER / "build-missing.sh"), TEST_WEIGHTS, "cpu", "",
+                       str(CARDS[0].relative_to(REPO))], env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((home / "onnx" / f"{yolox.name}.json").read_text()) == record
+    installed = home / "repository" / "cpu" / yolox.name
+    assert (installed / "1" / "model.onnx").read_bytes() == OLD_GRAPH
+    assert card_template(home, yolox.name).is_file()
+
+
 def test_a_card_built_in_an_older_format_is_built_again(tmp_path):
     from tierdet.registry.cards import register
 

@@ -164,14 +164,36 @@ def test_triton_serves_the_repository_its_profile_builds():
     assert s["engine-builder"]["environment"]["TIERDET_HOME"] == home
     assert _command_flags(s["triton"])["model-repository"] == f"{home}/repository/gpu"
     assert _command_flags(s["triton-cpu"])["model-repository"] == f"{home}/repository/cpu"
-    # model-builder: WEIGHTS TARGET MODELS for tierdet-build-missing; cpu target.
-    weights, target, models = (interpolate(a) for a in s["model-builder"]["command"])
+    # model-builder: WEIGHTS TARGET MODELS CARDS for tierdet-build-missing; cpu target.
+    weights, target, models, _ = (interpolate(a) for a in s["model-builder"]["command"])
     assert (weights, target) == ("official", "cpu")
-    assert interpolate(s["engine-builder"]["command"][-1]) == models
+    engines = [interpolate(a) for a in s["engine-builder"]["command"]]
+    assert engines[engines.index("--models") + 1] == models
     assert set(models.split(",")) <= set(SPECS)
     for name in ("model-builder", "engine-builder", "triton", "triton-cpu"):
         mounts = s[name]["volumes"]
         assert any(v.split(":")[:2] == ["models", home] for v in mounts), name
+
+
+def test_the_builders_and_the_gateway_read_the_same_cards_from_one_mount():
+    """Model cards: the model builder exports them, the engine builder makes their
+    plans, the gateway learns their preprocessing and classes; all three read the
+    same paths from the same read-only folder (by default this checkout, with the
+    shipped YOLOX-Nano card, whose graph it holds too)."""
+    from tierdet.registry.cards import load_card
+
+    s = _services()
+    cards = interpolate(s["model-builder"]["command"][3])
+    engines = [interpolate(a) for a in s["engine-builder"]["command"]]
+    assert engines[engines.index("--cards") + 1] == cards
+    assert interpolate(str(s["gateway"]["environment"]["TIERDET_CARDS"])) == cards
+    for name in ("model-builder", "engine-builder", "gateway"):
+        (mount,) = [interpolate(v) for v in s[name]["volumes"] if ":/cards" in v]
+        assert mount == ".:/cards:ro" and s[name]["working_dir"] == "/cards", name
+    assert cards == "examples/cards/yolox-nano.yaml"
+    for card in cards.split(","):
+        loaded = load_card(REPO / card)  # valid, and the graph it names is in the checkout
+        assert loaded.source.onnx.is_file() and REPO in loaded.source.onnx.parents
 
 
 # --- in step with config.Settings and the ports ---------------------------------------------
@@ -250,7 +272,7 @@ def test_triton_and_the_engine_builder_share_one_tensorrt_release():
 def test_bind_mounts_exist_and_are_read_only():
     for name, service in _services().items():
         for volume in service.get("volumes", []):
-            source, _target, *mode = volume.split(":")
+            source, _target, *mode = interpolate(volume).split(":")
             if not source.startswith("."):
                 assert source in compose()["volumes"], f"{name}: undeclared volume {source}"
                 continue

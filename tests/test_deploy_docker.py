@@ -258,6 +258,17 @@ def test_model_builder_asks_tierdet_build_to_keep_current_builds(tmp_path):
         "--keep-current"]
 
 
+def test_model_builder_builds_each_card_after_the_models(tmp_path):
+    home = tmp_path / "home"
+    result, calls = _run_builder(tmp_path, "official", "cpu", "efficientdet-d0",
+                                 "cards/a.yaml,cards/b.yaml")
+    assert result.returncode == 0, result.stderr
+    assert calls[1:] == [
+        f"--home {home} build --card cards/{n}.yaml --target cpu --keep-current" for n in "ab"]
+    result, calls = _run_builder(tmp_path, "official", "cpu", "efficientdet-d0", "")
+    assert result.returncode == 0 and len(calls) == 1  # no cards: the models only
+
+
 def test_model_builder_script_refuses_bad_usage(tmp_path):
     result, calls = _run_builder(tmp_path, "official")
     assert result.returncode == 2 and "usage" in result.stderr and calls == []

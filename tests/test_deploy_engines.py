@@ -554,3 +554,39 @@ def test_files_are_replaced_whole_under_unique_names(tmp_path):
     assert target.read_text() == "new"
     engines.remove_leftovers(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+# --- model cards -------------------------------------------------------------------------
+
+
+def test_a_cards_model_gets_its_plan_from_the_template_its_build_wrote(home, templates, tools):
+    """The committed templates are the zoo's; `tierdet build --card` writes the card's
+    under HOME, and `--cards` names the card files, found by their digest in the build
+    records (engines.py cannot read YAML). A card not built yet is left out, alone."""
+    from tierdet import cli
+    from tierdet.build.repository import card_template
+    from tierdet.registry.cards import load_card
+
+    card = REPO / "examples" / "cards" / "yolox-nano.yaml"
+    name = load_card(card).name
+    assert cli.main(["--home", str(home), "build", "--card", str(card), "--target", "cpu",
+                     "--keep-current"]) == 0
+    template = card_template(home, name)
+    assert template == home.joinpath(*engines.CARD_TEMPLATES, name, "config.pbtxt")
+    assert "max_batch_size: 8" in template.read_text()
+    unbuilt = home / "other-card.yaml"
+    unbuilt.write_text("name: other\n")
+    result = _build(home, templates, tools, "--models", "efficientdet-d0", "--cards",
+                    f"{card},{unbuilt}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _built_models(_calls(tools)) == sorted(["efficientdet-d0", name])
+    assert f"LEFT OUT: no model built from the card {unbuilt}" in result.stdout
+    installed = home / "repository" / "gpu" / name / "config.pbtxt"
+    assert installed.read_text().startswith(template.read_text())
+    # Built again with the card unchanged, the ONNX is kept: its plan stays cached.
+    before = (home / "onnx" / f"{name}.onnx").stat().st_mtime_ns
+    assert cli.main(["--home", str(home), "build", "--card", str(card), "--target", "cpu",
+                     "--keep-current"]) == 0
+    assert (home / "onnx" / f"{name}.onnx").stat().st_mtime_ns == before
+    result = _build(home, templates, tools, "--models", "efficientdet-d0", "--cards", str(card))
+    assert result.returncode == 0 and f"{name}: cached" in result.stdout

@@ -65,6 +65,9 @@ PRECISION = "fp16"
 TRTEXEC_FALLBACKS = ("/usr/src/tensorrt/bin/trtexec", "/workspace/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 20
 TIMING_CACHE = "timing.cache"
+# tierdet.build.repository.card_template: a card's gpu template, under HOME (the
+# committed model_repository/gpu holds only the zoo's; a test keeps the two equal).
+CARD_TEMPLATES = ("templates", "gpu")
 
 
 class EngineError(RuntimeError):
@@ -260,6 +263,33 @@ def wait_for_models(home: Path, models: Sequence[str], wait_s: float,
         if not missing or time.monotonic() >= deadline:
             return missing
         log(f"waiting for {', '.join(missing)} in {home}")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def card_models(home: Path, cards: Sequence[Path], wait_s: float = 0.0,
+                poll_s: float = 5.0) -> tuple[list[str], list[Path]]:
+    """The models ``tierdet build --card`` made from these card files, found by the
+    card's sha256 in their build records (a card is YAML, which this file cannot
+    read without tierdet), waiting up to ``wait_s`` for the model builder; and the
+    cards no record names yet."""
+    try:
+        digests = {sha256_file(card): card for card in cards}
+    except OSError as exc:
+        raise EngineError(f"cannot read the card {exc.filename}: {exc.strerror}") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        found: dict[str, str] = {}
+        for record in sorted((home / "onnx").glob("*.json")):
+            try:
+                digest = json.loads(record.read_text()).get("card_sha256")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if digest in digests and record.with_suffix(".onnx").is_file():
+                found[digest] = record.stem
+        missing = [card for digest, card in digests.items() if digest not in found]
+        if not missing or time.monotonic() >= deadline:
+            return [found[d] for d in digests if d in found], missing
+        log(f"waiting for the models of {', '.join(map(str, missing))} in {home}")
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
@@ -461,11 +491,18 @@ def _build_plan(model: str, opts: BuildOptions, toolchain: Toolchain, cache: Pat
     return Outcome(model, "built", f"{plan} in {time.monotonic() - started:.0f} s")
 
 
+def template_for(opts: BuildOptions, model: str) -> Path:
+    """The zoo's committed template, else the one a card's build wrote under HOME."""
+    committed = opts.templates / model / "config.pbtxt"
+    return committed if committed.is_file() else opts.home.joinpath(
+        *CARD_TEMPLATES, model, "config.pbtxt")
+
+
 def _ensure_plan(model: str, opts: BuildOptions, toolchain: Toolchain,
                  cache: Path) -> tuple[Outcome, Path | None, dict[str, str]]:
     """Cached or freshly built plan for ``model``, with the provenance to install it with."""
     onnx = opts.home / "onnx" / f"{model}.onnx"
-    template = opts.templates / model / "config.pbtxt"
+    template = template_for(opts, model)
     if not (onnx.is_file() and onnx.with_suffix(".json").is_file()):
         return Outcome(model, "failed", f"no built ONNX at {onnx}"), None, {}
     if not template.is_file():
@@ -535,8 +572,7 @@ def build_repository(models: Sequence[str], toolchain: Toolchain, opts: BuildOpt
             with locked(model_lock(cache, model)):
                 outcome, plan, provenance = _ensure_plan(model, opts, toolchain, cache)
                 if plan is not None:  # linked or copied while no one can replace it
-                    _install(staging, model, plan, opts.templates / model / "config.pbtxt",
-                             provenance)
+                    _install(staging, model, plan, template_for(opts, model), provenance)
             report.outcomes.append(outcome)
         # Builders writing the same repository (compose's, in the volume) take turns.
         with locked(opts.repository.with_name(f".{opts.repository.name}.lock")):
@@ -569,6 +605,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     if requested and args.wait_s > 0:
         wait_for_models(home, requested, args.wait_s)
     models = requested or built_models(home)
+    cards = [Path(c) for c in _models_arg(args.cards)]
+    if cards:
+        found, unbuilt = card_models(home, cards, args.wait_s)
+        models = list(dict.fromkeys([*models, *found]))
+        for card in unbuilt:  # left out like a model that fails: the others serve
+            log(f"LEFT OUT: no model built from the card {card} (the model builder runs "
+                "`tierdet build --card` first)")
     if not models:
         raise EngineError(f"no built models in {home / 'onnx'}: run `tierdet build` first")
     toolchain, trtexec = _toolchain(args)
@@ -627,6 +670,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--nvidia-smi", default="nvidia-smi", help="nvidia-smi to ask for the GPU")
     b.add_argument("--repository", type=Path,
                    help="repository to write (default HOME/repository/gpu)")
+    b.add_argument("--cards", help="comma-separated model cards the model builder built "
+                                   "(`tierdet build --card`): their models too, each with "
+                                   "the gpu template its build wrote under HOME")
     b.add_argument("--templates", type=Path,
                    help="folder of gpu config.pbtxt templates (default: model_repository/gpu "
                         "found beside or above this file)")

@@ -17,6 +17,7 @@ provenance recorded as config parameters the gateway reads back.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -128,6 +129,23 @@ def install_model(repository: Path, spec: ModelSpec, target: Target, model_file:
     (model_dir / "config.pbtxt").write_text(
         render_config(spec, target, intra_op_threads, provenance, batching))
     return model_dir
+
+
+def card_template(home: Path, model: str) -> Path:
+    """Where a card's gpu config template lives: beside the models it was built
+    with (``HOME/templates/gpu``), since the committed ``model_repository/gpu``
+    holds only the zoo's. The engine builder looks here for models it lacks."""
+    return home / "templates" / "gpu" / model / "config.pbtxt"
+
+
+def install_template(home: Path, spec: ModelSpec) -> Path:
+    """Write a card's gpu template whole (engine builders may be reading it)."""
+    path = card_template(home, spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(render_config(spec, "gpu"))
+    tmp.replace(path)
+    return path
 
 
 def installed_models(repository: Path) -> list[str]:

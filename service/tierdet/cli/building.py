@@ -40,7 +40,8 @@ def card_argument(p: argparse.ArgumentParser, default_help: str = "") -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tierdet.build.models import assemble, build_card, build_model
+    from tierdet.build.models import assemble, build_card, build_model, ensure_cards
+    from tierdet.build.repository import install_template
     from tierdet.build.weights import WeightsSource
     from tierdet.registry.specs import get_spec
 
@@ -52,7 +53,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         kept, installed = _kept(args, name, source) if args.keep_current else (None, False)
         if not installed:
             built.append(kept or build_model(get_spec(name), source, args.home))
-    built += [build_card(card, args.home) for card in args.card or ()]
+    cards = args.card or []
+    # --keep-current keeps a card whose file and graph are unchanged: a new export
+    # would change the ONNX and so throw away its cached TensorRT plan.
+    card_models = (ensure_cards(cards, args.home) if args.keep_current
+                   else [build_card(card, args.home) for card in cards])
+    for model in card_models:  # for the engine builder (the zoo's are committed)
+        install_template(args.home, model.spec)
+    built += card_models
     if not built:
         return 0
     for model in built:
