@@ -1203,3 +1203,75 @@ def test_a_grace_period_shorter_than_the_shutdown_stops_the_install():
             chart().render(short, name=RELEASE, namespace=NAMESPACE)
         enough = {component: {"terminationGracePeriodSeconds": needed}}
         chart().render(enough, name=RELEASE, namespace=NAMESPACE)
+
+
+# --- model cards ----------------------------------------------------------------------------
+
+CARD = {"name": "yolox-nano", "file": "examples/cards/yolox-nano.yaml"}
+CARDS_VALUES = {"cards": {"models": [CARD], "volume": {
+    "persistentVolumeClaim": {"claimName": "tierdet-cards", "readOnly": True}}}}
+
+
+def _with_cards(variant: str) -> dict[str, dict[str, Any]]:
+    """The chart with a card, by component and container name (valid Kubernetes)."""
+    values = yaml.safe_load(yaml.safe_dump(overlay(variant) or {}))
+    values.update(copy.deepcopy(CARDS_VALUES))
+    # A tier may name a card's model like a zoo one (Helm merges this into the tiers).
+    values.setdefault("tiers", {})["accurate"] = {"budget_ms": 500, "models": ["yolox-nano"]}
+    out: dict[str, dict[str, Any]] = {}
+    for manifest in render(values):
+        if manifest["kind"] not in CRDS:
+            kubernetes_validate.validate(manifest, KUBE_VERSIONS[-1], strict=True)
+        if manifest["kind"] in ("Deployment", "Job"):
+            spec = manifest["spec"]["template"]["spec"]
+            for c in spec["containers"] + spec.get("initContainers", []):
+                out[c["name"]] = {**c, "volumes": {v["name"]: v for v in spec["volumes"]}}
+    return out
+
+
+def _reads_cards(c: dict[str, Any]) -> None:
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "cards"]
+    assert mount == {"name": "cards", "mountPath": "/cards", "readOnly": True}
+    assert c["workingDir"] == "/cards"  # the card paths are relative to the volume
+    assert c["volumes"]["cards"]["persistentVolumeClaim"]["claimName"] == "tierdet-cards"
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_cards_are_built_planned_loaded_and_served_from_one_volume(variant):
+    """The Job builds the card after the models, the gpu init container makes its plan
+    from the template the build wrote, a cpu Triton loads it by name, and the gateway
+    reads the card from the same read-only volume."""
+    c = _with_cards(variant)
+    builder = c["model-builder"]
+    assert builder["args"][3] == CARD["file"]  # WEIGHTS TARGET MODELS CARDS
+    _reads_cards(builder)
+    gateway = c["gateway"]
+    assert env_of(gateway)["TIERDET_CARDS"] == CARD["file"]
+    _reads_cards(gateway)
+    if variant == "gpu":
+        engines = c["engines"]
+        args = flags(engines["args"])
+        assert "yolox-nano" in args["models"][0].split(",") and args["cards"] == [CARD["file"]]
+        _reads_cards(engines)
+    else:
+        assert "--load-model=yolox-nano" in c["triton"]["args"]
+        waited = flags(c["wait-for-models"]["args"])["models"][0].split(",")
+        assert "yolox-nano" in waited
+
+
+def test_without_cards_nothing_mounts_a_cards_volume():
+    for variant in VARIANTS:
+        for m in manifests(variant):
+            assert "cards" not in json.dumps(m.get("spec", {})).replace("cards-", ""), (
+                m["kind"], m["metadata"]["name"])
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"volume": {}}, "cards.models needs cards.volume"),
+    ({"models": [{"name": "damoyolo-s", "file": "x.yaml"}]}, "is a zoo model's name"),
+])
+def test_cards_without_a_volume_or_with_a_zoo_name_are_refused(change, says):
+    values = copy.deepcopy(CARDS_VALUES)
+    values["cards"].update(change)
+    with pytest.raises(HelmError, match=says):
+        render(values)

@@ -52,12 +52,51 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{/* The model volume's mount point, TIERDET_HOME in every container. */}}
 {{- define "tierdet.home" -}}/var/lib/tierdet{{- end -}}
 
+{{/* Every model served, zoo and cards, comma-separated. */}}
+{{- define "tierdet.servedModels" -}}
+{{- $names := list -}}
+{{- range .Values.cards.models }}{{ $names = append $names .name }}{{ end -}}
+{{- join "," (concat .Values.models $names) -}}
+{{- end -}}
+
+{{/* The cards' files (paths inside cards.volume), comma-separated. */}}
+{{- define "tierdet.cardFiles" -}}
+{{- $files := list -}}
+{{- range .Values.cards.models }}{{ $files = append $files .file }}{{ end -}}
+{{- join "," $files -}}
+{{- end -}}
+
+{{/* The cards volume: read-only at /cards, the working folder of the containers
+     that read cards (their relative paths resolve there, as in compose). */}}
+{{- define "tierdet.cardsMount" -}}
+{{- if .Values.cards.models }}
+- name: cards
+  mountPath: /cards
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "tierdet.cardsVolume" -}}
+{{- if .Values.cards.models }}
+- name: cards
+  {{- toYaml .Values.cards.volume | nindent 2 }}
+{{- end }}
+{{- end -}}
+
 {{/*
 Checks across values that a JSON schema cannot express; a failed check stops
 the install with its message.
 */}}
 {{- define "tierdet.validate" -}}
-{{- $models := .Values.models -}}
+{{- $models := splitList "," (include "tierdet.servedModels" .) -}}
+{{- if and .Values.cards.models (empty .Values.cards.volume) -}}
+{{- fail "cards.models needs cards.volume: the volume holding the cards and the graphs they name" -}}
+{{- end -}}
+{{- range .Values.cards.models -}}
+{{- if has .name $.Values.models -}}
+{{- fail (printf "cards.models: %s is a zoo model's name (models)" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- range $tier, $spec := .Values.tiers -}}
 {{- range $spec.models -}}
 {{- if not (has . $models) -}}
@@ -114,7 +153,7 @@ the startup probe allows periodSeconds x failureThreshold for loading; plus
 {{- $t := .Values.triton -}}
 {{- $builds := 0 -}}
 {{- if eq .Values.target "gpu" -}}
-{{- $builds = mul (len .Values.models) $t.engines.timeoutSecondsPerModel -}}
+{{- $builds = mul (add (len .Values.models) (len .Values.cards.models)) $t.engines.timeoutSecondsPerModel -}}
 {{- end -}}
 {{- add $t.engines.waitForModelsSeconds $builds (mul $t.probes.startup.periodSeconds $t.probes.startup.failureThreshold) 600 -}}
 {{- end -}}
