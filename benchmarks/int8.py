@@ -11,13 +11,17 @@ Runtime CPU, 2 threads, one COCO photo, medians), and accuracy:
   ../shared/data/coco-val2017-128 (pycocotools);
 - with random weights (the zoo here): agreement of the int8 detections with
   fp32's on the COCO photographs: the share of fp32 boxes scoring >= 0.3 that
-  int8 finds with the same class at IoU >= 0.8.
+  int8 finds with the same class at IoU >= 0.8;
+- tierdet's trained checkpoints (``--trained``, real trained weights of the
+  zoo's architectures on the synthetic shapes set): AP of both on the val
+  split the checkpoint records, regenerated from its seed; these calibrate on
+  images of the train split instead of the photographs.
 
 A variant would enter the registry only where it is >= 1.3x faster at batch 1
 and loses <= 1.0 AP (or agrees on >= 95% of boxes where no real weights exist).
 
     python benchmarks/int8.py --models damoyolo-t,damoyolo-s,damoyolo-m \\
-        --card examples/cards/yolox-nano.yaml
+        --card examples/cards/yolox-nano.yaml --trained
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def calibration_images() -> list[np.ndarray]:
     return photos + [p[:, ::-1].copy() for p in photos]
 
 
-def quantize(model: BuiltModel, out: Path) -> Path:
+def quantize(model: BuiltModel, out: Path, images: list[np.ndarray] | None = None) -> Path:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -62,7 +66,7 @@ def quantize(model: BuiltModel, out: Path) -> Path:
         def __init__(self) -> None:
             self.batches = iter([{"images": imaging.prepare(p, spec.input_size,
                                                             spec.preprocessing)[0][None]}
-                                 for p in calibration_images()])
+                                 for p in images or calibration_images()])
 
         def get_next(self):
             return next(self.batches, None)
@@ -115,30 +119,60 @@ def agreement(fp32: ort.InferenceSession, int8: ort.InferenceSession, model: Bui
     return (found / total if total else float("nan")), total
 
 
+def shapes_data(checkpoint: Path, root: Path) -> tuple[Path, list[np.ndarray]]:
+    """The val split a trained checkpoint records, regenerated from its seed, and 16
+    images of its train split for calibration (never the evaluation images)."""
+    import json
+
+    from tierdet.training.datasets.synthetic import SynthConfig, generate
+
+    manifest = json.loads(checkpoint.with_suffix(".json").read_text())["dataset"]["manifest"]
+    config = SynthConfig(**manifest["config"])
+    data = generate(root, {"val": manifest["splits"]["val"], "train": 16}, config,
+                    manifest["seed"])
+    images = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+              for f in sorted((data / "train").glob("*.jpg"))]
+    return data, images
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="damoyolo-t,damoyolo-s,damoyolo-m")
     p.add_argument("--card", type=Path, action="append", default=[])
     p.add_argument("--home", type=Path, default=default_home())
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--trained", action="store_true",
+                   help="also tierdet's trained checkpoints (weights/), on their shapes set")
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     built = ensure_built(names, WeightsSource.parse("random:0"), args.home, progress=False)
     real = ensure_cards(args.card, args.home)
+    trained: dict[str, tuple[Path, list[np.ndarray]]] = {}
+    if args.trained:
+        from tierdet.registry.trained import CHECKPOINTS
+        from tierdet.training.stack_eval import build_checkpoints
+
+        root = Path(__file__).resolve().parents[1]
+        work = Path(tempfile.mkdtemp(prefix="tierdet-int8-"))
+        for name, path in CHECKPOINTS.items():
+            (model,) = build_checkpoints({name: root / path}, args.home)
+            built.append(model)
+            trained[name] = shapes_data(root / path, work / name)
     photo = cv2.cvtColor(cv2.imread(str(COCO / "images" / "000000160012.jpg")),
                          cv2.COLOR_BGR2RGB)
     print(f"ONNX Runtime {ort.__version__}, 2 threads, batch 1, median of {args.runs}")
     print(f"{'model':<16}{'fp32 ms':>9}{'int8 ms':>9}{'speed-up':>10}  accuracy")
     with tempfile.TemporaryDirectory() as tmp:
         for model in [*built, *real]:
-            q = quantize(model, Path(tmp) / f"{model.spec.name}.int8.onnx")
+            data, images = trained.get(model.spec.name, (COCO, None))
+            q = quantize(model, Path(tmp) / f"{model.spec.name}.int8.onnx", images)
             fp32, int8 = session(model.onnx), session(q)
             tensor, _ = imaging.prepare(photo, model.spec.input_size, model.spec.preprocessing)
             feed = {"images": tensor[None]}
             a, b = median_ms(fp32, feed, args.runs), median_ms(int8, feed, args.runs)
-            if model in real:
-                ap32, = run_evaluation(COCO, onnx=model.onnx)
-                ap8, = run_evaluation(COCO, onnx=q)
+            if model in real or model.spec.name in trained:
+                ap32, = run_evaluation(data, onnx=model.onnx)
+                ap8, = run_evaluation(data, onnx=q)
                 accuracy = f"AP {ap32.ap:.3f} -> {ap8.ap:.3f} ({100 * (ap8.ap - ap32.ap):+.1f})"
             else:
                 share, boxes = agreement(fp32, int8, model)
