@@ -387,15 +387,24 @@ def routing_rows(args, models, profile, gateway) -> None:
 
     for mult in (float(x) for x in args.rates.split(",")):
         rate = mult * capacity
-        rows = []
+        rows, runs = [], []
         for name, make in (("routed", routed), (f"static {fastest}", static(fastest)),
                            (f"static {best_static}", static(best_static))):
             outcomes, wall = asyncio.run(open_loop(gateway.http, image, rate, args.requests,
                                                    args.max_seconds, make, seed=int(mult * 100)))
             rows.append(summarize(name, outcomes, wall, ap))
+            runs.append(outcomes)
             time.sleep(2.0)  # let queues drain between runs
         print(f"\n== {mult:.1f}x capacity = {rate:.1f} req/s ==")
         print_rows(rows)
+        # The same seed replays the same arrivals and budgets: request by request,
+        # which of those the router shed the fastest model (shedding off) answered
+        # in their budget.
+        pairs = list(zip(runs[0], runs[1], strict=False))
+        shed = [plain for routed_, plain in pairs if routed_.status == 503]
+        made = sum(1 for o in shed if o.status == 200 and o.latency_ms <= o.budget_ms)
+        print(f"  of the {len(shed)} requests routing shed, static {fastest} (the same "
+              f"arrivals, shedding off) answered {made} in budget")
         best = max(r["eff_ap"] for r in rows[1:])
         print(f"  effective AP routed / best static: {rows[0]['eff_ap'] / best:.2f}x"
               if best > 0 else "  best static effective AP is 0")
