@@ -114,11 +114,14 @@ def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
         time.sleep(0.7)  # the gateway reads the queue again (every 0.25 s when idle)
         before, sent = _served(idle), 0
         # Only while the queue is there is the claim true: a loaded machine may
-        # drain it sooner (one CI run served a third request after it had).
-        while sent < 3 and _pending(busy) >= 8:
+        # drain it sooner (one CI run served a third request after it had). Of up
+        # to six, one may still go to the busy one: on a loaded CI host a queue
+        # poll can time out and the router then drops the stale report (seen once).
+        # Without the queue view the two would take turns: half each.
+        while sent < 6 and _pending(busy) >= 8:
             assert _detect(pooled).status_code == 200
             sent += 1
-        assert sent >= 2 and _served(idle) - before == sent
+        assert sent >= 4 and _served(idle) - before >= sent - 1
     finally:
         flood.result(timeout=120)
 
