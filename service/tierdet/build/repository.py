@@ -17,12 +17,12 @@ provenance recorded as config parameters the gateway reads back.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+from tierdet.build.engines import write_atomic
 from tierdet.registry.specs import SPECS, Batching, ModelSpec
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
 
@@ -142,9 +142,7 @@ def install_template(home: Path, spec: ModelSpec) -> Path:
     """Write a card's gpu template whole (engine builders may be reading it)."""
     path = card_template(home, spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(render_config(spec, "gpu"))
-    tmp.replace(path)
+    write_atomic(path, render_config(spec, "gpu"))
     return path
 
 
