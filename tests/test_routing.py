@@ -377,6 +377,21 @@ def test_other_clients_work_since_the_report_is_counted_at_their_rate():
     assert r.latency.backlog_ms("a") == pytest.approx(3000.0 * (time.monotonic() - t1), rel=0.1)
 
 
+def test_our_requests_that_triton_counts_late_are_no_one_elses_load():
+    """Ours are counted when sent, Triton's when it takes them: while two of ours
+    are on the way, arrivals less ours dips by two, then recovers. No other
+    client sent anything, so no rate of others' work may come of it."""
+    r = router()
+    t0 = time.monotonic() - 0.3
+    r.latency.observe_queues({"a": (t0, QueueReport({}, {"mid": 0}))})
+    tickets = [r.latency.admit("mid", "a") for _ in range(2)]
+    r.latency.observe_queues({"a": (t0 + 0.1, QueueReport({}, {"mid": 0}))})  # not there yet
+    for ticket in tickets:
+        r.latency.finish(ticket, observed_ms=50.0)
+    r.latency.observe_queues({"a": (t0 + 0.2, QueueReport({}, {"mid": 2}))})  # now counted
+    assert r.latency.others_rate["a"] == 0.0
+
+
 # -- calibrated admission ------------------------------------------------------
 
 

@@ -187,8 +187,8 @@ class LatencyModel:
     # endpoint -> device ms of work other clients send there per second (EWMA)
     others_rate: dict[str, float] = field(default_factory=dict)
     sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, model) -> ours
-    # endpoint -> (asked, Triton's arrived counts, our sent counts) at the last report
-    _last: dict[str, tuple[float, dict[str, int], dict[str, int]]] = field(default_factory=dict)
+    # endpoint -> (asked, the high of Triton's arrivals less ours, per model) at the last report
+    _last: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _load(self, model: str) -> _ModelLoad:
@@ -276,19 +276,26 @@ class LatencyModel:
 
     def observe_queues(self, queues: Mapping[str, tuple[float, QueueReport]]) -> None:
         """What each endpoint's Triton reported (``EndpointPool.queues``): its queue,
-        and from its arrival count less ours, the rate of other clients' work."""
+        and from its arrival count less ours, the rate of other clients' work.
+
+        Triton may count a request of ours later than we do (ours is counted
+        when sent), so arrivals less ours dips while ours are in flight and
+        recovers when they land: only a new high of it is other clients' work,
+        or every dip and recovery would show as phantom load on that endpoint."""
         with self._lock:
             for url, (asked, report) in queues.items():
                 ours = {m: n for (e, m), n in self.sent.items() if e == url}
+                others = {m: n - ours.get(m, 0) for m, n in report.arrived.items()}
                 last = self._last.get(url)
                 if last is not None and asked > last[0]:
-                    work = sum(self.cost_ms(m) * max(0, (n - last[1].get(m, 0))
-                                                     - (ours.get(m, 0) - last[2].get(m, 0)))
-                               for m, n in report.arrived.items())
+                    high = {m: max(n, last[1].get(m, n)) for m, n in others.items()}
+                    work = sum(self.cost_ms(m) * (n - last[1].get(m, n))
+                               for m, n in high.items())
                     rate = work / (asked - last[0])
                     prev = self.others_rate.get(url)
                     self.others_rate[url] = rate if prev is None else prev + 0.3 * (rate - prev)
-                self._last[url] = (asked, dict(report.arrived), ours)
+                    others = high
+                self._last[url] = (asked, others)
             self.queues = {url: (asked, dict(report.pending))
                            for url, (asked, report) in queues.items()}
 
