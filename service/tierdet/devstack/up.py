@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tierdet.build.models import ensure_built, ensure_cards
