@@ -1,6 +1,6 @@
 """The model registry: the one place where facts about a model are written.
 
-Exports, Triton configs, the router's accuracy table, the README table and
+Exports, Triton configs, the router's accuracy table, the docs' zoo table and
 metric labels are all derived from these specs. Importing this module must
 stay cheap (no torch, no onnxruntime): the gateway reads it at start-up.
 
