@@ -177,8 +177,8 @@ def test_grpc_client_agrees_with_http_and_retries(busy_gateway, astronaut):
         assert _pairs(via_grpc) == _pairs(via_http) and via_grpc.routing.tier == SLACK
         assert g.detect(astronaut, model=TEST_MODEL).routing.tier is None  # pinned: no tier
         assert any(m.name == TEST_MODEL and m.ready for m in g.models())
-        with pytest.raises(TierdetError) as info:
-            g.detect(b"junk")
+        with pytest.raises(TierdetError) as info:  # in a tier no host misses: about the image
+            g.detect(b"junk", tier=SLACK)
         assert (info.value.code, info.value.grpc_code) == (
             "unsupported_media_type", "INVALID_ARGUMENT")
         with pytest.raises(TierdetError) as info:
