@@ -7,5 +7,7 @@ the tables of the README and the docs site (``docs``) and the generated protobuf
 code (``proto``).
 
 May import: ``tierdet.registry``, ``tierdet.contract``, ``tierdet.build.repository``
-(the configs are rendered there) and grpcio-tools for the protobuf code.
+(the configs are rendered there), ``tierdet.serving.settings`` (the settings
+table is rendered from the settings model), PyYAML, and grpcio-tools for the
+protobuf code.
 """
