@@ -73,8 +73,10 @@ def _allowed(name: str, own: set[str], third_party: set[str]) -> bool:
     if parts[0] != "tierdet":
         return parts[0] in third_party or parts[0] in STDLIB
     inside = ".".join(parts[1:])
-    return not inside or inside == "__version__" or any(inside == rule or inside.startswith(rule + ".")
-                             or rule.startswith(inside + ".") for rule in own)
+    if not inside or inside == "__version__":
+        return True
+    return any(inside == rule or inside.startswith(rule + ".") or rule.startswith(inside + ".")
+               for rule in own)
 
 
 def test_every_package_has_a_rule():
