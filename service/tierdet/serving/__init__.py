@@ -15,4 +15,25 @@ May import: ``tierdet.contract``, ``tierdet.registry``, numpy, OpenCV,
 simplejpeg, tritonclient, httpx (Triton's metrics page), prometheus-client,
 opentelemetry (``tracing``).
 Never fastapi, starlette or grpc: the front ends own the transports.
+
+Importing this package sets OpenCV's own pixel limit, the backstop behind the
+header checks in ``decoding``: OpenCV reads it once, when ``cv2`` is loaded,
+and every module that imports cv2 in the gateway is in this package, so this
+runs first.
 """
+
+import os
+
+from tierdet.serving.settings import ENV_PREFIX, Settings
+
+OPENCV_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def _pixel_limit() -> str:
+    """``TIERDET_MAX_IMAGE_PIXELS``, or its default where unset (a value that is
+    not a number stops the gateway when its settings are read)."""
+    raw = os.environ.get(ENV_PREFIX + "MAX_IMAGE_PIXELS", "").strip()
+    return raw if raw.isdigit() else str(Settings.model_fields["max_image_pixels"].default)
+
+
+os.environ[OPENCV_LIMIT] = _pixel_limit()
