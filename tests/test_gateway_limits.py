@@ -5,7 +5,9 @@ refused upload's 413 delivered to a client that is still sending."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +126,39 @@ def test_a_request_that_cannot_get_a_slot_in_its_budget_is_refused_overloaded(ga
         assert all(f.result().status_code == 200 for f in held)
     # Refused while the slots were still held: it did not wait its turn.
     assert still_working >= 2
+
+
+# -- answers that arrive -----------------------------------------------------
+
+def _upload_then_read(gw: GatewayProcess, declared: int, path: str = "/v1/detect") -> bytes:
+    """Headers declaring ``declared`` bytes, then all of them, as a client that
+    writes its whole body before it reads (httpx does); then the answer."""
+    host, port = gw.http.removeprefix("http://").split(":")
+    chunk = b"\0" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {KEYS['light']}\r\n"
+                     f"Content-Type: image/jpeg\r\nContent-Length: {declared}\r\n\r\n".encode())
+        for sent in range(0, declared, len(chunk)):
+            sock.sendall(chunk[:declared - sent])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+    return answer
+
+
+def test_an_oversize_upload_gets_its_413_while_the_client_is_still_sending(gateway):
+    """Finding 8: the 413 was answered at once and the connection closed while
+    the client sent on; its unread bytes made the kernel reset the connection,
+    and the client got a transport error instead of the answer."""
+    declared = 60 * 1024 * 1024  # over the limit (a 20 MB image, base64) by 32 MB
+    assert declared > Settings().max_body_bytes(1)
+    for _ in range(3):  # every time, not by luck
+        answer = _upload_then_read(gateway, declared)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert json.loads(body)["error"]["code"] == "image_too_large"
+    assert httpx.get(gateway.http + "/healthz", timeout=10).status_code == 200

@@ -31,7 +31,7 @@ from tierdet.frontends.http_requests import (
     parse_detect_request,
     request_body_doc,
 )
-from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, RequestContext
+from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, DrainBody, RequestContext
 from tierdet.serving import decoding, render
 from tierdet.serving.security import bearer
 from tierdet.serving.settings import Settings
@@ -119,7 +119,8 @@ def create_app(detector: Detector) -> FastAPI:
                        units_for=request_units(settings),
                        refused=lambda: detector.metrics.observe_failure(
                            "http", None, "none", "shed"))
-    app.add_middleware(RequestContext, log=detector.access)  # outermost: ids on every answer
+    app.add_middleware(RequestContext, log=detector.access)  # ids on every answer
+    app.add_middleware(DrainBody)  # outermost: every answer arrives, refusals too
 
     def _admit(request: Request) -> Caller:
         """API key check and rate limit, before any body is read."""
