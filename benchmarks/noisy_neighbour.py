@@ -15,7 +15,9 @@ tritonserver, a gateway with two API keys), then:
 
 Prints the share of the quiet key's requests answered 200 within 500 ms as
 this client saw it, their statuses, p50/p99, the noisy key's throughput and
-the gateway's peak RSS against ``serving/memory.py``'s bound. Example:
+the gateway's peak RSS against ``serving/memory.py``'s bound. On a host
+where even an idle gateway cannot answer in 500 ms (a CPU Triton), give the
+quiet key a budget it can meet alone with ``--budget-ms``. Example:
 
     python benchmarks/noisy_neighbour.py --requests 500
 """
@@ -46,7 +48,6 @@ from load import photo_jpeg
 
 KEYS = {"noisy": "noisy-0b7e4c2a9d", "quiet": "quiet-6f1a3d8e5c"}
 CONNECTIONS = 4
-BUDGET_MS = 500.0
 
 
 def heaviest_png(width: int = 7680, height: int = 5200) -> bytes:
@@ -80,22 +81,26 @@ async def inflight_at_least(client: httpx.AsyncClient, count: int, timeout_s: fl
     raise TimeoutError(f"the noisy key's {count} requests did not all reach the gateway")
 
 
-async def quiet(base: str, image: bytes, requests: int) -> list[tuple[int, str | None, float]]:
+async def quiet(base: str, image: bytes, requests: int, budget_ms: float
+                ) -> list[tuple[int, str | None, float]]:
     """(status, error code, latency ms) of each of the quiet key's requests."""
     out = []
     async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers("quiet")) as c:
         for _ in range(requests):
             start = time.perf_counter()
             r = await c.post("/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
-                             data={"sla_ms": str(BUDGET_MS)})
+                             data={"sla_ms": str(budget_ms)})
             ms = (time.perf_counter() - start) * 1e3
             out.append((r.status_code, None if r.status_code == 200
                         else r.json()["error"]["code"], ms))
     return out
 
 
-async def run(base: str, heavy: bytes, photo: bytes, model: str, requests: int
-              ) -> tuple[list[tuple[int, str | None, float]], collections.Counter[int], float]:
+Answer = tuple[int, str | None, float]  # status, error code, latency (ms)
+
+
+async def run(base: str, heavy: bytes, photo: bytes, model: str, requests: int,
+              budget_ms: float) -> tuple[list[Answer], collections.Counter[int], float]:
     stop = asyncio.Event()
     counts: collections.Counter[int] = collections.Counter()
     tasks = [asyncio.create_task(noisy(base, heavy, model, stop, counts))
@@ -103,7 +108,7 @@ async def run(base: str, heavy: bytes, photo: bytes, model: str, requests: int
     async with httpx.AsyncClient(base_url=base, timeout=10) as probe:
         await inflight_at_least(probe, CONNECTIONS, 120.0)
     start = time.perf_counter()
-    answers = await quiet(base, photo, requests)
+    answers = await quiet(base, photo, requests, budget_ms)
     wall = time.perf_counter() - start
     stop.set()
     await asyncio.gather(*tasks)
@@ -120,6 +125,7 @@ def main() -> int:
     p.add_argument("--model", default="efficientdet-d0")
     p.add_argument("--weights", default="random:0")
     p.add_argument("--requests", type=int, default=200, help="the quiet key's requests")
+    p.add_argument("--budget-ms", type=float, default=500.0, help="the quiet key's sla_ms")
     p.add_argument("--image-slots", default="0", help="TIERDET_IMAGE_SLOTS (0: by cores)")
     p.add_argument("--home", type=Path, default=default_home())
     args = p.parse_args()
@@ -135,18 +141,18 @@ def main() -> int:
     gateway = GatewayProcess.start(triton.endpoint, work / "gateway.log", **settings)
     try:
         answers, counts, wall = asyncio.run(run(gateway.http, heavy, photo, args.model,
-                                                args.requests))
+                                                args.requests, args.budget_ms))
         peak = peak_rss(gateway.process.pid)
     finally:
         gateway.stop()
         triton.stop()
-    in_budget = sum(s == 200 and ms <= BUDGET_MS for s, _, ms in answers)
+    in_budget = sum(s == 200 and ms <= args.budget_ms for s, _, ms in answers)
     latencies = [ms for _, _, ms in answers]
     outcomes = collections.Counter(code or "ok" for _, code, _ in answers)
     bound = memory.bound(Settings.from_env({f"TIERDET_{k.upper()}": v
                                             for k, v in settings.items()}))
     print("== noisy neighbour ==")
-    print(f"  quiet key: {len(answers)} requests, budget {BUDGET_MS:.0f} ms: "
+    print(f"  quiet key: {len(answers)} requests, budget {args.budget_ms:.0f} ms: "
           f"{in_budget / len(answers):.1%} answered 200 in budget (target >= 99%); "
           f"outcomes {dict(outcomes)}; p50 {np.percentile(latencies, 50):.0f} ms, "
           f"p99 {np.percentile(latencies, 99):.0f} ms")
