@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from conftest import TEST_MODEL, encode, photos
 from test_decode_memory import junk_jpeg, tiff_declaring
 from test_memory import large_png
 from tierdet.devstack.stack import GatewayProcess
+from tierdet.proto import detection_pb2 as pb
+from tierdet.proto import detection_pb2_grpc as pb_grpc
 from tierdet.serving import memory
 from tierdet.serving.security import hash_key
 from tierdet.serving.settings import Settings
@@ -162,3 +165,45 @@ def test_an_oversize_upload_gets_its_413_while_the_client_is_still_sending(gatew
         assert head.startswith(b"HTTP/1.1 413"), answer[:200]
         assert json.loads(body)["error"]["code"] == "image_too_large"
     assert httpx.get(gateway.http + "/healthz", timeout=10).status_code == 200
+
+
+# -- stream memory -----------------------------------------------------------
+
+def _metric(gw: GatewayProcess, name: str) -> float:
+    text = httpx.get(gw.http + "/metrics", timeout=10).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_a_streams_memory_is_released_when_it_ends(gateway):
+    """Finding 7: three streams of 19 MiB frames left the gateway 1 GB resident
+    after they ended (freed, kept by the allocator in gRPC's threads' arenas)."""
+    frame = b"\xff\xd8\xff" + bytes(19 * 1024 * 1024)  # refused as unreadable, at once
+    pid = gateway.process.pid
+    before = _status(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def stream(_: int) -> list:
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        with grpc.insecure_channel(gateway.grpc, options=options) as channel:
+            stub = pb_grpc.DetectorStub(channel)
+            frames = (pb.DetectFrame(frame_id=i, request=pb.DetectRequest(image=frame))
+                      for i in range(12))
+            return list(stub.DetectStream(frames, timeout=120, metadata=[
+                ("authorization", f"Bearer {KEYS['light']}")]))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        replies = [r for rs in pool.map(stream, range(3)) for r in rs]
+    assert len(replies) == 36 and all(r.error.code == "unreadable_image" for r in replies)
+    grew = _status(pid, "VmHWM") - before
+    assert grew > 200 * memory.MIB  # the frames were held: the test is not vacuous
+    while _metric(gateway, "tierdet_streams_open") > 0:  # every stream has ended
+        pass
+    # The release runs once each stream ends, in a worker thread: wait for it
+    # (each look a round trip to the gateway), at most a few hundred looks.
+    for _ in range(300):
+        if _status(pid, "VmRSS") - before < 64 * memory.MIB:
+            break
+        _metric(gateway, "tierdet_streams_open")
+    kept = _status(pid, "VmRSS") - before
+    print(f"streams: peak +{grew / memory.MIB:.0f} MiB, kept +{kept / memory.MIB:.0f} MiB")
+    assert kept < 64 * memory.MIB

@@ -29,8 +29,12 @@ at most ``spool_bytes``.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import gc
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,3 +115,31 @@ def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
 def spool_bytes(settings: Settings) -> int:
     """The most multipart uploads take in /tmp at once."""
     return settings.max_concurrency * settings.max_image_bytes
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):  # another C library: it has its own policy
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed() -> None:
+    """Hand the memory the C allocator keeps after frees back to the kernel.
+
+    glibc keeps freed memory in the arena (one per thread) that allocated it
+    and returns only what ends its heap; large gRPC messages are read in
+    gRPC's threads, in many pieces. Three DetectStreams of 19 MiB frames left
+    the gateway 1 GB resident after they ended, 180 MB once trimmed."""
+    if _TRIM is not None:
+        gc.collect()  # what cycles hold (a failed frame's traceback holds its frame)
+        _TRIM(0)
+
+
+def release_freed_soon() -> None:
+    """``release_freed`` in a worker thread (it walks every arena: not on the
+    event loop), from code that may not await (an ending async generator)."""
+    asyncio.get_running_loop().run_in_executor(None, release_freed)
