@@ -1,8 +1,10 @@
 """The gateway's core: everything between a validated request and its answer.
 
 ``usecase.Detector`` is the one entry: it admits a caller (API key, rate
-limit), authorizes the request, sheds what cannot finish in time, decodes
-(``decoding``), routes (``routing``), prepares the tensor (``imaging``),
+limit), authorizes the request, sheds what cannot finish in time, takes an image
+slot (``slots``: shared between keys, the wait bounded by the budget),
+decodes (``decoding``; ``headers`` reads each format's size, depth and
+decoder buffers first), routes (``routing``), prepares the tensor (``imaging``),
 calls the backend (``backend``; ``triton`` is the real one, ``shm`` its
 shared-memory regions; ``pool`` the Triton endpoints and their queues) and
 maps the rows back (``postprocess``). ``catalog``
