@@ -158,7 +158,7 @@ def create_app(detector: Detector) -> FastAPI:
         result = await detector.detect(caller, data, options)
         if render_image:
             fmt = render.negotiate(request.headers.get("accept"))
-            async with detector.image_slot():  # the image is decoded again, in full
+            async with detector.image_slot(caller):  # the image is decoded again, in full
                 body = await asyncio.to_thread(_rendered, data, result, settings, fmt)
             return Response(body, media_type=render.MEDIA_TYPES[fmt], headers={
                 "Vary": "Accept", "X-Tierdet-Model": result.model,

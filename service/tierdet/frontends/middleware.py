@@ -185,19 +185,23 @@ class DrainBody:
                 "more_body", False)
             return message
 
+        unfinished = False  # the answer is out, the response not ended
+
         async def answer(message: Message) -> None:
+            nonlocal unfinished
             last = message["type"] == "http.response.body" and not message.get("more_body")
             if not last or read_all or expects:
                 await send(message)
                 return
             # The whole answer goes out now (its Content-Length tells the client
-            # it is complete); the response ends, and the connection closes,
-            # once the body is read.
+            # it is complete); the response ends once the body is read.
             await send({**message, "more_body": True})
-            await self._drain(tracked)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            unfinished = True
 
         await self.app(scope, tracked, answer)
+        if unfinished:  # read once the app is done: it holds no concurrency unit meanwhile
+            await self._drain(tracked)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _drain(self, receive: Receive) -> None:
         deadline, seen = time.monotonic() + self.max_s, 0
