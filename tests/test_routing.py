@@ -485,3 +485,15 @@ def test_a_learned_factor_decides_what_fits():
         r.calibration.quantile = 0.95
         r.calibration.observe(100.0, 130.0, 150.0)
     assert not r.fits(100.0, 120.0) and r.fits(100.0, 140.0)
+
+
+def test_a_request_may_wait_for_an_image_slot_while_its_fastest_model_still_fits():
+    r = router()
+    wait = r.slot_wait_ms(RouteRequest(sla_ms=100), 3.0, READY)
+    assert wait is not None and wait > 0
+    assert r.decide(RouteRequest(sla_ms=100), 3.0 + wait - 0.01, READY).model == "fast"
+    with pytest.raises(ApiError) as late:
+        r.decide(RouteRequest(sla_ms=100), 3.0 + wait + 0.5, READY)
+    assert late.value.code is ErrorCode.SLA_UNATTAINABLE
+    assert r.slot_wait_ms(RouteRequest(sla_ms=10), 3.0, READY) < 0  # no room at all
+    assert r.slot_wait_ms(RouteRequest(), 3.0, READY) is None  # the default tier degrades

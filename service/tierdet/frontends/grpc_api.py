@@ -23,7 +23,7 @@ from tierdet.frontends.errors import grpc_abort, invalid_option
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
-from tierdet.serving import access, tracing
+from tierdet.serving import access, memory, tracing
 from tierdet.serving.metrics import ADDS_UP
 from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
@@ -123,6 +123,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                     yield result
             finally:
                 self.streams_open.dec()
+                memory.release_freed_soon()  # the stream's frames, freed in gRPC's threads
 
     async def _frame(self, frame: pb.DetectFrame, caller: Caller) -> FrameResult:
         """One frame's answer; its failure is reported in it, never raised.

@@ -651,6 +651,19 @@ class Router:
             raise self._shed(budget, fastest, predicted[fastest])
         return [m for m in candidates if m == fastest or self.fits(predicted[m], budget)]
 
+    def slot_wait_ms(self, req: RouteRequest, elapsed_ms: float,
+                     ready: Placement | Iterable[str]) -> float | None:
+        """How much longer the request may wait (for an image slot) before not
+        even the fastest of ``ready`` could answer within its budget; None where
+        a late answer is degraded rather than refused (waits like any other)."""
+        tier = self.tier_for(req)
+        if self._degradable(req, tier):
+            return None
+        ready = placement(ready)
+        predicted, _ = self._predict(self._candidates(req, tier, ready), elapsed_ms, ready)
+        latest = (self._budget(req, tier) - self.margin_ms) / self.calibration.factor
+        return latest - min(predicted.values())
+
     def decide(self, req: RouteRequest, elapsed_ms: float,
                ready: Placement | Iterable[str]) -> Decision:
         """The model and the endpoint for this request (or an ApiError: shed)."""
