@@ -411,3 +411,33 @@ def test_a_learned_factor_decides_what_fits():
         r.calibration.quantile = 0.95
         r.calibration.observe(100.0, 130.0, 150.0)
     assert not r.fits(100.0, 120.0) and r.fits(100.0, 140.0)
+
+
+# The shipped ladder on an idle 2-core CPU, end to end through the gateway (ms at
+# batch 1): yolox-nano-416's measured 35.5 ms (docs: DESIGN.md), the others by the
+# relative times of ../shared/models/README.md (1.0 / 1.6 / 2.3 / 3.6).
+IDLE_LADDER_MS = {"yolox-nano-320": 22.0, "yolox-nano-416": 35.5, "picodet-s-320": 51.0,
+                  "picodet-s-416": 80.0}
+
+
+def test_the_default_tiers_give_the_shipped_ladder_three_models_on_an_idle_cpu():
+    """With the tiers `tierdet up` serves the ladder with, a tight, a medium and a
+    loose tier each get a different model, more accurate as the budget loosens,
+    ranked by the AP the cards record."""
+    from conftest import REPO
+    from tierdet.registry.cards import register, shipped_cards, shipped_tiers
+
+    cards = shipped_cards()
+    assert {c.name for c in cards} == {"yolox-nano.yaml", "picodet-s.yaml"}
+    assert all(c.parent == REPO / "examples" / "cards" for c in cards)
+    ap = {c.name: c.measured_ap.ap for card in cards for c in register(card)}
+    assert set(ap) == set(IDLE_LADDER_MS)
+    latency = LatencyModel(LatencyProfile(
+        {n: ModelProfile({1: ms}) for n, ms in IDLE_LADDER_MS.items()}))
+    tiers = TierConfig.load(shipped_tiers(), "balanced")
+    assert [(t.name, t.budget_ms) for t in tiers.tiers.values()] == [
+        ("realtime", 50.0), ("balanced", 100.0), ("accurate", 3000.0)]
+    r = Router(ap, tiers, latency, default_budget_ms=10_000)
+    got = [r.decide(RouteRequest(tier=t), 3.0, list(ap)).model
+           for t in ("realtime", "balanced", "accurate")]
+    assert got == ["yolox-nano-320", "picodet-s-320", "picodet-s-416"]

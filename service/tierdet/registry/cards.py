@@ -194,12 +194,11 @@ def sizes_of(card: ModelCard) -> tuple[int, ...]:
 
 
 def expand(card: ModelCard) -> tuple[ModelCard, ...]:
-    """A card of several sizes -> one card per size (``<name>-<size>``, one file, one
-    digest, one measured AP); a card of one size -> itself."""
-    if not isinstance(card.input.size, tuple):
-        return (card,)
+    """A card -> one card per input size, each with one file, one digest and one
+    measured AP; named ``<name>-<size>`` where the card lists its sizes."""
+    listed = isinstance(card.input.size, tuple)
     out = []
-    for size in card.input.size:
+    for size in sizes_of(card):
         source = card.source
         if isinstance(source, OnnxSource):
             source = source.model_copy(update={k: _at(v, size) for k, v in (
@@ -208,7 +207,8 @@ def expand(card: ModelCard) -> tuple[ModelCard, ...]:
         if measured is not None:
             measured = measured.model_copy(update={"ap": _at(measured.ap, size)})
         out.append(card.model_copy(update={
-            "name": f"{card.name}-{size}", "source": source, "measured_ap": measured,
+            "name": f"{card.name}-{size}" if listed else card.name, "source": source,
+            "measured_ap": measured,
             "input": card.input.model_copy(update={"size": size})}))
     return tuple(out)
 
@@ -298,3 +298,12 @@ SHIPPED = Path(__file__).resolve().parents[3] / "examples" / "cards"
 def shipped_cards() -> list[Path]:
     """The shipped cards whose files are here (a checkout; an installed package has none)."""
     return sorted(SHIPPED.glob("*.yaml")) if SHIPPED.is_dir() else []
+
+
+# The tiers set for the shipped cards' models (TIERDET_TIERS_FILE's format).
+SHIPPED_TIERS = SHIPPED.parent / "tiers" / "ladder.yaml"
+
+
+def shipped_tiers() -> Path | None:
+    """The shipped ladder's tiers file, if this is a checkout."""
+    return SHIPPED_TIERS if SHIPPED_TIERS.is_file() else None
