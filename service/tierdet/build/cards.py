@@ -6,7 +6,7 @@ exports itself (torch, opset 18):
     uint8 RGB NHWC [B, S, S, 3]  (what the gateway sends every model)
       -> input: the card's dtype, layout, channel order, mean/std
       -> the card's graph
-      -> decode of the card's output format (yolox grid, boxes + scores, end2end)
+      -> decode of the card's output format (yolox grid, GFL/DFL head, boxes + scores, end2end)
       -> the zoo's detection head: top-k, class-aware NMS, top-K
       -> [B, K, 6] x1 y1 x2 y2 score class  (the one contract of the serving path)
 
