@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 from tierdet.build.models import default_home, ensure_cards
-from tierdet.registry.cards import CheckpointSource, load_card
+from tierdet.registry.cards import CheckpointSource, expand, load_card
 from tierdet.serving import imaging
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val2017-128" / \
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare", type=Path, help="another wrapped graph of this card")
     args = p.parse_args(argv)
-    card = load_card(args.card)
+    card = expand(load_card(args.card))[-1]  # of several input sizes: the largest
     if isinstance(card.source, CheckpointSource):
         p.error("a checkpoint card has no graph of its own to compare with")
-    (built,) = ensure_cards([args.card], args.home)
+    built = ensure_cards([args.card], args.home)[-1]
     image = cv2.cvtColor(cv2.imread(str(PHOTO)), cv2.COLOR_BGR2RGB)
     tensor, _ = imaging.prepare(image, built.spec.input_size, built.spec.preprocessing)
     # The card's own input, made here as the card describes it.

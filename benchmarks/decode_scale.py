@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factors", default="1,2,3,4,8", help="enlargements k, comma-separated")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    (built,) = ensure_cards([args.card], args.home)
+    built = ensure_cards([args.card], args.home)[-1]  # of several sizes: the largest
     register(args.card)
     spec = get_spec(built.spec.name)
     size, prep = spec.input_size, spec.preprocessing

@@ -31,7 +31,7 @@ from tierdet.training.datasets.coco import CocoSplit
 from tierdet.training.evaluation import coco_ap, image_samples, subset_gt
 
 CARD = Path(__file__).resolve().parents[1] / "examples" / "cards" / "yolox-nano.yaml"
-MODEL = "yolox-nano"
+MODEL = "yolox-nano-416"
 
 
 def detect_all(url: str, samples: list, k: int, tile: str) -> tuple[list[dict], list[float],

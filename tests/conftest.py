@@ -186,26 +186,39 @@ def zoo_gateway(zoo_triton: LocalTriton, tmp_path_factory) -> Iterator[GatewayPr
         gw.stop()
 
 
-CARDS = (REPO / "examples" / "cards" / "yolox-nano.yaml",
-         REPO / "examples" / "cards" / "fine-tuned" / "shapes-ns.yaml")
+# The real COCO ladder (what `tierdet up` serves by default, and NanoDet-m, asked
+# for), then a fine-tuned DAMO-YOLO-Ns with its own classes.
+LADDER = (REPO / "examples" / "cards" / "yolox-nano.yaml",
+          REPO / "examples" / "cards" / "picodet-s.yaml",
+          REPO / "examples" / "cards" / "more" / "nanodet-m.yaml")
+CARDS = (*LADDER, REPO / "examples" / "cards" / "fine-tuned" / "shapes-ns.yaml")
+LADDER_MODELS = ("yolox-nano-320", "yolox-nano-416", "picodet-s-320", "picodet-s-416",
+                 "nanodet-m-320", "nanodet-m-416")
 
 
 @pytest.fixture(scope="session")
 def cards_built(home):
-    """The shipped cards' models: YOLOX-Nano's real COCO weights, and a fine-tuned
-    DAMO-YOLO-Ns with its own classes."""
+    """Every card's models: the ladder's six (real COCO weights), then shapes-ns."""
     from tierdet.build.models import ensure_cards
 
     return ensure_cards(CARDS, home)
 
 
 @pytest.fixture(scope="session")
-def card_stack(cards_built, built_d0, home, tmp_path_factory) -> Iterator[GatewayProcess]:
-    """D0 (random weights) with both card models, as `tierdet up` serves them."""
+def card_evals(tmp_path_factory) -> Path:
+    """The card stack's evaluation folder (``TIERDET_EVAL_DIR``)."""
+    return tmp_path_factory.mktemp("card-evals")
+
+
+@pytest.fixture(scope="session")
+def card_stack(cards_built, built_d0, home, card_evals, tmp_path_factory
+               ) -> Iterator[GatewayProcess]:
+    """D0 (random weights) with every card's model: one stack for the ladder's AP
+    test and the card tests."""
     work = tmp_path_factory.mktemp("cards")
     triton = start_triton([built_d0, *cards_built], home, work, threads=2)
     gateway = GatewayProcess.start(triton.endpoint, work / "gateway.log",
-                                   cards=",".join(map(str, CARDS)))
+                                   cards=",".join(map(str, CARDS)), eval_dir=str(card_evals))
     try:
         yield gateway
     finally:

@@ -131,7 +131,7 @@ def test_the_model_builder_keeps_a_current_card_and_installs_it(tmp_path):
     from tierdet.build.repository import card_template
     from tierdet.registry.cards import register
 
-    yolox = register(CARDS[0])
+    yolox = register(CARDS[0])[0]
     home = tmp_path / "home"
     record = _record(home, yolox.name, card_sha256=sha256_file(CARDS[0]),
                      weights_sha256=sha256_file(yolox.source.onnx))
@@ -149,13 +149,13 @@ def test_the_model_builder_keeps_a_current_card_and_installs_it(tmp_path):
 def test_a_card_built_in_an_older_format_is_built_again(tmp_path):
     from tierdet.registry.cards import register
 
-    yolox = register(CARDS[0])
+    yolox = register(CARDS[0])[0]  # yolox-nano-320 of the card's two sizes
     source = {"card_sha256": sha256_file(CARDS[0]),
               "weights_sha256": sha256_file(yolox.source.onnx)}
     record = _record(tmp_path, yolox.name, **source)
-    (kept,) = ensure_cards([CARDS[0]], tmp_path)
+    kept = ensure_cards([CARDS[0]], tmp_path)[0]
     assert kept.provenance == record
 
     _record(tmp_path, yolox.name, export_format="1", **source)
-    (rebuilt,) = ensure_cards([CARDS[0]], tmp_path)
+    rebuilt = ensure_cards([CARDS[0]], tmp_path)[0]
     assert rebuilt.provenance == _assert_exported_now(tmp_path, yolox.name)

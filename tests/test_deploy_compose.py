@@ -179,8 +179,8 @@ def test_the_builders_and_the_gateway_read_the_same_cards_from_one_mount():
     """Model cards: the model builder exports them, the engine builder makes their
     plans, the gateway learns their preprocessing and classes; all three read the
     same paths from the same read-only folder (by default this checkout, with the
-    shipped YOLOX-Nano card, whose graph it holds too)."""
-    from tierdet.registry.cards import load_card
+    shipped ladder cards, whose graphs it holds too)."""
+    from tierdet.registry.cards import expand, load_card
 
     s = _services()
     cards = interpolate(s["model-builder"]["command"][3])
@@ -190,10 +190,11 @@ def test_the_builders_and_the_gateway_read_the_same_cards_from_one_mount():
     for name in ("model-builder", "engine-builder", "gateway"):
         (mount,) = [interpolate(v) for v in s[name]["volumes"] if ":/cards" in v]
         assert mount == ".:/cards:ro" and s[name]["working_dir"] == "/cards", name
-    assert cards == "examples/cards/yolox-nano.yaml"
+    assert cards == "examples/cards/yolox-nano.yaml,examples/cards/picodet-s.yaml"
     for card in cards.split(","):
-        loaded = load_card(REPO / card)  # valid, and the graph it names is in the checkout
-        assert loaded.source.onnx.is_file() and REPO in loaded.source.onnx.parents
+        # Valid, and the graphs it names (one per size) are in the checkout.
+        for loaded in expand(load_card(REPO / card)):
+            assert loaded.source.onnx.is_file() and REPO in loaded.source.onnx.parents
 
 
 # --- in step with config.Settings and the ports ---------------------------------------------

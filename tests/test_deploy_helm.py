@@ -1207,7 +1207,7 @@ def test_a_grace_period_shorter_than_the_shutdown_stops_the_install():
 
 # --- model cards ----------------------------------------------------------------------------
 
-CARD = {"name": "yolox-nano", "file": "examples/cards/yolox-nano.yaml"}
+CARD = {"name": "yolox-nano-416", "file": "examples/cards/yolox-nano.yaml"}
 CARDS_VALUES = {"cards": {"models": [CARD], "volume": {
     "persistentVolumeClaim": {"claimName": "tierdet-cards", "readOnly": True}}}}
 
@@ -1217,7 +1217,8 @@ def _with_cards(variant: str) -> dict[str, dict[str, Any]]:
     values = yaml.safe_load(yaml.safe_dump(overlay(variant) or {}))
     values.update(copy.deepcopy(CARDS_VALUES))
     # A tier may name a card's model like a zoo one (Helm merges this into the tiers).
-    values.setdefault("tiers", {})["accurate"] = {"budget_ms": 500, "models": ["yolox-nano"]}
+    values.setdefault("tiers", {})["accurate"] = {"budget_ms": 500,
+                                                  "models": ["yolox-nano-416"]}
     out: dict[str, dict[str, Any]] = {}
     for manifest in render(values):
         if manifest["kind"] not in CRDS:
@@ -1251,12 +1252,12 @@ def test_cards_are_built_planned_loaded_and_served_from_one_volume(variant):
     if variant == "gpu":
         engines = c["engines"]
         args = flags(engines["args"])
-        assert "yolox-nano" in args["models"][0].split(",") and args["cards"] == [CARD["file"]]
+        assert CARD["name"] in args["models"][0].split(",") and args["cards"] == [CARD["file"]]
         _reads_cards(engines)
     else:
-        assert "--load-model=yolox-nano" in c["triton"]["args"]
+        assert f"--load-model={CARD['name']}" in c["triton"]["args"]
         waited = flags(c["wait-for-models"]["args"])["models"][0].split(",")
-        assert "yolox-nano" in waited
+        assert CARD["name"] in waited
 
 
 def test_without_cards_nothing_mounts_a_cards_volume():

@@ -497,3 +497,39 @@ def test_a_request_may_wait_for_an_image_slot_while_its_fastest_model_still_fits
     assert late.value.code is ErrorCode.SLA_UNATTAINABLE
     assert r.slot_wait_ms(RouteRequest(sla_ms=10), 3.0, READY) < 0  # no room at all
     assert r.slot_wait_ms(RouteRequest(), 3.0, READY) is None  # the default tier degrades
+
+
+# The shipped ladder on a 2-core CPU at batch 1 (ms): the fastest of 25 interleaved
+# runs of each served graph in bare ONNX Runtime (2 threads) on a busy machine
+# (10.9, 21.1, 14.6, 44.8), plus 8 ms for the gateway and Triton.
+IDLE_LADDER_MS = {"yolox-nano-320": 19.0, "yolox-nano-416": 29.0, "picodet-s-320": 23.0,
+                  "picodet-s-416": 53.0}
+
+
+def test_the_default_tiers_give_the_shipped_ladder_three_models_on_an_idle_cpu():
+    """With the tiers `tierdet up` serves the ladder with, a tight, a medium and a
+    loose tier each get a different model, more accurate as the budget loosens,
+    ranked by the AP the cards record."""
+    from conftest import REPO
+    from tierdet.registry.cards import register, shipped_cards, shipped_tiers
+
+    cards = shipped_cards()
+    assert {c.name for c in cards} == {"yolox-nano.yaml", "picodet-s.yaml"}
+    assert all(c.parent == REPO / "examples" / "cards" for c in cards)
+    ap = {c.name: c.measured_ap.ap for card in cards for c in register(card)}
+    assert set(ap) == set(IDLE_LADDER_MS)
+    latency = LatencyModel(LatencyProfile(
+        {n: ModelProfile({1: ms}) for n, ms in IDLE_LADDER_MS.items()}))
+    tiers = TierConfig.load(shipped_tiers(), "balanced")
+    assert [(t.name, t.budget_ms) for t in tiers.tiers.values()] == [
+        ("realtime", 50.0), ("balanced", 100.0), ("accurate", 3000.0)]
+    assert tiers.default == "balanced"
+    r = Router(ap, tiers, latency, default_budget_ms=10_000)
+    got = [r.decide(RouteRequest(tier=t), 3.0, list(ap)).model
+           for t in ("realtime", "balanced", "accurate")]
+    assert got == ["yolox-nano-416", "picodet-s-320", "picodet-s-416"]
+    # Slower (a busy host): each tier falls back to a faster model of its list.
+    slow = LatencyModel(LatencyProfile(
+        {n: ModelProfile({1: 1.6 * ms}) for n, ms in IDLE_LADDER_MS.items()}))
+    r = Router(ap, tiers, slow, default_budget_ms=10_000)
+    assert r.decide(RouteRequest(tier="realtime"), 3.0, list(ap)).model == "yolox-nano-320"

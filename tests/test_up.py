@@ -104,3 +104,40 @@ def test_up_restarts_a_crashed_triton(up):
     assert r.status_code == 200
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
+
+
+def test_up_with_nothing_asked_serves_the_real_coco_ladder(home, cards_built, tmp_path):
+    """No --models, no --card: the shipped cards' four real COCO models (no untrained
+    zoo model), ranked by the AP their cards record, in the AP gauges from the start,
+    with the tiers set for them (examples/tiers/ladder.yaml)."""
+    ports = [free_port() for _ in range(5)]
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tierdet.cli", "--home", str(home), "up", "--port",
+         str(ports[0]), "--grpc-port", str(ports[1]), "--triton-http-port", str(ports[2]),
+         "--triton-grpc-port", str(ports[3]), "--triton-metrics-port", str(ports[4]),
+         "--threads", "1"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        base = f"http://127.0.0.1:{ports[0]}"
+        wait_http(base + "/readyz", 300, proc)
+        body = httpx.get(base + "/v1/models").json()
+        models = {m["name"]: m for m in body["models"]}
+        assert {t["name"]: t["budget_ms"] for t in body["tiers"]} == {
+            "realtime": 50, "balanced": 100, "accurate": 3000}
+        assert set(models) == {"yolox-nano-320", "yolox-nano-416", "picodet-s-320",
+                               "picodet-s-416"}, log.read_text()[-3000:]
+        assert models["picodet-s-416"]["routing_ap"] == 37.0
+        assert all(m["ready"] for m in models.values())
+        from prometheus_client.parser import text_string_to_metric_families
+
+        (family,) = [f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)
+                     if f.name == "tierdet_model_ap"]
+        assert {s.labels["model"]: s.value for s in family.samples} == {
+            "yolox-nano-320": 0.262, "yolox-nano-416": 0.308, "picodet-s-320": 0.32,
+            "picodet-s-416": 0.37}
+        assert {(s.labels["dataset"], s.labels["source"], s.labels["metric"])
+                for s in family.samples} == {("coco-val2017-128", "gateway", "AP")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

@@ -229,7 +229,7 @@ def test_real_boxes_on_a_real_photograph(browser, card_stack, tmp_path):
               "the tier list")
     assert driver.find_element("id", "weights-warning").text.startswith(TEST_MODEL)
     Select(driver.find_element("id", "tier")).select_by_value("accurate")
-    Select(driver.find_element("id", "model")).select_by_value("yolox-nano")
+    Select(driver.find_element("id", "model")).select_by_value("yolox-nano-416")
     driver.find_element("id", "score-threshold").send_keys("0.4")
     driver.execute_script("document.activeElement.blur()")
     data, _ = photo_with_people()
@@ -237,7 +237,7 @@ def test_real_boxes_on_a_real_photograph(browser, card_stack, tmp_path):
     photo.write_bytes(data)
     driver.find_element("id", "file").send_keys(str(photo))
     _wait_result(driver)
-    assert driver.find_element("id", "summary-model").text == "yolox-nano"
+    assert driver.find_element("id", "summary-model").text == "yolox-nano-416"
     assert "person" in {row[1] for row in _rows(driver)}
     ARTIFACTS.mkdir(exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / "web-page-real.png"))

@@ -6,7 +6,7 @@ exports itself (torch, opset 18):
     uint8 RGB NHWC [B, S, S, 3]  (what the gateway sends every model)
       -> input: the card's dtype, layout, channel order, mean/std
       -> the card's graph
-      -> decode of the card's output format (yolox grid, boxes + scores, end2end)
+      -> decode of the card's output format (yolox grid, GFL/DFL head, boxes + scores, end2end)
       -> the zoo's detection head: top-k, class-aware NMS, top-K
       -> [B, K, 6] x1 y1 x2 y2 score class  (the one contract of the serving path)
 
@@ -14,7 +14,10 @@ and the three are merged into one ONNX file (``onnx.compose``), so Triton's
 dynamic batching and every backend see one graph. Before anything is written
 the card's graph is run once on the shape the card declares: a wrong input
 size, dtype or output shape is a ``CardError`` here, not an error at the first
-request. A graph exported with a fixed batch of 1 is made batchable when its
+request. A card of several sizes is built once per size (``<name>-<size>``):
+from its file for that size, or from one size-free graph whose declared input
+is re-pinned to the size; the outputs must then follow the size (checked, as
+above). A graph exported with a fixed batch of 1 is made batchable when its
 only batch-bound ops are ``Reshape``s with a literal leading 1 (they copy the
 batch instead: checked equal, image by image, to the original); otherwise it
 is served with ``max_batch_size: 1``. The build records which.
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from tierdet.build.weights import sha256_file
-from tierdet.registry.cards import CardError, CheckpointSource, ModelCard
+from tierdet.registry.cards import CardError, CheckpointSource, ModelCard, single_size
 from tierdet.registry.specs import Batching, ModelSpec
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME
 
@@ -54,20 +57,28 @@ def check_graph(card: ModelCard) -> CardGraph:
     """Load the card's ONNX, run it once as the card describes it, make it batchable."""
     import onnx
 
-    source = card.source
-    assert not isinstance(source, CheckpointSource)
-    if not source.onnx.is_file():
-        raise CardError(f"{card.name}: source.onnx: no such file: {source.onnx}")
-    if source.sha256 and sha256_file(source.onnx) != source.sha256:
-        raise CardError(f"{card.name}: source.sha256: {source.onnx} does not match "
-                        f"{source.sha256}")
-    model = onnx.load(str(source.onnx))
-    inputs = [i.name for i in model.graph.input
-              if i.name not in {init.name for init in model.graph.initializer}]
+    path, digest = _source_file(card)
+    if not path.is_file():
+        raise CardError(f"{card.name}: source.onnx: no such file: {path}")
+    if digest and sha256_file(path) != digest:
+        raise CardError(f"{card.name}: source.sha256: {path} does not match {digest}")
+    model = onnx.load(str(path))
+    # Older exporters list the weights among the inputs too: as inputs they could be
+    # overridden, so ONNX Runtime neither folds them nor stays quiet about it.
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in weights]
+    kept = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [init for init in model.graph.initializer if init.name not in used]
+    for init in unused:
+        model.graph.initializer.remove(init)
     name = card.input.name or (inputs[0] if len(inputs) == 1 else None)
     if name is None or name not in inputs:
         raise CardError(f"{card.name}: input.name: the graph's inputs are {inputs}; "
                         "name the image input")
+    _pin_input(card, model, name)
     outputs = tuple(card.output.names) or tuple(o.name for o in model.graph.output)
     first = _run(card, model.SerializeToString(), name, outputs, _input(card, 1))
     anchors = _check_outputs(card, first)
@@ -76,8 +87,37 @@ def check_graph(card: ModelCard) -> CardGraph:
                      tuple((o.shape, o.dtype) for o in first))
 
 
+def _source_file(card: ModelCard) -> tuple[Path, str | None]:
+    """The file of an expanded card and its digest."""
+    source = card.source
+    assert not isinstance(source, CheckpointSource)
+    assert not isinstance(source.onnx, dict) and not isinstance(source.sha256, dict), \
+        "expand() the card first"
+    return source.onnx, source.sha256
+
+
+def _pin_input(card: ModelCard, model, name: str) -> None:
+    """Declare the card's size on the graph's input, if it declares another: a
+    size-free graph then runs at it (``_check_outputs`` checks the outputs
+    follow); a graph with sizes fixed inside fails its first run."""
+    size = single_size(card)
+    value = next(i for i in model.graph.input if i.name == name)
+    dims = value.type.tensor_type.shape.dim
+    spatial = (2, 3) if card.input.layout == "NCHW" else (1, 2)
+    if len(dims) != 4 or all(dims[a].dim_value in (0, size) for a in spatial):
+        return
+    for axis in spatial:
+        dims[axis].dim_value = size
+    # Shapes declared or inferred for the exported size no longer hold.
+    del model.graph.value_info[:]
+    for output in model.graph.output:
+        for i, dim in enumerate(output.type.tensor_type.shape.dim):
+            if i > 0:
+                dim.dim_param = f"{output.name}_{i}"
+
+
 def _input(card: ModelCard, batch: int, seed: int = 0) -> np.ndarray:
-    size = card.input.size
+    size = single_size(card)
     shape = (batch, 3, size, size) if card.input.layout == "NCHW" else (batch, size, size, 3)
     pixels = np.random.default_rng(seed).integers(0, 256, shape)
     return pixels.astype(np.float32 if card.input.dtype == "float32" else np.uint8)
@@ -105,8 +145,10 @@ def _check_outputs(card: ModelCard, outs: list[np.ndarray]) -> int:
             raise CardError(f"{card.name}: output.format end2end expects one [B, K, 6] output, "
                             f"the graph gives {shapes}")
         return shapes[0][1]
+    if fmt == "gfl":
+        return _check_gfl(card, shapes, classes)
     if fmt == "yolox":
-        cells = sum((card.input.size // s) ** 2 for s in card.output.strides)
+        cells = sum((single_size(card) // s) ** 2 for s in card.output.strides)
         if len(outs) != 1 or shapes[0][1:] != (cells, 5 + classes):
             raise CardError(f"{card.name}: output.format yolox with strides "
                             f"{list(card.output.strides)} and {classes} classes expects "
@@ -117,6 +159,23 @@ def _check_outputs(card: ModelCard, outs: list[np.ndarray]) -> int:
         raise CardError(f"{card.name}: output.format boxes_scores expects boxes [B, N, 4] and "
                         f"scores [B, N, {classes}], the graph gives {shapes}")
     return shapes[0][1]
+
+
+def _gfl_cells(card: ModelCard) -> list[int]:
+    """Cells per level of a GFL head: ceil(size / stride) squared."""
+    return [(-(-single_size(card) // s)) ** 2 for s in card.output.strides]
+
+
+def _check_gfl(card: ModelCard, shapes: list[tuple[int, ...]], classes: int) -> int:
+    cells, bins = _gfl_cells(card), card.output.bins
+    want = [(1, n, classes) for n in cells] + [(1, n, 4 * bins) for n in cells]
+    if [(1, *s[1:]) for s in shapes] != want:
+        raise CardError(f"{card.name}: output.format gfl with strides "
+                        f"{list(card.output.strides)}, {bins} bins and {classes} classes at "
+                        f"{single_size(card)} px expects class maps then distance maps "
+                        f"{[list(w) for w in want]} (B first), the graph gives "
+                        f"{[list(s) for s in shapes]}")
+    return sum(cells)
 
 
 def _num_classes(card: ModelCard) -> int:
@@ -238,27 +297,39 @@ def _back(card: ModelCard, anchors: int):
     out = card.output
     head = DetectionHead(pre_nms_top_k=min(card.pre_nms_top_k, anchors * _num_classes(card)),
                          max_detections=card.max_detections, iou_threshold=card.nms_iou,
-                         scores_are_logits=out.scores == "logits", input_size=card.input.size)
+                         scores_are_logits=out.scores == "logits",
+                         input_size=single_size(card))
+
+    size = single_size(card)
 
     class Back(nn.Module):
-        cells: torch.Tensor  # buffers (a yolox grid)
+        cells: torch.Tensor  # buffers (a yolox grid; a gfl head's cell points)
         strides: torch.Tensor
+        bins: torch.Tensor
 
         def __init__(self) -> None:
             super().__init__()
             self.head = head
-            if out.format == "yolox":
-                cells, strides = [], []
-                for s in out.strides:
-                    n = card.input.size // s
-                    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-                    cells.append(torch.stack([xs, ys], -1).reshape(-1, 2))
-                    strides.append(torch.full((n * n, 1), float(s)))
-                self.register_buffer("cells", torch.cat(cells).float()[None], persistent=False)
-                self.register_buffer("strides", torch.cat(strides)[None], persistent=False)
+            cells, strides = [], []
+            for s in out.strides:
+                # YOLOX's grid floors; a GFL head's (PicoDet's) pads the last cell.
+                n = size // s if out.format == "yolox" else -(-size // s)
+                ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+                cells.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+                strides.append(torch.full((n * n, 1), float(s)))
+            grid = torch.cat(cells).float()[None] if cells else torch.zeros(1, 0, 2)
+            step = torch.cat(strides)[None] if strides else torch.zeros(1, 0, 1)
+            if out.format == "gfl":
+                grid = _cell_points(grid, step, out.cell_centre)
+            self.register_buffer("cells", grid, persistent=False)
+            self.register_buffer("strides", step, persistent=False)
+            self.register_buffer("bins", torch.arange(out.bins, dtype=torch.float32),
+                                 persistent=False)
 
-        def forward(self, first: torch.Tensor, second: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+        def forward(self, first: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            if out.format == "gfl":
+                return self.gfl(first, *rest)
+            second = rest[0] if rest else None
             if out.format == "yolox":
                 centre = (first[..., :2] + self.cells) * self.strides
                 half = torch.exp(first[..., 2:4]) * self.strides / 2
@@ -269,12 +340,33 @@ def _back(card: ModelCard, anchors: int):
                 return self.rank(first, second)
             return first  # end2end: the graph's own NMS already ran
 
+        def gfl(self, *maps: torch.Tensor) -> torch.Tensor:
+            """Class maps, then distance distributions, per level -> ranked boxes: each
+            side's distance is the softmax-weighted mean of 0..bins-1, times the stride,
+            from the cell's point."""
+            levels = len(out.strides)
+            scores = torch.cat(maps[:levels], 1)
+            logits = torch.cat(maps[levels:], 1).unflatten(-1, (4, out.bins))
+            distances = (logits.softmax(-1) * self.bins).sum(-1) * self.strides
+            boxes = torch.cat([self.cells - distances[..., :2],
+                               self.cells + distances[..., 2:]], -1)
+            return self.rank(boxes, scores)
+
         def rank(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             if out.multi_label:
                 return self.head(boxes, scores)
             return self.head.forward_best_class(boxes, scores)
 
     return Back().eval()
+
+
+def _cell_points(cells, strides, convention: str):
+    """Cell indices [1, N, 2] -> the points a GFL head measures distances from."""
+    if convention == "(x+0.5)*s":
+        return (cells + 0.5) * strides
+    if convention == "x*s+(s-1)/2":
+        return cells * strides + (strides - 1) / 2
+    return cells * strides
 
 
 def _export(module, example: tuple, inputs: list[str], outputs: list[str]):
@@ -287,12 +379,19 @@ def _export(module, example: tuple, inputs: list[str], outputs: list[str]):
     from tierdet.build.export.nms import CUSTOM_TRANSLATIONS, drop_default_reduction
 
     batch = torch.export.Dim("batch", min=1, max=1024)
-    names = list(inspect.signature(module.forward).parameters)[:len(example)]
+    params = list(inspect.signature(module.forward).parameters.values())
+    # Shapes per argument: a name each, or for ``*rest`` the one tuple of the rest.
+    shapes: dict[str, object] = {}
+    for i, param in enumerate(params[:len(example)]):
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[param.name] = tuple({0: batch} for _ in example[i:])
+            break
+        shapes[param.name] = {0: batch}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, example, input_names=inputs, output_names=outputs,
-            dynamic_shapes={name: {0: batch} for name in names}, opset_version=OPSET,
+            dynamic_shapes=shapes, opset_version=OPSET,
             dynamo=True, external_data=False, custom_translation_table=CUSTOM_TRANSLATIONS,
             verbose=False)
     assert program is not None  # dynamo=True returns the program
@@ -307,7 +406,7 @@ def wrap(card: ModelCard, graph: CardGraph):
     import torch
     from onnx import compose, version_converter
 
-    size = card.input.size
+    size = single_size(card)
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     front = _export(_front(card), (example,), [INPUT_NAME], ["card_input"])
     user = version_converter.convert_version(graph.model, OPSET)
@@ -349,20 +448,29 @@ def spec_for_build(spec: ModelSpec, graph: CardGraph) -> ModelSpec:
 
 
 def card_provenance(card: ModelCard, card_path: Path, graph: CardGraph) -> dict[str, str]:
-    source = card.source
-    assert not isinstance(source, CheckpointSource)
+    path, digest = _source_file(card)
     return {
         "weights": f"card {card_path}",
         "card_sha256": sha256_file(card_path),
-        "source": str(source.onnx),
-        "weights_sha256": sha256_file(source.onnx),
+        "source": str(path),
+        "weights_sha256": sha256_file(path),
         # A card's published figure counts only for the exact file it names.
-        "weights_digest_check": "sha256" if source.sha256 else "none (the card names no "
-                                                               "sha256)",
+        "weights_digest_check": "sha256" if digest else "none (the card names no sha256)",
         "batching": "dynamic" if graph.batchable else "max_batch_size 1 (fixed-batch graph)",
         "licence": card.licence,
         "provenance": card.provenance,
+        **measured_provenance(card),
     }
+
+
+def measured_provenance(card: ModelCard) -> dict[str, str]:
+    """The AP the card records for this size (percent in the card; 0..1 in the build
+    record, as a trained checkpoint's sidecar gives it): the router ranks by it."""
+    measured = card.measured_ap
+    if measured is None:
+        return {}
+    assert isinstance(measured.ap, float), "expand() the card first"
+    return {"measured_ap": f"{measured.ap / 100:.4f}", "measured_on": measured.dataset}
 
 
 def save(model, path: Path, metadata: dict[str, str]) -> Path:

@@ -268,7 +268,8 @@ def wait_for_models(home: Path, models: Sequence[str], wait_s: float,
 
 def card_models(home: Path, cards: Sequence[Path], wait_s: float = 0.0,
                 poll_s: float = 5.0) -> tuple[list[str], list[Path]]:
-    """The models ``tierdet build --card`` made from these card files, found by the
+    """The models ``tierdet build --card`` made from these card files (one per input
+    size the card declares), found by the
     card's sha256 in their build records (a card is YAML, which this file cannot
     read without tierdet), waiting up to ``wait_s`` for the model builder; and the
     cards no record names yet."""
@@ -278,17 +279,17 @@ def card_models(home: Path, cards: Sequence[Path], wait_s: float = 0.0,
         raise EngineError(f"cannot read the card {exc.filename}: {exc.strerror}") from None
     deadline = time.monotonic() + wait_s
     while True:
-        found: dict[str, str] = {}
+        found: dict[str, list[str]] = {}
         for record in sorted((home / "onnx").glob("*.json")):
             try:
                 digest = json.loads(record.read_text()).get("card_sha256")
             except (OSError, ValueError, AttributeError):
                 continue
             if digest in digests and record.with_suffix(".onnx").is_file():
-                found[digest] = record.stem
+                found.setdefault(digest, []).append(record.stem)
         missing = [card for digest, card in digests.items() if digest not in found]
         if not missing or time.monotonic() >= deadline:
-            return [found[d] for d in digests if d in found], missing
+            return [m for d in digests if d in found for m in found[d]], missing
         log(f"waiting for the models of {', '.join(map(str, missing))} in {home}")
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 

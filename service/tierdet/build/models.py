@@ -27,6 +27,7 @@ from tierdet import __version__
 from tierdet.build.export import EXPORT_FORMAT
 from tierdet.build.repository import Target, install_model
 from tierdet.build.weights import WeightsSource, resolve_checkpoint, sha256_file
+from tierdet.registry.cards import ModelCard
 from tierdet.registry.profile import LatencyProfile, tuned_batching
 from tierdet.registry.specs import Batching, ModelSpec, get_spec
 from tierdet.registry.tensors import INPUT_NAME, MODEL_METADATA_KEY
@@ -123,13 +124,19 @@ def build_model(spec: ModelSpec, source: WeightsSource, home: Path,
     return BuiltModel(spec, path, provenance)
 
 
-def build_card(card_path: Path, home: Path) -> BuiltModel:
-    """A model card's model, built: a graph wrapped (``tierdet.build.cards``), or a
-    zoo-family checkpoint exported like any zoo model with the card's classes."""
-    from tierdet.build import cards
-    from tierdet.registry.cards import CheckpointSource, register
+def build_card(card_path: Path, home: Path) -> list[BuiltModel]:
+    """A model card's models (one per input size), built: a graph wrapped
+    (``tierdet.build.cards``), or a zoo-family checkpoint exported like any zoo
+    model with the card's classes."""
+    from tierdet.registry.cards import register
 
-    card = register(card_path)
+    return [_build_card_model(card, card_path, home) for card in register(card_path)]
+
+
+def _build_card_model(card: ModelCard, card_path: Path, home: Path) -> BuiltModel:
+    from tierdet.build import cards
+    from tierdet.registry.cards import CheckpointSource
+
     spec = get_spec(card.name)
     if isinstance(card.source, CheckpointSource):
         built = build_model(spec, WeightsSource("file", card.source.checkpoint), home,
@@ -151,23 +158,25 @@ def build_card(card_path: Path, home: Path) -> BuiltModel:
 
 def ensure_cards(card_paths: Iterable[Path], home: Path, rebuild: bool = False
                  ) -> list[BuiltModel]:
-    """Each card's model: the one built before if neither the card nor its file
-    changed since and it was exported in the current format, else built now."""
+    """Each card's models: the ones built before if neither the card nor its file
+    changed since and they were exported in the current format, else built now."""
     from tierdet.registry.cards import CheckpointSource, register
 
     built = []
     for card_path in card_paths:
-        card = register(card_path)
-        existing = None if rebuild else load_built(home, card.name)
-        source = (card.source.checkpoint if isinstance(card.source, CheckpointSource)
-                  else card.source.onnx)
-        if (existing is not None and source.is_file()
-                and format_is_current(existing.provenance)
-                and existing.provenance.get("card_sha256") == sha256_file(card_path)
-                and existing.provenance.get("weights_sha256") == sha256_file(source)):
-            built.append(existing)
-        else:
-            built.append(build_card(card_path, home))
+        for card in register(card_path):
+            existing = None if rebuild else load_built(home, card.name)
+            source = card.source
+            file = (source.checkpoint if isinstance(source, CheckpointSource)
+                    else source.onnx)
+            assert isinstance(file, Path)  # one file per expanded card
+            if (existing is not None and file.is_file()
+                    and format_is_current(existing.provenance)
+                    and existing.provenance.get("card_sha256") == sha256_file(card_path)
+                    and existing.provenance.get("weights_sha256") == sha256_file(file)):
+                built.append(existing)
+            else:
+                built.append(_build_card_model(card, card_path, home))
     return built
 
 

@@ -57,7 +57,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     # --keep-current keeps a card whose file and graph are unchanged: a new export
     # would change the ONNX and so throw away its cached TensorRT plan.
     card_models = (ensure_cards(cards, args.home) if args.keep_current
-                   else [build_card(card, args.home) for card in cards])
+                   else [m for card in cards for m in build_card(card, args.home)])
     for model in card_models:  # for the engine builder (the zoo's are committed)
         install_template(args.home, model.spec)
     built += card_models

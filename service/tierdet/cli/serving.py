@@ -6,20 +6,26 @@ import argparse
 import asyncio
 
 from tierdet.cli.building import card_argument, model_names, weights_argument
-from tierdet.registry.specs import DEFAULT_MODELS
 from tierdet.serving.settings import load_settings
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from tierdet.build.weights import WeightsSource
     from tierdet.devstack.up import run_stack
-    from tierdet.registry.cards import shipped_cards
+    from tierdet.registry.cards import shipped_cards, shipped_tiers
 
     settings = load_settings(http_port=args.port, grpc_port=args.grpc_port, http_host=args.host,
                              grpc_host=args.host)
-    # Nothing asked for: the zoo's default model and the shipped real-weights cards.
-    cards = args.card if args.card is not None else ([] if args.models else shipped_cards())
-    asyncio.run(run_stack(settings, model_names(args.models), WeightsSource.parse(args.weights),
+    if settings.eval_dir is None:  # where `tierdet eval` writes by default: it refreshes
+        settings = settings.model_copy(update={"eval_dir": args.home / "eval"})
+    # Nothing asked for: the shipped real COCO ladder (examples/cards), no zoo model
+    # (without downloadable official weights a zoo model would be untrained).
+    ladder = args.card is None and not args.models
+    cards = shipped_cards() if ladder else (args.card or [])
+    models = model_names(args.models) if args.models else []
+    if ladder and settings.tiers_file is None:  # its tiers, set for its models
+        settings = settings.model_copy(update={"tiers_file": shipped_tiers()})
+    asyncio.run(run_stack(settings, models, WeightsSource.parse(args.weights),
                           args.home, (args.triton_http_port, args.triton_grpc_port,
                                       args.triton_metrics_port), args.threads, cards))
     return 0
@@ -75,10 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "nvidia-pytriton wheel) as a supervised child on loopback, "
                                    "wait until ready, then serve HTTP and gRPC. Ctrl-C or "
                                    "SIGTERM stops both.")
-    u.add_argument("--models", help=f"comma-separated names (default: {','.join(DEFAULT_MODELS)})")
+    u.add_argument("--models", help="comma-separated zoo model names (default: none, the "
+                                     "shipped ladder's cards only)")
     weights_argument(u)
-    card_argument(u, "; default without --models: examples/cards/*.yaml (YOLOX-Nano's real "
-                     "COCO weights)")
+    card_argument(u, "; default without --models: examples/cards/*.yaml (the real COCO "
+                     "ladder: YOLOX-Nano and PicoDet-S at 320 and 416)")
     u.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=None, help="gateway HTTP port (default 8080)")
     u.add_argument("--grpc-port", type=int, default=None, help="gateway gRPC port (default 50051)")

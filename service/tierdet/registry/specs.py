@@ -43,9 +43,10 @@ class Preprocessing:
     # Letterbox fill colour (RGB) and where the image sits in the square.
     pad_rgb: tuple[int, int, int] = (0, 0, 0)
     placement: Literal["top-left", "centre"] = "top-left"
-    # Interpolation when the image shrinks: "area" averages like effdet's
-    # antialiased PIL resize; "linear" is cv2.resize's default (YOLOX, DAMO-YOLO).
-    shrink: Literal["area", "linear"] = "area"
+    # The resize's interpolation: "area" (when the image shrinks; else linear)
+    # averages like effdet's antialiased PIL resize; "linear" is cv2.resize's
+    # default (YOLOX, DAMO-YOLO); "cubic" is PaddleDetection's (PicoDet).
+    shrink: Literal["area", "linear", "cubic"] = "area"
     channels: Literal["RGB", "BGR"] = "RGB"  # what the network itself expects
 
 
@@ -58,7 +59,7 @@ IMAGENET = Preprocessing(
     pad_rgb=(124, 116, 104),
 )
 # DAMO-YOLO's eval transform: RGB 0..255 stretched to SxS, no normalisation.
-RAW_STRETCH = Preprocessing(resize="stretch")
+RAW_STRETCH = Preprocessing(resize="stretch", shrink="linear")
 
 
 DigestKind = Literal["sha256", "sha256-prefix", "none"]

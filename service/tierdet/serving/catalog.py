@@ -3,7 +3,10 @@
 Readiness and Triton's state per model (ready where any endpoint of the pool
 has it ready; ``placement`` says which); where its weights came from and the AP
 its build measured (the provenance the build wrote into the model's config);
-the latest evaluation records (``TIERDET_EVAL_DIR``). The catalog keeps the
+the latest evaluation records (``TIERDET_EVAL_DIR``, beside the AP each build
+recorded: the AP gauges hold a model's recorded figure from the first scrape
+after it is ready, labelled with the images it was measured on, until a newer
+``tierdet eval`` report replaces it). The catalog keeps the
 router's AP table current, so the router never prefers meaningless boxes: a
 model is ranked by the AP measured for the weights it serves where there is
 one; by its published figure only when those are the verified published
@@ -23,7 +26,7 @@ import numpy as np
 
 from tierdet.contract.errors import ApiError
 from tierdet.contract.results import ModelInfo
-from tierdet.registry.accuracy import EvalRecord, latest_and_previous, load_records
+from tierdet.registry.accuracy import APResult, EvalRecord, latest_and_previous, load_records
 from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
 from tierdet.serving.metrics import Metrics
@@ -75,6 +78,21 @@ def verified_weights(spec: ModelSpec, provenance: dict[str, str]) -> bool:
     return bool(official and len(official.sha256) >= 8 and digest.startswith(official.sha256))
 
 
+# When a build record says nothing of its own time: older than any evaluation.
+_LONG_AGO = "1970-01-01T00:00:00+00:00"
+
+
+def recorded_record(state: ModelState, provenance: dict[str, str]) -> EvalRecord:
+    """The AP a build recorded (a card's measured figure, a checkpoint's sidecar) as
+    an evaluation through the gateway, dated by the build: AP only, the rest unknown."""
+    assert state.measured_ap is not None
+    unknown = -1.0  # left out of the gauges, as a size range without ground truth
+    return EvalRecord.of(APResult(state.measured_ap, *[unknown] * 5), model=state.spec.name,
+                         tier=None, source="gateway", dataset=state.measured_on or "unknown",
+                         split="recorded", images=0,
+                         evaluated_at=provenance.get("built_at") or _LONG_AGO)
+
+
 class Catalog:
     def __init__(self, settings: Settings, pool: EndpointPool, router: Router,
                  metrics: Metrics) -> None:
@@ -88,6 +106,7 @@ class Catalog:
         self.refreshed_at: float | None = None  # time.monotonic() of the last refresh
         self.evaluations: dict[tuple[str, str, str, str],
                                tuple[EvalRecord, EvalRecord | None]] = {}
+        self.recorded: dict[str, EvalRecord] = {}  # model -> the AP its build recorded
 
     def serves(self, name: str) -> bool:
         """``name`` is a model this gateway may route to (ready or not)."""
@@ -139,8 +158,10 @@ class Catalog:
                 self.metrics.published_ap.labels(name).set(spec.published_ap)
 
     def refresh_accuracy(self) -> None:
-        """Re-read evaluation records (cheap: a folder of small JSON files)."""
-        records = load_records(self.settings.eval_dir)
+        """Re-read evaluation records (cheap: a folder of small JSON files); with the
+        builds' recorded figures, the newest per model and data set wins."""
+        records = sorted([*self.recorded.values(), *load_records(self.settings.eval_dir)],
+                         key=lambda r: r.timestamp)
         self.evaluations = latest_and_previous(records)
         self.metrics.set_accuracy(records)
 
@@ -190,6 +211,8 @@ class Catalog:
         if prov.get("measured_ap"):
             state.measured_ap = float(prov["measured_ap"])
             state.measured_on = prov.get("measured_on", "")
+            self.recorded[state.spec.name] = recorded_record(state, prov)
+            self.refresh_accuracy()
         self.router.ap[state.spec.name] = state.routing_ap
         if state.weights.startswith("random"):
             log.warning("model %s serves RANDOM weights: %s", state.spec.name, state.weights)

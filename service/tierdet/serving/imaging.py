@@ -102,23 +102,30 @@ def letterbox(image: np.ndarray, size: int, pad_rgb: tuple[int, int, int],
     blank, x1, y1 = _blank(size, pad_rgb), x0 + new_w, y0 + new_h
     canvas[:y0], canvas[y1:] = blank[:y0], blank[y1:]
     canvas[y0:y1, :x0], canvas[y0:y1, x1:] = blank[y0:y1, :x0], blank[y0:y1, x1:]
-    # Shrinking with INTER_AREA averages like effdet's (antialiased) PIL resize;
-    # INTER_LINEAR would alias fine detail away (but is what some models trained on).
-    interp = cv2.INTER_AREA if scale < 1 and shrink == "area" else cv2.INTER_LINEAR
-    _resize_into(image, canvas[y0:y1, x0:x1], interp)
+    _resize_into(image, canvas[y0:y1, x0:x1], _interpolation(shrink, scale < 1))
     # Boxes map back with the scale actually applied on each axis.
     ow, oh = original or (w * step, h * step)
     return canvas, Geometry(new_w / (w * step), new_h / (h * step), ow, oh, x0, y0)
 
 
+def _interpolation(shrink: str, shrinking: bool) -> int:
+    """The model's interpolation. Shrinking with INTER_AREA averages like effdet's
+    (antialiased) PIL resize; INTER_LINEAR would alias fine detail away (but is
+    what YOLOX and DAMO-YOLO trained on); PicoDet evaluates with INTER_CUBIC."""
+    if shrink == "cubic":
+        return cv2.INTER_CUBIC
+    return cv2.INTER_AREA if shrinking and shrink == "area" else cv2.INTER_LINEAR
+
+
 def stretch(image: np.ndarray, size: int, step: int = 1,
-            original: tuple[int, int] | None = None, out: np.ndarray | None = None
-            ) -> tuple[np.ndarray, Geometry]:
+            original: tuple[int, int] | None = None, out: np.ndarray | None = None,
+            shrink: str = "linear") -> tuple[np.ndarray, Geometry]:
     """Resize to size x size ignoring aspect, exactly as DAMO-YOLO's evaluation
-    transform does (cv2 INTER_LINEAR): its golden outputs depend on it."""
+    transform does (cv2 INTER_LINEAR: its golden outputs depend on it) or with
+    the model's own interpolation (``shrink``)."""
     h, w = image.shape[:2]
     resized = np.empty((size, size, 3), np.uint8) if out is None else out
-    _resize_into(image, resized, cv2.INTER_LINEAR)
+    _resize_into(image, resized, _interpolation(shrink, max(h, w) > size))
     ow, oh = original or (w * step, h * step)
     return resized, Geometry(size / (w * step), size / (h * step), ow, oh)
 
@@ -138,7 +145,7 @@ def prepare(image: np.ndarray, size: int, prep: Preprocessing, step: int = 1,
     ``original`` describe a reduced decode (see ``tierdet.serving.decoding``);
     ``out``, where to write the input."""
     if prep.resize == "stretch":
-        return stretch(image, size, step, original, out)
+        return stretch(image, size, step, original, out, prep.shrink)
     return letterbox(image, size, prep.pad_rgb, prep.placement, prep.shrink, step, original,
                      out)
 
