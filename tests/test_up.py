@@ -75,7 +75,7 @@ def test_the_serving_process_never_loads_the_build_libraries(home, built_d0, tmp
         stdout=(tmp_path / "up.log").open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc)
-        assert (fresh / "onnx" / "yolox-nano.onnx").exists()
+        assert (fresh / "onnx" / "yolox-nano-320.onnx").exists()
         libraries = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "onnx_cpp2py_export" not in libraries and "libtorch" not in libraries
     finally:
