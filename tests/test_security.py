@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.serving.security import ApiKey, KeyRing, bearer, hash_key
+from tierdet.serving.routing import DEFAULT_TIERS, RouteRequest, Tier, TierConfig
+from tierdet.serving.security import Allowance, ApiKey, KeyRing, bearer, hash_key
 
 ALICE = ApiKey("alice", hash_key("alice-secret"), rate_per_s=2, burst=3)
 BOB = ApiKey("bob", hash_key("bob-secret"), tiers=("realtime",), models=("damoyolo-ns",))
@@ -33,12 +34,47 @@ def test_known_key_is_identified_by_its_hash_only():
     assert "alice-secret" not in repr(RING)
 
 
+TIERS = TierConfig(dict(DEFAULT_TIERS), "balanced")
+
+
 def test_known_key_outside_its_grant_is_403():
     key = RING.authenticate("bob-secret")
-    RING.authorize(key, "realtime", None)
-    assert _code(lambda: RING.authorize(key, "accurate", None)) is ErrorCode.FORBIDDEN
-    assert _code(lambda: RING.authorize(key, None, "efficientdet-d7")) is ErrorCode.FORBIDDEN
+    RING.confine(key, RouteRequest(tier="realtime"), TIERS)
+    for asked in (RouteRequest(tier="accurate"), RouteRequest(model="efficientdet-d7"),
+                  RouteRequest(sla_ms=600_000), RouteRequest(tier="realtime", sla_ms=151)):
+        assert _code(lambda r=asked: RING.confine(key, r, TIERS)) is ErrorCode.FORBIDDEN
     assert ApiError(ErrorCode.FORBIDDEN, "").http_status == 403
+
+
+def test_a_grant_confines_what_the_request_leaves_unsaid():
+    key = ApiKey("rt", hash_key("rt"), tiers=("realtime",))
+    # No tier: the key's own tier, not the gateway's default; a budget within it stays.
+    assert RING.confine(key, RouteRequest(), TIERS).tier == "realtime"
+    within = RING.confine(key, RouteRequest(sla_ms=100), TIERS)
+    assert (within.tier, within.sla_ms) == ("realtime", 100)
+    # A pinned model runs under the tier's budget and model list.
+    listed = TierConfig({"realtime": Tier("realtime", 150, ("damoyolo-ns",)),
+                         "accurate": Tier("accurate", 3000)}, "accurate")
+    assert RING.confine(key, RouteRequest(model="damoyolo-ns"), listed).allowed == (
+        "damoyolo-ns",)
+    assert _code(lambda: RING.confine(key, RouteRequest(model="efficientdet-d0"), listed)
+                 ) is ErrorCode.FORBIDDEN
+    # A key granted models is routed among them even when it names none.
+    only = ApiKey("d0", hash_key("d0"), models=("efficientdet-d0",))
+    assert RING.confine(only, RouteRequest(), TIERS).allowed == ("efficientdet-d0",)
+    # A key without grants, or no key, is not confined.
+    assert RING.confine(ALICE, RouteRequest(sla_ms=9e5), TIERS) == RouteRequest(sla_ms=9e5)
+
+
+def test_an_unknown_tier_stays_a_422_for_a_granted_key():
+    key = ApiKey("rt", hash_key("rt"), tiers=("realtime",))
+    assert _code(lambda: RING.confine(key, RouteRequest(tier="nope"), TIERS)
+                 ) is ErrorCode.UNKNOWN_TIER
+
+
+def test_admission_prepays_one_image_per_call():
+    allowance = Allowance()
+    assert allowance.use() and not allowance.use()
 
 
 def test_rate_limit_is_a_token_bucket_with_retry_after():

@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway: stable names, low-cardinality labels.
 
 Labels only take values from closed sets: protocol (http, grpc), tier
-(configured names, or "none" for pinned models and bare budgets), model
+(configured names, "none" for pinned models and bare budgets, and "invalid"
+for any other name a caller sent: ``Metrics.tiers`` holds the configured
+ones, so a caller cannot add series by inventing tiers), model
 (registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
 rate_limited), stage.
 
@@ -31,6 +33,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
 RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error", "unauthorized", "rate_limited")
 NO_TIER = "none"
+INVALID_TIER = "invalid"  # the label of every tier name that is not configured
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How a gauge combines over workers: facts every worker reads alike (readiness,
 # AP) take the latest write; what each worker holds (requests in flight) adds up.
@@ -64,8 +67,12 @@ class TritonBatchCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 tiers: frozenset[str] | None = None) -> None:
+        """``tiers``: the configured tier names (None: any name is a label; the
+        use case sets them once the tiers are loaded)."""
         self.registry = registry or CollectorRegistry()
+        self.tiers = tiers
         r = self.registry
         self.triton_batches = TritonBatchCollector()
         r.register(self.triton_batches)
@@ -153,7 +160,7 @@ class Metrics:
 
     def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
                    stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:
-        tier = tier or NO_TIER
+        tier = self.tier_label(tier)
         self.requests.labels(protocol, tier, model, "ok").inc()
         self.latency.labels(protocol, model).observe(total_s)
         self.images.labels(model).inc()
@@ -164,6 +171,14 @@ class Metrics:
             self.stage.labels(stage, model).observe(seconds)
 
     def observe_failure(self, protocol: str, tier: str | None, model: str, outcome: str) -> None:
-        self.requests.labels(protocol, tier or NO_TIER, model, outcome).inc()
+        tier = self.tier_label(tier)
+        self.requests.labels(protocol, tier, model, outcome).inc()
         if outcome in ("shed", "timeout", "error"):
-            self.slo.labels(tier or NO_TIER, "missed").inc()
+            self.slo.labels(tier, "missed").inc()
+
+    def tier_label(self, tier: str | None) -> str:
+        """The label of ``tier`` as a caller gave it: never a name that is not
+        configured (the request may be refused for it, but counted under one label)."""
+        if tier is None:
+            return NO_TIER
+        return tier if self.tiers is None or tier in self.tiers else INVALID_TIER

@@ -4,12 +4,13 @@
 rate limit; HTTP calls it before reading a body). ``Detector.detect`` takes
 the caller, the image bytes and validated ``DetectOptions`` and owns the rest:
 
-    authorize -> names and classes -> shed early if even the fastest model
-    cannot make it -> decode -> route (model and endpoint: budget, profile,
-    queues) -> resize -> backend (deadline and priority travel with the call;
-    an endpoint found dead leaves the pool and the call goes to another while
-    the budget allows) -> rows back to image pixels, the class filter,
-    threshold and limit.
+    a rate token per image -> the key's grant confines the routing request
+    (tier, budget, models: whatever the options name) -> names and classes ->
+    shed early if even the fastest model cannot make it -> decode -> route
+    (model and endpoint: budget, profile, queues) -> resize -> backend
+    (deadline and priority travel with the call; an endpoint found dead
+    leaves the pool and the call goes to another while the budget allows)
+    -> rows back to image pixels, the class filter, threshold and limit.
 
 Every refusal is an ``ApiError``; every outcome is counted in the metrics here,
 so the front ends only translate wire formats.
@@ -22,7 +23,7 @@ import contextvars
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,7 +41,7 @@ from tierdet.serving.catalog import Catalog, initial_ap
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
-from tierdet.serving.security import ApiKey, KeyRing
+from tierdet.serving.security import Allowance, ApiKey, KeyRing
 from tierdet.serving.settings import Settings
 
 T = TypeVar("T")
@@ -63,6 +64,8 @@ class Caller:
     received: float  # perf_counter() when the request arrived: budgets count from here
     deadline_ms: float | None = None  # the transport's own deadline from ``received``
     item: int | None = None  # a batch image's index, a stream frame's id
+    # The tokens admission paid for (one image); shared by the call's images.
+    allowance: Allowance = field(default_factory=Allowance, compare=False)
 
     def restarted(self, item: int | None = None) -> Caller:
         """The same caller for one more piece of work starting now, with no
@@ -93,6 +96,7 @@ class Detector:
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
+        metrics.tiers = frozenset(self.router.tiers.tiers)  # other names: one label
         self.access = AccessLog(settings.access_log)
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
         # Decoded images held at once: what bounds the gateway's memory (see memory).
@@ -118,9 +122,10 @@ class Detector:
                       deadline_ms)
 
     def authorize(self, caller: Caller, options: DetectOptions) -> None:
-        """403 unless the caller's key may use the tier and model asked for."""
+        """403 unless the caller's key may ask for these options at all (a whole
+        call's check, e.g. a batch's; ``detect`` confines every image anyway)."""
         try:
-            self.keys.authorize(caller.key, options.tier, options.model)
+            self._confined(caller, options)
         except ApiError as exc:
             self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
             raise
@@ -168,7 +173,6 @@ class Detector:
         even the fastest model could answer in time. Options the body adds can only
         narrow the choice, so a request this lets through may still be shed later."""
         try:
-            self.keys.authorize(caller.key, options.tier, options.model)
             request, candidates = self._request(caller, options)
             self.router.precheck(request, _ms_since(caller.received),
                                  self.catalog.placement(candidates))
@@ -201,7 +205,7 @@ class Detector:
         decision: Decision | None = None
         self.metrics.inflight.inc()
         try:
-            self.keys.authorize(caller.key, options.tier, options.model)
+            self._pay(caller)
             request, candidates = self._request(caller, options)
             reachable = self.router.precheck(request, _ms_since(start),
                                              self.catalog.placement(candidates))
@@ -286,14 +290,24 @@ class Detector:
                                             decision.budget_ms)
             self.metrics.route_factor.set(self.router.calibration.factor)
 
+    def _pay(self, caller: Caller) -> None:
+        """One rate token per image: admission paid for the call's first."""
+        if not caller.allowance.use():
+            self.keys.take(caller.key)
+
+    def _confined(self, caller: Caller, options: DetectOptions) -> RouteRequest:
+        """The routing request of ``options`` inside the caller's grant (or 403)."""
+        request = RouteRequest(options.model, options.tier, options.sla_ms, caller.deadline_ms)
+        return self.keys.confine(caller.key, request, self.router.tiers)
+
     def _request(self, caller: Caller, options: DetectOptions) -> tuple[RouteRequest, list[str]]:
-        """Cheap checks before any decoding (the model, tier and classes must exist);
-        the routing request and the ready models that may answer it."""
+        """Cheap checks before any decoding (the grant; the model, tier and classes
+        must exist); the routing request and the ready models that may answer it."""
+        request = self._confined(caller, options)
         if options.model is not None and not self.catalog.serves(options.model):
             served = ", ".join(sorted(self.catalog.states)) or "none"
             raise ApiError(ErrorCode.UNKNOWN_MODEL,
                            f"unknown model {options.model!r}; served: {served}")
-        request = RouteRequest(options.model, options.tier, options.sla_ms, caller.deadline_ms)
         self.router.tier_for(request)  # raises on an unknown tier
         if options.model is not None and options.model not in self.catalog.ready_models():
             raise ApiError(ErrorCode.MODEL_NOT_READY, f"model {options.model} is not ready",
