@@ -8,6 +8,7 @@ skip the export; CI starts from a clean clone and builds once.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,12 @@ import httpx
 import numpy as np
 import pytest
 from tierdet.devstack.stack import GatewayProcess, start_triton
-from tierdet.devstack.triton import LocalTriton
+from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
 
 REPO = Path(__file__).resolve().parents[1]
+# Triton's control plane is closed by default (devstack.triton): every Triton and
+# every gateway this test run starts share one key, as a `tierdet up` stack does.
+os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))
 TEST_MODEL = "efficientdet-d0"
 TEST_WEIGHTS = "random:0"
 

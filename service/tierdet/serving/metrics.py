@@ -16,7 +16,10 @@ histograms add up over workers, gauges say how they combine
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Final
 
@@ -39,6 +42,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # AP) take the latest write; what each worker holds (requests in flight) adds up.
 SAME: Final = "mostrecent"
 ADDS_UP: Final = "livesum"
+_ENDPOINT_LABEL = re.compile(rb'endpoint="((?:[^"\\]|\\.)*)"')
 
 
 class TritonBatchCollector(Collector):
@@ -135,17 +139,24 @@ class Metrics:
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
             ["endpoint", "outcome"], registry=r)
 
-    def exposition(self) -> bytes:
+    def exposition(self, alias_key: bytes | None = None) -> bytes:
         """The text a scrape gets: this process's registry, or with workers every
         worker's values (and this process's Triton batch statistics, which every
-        worker polls alike)."""
+        worker polls alike). ``alias_key``: Triton's addresses (the ``endpoint``
+        label) are shown as a keyed hash of themselves (stable, so per-endpoint
+        series and alerts still work, but no address); None: as they are."""
         directory = os.environ.get(MULTIPROC_ENV)
         if not directory:
-            return generate_latest(self.registry)
-        merged = CollectorRegistry()
-        MultiProcessCollector(merged, directory)
-        merged.register(self.triton_batches)
-        return generate_latest(merged)
+            text = generate_latest(self.registry)
+        else:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, directory)
+            merged.register(self.triton_batches)
+            text = generate_latest(merged)
+        if alias_key is None:
+            return text
+        return _ENDPOINT_LABEL.sub(lambda m: b'endpoint="triton-' + hmac.new(
+            alias_key, m.group(1), hashlib.sha256).hexdigest()[:12].encode() + b'"', text)
 
     def set_accuracy(self, records: list[EvalRecord]) -> None:
         for (model, tier, dataset, source), (latest, previous) in \

@@ -256,3 +256,73 @@ def bearer(authorization: str | None, api_key_header: str | None) -> str | None:
     if authorization and authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
     return None
+
+
+class AdminKey:
+    """The admin credential: one secret, configured as its sha256 (never a
+    caller's API key, which it is not compared with). It unlocks what only an
+    operator may see (server paths, Triton addresses) and is the one check any
+    admin surface makes (``allows``). Unset: nobody is admin."""
+
+    HEADER = "x-admin-key"
+
+    def __init__(self, sha256: str | None) -> None:
+        self._digest = sha256.lower().encode() if sha256 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._digest is not None
+
+    def allows(self, presented: str | None) -> bool:
+        """True for the admin credential (constant time in what was presented)."""
+        if self._digest is None or not presented:
+            return False
+        return hmac.compare_digest(hash_key(presented.strip()).encode(), self._digest)
+
+
+class FailedAttempts:
+    """Failed API-key attempts per source address, in a sliding window: after
+    ``limit`` in ``window_s`` the source is refused (429, before its key is even
+    checked, a right one included) until the oldest failure leaves the window.
+    ``limit`` 0: no throttle. The table is bounded: at ``max_sources`` the
+    sources whose failures all left the window are forgotten first."""
+
+    def __init__(self, limit: int, window_s: float = 60.0, max_sources: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_sources = max_sources
+        self._seen: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, source: str | None, now: float | None = None) -> None:
+        """ApiError 429 while ``source`` is over its failures."""
+        if not self.limit or source is None:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = self._recent(source, now)
+        if len(recent) >= self.limit:
+            wait = recent[0] + self.window_s - now
+            raise ApiError(ErrorCode.RATE_LIMITED, "too many failed API key attempts from "
+                           "this address", retry_after_s=max(1.0, math.ceil(wait)))
+
+    def failed(self, source: str | None, now: float | None = None) -> None:
+        if not self.limit or source is None:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if source not in self._seen and len(self._seen) >= self.max_sources:
+                self._forget(now)
+            recent = self._recent(source, now)
+            recent.append(now)
+            del recent[:-self.limit]  # only the last ``limit`` can matter
+            self._seen[source] = recent
+
+    def _recent(self, source: str, now: float) -> list[float]:
+        return [t for t in self._seen.get(source, ()) if now - t < self.window_s]
+
+    def _forget(self, now: float) -> None:
+        for source in [s for s, ts in self._seen.items() if not self._recent(s, now)]:
+            del self._seen[source]
+        while len(self._seen) >= self.max_sources:  # all still failing: oldest first
+            del self._seen[next(iter(self._seen))]

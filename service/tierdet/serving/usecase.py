@@ -30,7 +30,7 @@ import numpy as np
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
-from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
+from tierdet.contract.results import DetectResult, ModelInfo, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import get_spec, known, lookup
@@ -41,7 +41,7 @@ from tierdet.serving.catalog import Catalog, initial_ap
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
-from tierdet.serving.security import Allowance, ApiKey, KeyRing
+from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts, KeyRing
 from tierdet.serving.settings import Settings
 
 T = TypeVar("T")
@@ -96,6 +96,12 @@ class Detector:
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
+        self.failed_keys = FailedAttempts(settings.failed_key_limit)
+        self.admin = AdminKey(settings.admin_key_sha256)
+        # What the public /metrics hashes Triton's addresses with: a deployment's
+        # secret where it has one, so an alias cannot be matched to an address.
+        self.endpoint_alias_key = (settings.admin_key_sha256 or settings.triton_api_key
+                                   or "tierdet").encode()
         metrics.tiers = frozenset(self.router.tiers.tiers)  # other names: one label
         self.access = AccessLog(settings.access_log)
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
@@ -106,11 +112,12 @@ class Detector:
     # -- admission -------------------------------------------------------
 
     def admit(self, credentials: str | None, protocol: str, received: float | None = None,
-              deadline_ms: float | None = None) -> Caller:
-        """Authenticate and rate-limit a caller (no-op without configured keys)."""
+              deadline_ms: float | None = None, source: str | None = None) -> Caller:
+        """Authenticate and rate-limit a caller (no-op without configured keys).
+        ``source``: the peer's address, whose failed key attempts are throttled."""
         try:
             with tracing.span("admission"):
-                key = self.keys.authenticate(credentials)
+                key = self._authenticate(credentials, source)
                 if key is not None and (call := access.current()) is not None:
                     call.key = key.name  # known now, even if the rate refuses it
                 self.keys.take(key)
@@ -120,6 +127,18 @@ class Detector:
         self.last_request_at = time.monotonic()
         return Caller(key, protocol, time.perf_counter() if received is None else received,
                       deadline_ms)
+
+    def _authenticate(self, credentials: str | None, source: str | None) -> ApiKey | None:
+        """The caller's key; a wrong key counts against its source address."""
+        if not self.keys.enabled:
+            return None
+        self.failed_keys.check(source)
+        try:
+            return self.keys.authenticate(credentials)
+        except ApiError:
+            if credentials:  # a guess, not a forgotten header
+                self.failed_keys.failed(source)
+            raise
 
     def authorize(self, caller: Caller, options: DetectOptions) -> None:
         """403 unless the caller's key may ask for these options at all (a whole
@@ -132,13 +151,15 @@ class Detector:
 
     # -- what is served ----------------------------------------------------
 
-    def models(self) -> ModelsInfo:
+    def models(self, admin: bool = False) -> ModelsInfo:
+        """What is served; server paths and Triton's load errors only for ``admin``."""
         tiers = self.router.tiers
+        infos = self.catalog.infos()
         return ModelsInfo(
             default_tier=tiers.default,
             tiers=tuple(TierInfo(t.name, t.budget_ms, t.models, t.degrade,
                                  t.name == tiers.default) for t in tiers.tiers.values()),
-            models=self.catalog.infos())
+            models=infos if admin else tuple(map(_public, infos)))
 
     async def poll_queues(self) -> None:
         """Read every endpoint's queue into the router (the queue watcher's call)."""
@@ -480,6 +501,14 @@ class Detector:
                                 in_slo, r.predicted_ms / 1e3)
         if r.degraded:
             self.metrics.degraded.labels(r.tier or "none", result.model).inc()
+
+
+def _public(info: ModelInfo) -> ModelInfo:
+    """``info`` without what names the server's files: the weights' path (their
+    kind stays) and Triton's load error (it quotes paths)."""
+    kind = info.weights.split(" ", 1)[0]
+    return replace(info, weights=kind,
+                   reason="not ready (the admin sees why)" if info.reason else "")
 
 
 @dataclass
