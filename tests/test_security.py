@@ -115,3 +115,36 @@ def test_bearer_forms():
     assert bearer("bearer abc ", None) == "abc"
     assert bearer(None, "xyz") == "xyz"
     assert bearer("Basic abc", None) is None
+
+
+def test_failed_key_attempts_are_throttled_per_source_for_a_window():
+    from tierdet.serving.security import FailedAttempts
+
+    throttle = FailedAttempts(limit=2, window_s=60.0)
+    for _ in range(2):
+        throttle.check("10.0.0.1", now=100.0)
+        throttle.failed("10.0.0.1", now=100.0)
+    with pytest.raises(ApiError) as info:
+        throttle.check("10.0.0.1", now=130.0)
+    assert info.value.code is ErrorCode.RATE_LIMITED and info.value.retry_after_s == 30
+    throttle.check("10.0.0.2", now=130.0)  # another address has its own count
+    throttle.check("10.0.0.1", now=160.0)  # the failures left the window
+
+
+def test_the_failure_table_stays_bounded():
+    from tierdet.serving.security import FailedAttempts
+
+    throttle = FailedAttempts(limit=1, window_s=60.0, max_sources=3)
+    for n in range(10):
+        throttle.failed(f"10.0.0.{n}", now=100.0 + n)
+    assert len(throttle._seen) <= 3
+    with pytest.raises(ApiError):
+        throttle.check("10.0.0.9", now=110.0)  # the newest is still known
+
+
+def test_the_admin_credential_is_its_own_secret():
+    from tierdet.serving.security import AdminKey
+
+    admin = AdminKey(hash_key("operator-secret"))
+    assert admin.allows("operator-secret") and not admin.allows("alice-secret")
+    assert not admin.allows(None) and not AdminKey(None).allows("operator-secret")
