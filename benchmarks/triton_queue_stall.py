@@ -86,7 +86,8 @@ def main() -> None:
                     'parameters { key: "intra_op_threads" value { string_value: "0" } }',
                     'parameters { key: "intra_op_threads" value { string_value: "2" } }'))
                 # Explicit model control: loading again re-reads the config.
-                grpcclient.InferenceServerClient(server.grpc_url).load_model(spec.name)
+                grpcclient.InferenceServerClient(server.grpc_url).load_model(
+                    spec.name, headers=server.grpc_key_header())
                 ms = sorted(asyncio.run(measure(server.grpc_url, spec.name, tensor,
                                                 args.rounds)))
             finally:

@@ -106,12 +106,19 @@ def busy_client(busy_gateway: GatewayProcess) -> Iterator[httpx.Client]:
         yield c
 
 
+def triton_key() -> dict[str, str]:
+    """The gRPC header of this run's key for Triton's restricted APIs."""
+    from tierdet.serving.triton import GRPC_KEY_HEADER
+
+    return {GRPC_KEY_HEADER: os.environ[API_KEY_ENV]}
+
+
 def regions_of(triton_url: str, gateway: GatewayProcess) -> list[str]:
     """The shared-memory regions Triton holds for ``gateway``'s process."""
     import tritonclient.grpc as triton_grpc
 
     with triton_grpc.InferenceServerClient(triton_url) as client:
-        status = client.get_system_shared_memory_status(as_json=True)
+        status = client.get_system_shared_memory_status(as_json=True, headers=triton_key())
     prefix = f"tierdet_{gateway.process.pid}_"
     return [name for name in status.get("regions", {}) if name.startswith(prefix)]
 

@@ -29,11 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tierdet.serving.backend import QueueReport
-from tierdet.serving.triton import API_KEY_HEADER, queue_report, restricted_api_args
+from tierdet.serving.triton import (
+    API_KEY_HEADER,
+    GRPC_KEY_HEADER,
+    queue_report,
+    restricted_api_args,
+)
 
-# The local stack's key for Triton's restricted APIs: taken from the environment
-# where set (so every server and gateway started from one test run or shell
-# share it), else a new one per server.
+# The local stack's key for Triton's restricted APIs, kept in this process's
+# environment: every server and every gateway process started from one test
+# run, benchmark or shell share it (a gateway reads it as a setting).
 API_KEY_ENV = "TIERDET_TRITON_API_KEY"
 
 
@@ -42,8 +47,11 @@ class TritonError(RuntimeError):
 
 
 def local_api_key() -> str:
-    """``$TIERDET_TRITON_API_KEY``, or a new random key."""
-    return os.environ.get(API_KEY_ENV) or secrets.token_urlsafe(24)
+    """``$TIERDET_TRITON_API_KEY``; unset, a new random key, set there for the
+    gateways this process starts."""
+    if not os.environ.get(API_KEY_ENV):
+        os.environ[API_KEY_ENV] = secrets.token_urlsafe(24)
+    return os.environ[API_KEY_ENV]
 
 
 def _pytriton_root() -> Path:
@@ -181,8 +189,12 @@ class LocalTriton:
         return {m["name"]: m.get("state", "") for m in index}
 
     def key_header(self) -> dict[str, str]:
-        """The header Triton's restricted APIs want (none when they are open)."""
+        """The HTTP header Triton's restricted APIs want (none when they are open)."""
         return {API_KEY_HEADER: self.api_key} if self.api_key else {}
+
+    def grpc_key_header(self) -> dict[str, str]:
+        """The same over gRPC (tritonclient's ``headers=``)."""
+        return {GRPC_KEY_HEADER: self.api_key} if self.api_key else {}
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, bool]:
         """Wait until the server is live and every model has loaded or failed."""
