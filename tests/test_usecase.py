@@ -237,6 +237,17 @@ def test_a_failed_call_releases_its_device_ticket_and_is_counted():
     assert f'model="{D0}",outcome="error",protocol="http"' in text
 
 
+def test_server_paths_are_shown_to_the_admin_only():
+    backend = FakeBackend({D0: D0_ROWS, SHAPES: _rows()},
+                          {SHAPES: {"weights": "file /srv/tierdet/weights/x.pt"}})
+    detector, _ = _detector(backend=backend)
+    public = {m.name: m for m in detector.models().models}
+    admin = {m.name: m for m in detector.models(admin=True).models}
+    assert admin[SHAPES].weights == "file /srv/tierdet/weights/x.pt"
+    assert public[SHAPES].weights == "file x.pt"
+    assert public[D0].weights == admin[D0].weights  # nothing to hide in a seed
+
+
 def test_the_router_ranks_a_model_by_the_ap_its_weights_measured():
     backend = FakeBackend({D0: D0_ROWS, SHAPES: _rows()},
                           {SHAPES: {"weights": "file weights/x.pt", "measured_ap": "0.8480",

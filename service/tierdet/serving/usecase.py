@@ -24,6 +24,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import numpy as np
@@ -504,10 +505,13 @@ class Detector:
 
 
 def _public(info: ModelInfo) -> ModelInfo:
-    """``info`` without what names the server's files: the weights' path (their
-    kind stays) and Triton's load error (it quotes paths)."""
-    kind = info.weights.split(" ", 1)[0]
-    return replace(info, weights=kind,
+    """``info`` without what names the server's folders: the weights file's
+    directory (``file <path>`` keeps the file's name) and Triton's load error
+    (it quotes paths)."""
+    weights = info.weights
+    if weights.startswith("file "):
+        weights = "file " + PurePath(weights[len("file "):]).name
+    return replace(info, weights=weights,
                    reason="not ready (the admin sees why)" if info.reason else "")
 
 
