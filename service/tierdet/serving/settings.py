@@ -96,8 +96,9 @@ class Settings(BaseModel):
         "with it do `/v1/models` show server paths and load errors and `/metrics` Triton's "
         "addresses; unset: nobody sees them"))
     triton_api_key: str | None = Field(None, description=(
-        "the secret Triton's restricted APIs (model control, shared memory, statistics) "
-        "want in its `tierdet-triton-key` header: the gateway sends it on its own calls "
+        "the key Triton's restricted APIs (model control, config, shared memory, "
+        "statistics) want in the `tierdet-admin` header (gRPC: "
+        "`triton-grpc-protocol-tierdet-admin`): the gateway sends it on its own calls "
         "(`tierdet up` makes one; the chart and compose take it from a secret)"))
     docs_enabled: bool = Field(False, description=(
         "serve the interactive API docs (`/docs`, `/redoc`: their scripts come from a CDN); "
