@@ -24,9 +24,12 @@ from tierdet.build.models import assemble
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 from tierdet.serving.pool import EndpointPool, Target
+from tierdet.serving.security import hash_key
 from tierdet.serving.triton import TritonClient
 
 JPEG = encode(photos()["astronaut"])
+
+ADMIN = "admin-7c2e91"  # Triton addresses are on /metrics for the admin only
 
 
 def _start(repository, work) -> LocalTriton:
@@ -54,7 +57,8 @@ def pair(home, built_d0, tmp_path_factory):
 def pooled(pair, tmp_path_factory):
     """One gateway with both servers in its pool."""
     log = tmp_path_factory.mktemp("pooled") / "gateway.log"
-    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), log)
+    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), log,
+                              admin_key_sha256=hash_key(ADMIN))
     yield gw
     gw.stop()
 
@@ -85,7 +89,7 @@ def _flood(server: LocalTriton, n: int) -> concurrent.futures.Future:
 
 
 def test_the_pool_reports_every_endpoint(pooled, pair):
-    metrics = httpx.get(pooled.http + "/metrics").text
+    metrics = httpx.get(pooled.http + "/metrics", headers={"x-admin-key": ADMIN}).text
     for server in pair:
         assert f'tierdet_triton_endpoint_up{{endpoint="{server.grpc_url}"}} 1.0' in metrics
     models = httpx.get(pooled.http + "/v1/models").json()["models"]
@@ -201,7 +205,8 @@ def test_endpoints_join_and_leave_as_a_name_resolves(pair):
 
     def connect(target: Target) -> TritonClient:
         host = target.url.rsplit(":", 1)[0]
-        return TritonClient(addresses[host].grpc_url, shared_memory=False)
+        return TritonClient(addresses[host].grpc_url, shared_memory=False,
+                            api_key=addresses[host].api_key)
 
     async def scenario() -> list[dict[str, list[str]]]:
         pool = EndpointPool(connect, names=[("triton-headless", 8001)], resolve_s=0.01,
