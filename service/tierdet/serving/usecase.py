@@ -165,7 +165,13 @@ class Detector:
     async def poll_queues(self) -> None:
         """Read every endpoint's queue into the router (the queue watcher's call)."""
         await self.pool.poll_queues()
-        self.router.latency.observe_queues(self.pool.queues(max_age_s=1.0))
+        queues = self.pool.queues(max_age_s=1.0)
+        self.router.latency.observe_queues(queues)
+        pending: dict[str, int] = {}
+        for _, report in queues.values():
+            for model, count in report.pending.items():
+                pending[model] = pending.get(model, 0) + count
+        self.metrics.observe_queues(pending)
 
     async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
         """Ask the backend again, then ``ready()`` (the model watcher's call)."""
