@@ -173,7 +173,8 @@ def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_p
 
 def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_path):
     victim = pair[0]
-    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), tmp_path / "gateway.log")
+    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), tmp_path / "gateway.log",
+                              admin_key_sha256=hash_key(ADMIN))
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             taken = _served(victim)
@@ -188,7 +189,8 @@ def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_pa
         victim.start()
         victim.wait_ready(120)
         wait_until(lambda: f'tierdet_triton_endpoint_up{{endpoint="{victim.grpc_url}"}} 1.0'
-                   in httpx.get(gw.http + "/metrics", timeout=10).text,
+                   in httpx.get(gw.http + "/metrics", headers={"x-admin-key": ADMIN},
+                                timeout=10).text,
                    "the gateway to take the restarted server back")
         # Back in the pool and idle like the other: of two requests in a row, the
         # one chosen least recently takes one.
