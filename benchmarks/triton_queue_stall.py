@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import statistics
@@ -29,6 +30,7 @@ from tierdet.build.models import build_model, default_home
 from tierdet.build.repository import render_config
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.stack import start_triton
+from tierdet.devstack.triton import API_KEY_ENV
 from tierdet.registry.specs import SPECS
 from tierdet.registry.trained import CHECKPOINTS
 from tierdet.serving.triton import TritonClient
@@ -46,7 +48,7 @@ def variants(container_config: str) -> dict[str, str]:
 
 
 async def measure(url: str, model: str, tensor: np.ndarray, rounds: int) -> list[float]:
-    client = TritonClient(url)
+    client = TritonClient(url, api_key=os.environ.get(API_KEY_ENV))
 
     async def one() -> float:
         await asyncio.sleep(random.random() * 0.03)
