@@ -324,3 +324,25 @@ def test_the_gateway_still_uses_tritons_restricted_apis(triton, gateway):
     assert status.status_code == 200 and json.loads(status.text), status.text
     models = httpx.get(gateway.http + "/v1/models", timeout=10).json()["models"]
     assert {m["name"]: m["ready"] for m in models}[TEST_MODEL]
+
+
+def test_a_gateway_with_a_wrong_triton_key_says_so(triton, caplog):
+    import asyncio
+
+    from tierdet.serving.triton import TritonClient
+    from tritonclient.utils import InferenceServerException
+
+    async def read(key: str | None) -> None:
+        client = TritonClient(triton.grpc_url, shared_memory=False, api_key=key)
+        try:
+            for _ in range(2):  # said once, however often it is refused
+                with pytest.raises(InferenceServerException):
+                    await client.repository_models()
+        finally:
+            await client.close()
+
+    for key, why in (("wrong-key", "is wrong"), (None, "is not set")):
+        caplog.clear()
+        asyncio.run(read(key))
+        said = [r.getMessage() for r in caplog.records if "restricted APIs" in r.getMessage()]
+        assert len(said) == 1 and why in said[0], said

@@ -14,6 +14,7 @@ Inference, health and metadata stay open to whoever reaches the port."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import httpx
@@ -28,6 +29,7 @@ from tierdet.serving import tracing
 from tierdet.serving.backend import QueueReport, Served
 from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
+log = logging.getLogger("tierdet.triton")
 KEEPALIVE_MS = 10_000
 API_KEY_HEADER = "tierdet-admin"  # over HTTP; gRPC metadata: GRPC_KEY_HEADER
 GRPC_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"  # Triton's prefix for gRPC
@@ -132,6 +134,7 @@ class TritonClient:
         """``api_key``: what Triton's restricted APIs want (None: sent nothing)."""
         self.url = url
         self._key = {GRPC_KEY_HEADER: api_key} if api_key else None
+        self._said_refused = False
         self._client = triton_aio.InferenceServerClient(
             url, channel_args=channel_args(keepalive_ms))
         self.shm = SharedMemoryPool(self._register) if shared_memory else None
@@ -232,10 +235,23 @@ class TritonClient:
     async def repository_models(self, timeout_s: float = 2.0) -> dict[str, tuple[str, str]]:
         """Model name -> (state, reason) as Triton reports it: READY, UNAVAILABLE
         (with the load error as reason), LOADING, ..."""
-        index = await self._client.get_model_repository_index(as_json=True, headers=self._key,
-                                                              client_timeout=timeout_s)
+        try:
+            index = await self._client.get_model_repository_index(
+                as_json=True, headers=self._key, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            self._say_if_refused(exc)
+            raise
         return {m["name"]: (m.get("state", ""), m.get("reason", ""))
                 for m in index.get("models", [])}
+
+    def _say_if_refused(self, exc: InferenceServerException) -> None:
+        """Log, once, that Triton refuses this gateway's key: to the gateway that
+        looks like a Triton that is down, and the operator must learn why."""
+        if "restricted" in (exc.message() or "") and not self._said_refused:
+            self._said_refused = True
+            log.error("triton %s refuses the gateway's calls to its restricted APIs: "
+                      "TIERDET_TRITON_API_KEY is %s", self.url,
+                      "wrong" if self._key else "not set")
 
     async def batch_executions(self, model: str, timeout_s: float = 2.0) -> dict[int, int]:
         """Cumulative executions per batch size for ``model`` (statistics API)."""
