@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import random
 import statistics
 import sys
@@ -39,7 +40,7 @@ from tierdet.build.repository import install_model
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.profiling import measure
 from tierdet.devstack.stack import GatewayProcess, free_port, start_triton
-from tierdet.devstack.triton import LocalTriton
+from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import SPECS, Batching
 from tierdet.serving.routing import LatencyModel, Router, TierConfig
@@ -201,7 +202,7 @@ async def direct_vs_gateway(triton_url: str, gateway: str, model: str, runs: int
                             concurrency: int) -> None:
     """p50 at concurrency 1 (interleaved runs) and saturated throughput, gateway vs
     Triton straight from tritonclient, for each payload."""
-    client = TritonClient(triton_url)
+    client = TritonClient(triton_url, api_key=os.environ.get(API_KEY_ENV))
     fields = {"model": model}
     print(f"\n== gateway vs direct Triton, {model}, {runs} interleaved runs each ==")
     async with httpx.AsyncClient(base_url=gateway, timeout=60.0) as http:
@@ -254,7 +255,7 @@ async def saturate(call, count: int, concurrency: int) -> float:
 
 async def batching_on_off(triton_url: str, names: dict[str, int], size: int, requests: int,
                           concurrency: int) -> None:
-    client = TritonClient(triton_url)
+    client = TritonClient(triton_url, api_key=os.environ.get(API_KEY_ENV))
     image = np.full((1, size, size, 3), 114, np.uint8)
     print(f"\n== dynamic batching, direct to Triton, {requests} requests at concurrency "
           f"{concurrency} ==")
@@ -309,7 +310,7 @@ def main() -> int:
     gateway = None
     try:
         profile = asyncio.run(measure(triton.grpc_url, {m: SPECS[m].input_size for m in models},
-                                      batches=(1, 4), runs=20))
+                                      batches=(1, 4), runs=20, api_key=triton.api_key))
         profile_path = work / "profile.json"
         profile.save(profile_path)
         print("== latency profile (ms) ==")

@@ -320,7 +320,7 @@ def main() -> int:
     try:
         profile = work / "profile.json"
         asyncio.run(measure(servers[0].grpc_url, {MODEL: 512}, batches=(1, 2, 4, 8),
-                            runs=5)).save(profile)
+                            runs=5, api_key=servers[0].api_key)).save(profile)
         print(f"device: {args.device}" + (f" ({args.device_ms} ms)" if args.device == "emulated"
                                           else ""))
         probe = Deployment(servers[:1], 1, work / "probe", profile)

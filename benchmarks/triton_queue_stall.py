@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import statistics
@@ -29,6 +30,7 @@ from tierdet.build.models import build_model, default_home
 from tierdet.build.repository import render_config
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.stack import start_triton
+from tierdet.devstack.triton import API_KEY_ENV
 from tierdet.registry.specs import SPECS
 from tierdet.registry.trained import CHECKPOINTS
 from tierdet.serving.triton import TritonClient
@@ -46,7 +48,7 @@ def variants(container_config: str) -> dict[str, str]:
 
 
 async def measure(url: str, model: str, tensor: np.ndarray, rounds: int) -> list[float]:
-    client = TritonClient(url)
+    client = TritonClient(url, api_key=os.environ.get(API_KEY_ENV))
 
     async def one() -> float:
         await asyncio.sleep(random.random() * 0.03)
@@ -86,7 +88,8 @@ def main() -> None:
                     'parameters { key: "intra_op_threads" value { string_value: "0" } }',
                     'parameters { key: "intra_op_threads" value { string_value: "2" } }'))
                 # Explicit model control: loading again re-reads the config.
-                grpcclient.InferenceServerClient(server.grpc_url).load_model(spec.name)
+                grpcclient.InferenceServerClient(server.grpc_url).load_model(
+                    spec.name, headers=server.grpc_key_header())
                 ms = sorted(asyncio.run(measure(server.grpc_url, spec.name, tensor,
                                                 args.rounds)))
             finally:

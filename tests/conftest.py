@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,12 @@ import httpx
 import numpy as np
 import pytest
 from tierdet.devstack.stack import GatewayProcess, start_triton
-from tierdet.devstack.triton import LocalTriton
+from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
 
 REPO = Path(__file__).resolve().parents[1]
+# Triton's control plane is closed by default (devstack.triton): every Triton and
+# every gateway this test run starts share one key, as a `tierdet up` stack does.
+os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))
 TEST_MODEL = "efficientdet-d0"
 TEST_WEIGHTS = "random:0"
 
@@ -126,12 +130,19 @@ def busy_client(busy_gateway: GatewayProcess) -> Iterator[httpx.Client]:
         yield c
 
 
+def triton_key() -> dict[str, str]:
+    """The gRPC header of this run's key for Triton's restricted APIs."""
+    from tierdet.serving.triton import GRPC_KEY_HEADER
+
+    return {GRPC_KEY_HEADER: os.environ[API_KEY_ENV]}
+
+
 def regions_of(triton_url: str, gateway: GatewayProcess) -> list[str]:
     """The shared-memory regions Triton holds for ``gateway``'s process."""
     import tritonclient.grpc as triton_grpc
 
     with triton_grpc.InferenceServerClient(triton_url) as client:
-        status = client.get_system_shared_memory_status(as_json=True)
+        status = client.get_system_shared_memory_status(as_json=True, headers=triton_key())
     prefix = f"tierdet_{gateway.process.pid}_"
     return [name for name in status.get("regions", {}) if name.startswith(prefix)]
 

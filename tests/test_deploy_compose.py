@@ -357,7 +357,10 @@ def test_triton_restricts_the_api_groups_the_chart_restricts(name, tmp_path):
         "grpc-restricted-protocol": (",".join(chart["grpc"]), f"{chart['header']}=k3y"),
         "http-restricted-api": (",".join(chart["http"]), f"{chart['header']}=k3y"),
     }
-    assert _services()[name]["environment"]["TRITON_ADMIN_KEY"] == "${TRITON_ADMIN_KEY:-}"
+    # Required: compose refuses to start without it, and the gateway holds the same key.
+    required = "${TRITON_ADMIN_KEY:?set TRITON_ADMIN_KEY, the key of Triton's control plane}"
+    assert _services()[name]["environment"]["TRITON_ADMIN_KEY"] == required
+    assert _services()["gateway"]["environment"]["TIERDET_TRITON_API_KEY"] == required
 
 
 def test_the_triton_start_script_passes_shellcheck(tmp_path):

@@ -93,7 +93,8 @@ def container(variant: str, component: str, name: str | None = None) -> dict[str
 
 
 def env_of(c: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
+    """The literal values (a value from a Secret is known only in the cluster)."""
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
 
 
 def flags(args: list[str]) -> dict[str, list[str]]:
@@ -1023,20 +1024,25 @@ def test_every_triton_call_of_the_gateway_has_its_api_group():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_restricts_only_api_groups_the_gateway_never_calls(variant):
+def test_tritons_control_plane_is_closed_and_only_the_gateway_holds_the_key(variant):
+    from tierdet.serving.triton import API_KEY_HEADER, RESTRICTED_APIS
+
     triton = container(variant, "triton", "triton")
     restricted = _restrictions(triton["args"])
-    used = set(GATEWAY_TRITON_CALLS.values()) - {None}
-    # A restricted call without the header is UNAVAILABLE: to the gateway, Triton down.
-    assert restricted["grpc"][0] and not restricted["grpc"][0] & used
-    assert "model-repository" in restricted["http"][0]  # load/unload: HTTP only
-    assert "health" not in restricted["http"][0]  # kubelet's probes
+    # Load/unload, shared memory, statistics...: restricted on both protocols.
+    for protocol in ("grpc", "http"):
+        assert set(RESTRICTED_APIS) <= restricted[protocol][0], protocol
+    # The gateway's data path (gRPC health, inference) and kubelet's probes stay open.
+    assert not {"health", "inference"} & restricted["grpc"][0]
+    assert "health" not in restricted["http"][0]
     value = {e["name"]: e for e in triton["env"]}[ADMIN_VALUE_VAR[2:-1]]
     secret = one(variant, "Secret", "triton")
-    assert value["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
-                                                  "key": "header-value"}
+    ref = {"name": secret["metadata"]["name"], "key": "header-value"}
+    assert value["valueFrom"]["secretKeyRef"] == ref
     for _groups, header in restricted.values():
-        assert header == f"tierdet-admin={ADMIN_VALUE_VAR}"
+        assert header == f"{API_KEY_HEADER}={ADMIN_VALUE_VAR}"  # the header the gateway sends
+    gateway = {e["name"]: e for e in container(variant, "gateway")["env"]}
+    assert gateway["TIERDET_TRITON_API_KEY"]["valueFrom"]["secretKeyRef"] == ref
     generated = base64.b64decode(secret["data"]["header-value"]).decode()
     assert re.fullmatch(r"[A-Za-z0-9]{32}", generated)
 
@@ -1050,6 +1056,11 @@ def test_an_existing_admin_secret_replaces_the_generated_one():
     triton = next(c for c in deployment["spec"]["template"]["spec"]["containers"])
     value = {e["name"]: e for e in triton["env"]}[ADMIN_VALUE_VAR[2:-1]]
     assert value["valueFrom"]["secretKeyRef"] == {"name": "triton-admin", "key": "v"}
+    (gateway,) = [m for m in rendered if m["kind"] == "Deployment"
+                  and m["metadata"]["name"] == "tierdet-gateway"]
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TIERDET_TRITON_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "triton-admin", "key": "v"}
 
 
 def test_restrictions_can_be_lifted():
@@ -1061,6 +1072,10 @@ def test_restrictions_can_be_lifted():
     triton = deployment["spec"]["template"]["spec"]["containers"][0]
     assert not _restrictions(triton["args"])
     assert ADMIN_VALUE_VAR[2:-1] not in {e["name"] for e in triton["env"]}
+    (gateway,) = [m for m in rendered if m["kind"] == "Deployment"
+                  and m["metadata"]["name"] == "tierdet-gateway"]
+    env = {e["name"] for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "TIERDET_TRITON_API_KEY" not in env
 
 
 # One call of each group, over gRPC (client, headers) and HTTP (method, path).
@@ -1108,7 +1123,7 @@ def _grpc_refused(call: Any, client: Any, headers: dict[str, str] | None) -> boo
 def test_the_restrictions_parse_and_hold_on_tritonserver(tmp_path):
     """The chart's flags on the real tritonserver (the wheel's 2.51, the release of
     the chart's 24.10 image): each group is refused without the header exactly when
-    restricted, and answered with it; every group the gateway uses stays open."""
+    restricted, and answered with it; the gateway's data path (health, inference) stays open."""
     import httpx
     import tritonclient.grpc as triton_grpc
     from tierdet.devstack.stack import free_port
@@ -1121,7 +1136,7 @@ def test_the_restrictions_parse_and_hold_on_tritonserver(tmp_path):
     (tmp_path / "repository").mkdir()
     server = LocalTriton(tmp_path / "repository", tmp_path, http_port=free_port(),
                          grpc_port=free_port(), metrics_port=free_port(),
-                         log_path=tmp_path / "triton.log")
+                         log_path=tmp_path / "triton.log", api_key=None)
     # The devstack's flags (loopback, its backends), then the chart's restrictions.
     server.command = lambda: LocalTriton.command(server) + args  # type: ignore[method-assign]
     server.start()
@@ -1139,7 +1154,9 @@ def test_the_restrictions_parse_and_hold_on_tritonserver(tmp_path):
             with_header = httpx.request(method, server.http_url + path, timeout=5,
                                         headers={"tierdet-admin": value})
             assert with_header.status_code != 403, group
-        assert not {g for g in GATEWAY_TRITON_CALLS.values() if g} & restricted["grpc"][0]
+        # What the gateway calls with the key; its data path needs none.
+        used = {g for g in GATEWAY_TRITON_CALLS.values() if g}
+        assert used & restricted["grpc"][0] == used - {"health", "inference"}
     finally:
         client.close()
         server.stop()

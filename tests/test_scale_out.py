@@ -24,10 +24,13 @@ from tierdet.build.models import assemble
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 from tierdet.serving.pool import EndpointPool, Target
+from tierdet.serving.security import hash_key
 from tierdet.serving.triton import TritonClient
 from waiting import wait_until
 
 JPEG = encode(photos()["astronaut"])
+
+ADMIN = "admin-7c2e91"  # Triton addresses are on /metrics for the admin only
 
 
 def _start(repository, work) -> LocalTriton:
@@ -55,7 +58,8 @@ def pair(home, built_d0, tmp_path_factory):
 def pooled(pair, tmp_path_factory):
     """One gateway with both servers in its pool."""
     log = tmp_path_factory.mktemp("pooled") / "gateway.log"
-    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), log)
+    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), log,
+                              admin_key_sha256=hash_key(ADMIN))
     yield gw
     gw.stop()
 
@@ -86,7 +90,7 @@ def _flood(server: LocalTriton, n: int) -> concurrent.futures.Future:
 
 
 def test_the_pool_reports_every_endpoint(pooled, pair):
-    metrics = httpx.get(pooled.http + "/metrics").text
+    metrics = httpx.get(pooled.http + "/metrics", headers={"x-admin-key": ADMIN}).text
     for server in pair:
         assert f'tierdet_triton_endpoint_up{{endpoint="{server.grpc_url}"}} 1.0' in metrics
     models = httpx.get(pooled.http + "/v1/models").json()["models"]
@@ -169,7 +173,8 @@ def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_p
 
 def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_path):
     victim = pair[0]
-    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), tmp_path / "gateway.log")
+    gw = GatewayProcess.start(",".join(s.endpoint for s in pair), tmp_path / "gateway.log",
+                              admin_key_sha256=hash_key(ADMIN))
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             taken = _served(victim)
@@ -184,7 +189,8 @@ def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_pa
         victim.start()
         victim.wait_ready(120)
         wait_until(lambda: f'tierdet_triton_endpoint_up{{endpoint="{victim.grpc_url}"}} 1.0'
-                   in httpx.get(gw.http + "/metrics", timeout=10).text,
+                   in httpx.get(gw.http + "/metrics", headers={"x-admin-key": ADMIN},
+                                timeout=10).text,
                    "the gateway to take the restarted server back")
         # Back in the pool and idle like the other: of two requests in a row, the
         # one chosen least recently takes one.
@@ -209,7 +215,8 @@ def test_endpoints_join_and_leave_as_a_name_resolves(pair):
 
     def connect(target: Target) -> TritonClient:
         host = target.url.rsplit(":", 1)[0]
-        return TritonClient(addresses[host].grpc_url, shared_memory=False)
+        return TritonClient(addresses[host].grpc_url, shared_memory=False,
+                            api_key=addresses[host].api_key)
 
     async def scenario() -> list[dict[str, list[str]]]:
         pool = EndpointPool(connect, names=[("triton-headless", 8001)], resolve_s=0.01,

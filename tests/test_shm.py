@@ -64,7 +64,8 @@ def test_regions_are_reused_not_created_per_request(triton, gateway, client):
 def test_a_region_triton_cannot_map_is_refused_as_unmappable(triton):
     """What a Triton on another host answers: the key is not in its /dev/shm."""
     async def register() -> None:
-        client = TritonClient(triton.grpc_url, shared_memory=False)
+        client = TritonClient(triton.grpc_url, shared_memory=False,
+                              api_key=triton.server.api_key)
         try:
             await client._register("tierdet_test_absent", "/tierdet-no-such-region", 1 << 20)
         finally:

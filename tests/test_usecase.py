@@ -179,6 +179,52 @@ def test_admission_authenticates_rate_limits_and_authorizes(tmp_path):
     assert 'outcome="unauthorized"' in text and 'outcome="rate_limited"' in text
 
 
+def test_a_grant_holds_whatever_the_options_name(tmp_path):
+    (tmp_path / "tiers.yaml").write_text(
+        f"default: wide\ntiers:\n  narrow: {{budget_ms: 5000, models: [{D0}]}}\n"
+        f"  wide: {{budget_ms: 9000, models: [{D0}, {SHAPES}]}}\n")
+    keys = f"keys:\n  - {{name: app, sha256: {hash_key('secret')}, tiers: [narrow]}}\n"
+    detector, _ = _detector(tmp_path, keys, tiers_file=tmp_path / "tiers.yaml")
+    # No tier, or a bare budget: routed in the key's tier, never the default's models.
+    assert _detect(detector, _jpeg(64, 64), "secret").routing.tier == "narrow"
+    assert _detect(detector, _jpeg(64, 64), "secret", sla_ms=4000).model == D0
+    for options in ({"sla_ms": 600_000}, {"model": SHAPES}, {"tier": "wide"}):
+        with pytest.raises(ApiError) as info:
+            _detect(detector, _jpeg(64, 64), "secret", **options)
+        assert info.value.code is ErrorCode.FORBIDDEN, options
+    # Classes only the shapes model knows cannot lead out of the grant either.
+    with pytest.raises(ApiError) as info:
+        _detect(detector, _jpeg(64, 64), "secret", classes=["circle"])
+    assert info.value.code is ErrorCode.MODEL_NOT_READY  # none of its models has them
+
+
+def test_a_rate_counts_images_not_calls(tmp_path):
+    keys = f"keys:\n  - {{name: app, sha256: {hash_key('s')}, rate_per_s: 0.01, burst: 3}}\n"
+    detector, _ = _detector(tmp_path, keys)
+
+    async def three_images() -> list[str]:
+        caller = detector.admit("s", "http")  # one token: the first image's
+        codes = []
+        for item in range(4):
+            try:
+                await detector.detect(caller.restarted(item), _jpeg(64, 64), DetectOptions())
+                codes.append("ok")
+            except ApiError as exc:
+                codes.append(exc.code.value)
+        return codes
+
+    assert asyncio.run(three_images()) == ["ok", "ok", "ok", "rate_limited"]
+
+
+def test_an_unknown_tier_is_counted_under_one_label():
+    detector, _ = _detector()
+    for n in range(5):
+        with pytest.raises(ApiError):
+            _detect(detector, _jpeg(64, 64), tier=f"attacker-{n}")
+    text = generate_latest(detector.metrics.registry).decode()
+    assert "attacker" not in text and 'tier="invalid"' in text
+
+
 def test_a_failed_call_releases_its_device_ticket_and_is_counted():
     failing = FakeBackend({D0: D0_ROWS})
     detector, _ = _detector(backend=failing)
@@ -189,6 +235,17 @@ def test_a_failed_call_releases_its_device_ticket_and_is_counted():
     assert detector.router.latency.backlog_ms() == 0.0  # nothing left in flight
     text = generate_latest(detector.metrics.registry).decode()
     assert f'model="{D0}",outcome="error",protocol="http"' in text
+
+
+def test_server_paths_are_shown_to_the_admin_only():
+    backend = FakeBackend({D0: D0_ROWS, SHAPES: _rows()},
+                          {SHAPES: {"weights": "file /srv/tierdet/weights/x.pt"}})
+    detector, _ = _detector(backend=backend)
+    public = {m.name: m for m in detector.models().models}
+    admin = {m.name: m for m in detector.models(admin=True).models}
+    assert admin[SHAPES].weights == "file /srv/tierdet/weights/x.pt"
+    assert public[SHAPES].weights == "file x.pt"
+    assert public[D0].weights == admin[D0].weights  # nothing to hide in a seed
 
 
 def test_the_router_ranks_a_model_by_the_ap_its_weights_measured():

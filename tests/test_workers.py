@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import TEST_MODEL, encode, photos
+from conftest import TEST_MODEL, encode, photos, triton_key
 from prometheus_client.parser import text_string_to_metric_families
 from tierdet.devstack.stack import GatewayProcess
 from tierdet.proto import detection_pb2 as pb
@@ -78,7 +78,8 @@ def regions_by_worker(triton_url: str, pids: set[int]) -> dict[int, int]:
     import tritonclient.grpc as triton_grpc
 
     with triton_grpc.InferenceServerClient(triton_url) as client:
-        names = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+        names = client.get_system_shared_memory_status(as_json=True,
+                                                       headers=triton_key()).get("regions", {})
     return {pid: sum(name.startswith(f"tierdet_{pid}_") for name in names) for pid in pids}
 
 

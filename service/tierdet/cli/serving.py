@@ -60,7 +60,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                               threads=args.threads)
         url = server.grpc_url
     try:
-        profile = asyncio.run(measure(url, sizes, batches, runs=args.runs))
+        key = server.api_key if server is not None else load_settings().triton_api_key
+        profile = asyncio.run(measure(url, sizes, batches, runs=args.runs, api_key=key))
     finally:
         if server is not None:
             server.stop()

@@ -40,6 +40,7 @@ class ErrorCode(str, Enum):
     INFERENCE_FAILED = "inference_failed"
     INTERNAL = "internal_error"
     CANCELLED = "cancelled"
+    REQUEST_TIMEOUT = "request_timeout"
 
     @property
     def kind(self) -> ErrorKind:
@@ -111,6 +112,10 @@ KINDS: dict[ErrorCode, ErrorKind] = {
         499, "CANCELLED", "timeout",
         "the caller went away (or its gRPC deadline passed) before the answer: nothing is "
         "sent, the access log and metrics say so"),
+    ErrorCode.REQUEST_TIMEOUT: ErrorKind(
+        408, "DEADLINE_EXCEEDED", "bad_input",
+        "the caller sent too slowly: a body not in full within `TIERDET_BODY_TIMEOUT_S`, "
+        "or no stream frame for `TIERDET_STREAM_IDLE_S`"),
 }
 
 

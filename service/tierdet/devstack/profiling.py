@@ -12,14 +12,16 @@ from tierdet.serving.triton import TritonClient
 
 
 async def measure(triton_url: str, models: dict[str, int], batches: tuple[int, ...] = (1, 2, 4, 8),
-                  runs: int = 10, warmup: int = 2) -> LatencyProfile:
+                  runs: int = 10, warmup: int = 2, api_key: str | None = None
+                  ) -> LatencyProfile:
     """Median latency per (model, batch) through Triton, one request at a time.
 
     ``models`` maps model name -> input size. Inputs are mid-grey images:
     the graphs' cost does not depend on pixel values except for NMS, which
-    is bounded by the fixed top-k.
+    is bounded by the fixed top-k. ``api_key``: Triton's restricted-API key, so
+    inputs go through shared memory as the gateway sends them.
     """
-    client = TritonClient(triton_url)
+    client = TritonClient(triton_url, api_key=api_key)
     profile = LatencyProfile(machine=machine_id())
     try:
         for name, size in models.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,11 +29,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tierdet.serving.backend import QueueReport
-from tierdet.serving.triton import queue_report
+from tierdet.serving.triton import (
+    API_KEY_HEADER,
+    GRPC_KEY_HEADER,
+    queue_report,
+    restricted_api_args,
+)
+
+# The local stack's key for Triton's restricted APIs, kept in this process's
+# environment: every server and every gateway process started from one test
+# run, benchmark or shell share it (a gateway reads it as a setting).
+API_KEY_ENV = "TIERDET_TRITON_API_KEY"
 
 
 class TritonError(RuntimeError):
     pass
+
+
+def local_api_key() -> str:
+    """``$TIERDET_TRITON_API_KEY``; unset, a new random key, set there for the
+    gateways this process starts."""
+    if not os.environ.get(API_KEY_ENV):
+        os.environ[API_KEY_ENV] = secrets.token_urlsafe(24)
+    return os.environ[API_KEY_ENV]
 
 
 def _pytriton_root() -> Path:
@@ -86,6 +105,9 @@ class LocalTriton:
     models: list[str] = field(default_factory=list)
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)  # e.g. --trace-config ...
+    # Model control, shared memory, statistics...: only with this key (see
+    # serving.triton); None opens them to anyone who reaches the ports.
+    api_key: str | None = field(default_factory=local_api_key, repr=False)
     process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -105,6 +127,8 @@ class LocalTriton:
             "--log-verbose=0",
         ]
         cmd += [f"--load-model={m}" for m in self.models]
+        if self.api_key:
+            cmd += restricted_api_args(self.api_key)
         return cmd + self.extra_args
 
     def start(self) -> None:
@@ -156,13 +180,21 @@ class LocalTriton:
     def model_states(self) -> dict[str, str]:
         """Model -> Triton state (READY, UNAVAILABLE, LOADING, ...); {} if unreachable."""
         request = urllib.request.Request(self.http_url + "/v2/repository/index", data=b"{}",
-                                         method="POST")
+                                         method="POST", headers=self.key_header())
         try:
             with urllib.request.urlopen(request, timeout=2.0) as resp:
                 index = json.loads(resp.read())
         except (OSError, ValueError):
             return {}
         return {m["name"]: m.get("state", "") for m in index}
+
+    def key_header(self) -> dict[str, str]:
+        """The HTTP header Triton's restricted APIs want (none when they are open)."""
+        return {API_KEY_HEADER: self.api_key} if self.api_key else {}
+
+    def grpc_key_header(self) -> dict[str, str]:
+        """The same over gRPC (tritonclient's ``headers=``)."""
+        return {GRPC_KEY_HEADER: self.api_key} if self.api_key else {}
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict[str, bool]:
         """Wait until the server is live and every model has loaded or failed."""

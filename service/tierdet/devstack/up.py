@@ -76,7 +76,8 @@ async def run_stack(settings: Settings, models: list[str], source: WeightsSource
     stop = asyncio.Event()
     try:
         settings = settings.model_copy(update={
-            "triton_url": triton.endpoint, "models": tuple(b.spec.name for b in built),
+            "triton_url": triton.endpoint, "triton_api_key": triton.api_key,
+            "models": tuple(b.spec.name for b in built),
             "cards": tuple(cards),
             "profile_file": profile_path if profile.models else None})
         supervisor = asyncio.create_task(supervise(triton, stop))

@@ -1,5 +1,11 @@
 """gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), plus
-standard health and reflection."""
+standard health and reflection.
+
+Only Detector calls count against ``TIERDET_MAX_CONCURRENCY`` (beyond it:
+RESOURCE_EXHAUSTED ``overloaded``): health and reflection need no key, so
+they must not be able to take the slots detection needs. A DetectStream
+that sends no frame for ``TIERDET_STREAM_IDLE_S`` while the gateway waits
+for one is ended (DEADLINE_EXCEEDED ``request_timeout``)."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +36,7 @@ from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
 
 log = logging.getLogger("tierdet.grpc")
+T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
 
 
@@ -54,6 +62,8 @@ def _deadline_ms(context: grpc.aio.ServicerContext) -> float | None:
 class DetectorServicer(pb_grpc.DetectorServicer):
     def __init__(self, detector: Detector) -> None:
         self.detector = detector
+        self.limit = detector.settings.max_concurrency
+        self.active = 0  # Detector calls in progress
         registry = detector.metrics.registry
         self.frames_held = Gauge(
             "tierdet_stream_frames_held", "Frames read from DetectStream calls and not yet "
@@ -71,20 +81,27 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                              carrier.get("traceparent")) as call, \
                 tracing.server_span(f"Detector/{method}", carrier):
             context.set_trailing_metadata(tuple(call.ids()))
+            self.active += 1
             try:
                 yield call
             except asyncio.CancelledError:  # the client went away, or its deadline passed
                 call.code = ErrorCode.CANCELLED.value
                 raise
             finally:
+                self.active -= 1
                 status = "OK" if call.code == "ok" else ErrorCode(call.code).kind.grpc_status
                 access.ended(call, status, self.detector.access)
 
     def _admit(self, context: grpc.aio.ServicerContext,
                received: float | None = None) -> Caller:
+        """The call's concurrency slot (taken by ``_call``), then its key."""
+        if self.active > self.limit:  # this call is one too many
+            self.detector.metrics.observe_failure("grpc", None, "none", "shed")
+            raise ApiError(ErrorCode.OVERLOADED, "the gateway is serving all the calls it may "
+                           "at once (TIERDET_MAX_CONCURRENCY)", retry_after_s=1.0)
         return self.detector.admit(bearer(_metadata(context, "authorization"),
                                           _metadata(context, "x-api-key")), "grpc",
-                                   received, _deadline_ms(context))
+                                   received, _deadline_ms(context), _peer_address(context))
 
     async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
@@ -117,10 +134,13 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                 async def frame(f: pb.DetectFrame) -> pb.DetectFrameResult:
                     return wire.frame_to_message(await self._frame(f, caller))
 
-                async for result in ordered_map(aiter(request_iterator), frame,
+                frames = _until_idle(request_iterator, self.detector.settings.stream_idle_s)
+                async for result in ordered_map(frames, frame,
                                                 self.detector.settings.stream_max_inflight,
                                                 self.frames_held):
                     yield result
+            except ApiError as exc:  # the stream itself failed (idle too long)
+                await grpc_abort(context, exc)
             finally:
                 self.streams_open.dec()
                 memory.release_freed_soon()  # the stream's frames, freed in gRPC's threads
@@ -157,6 +177,31 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             return wire.to_message(self.detector.models(), pb.ListModelsResponse())
 
 
+def _peer_address(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller's address as HTTP names it (``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``,
+    ``ipv6:[::1]:5678`` -> ``::1``), so a source has one count of failed keys."""
+    kind, _, rest = (context.peer() or "").partition(":")
+    if kind not in ("ipv4", "ipv6") or ":" not in rest:
+        return rest or None  # unix sockets and the like: as given
+    return rest.rsplit(":", 1)[0].strip("[]")
+
+
+async def _until_idle(frames: AsyncIterator[T], idle_s: float) -> AsyncIterator[T]:
+    """``frames``, or ApiError ``request_timeout`` once a wait for the next one
+    passes ``idle_s`` (only while one is waited for: a stream held back by the
+    gateway's own bound is not idle)."""
+    source = aiter(frames)
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(source), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(ErrorCode.REQUEST_TIMEOUT,
+                           f"no frame came for {idle_s:g} s (TIERDET_STREAM_IDLE_S)") from None
+        yield item
+
+
 def create_grpc_server(
     detector: Detector, address: str, credentials: grpc.ServerCredentials | None = None,
     share_port: bool = False,
@@ -171,7 +216,7 @@ def create_grpc_server(
         ("grpc.max_receive_message_length", settings.max_image_bytes + 64 * 1024),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ("grpc.so_reuseport", 1 if share_port else 0),
-    ], maximum_concurrent_rpcs=settings.max_concurrency)
+    ])  # Detector calls are bounded by the servicer: health and reflection are not
     pb_grpc.add_DetectorServicer_to_server(DetectorServicer(detector), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

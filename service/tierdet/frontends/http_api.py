@@ -23,6 +23,7 @@ from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.results import BatchResult, DetectResult, ErrorReply, ModelsInfo
 from tierdet.frontends.batch import run_batch
 from tierdet.frontends.errors import http_response, invalid_option
+from tierdet.frontends.hardening import BodyDeadline, SafeHeaders
 from tierdet.frontends.http_requests import (
     DetectBatchJsonRequest,
     DetectJsonRequest,
@@ -33,7 +34,7 @@ from tierdet.frontends.http_requests import (
 )
 from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, DrainBody, RequestContext
 from tierdet.serving import decoding, render
-from tierdet.serving.security import bearer
+from tierdet.serving.security import AdminKey, bearer
 from tierdet.serving.settings import Settings
 from tierdet.serving.usecase import Caller, Detector
 
@@ -51,7 +52,7 @@ _NOT_OPTIONS = frozenset({"render"})
 # Options that set a request's budget: in the query string, a refusal needs no body.
 _BUDGET_FIELDS = frozenset({"sla_ms", "tier", "model"})
 
-_ERROR_STATUSES = (400, 401, 403, 413, 415, 422, 429, 502, 503, 504)
+_ERROR_STATUSES = (400, 401, 403, 408, 413, 415, 422, 429, 502, 503, 504)
 _ERRORS: dict[int | str, dict[str, object]] = {s: {"model": ErrorReply}
                                                 for s in _ERROR_STATUSES}
 _IMAGE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
@@ -112,20 +113,29 @@ def create_app(detector: Detector) -> FastAPI:
     app = FastAPI(
         title="tierdet", version=__version__,
         description="Object detection that answers within your latency budget.",
+        # The interactive docs load their scripts from a CDN: off unless asked for.
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
         **_NO_NATIVE_TELEMETRY,
     )
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency,
                        units_for=request_units(settings),
                        refused=lambda: detector.metrics.observe_failure(
                            "http", None, "none", "shed"))
     app.add_middleware(RequestContext, log=detector.access)  # ids on every answer
-    app.add_middleware(DrainBody)  # outermost: every answer arrives, refusals too
+    app.add_middleware(DrainBody)  # every answer arrives, refusals too
+    app.add_middleware(SafeHeaders)  # outermost: on every answer, errors included
 
     def _admit(request: Request) -> Caller:
         """API key check and rate limit, before any body is read."""
         return detector.admit(bearer(request.headers.get("authorization"),
-                                     request.headers.get("x-api-key")), "http")
+                                     request.headers.get("x-api-key")), "http",
+                              source=request.client.host if request.client else None)
+
+    def _is_admin(request: Request) -> bool:
+        return detector.admin.allows(request.headers.get(AdminKey.HEADER))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -181,7 +191,7 @@ def create_app(detector: Detector) -> FastAPI:
     @app.get("/v1/models", response_model=ModelsInfo, summary="Models, tiers, readiness")
     async def models(request: Request) -> ModelsInfo:
         _admit(request)
-        return detector.models()
+        return detector.models(admin=_is_admin(request))
 
     @app.get("/healthz", summary="The gateway process is alive")
     async def healthz() -> dict[str, str]:
@@ -196,8 +206,10 @@ def create_app(detector: Detector) -> FastAPI:
         return JSONResponse({"status": "ready", "models": detector.catalog.ready_models()})
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(detector.metrics.exposition(),
+    async def metrics(request: Request) -> Response:
+        # Triton's addresses only for the admin; others see a stable alias of each.
+        alias = None if _is_admin(request) else detector.endpoint_alias_key
+        return Response(detector.metrics.exposition(alias),
                         media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

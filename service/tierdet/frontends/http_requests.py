@@ -76,6 +76,8 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
+    except RecursionError:  # the parser's own bound on nesting: a bad body, not a bug
+        raise ApiError(ErrorCode.INVALID_JSON, "the JSON body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise ApiError(ErrorCode.INVALID_JSON, "the JSON body must be an object")
     return payload

@@ -20,6 +20,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health
 
+from tierdet.frontends.connections import head_deadline_protocol
 from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
 from tierdet.frontends.workers import Job, listen_shared, run_workers
@@ -92,7 +93,7 @@ def triton_pool(settings: Settings) -> EndpointPool:
     """The Triton endpoints ``TIERDET_TRITON_URL`` names, one client each."""
     def connect(target: Target) -> TritonClient:
         return TritonClient(target.url, settings.triton_shared_memory,
-                            settings.triton_keepalive_ms)
+                            settings.triton_keepalive_ms, settings.triton_api_key)
 
     return EndpointPool.from_spec(settings.triton_url, connect, settings.triton_metrics_port,
                                   settings.triton_resolve_s)
@@ -169,6 +170,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         # Requests are bounded by the app (ConcurrencyLimit, a JSON 503); uvicorn's
         # bound counts connections, idle keep-alive ones too: a backstop only.
         lifespan="off", limit_concurrency=4 * settings.max_concurrency + 64,
+        # No banner; a request head must arrive in time (connections).
+        server_header=False, http=head_deadline_protocol(settings.header_timeout_s),
         ssl_certfile=str(settings.tls_cert_file) if tls else None,
         ssl_keyfile=str(settings.tls_key_file) if tls else None))
     sockets = [listen_shared(settings.http_host, settings.http_port)] if job else None

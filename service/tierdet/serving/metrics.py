@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway: stable names, low-cardinality labels.
 
 Labels only take values from closed sets: protocol (http, grpc), tier
-(configured names, or "none" for pinned models and bare budgets), model
+(configured names, "none" for pinned models and bare budgets, and "invalid"
+for any other name a caller sent: ``Metrics.tiers`` holds the configured
+ones, so a caller cannot add series by inventing tiers), model
 (registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
 rate_limited), stage.
 
@@ -14,7 +16,10 @@ histograms add up over workers, gauges say how they combine
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Final
 
@@ -31,11 +36,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0
 RATIO_BUCKETS = (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
 OUTCOMES = ("ok", "bad_input", "shed", "timeout", "error", "unauthorized", "rate_limited")
 NO_TIER = "none"
+INVALID_TIER = "invalid"  # the label of every tier name that is not configured
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How a gauge combines over workers: facts every worker reads alike (readiness,
 # AP) take the latest write; what each worker holds (requests in flight) adds up.
 SAME: Final = "mostrecent"
 ADDS_UP: Final = "livesum"
+_ENDPOINT_LABEL = re.compile(rb'endpoint="((?:[^"\\]|\\.)*)"')
 
 
 class TritonBatchCollector(Collector):
@@ -64,8 +71,12 @@ class TritonBatchCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 tiers: frozenset[str] | None = None) -> None:
+        """``tiers``: the configured tier names (None: any name is a label; the
+        use case sets them once the tiers are loaded)."""
         self.registry = registry or CollectorRegistry()
+        self.tiers = tiers
         r = self.registry
         self.triton_batches = TritonBatchCollector()
         r.register(self.triton_batches)
@@ -132,17 +143,24 @@ class Metrics:
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
             ["endpoint", "outcome"], registry=r)
 
-    def exposition(self) -> bytes:
+    def exposition(self, alias_key: bytes | None = None) -> bytes:
         """The text a scrape gets: this process's registry, or with workers every
         worker's values (and this process's Triton batch statistics, which every
-        worker polls alike)."""
+        worker polls alike). ``alias_key``: Triton's addresses (the ``endpoint``
+        label) are shown as a keyed hash of themselves (stable, so per-endpoint
+        series and alerts still work, but no address); None: as they are."""
         directory = os.environ.get(MULTIPROC_ENV)
         if not directory:
-            return generate_latest(self.registry)
-        merged = CollectorRegistry()
-        MultiProcessCollector(merged, directory)
-        merged.register(self.triton_batches)
-        return generate_latest(merged)
+            text = generate_latest(self.registry)
+        else:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, directory)
+            merged.register(self.triton_batches)
+            text = generate_latest(merged)
+        if alias_key is None:
+            return text
+        return _ENDPOINT_LABEL.sub(lambda m: b'endpoint="triton-' + hmac.new(
+            alias_key, m.group(1), hashlib.sha256).hexdigest()[:12].encode() + b'"', text)
 
     def set_accuracy(self, records: list[EvalRecord]) -> None:
         for (model, tier, dataset, source), (latest, previous) in \
@@ -161,7 +179,7 @@ class Metrics:
 
     def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
                    stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:
-        tier = tier or NO_TIER
+        tier = self.tier_label(tier)
         self.requests.labels(protocol, tier, model, "ok").inc()
         self.latency.labels(protocol, model).observe(total_s)
         self.images.labels(model).inc()
@@ -172,6 +190,14 @@ class Metrics:
             self.stage.labels(stage, model).observe(seconds)
 
     def observe_failure(self, protocol: str, tier: str | None, model: str, outcome: str) -> None:
-        self.requests.labels(protocol, tier or NO_TIER, model, outcome).inc()
+        tier = self.tier_label(tier)
+        self.requests.labels(protocol, tier, model, outcome).inc()
         if outcome in ("shed", "timeout", "error"):
-            self.slo.labels(tier or NO_TIER, "missed").inc()
+            self.slo.labels(tier, "missed").inc()
+
+    def tier_label(self, tier: str | None) -> str:
+        """The label of ``tier`` as a caller gave it: never a name that is not
+        configured (the request may be refused for it, but counted under one label)."""
+        if tier is None:
+            return NO_TIER
+        return tier if self.tiers is None or tier in self.tiers else INVALID_TIER

@@ -118,6 +118,8 @@ class RouteRequest:
     tier: str | None = None
     sla_ms: float | None = None
     deadline_ms: float | None = None  # e.g. the gRPC call deadline, from now
+    # The only models it may be routed to (an API key's grant); None: any.
+    allowed: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -542,9 +544,12 @@ class Router:
     def _candidates(self, req: RouteRequest, tier: Tier | None, ready: Placement
                     ) -> list[str]:
         if req.model is not None:
+            if req.allowed is not None and req.model not in req.allowed:
+                raise ApiError(ErrorCode.FORBIDDEN, f"model {req.model} is outside the grant")
             return [req.model]
         allowed = tier.models if tier and tier.models else tuple(ready)
-        candidates = [m for m in allowed if m in ready and m in self.ap]
+        candidates = [m for m in allowed if m in ready and m in self.ap
+                      and (req.allowed is None or m in req.allowed)]
         if not candidates:
             raise ApiError(ErrorCode.MODEL_NOT_READY, "no model is ready for this request",
                            retry_after_s=2.0)

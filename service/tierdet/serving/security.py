@@ -1,4 +1,4 @@
-"""API keys and per-key rate limits.
+"""API keys, their grants, per-key rate limits, and the admin credential.
 
 Keys are configured as sha256 hashes (the service never stores a key), and
 a presented key is compared against every stored hash with
@@ -8,6 +8,13 @@ for a tier or model it is not allowed; 429: over its rate, with the time
 until its next token as Retry-After. With several gateway workers the
 buckets live in one file every worker maps (``SharedBuckets``), so a key's
 rate holds for the gateway, not for each worker.
+
+A grant confines the routing request itself (``KeyRing.confine``), whatever
+the request names: the use case applies it to every image on every surface.
+A key's rate counts images: the admission's token pays for the first, each
+further image of a batch or stream takes its own (``Allowance``). Failed key
+attempts are throttled per source address (``FailedAttempts``). The admin
+credential (``AdminKey``) is a separate secret, never a caller's API key.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.serving.routing import RouteRequest, TierConfig
 
 
 @dataclass(frozen=True)
@@ -155,13 +163,32 @@ class KeyRing:
         return found
 
     @staticmethod
-    def authorize(key: ApiKey | None, tier: str | None, model: str | None) -> None:
-        if key is None:
-            return
-        if key.tiers and tier is not None and tier not in key.tiers:
-            raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} may not use tier {tier}")
-        if key.models and model is not None and model not in key.models:
-            raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} may not use model {model}")
+    def confine(key: ApiKey | None, request: RouteRequest, tiers: TierConfig) -> RouteRequest:
+        """``request`` as ``key``'s grant lets it be routed, or ApiError 403.
+
+        A key granted tiers is always routed in one of them: a request naming
+        no tier gets the gateway's default if granted, else the key's first; a
+        pinned model or a bare ``sla_ms`` no longer leaves the tier (its budget,
+        priority and model list apply), and ``sla_ms`` may not exceed the
+        tier's budget. A key granted models is routed among those only. The
+        result's ``allowed`` is what the router may pick from (classes can only
+        narrow it further)."""
+        if key is None or not (key.tiers or key.models):
+            return request
+        tier_name, allowed = request.tier, key.models
+        if key.tiers:
+            tier_name = _granted_tier(key, request.tier, tiers)
+            tier = tiers.tiers[tier_name]
+            if request.sla_ms is not None and request.sla_ms > tier.budget_ms:
+                raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} may not ask for more "
+                               f"than tier {tier_name}'s {tier.budget_ms:g} ms")
+            if tier.models:
+                allowed = (tuple(m for m in tier.models if m in key.models) if key.models
+                           else tier.models)
+        if request.model is not None and allowed and request.model not in allowed:
+            raise ApiError(ErrorCode.FORBIDDEN,
+                           f"key {key.name} may not use model {request.model}")
+        return replace(request, tier=tier_name, allowed=allowed or None)
 
     def take(self, key: ApiKey | None, now: float | None = None) -> None:
         """Spend one token of ``key``'s bucket, or ApiError 429 with Retry-After."""
@@ -185,6 +212,43 @@ class KeyRing:
                        "requests/s", retry_after_s=max(1.0, math.ceil(wait)))
 
 
+def _granted_tier(key: ApiKey, asked: str | None, tiers: TierConfig) -> str:
+    """The tier a request of ``key`` runs in: the one it asked for if granted
+    (an unknown name is the router's 422), else the default or the key's first."""
+    if asked is not None:
+        if asked in tiers.tiers and asked not in key.tiers:
+            raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} may not use tier {asked}")
+        if asked in key.tiers:
+            return asked
+        raise ApiError(ErrorCode.UNKNOWN_TIER, f"unknown tier {asked!r}; tiers: "
+                       f"{', '.join(sorted(tiers.tiers))}")
+    if tiers.default in key.tiers:
+        return tiers.default
+    for name in key.tiers:
+        if name in tiers.tiers:
+            return name
+    raise ApiError(ErrorCode.FORBIDDEN, f"key {key.name} is granted no configured tier")
+
+
+class Allowance:
+    """The tokens a call has paid for and not used: admission pays for one
+    image (a single detect's), so each further image of the call (a batch's,
+    a stream's frames) takes a token of its own. Shared by every piece of
+    work of one call."""
+
+    def __init__(self, prepaid: int = 1) -> None:
+        self._prepaid = prepaid
+        self._lock = threading.Lock()
+
+    def use(self) -> bool:
+        """True if a prepaid token covers one more image (and spends it)."""
+        with self._lock:
+            if self._prepaid > 0:
+                self._prepaid -= 1
+                return True
+            return False
+
+
 def bearer(authorization: str | None, api_key_header: str | None) -> str | None:
     """The presented key from ``Authorization: Bearer <key>`` or ``X-API-Key``."""
     if api_key_header:
@@ -192,3 +256,73 @@ def bearer(authorization: str | None, api_key_header: str | None) -> str | None:
     if authorization and authorization[:7].lower() == "bearer ":
         return authorization[7:].strip()
     return None
+
+
+class AdminKey:
+    """The admin credential: one secret, configured as its sha256 (never a
+    caller's API key, which it is not compared with). It unlocks what only an
+    operator may see (server paths, Triton addresses) and is the one check any
+    admin surface makes (``allows``). Unset: nobody is admin."""
+
+    HEADER = "x-admin-key"
+
+    def __init__(self, sha256: str | None) -> None:
+        self._digest = sha256.lower().encode() if sha256 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._digest is not None
+
+    def allows(self, presented: str | None) -> bool:
+        """True for the admin credential (constant time in what was presented)."""
+        if self._digest is None or not presented:
+            return False
+        return hmac.compare_digest(hash_key(presented.strip()).encode(), self._digest)
+
+
+class FailedAttempts:
+    """Failed API-key attempts per source address, in a sliding window: after
+    ``limit`` in ``window_s`` the source is refused (429, before its key is even
+    checked, a right one included) until the oldest failure leaves the window.
+    ``limit`` 0: no throttle. The table is bounded: at ``max_sources`` the
+    sources whose failures all left the window are forgotten first."""
+
+    def __init__(self, limit: int, window_s: float = 60.0, max_sources: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_sources = max_sources
+        self._seen: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, source: str | None, now: float | None = None) -> None:
+        """ApiError 429 while ``source`` is over its failures."""
+        if not self.limit or source is None:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = self._recent(source, now)
+        if len(recent) >= self.limit:
+            wait = recent[0] + self.window_s - now
+            raise ApiError(ErrorCode.RATE_LIMITED, "too many failed API key attempts from "
+                           "this address", retry_after_s=max(1.0, math.ceil(wait)))
+
+    def failed(self, source: str | None, now: float | None = None) -> None:
+        if not self.limit or source is None:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if source not in self._seen and len(self._seen) >= self.max_sources:
+                self._forget(now)
+            recent = self._recent(source, now)
+            recent.append(now)
+            del recent[:-self.limit]  # only the last ``limit`` can matter
+            self._seen[source] = recent
+
+    def _recent(self, source: str, now: float) -> list[float]:
+        return [t for t in self._seen.get(source, ()) if now - t < self.window_s]
+
+    def _forget(self, now: float) -> None:
+        for source in [s for s, ts in self._seen.items() if not self._recent(s, now)]:
+            del self._seen[source]
+        while len(self._seen) >= self.max_sources:  # all still failing: oldest first
+            del self._seen[next(iter(self._seen))]

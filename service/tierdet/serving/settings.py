@@ -87,6 +87,31 @@ class Settings(BaseModel):
         "folder of `tierdet eval --out` report files, exported as AP gauges and `measured_ap`"))
     api_keys_file: Path | None = Field(None, description=(
         "API keys as sha256 hashes (YAML, see Security); unset: open"))
+    failed_key_limit: int = Field(10, ge=0, description=(
+        "failed API-key attempts one source address may make in a minute; beyond it the "
+        "address gets 429 `rate_limited` (a right key too) until a minute after its oldest "
+        "failure; 0: no throttle"))
+    admin_key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description=(
+        "sha256 of the admin credential (sent as `X-Admin-Key`; never an API key): only "
+        "with it do `/v1/models` show server paths and load errors and `/metrics` Triton's "
+        "addresses; unset: nobody sees them"))
+    triton_api_key: str | None = Field(None, description=(
+        "the key Triton's restricted APIs (model control, config, shared memory, "
+        "statistics) want in the `tierdet-admin` header (gRPC: "
+        "`triton-grpc-protocol-tierdet-admin`): the gateway sends it on its own calls "
+        "(`tierdet up` makes one; the chart and compose take it from a secret)"))
+    docs_enabled: bool = Field(False, description=(
+        "serve the interactive API docs (`/docs`, `/redoc`: their scripts come from a CDN); "
+        "the OpenAPI document (`/openapi.json`) is served either way"))
+    header_timeout_s: float = Field(10.0, gt=0, description=(
+        "an HTTP connection must send a whole request head within this, from when it opens "
+        "or its last answer ends; else it is closed"))
+    body_timeout_s: float = Field(30.0, gt=0, description=(
+        "an HTTP request body must arrive in full within this, from the end of its head; "
+        "else 408 `request_timeout`"))
+    stream_idle_s: float = Field(30.0, gt=0, description=(
+        "a DetectStream that sends no frame for this long is ended with DEADLINE_EXCEEDED "
+        "`request_timeout`"))
     tls_cert_file: Path | None = Field(None, description="TLS certificate for HTTP and gRPC")
     tls_key_file: Path | None = Field(None, description="its private key")
     max_concurrency: int = Field(256, ge=1, description=(

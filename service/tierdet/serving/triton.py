@@ -1,10 +1,20 @@
 """The gateway's only door to Triton: async gRPC, errors mapped to ApiError.
 
-``TritonClient`` is the real ``tierdet.serving.backend.Backend``."""
+``TritonClient`` is the real ``tierdet.serving.backend.Backend``.
+
+Triton's control plane is closed to everyone but the gateway: its model
+control (load, unload: a load can carry files that run code), model config,
+shared-memory, statistics, trace and logging APIs answer only calls that
+carry ``API_KEY_HEADER`` (over gRPC ``GRPC_KEY_HEADER``) with the
+deployment's key (``restricted_api_args`` are the tritonserver flags, the
+one definition the local stack uses and the chart and compose mirror); the
+gateway sends it on its own such calls.
+Inference, health and metadata stay open to whoever reaches the port."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import httpx
@@ -19,7 +29,19 @@ from tierdet.serving import tracing
 from tierdet.serving.backend import QueueReport, Served
 from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
+log = logging.getLogger("tierdet.triton")
 KEEPALIVE_MS = 10_000
+API_KEY_HEADER = "tierdet-admin"  # over HTTP; gRPC metadata: GRPC_KEY_HEADER
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"  # Triton's prefix for gRPC
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace",
+                   "logging")
+
+
+def restricted_api_args(key: str) -> list[str]:
+    """tritonserver flags that restrict ``RESTRICTED_APIS`` to callers sending
+    ``key`` in ``API_KEY_HEADER`` (gRPC: ``GRPC_KEY_HEADER``), over HTTP and gRPC."""
+    spec = f"{','.join(RESTRICTED_APIS)}:{API_KEY_HEADER}={key}"
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
 
 
 def channel_args(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
@@ -108,8 +130,11 @@ def _to_api_error(exc: InferenceServerException, model: str) -> ApiError:
 
 class TritonClient:
     def __init__(self, url: str, shared_memory: bool = True,
-                 keepalive_ms: int = KEEPALIVE_MS) -> None:
+                 keepalive_ms: int = KEEPALIVE_MS, api_key: str | None = None) -> None:
+        """``api_key``: what Triton's restricted APIs want (None: sent nothing)."""
         self.url = url
+        self._key = {GRPC_KEY_HEADER: api_key} if api_key else None
+        self._said_refused = False
         self._client = triton_aio.InferenceServerClient(
             url, channel_args=channel_args(keepalive_ms))
         self.shm = SharedMemoryPool(self._register) if shared_memory else None
@@ -120,8 +145,8 @@ class TritonClient:
         if self.shm is not None:
             for name in self.shm.registered():
                 with contextlib.suppress(InferenceServerException):
-                    await self._client.unregister_system_shared_memory(name,
-                                                                       client_timeout=1.0)
+                    await self._client.unregister_system_shared_memory(
+                        name, headers=self._key, client_timeout=1.0)
             self.shm.close()
         if self._http is not None:
             await self._http.aclose()
@@ -137,7 +162,7 @@ class TritonClient:
 
     async def _register(self, name: str, key: str, size: int) -> None:
         try:
-            await self._client.register_system_shared_memory(name, key, size,
+            await self._client.register_system_shared_memory(name, key, size, headers=self._key,
                                                              client_timeout=2.0)
         except InferenceServerException as exc:
             if _unreachable(exc):
@@ -210,14 +235,27 @@ class TritonClient:
     async def repository_models(self, timeout_s: float = 2.0) -> dict[str, tuple[str, str]]:
         """Model name -> (state, reason) as Triton reports it: READY, UNAVAILABLE
         (with the load error as reason), LOADING, ..."""
-        index = await self._client.get_model_repository_index(as_json=True,
-                                                              client_timeout=timeout_s)
+        try:
+            index = await self._client.get_model_repository_index(
+                as_json=True, headers=self._key, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            self._say_if_refused(exc)
+            raise
         return {m["name"]: (m.get("state", ""), m.get("reason", ""))
                 for m in index.get("models", [])}
 
+    def _say_if_refused(self, exc: InferenceServerException) -> None:
+        """Log, once, that Triton refuses this gateway's key: to the gateway that
+        looks like a Triton that is down, and the operator must learn why."""
+        if "restricted" in (exc.message() or "") and not self._said_refused:
+            self._said_refused = True
+            log.error("triton %s refuses the gateway's calls to its restricted APIs: "
+                      "TIERDET_TRITON_API_KEY is %s", self.url,
+                      "wrong" if self._key else "not set")
+
     async def batch_executions(self, model: str, timeout_s: float = 2.0) -> dict[int, int]:
         """Cumulative executions per batch size for ``model`` (statistics API)."""
-        stats = await self._client.get_inference_statistics(model, as_json=True,
+        stats = await self._client.get_inference_statistics(model, as_json=True, headers=self._key,
                                                             client_timeout=timeout_s)
         out: dict[int, int] = {}
         for entry in stats.get("model_stats", []):
@@ -228,7 +266,7 @@ class TritonClient:
 
     async def provenance(self, model: str, timeout_s: float = 2.0) -> dict[str, str]:
         """The ``tierdet.*`` parameters written into the model's config at build time."""
-        config = await self._client.get_model_config(model, as_json=True,
+        config = await self._client.get_model_config(model, as_json=True, headers=self._key,
                                                      client_timeout=timeout_s)
         params = config.get("config", {}).get("parameters", {})
         return {k[len(PROVENANCE_PREFIX):]: v.get("string_value", "")

@@ -4,12 +4,13 @@
 rate limit; HTTP calls it before reading a body). ``Detector.detect`` takes
 the caller, the image bytes and validated ``DetectOptions`` and owns the rest:
 
-    authorize -> names and classes -> shed early if even the fastest model
-    cannot make it -> decode -> route (model and endpoint: budget, profile,
-    queues) -> resize -> backend (deadline and priority travel with the call;
-    an endpoint found dead leaves the pool and the call goes to another while
-    the budget allows) -> rows back to image pixels, the class filter,
-    threshold and limit.
+    a rate token per image -> the key's grant confines the routing request
+    (tier, budget, models: whatever the options name) -> names and classes ->
+    shed early if even the fastest model cannot make it -> decode -> route
+    (model and endpoint: budget, profile, queues) -> resize -> backend
+    (deadline and priority travel with the call; an endpoint found dead
+    leaves the pool and the call goes to another while the budget allows)
+    -> rows back to image pixels, the class filter, threshold and limit.
 
 Every refusal is an ``ApiError``; every outcome is counted in the metrics here,
 so the front ends only translate wire formats.
@@ -22,14 +23,15 @@ import contextvars
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import numpy as np
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
-from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
+from tierdet.contract.results import DetectResult, ModelInfo, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import get_spec, known, lookup
@@ -40,7 +42,7 @@ from tierdet.serving.catalog import Catalog, initial_ap
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
-from tierdet.serving.security import ApiKey, KeyRing
+from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts, KeyRing
 from tierdet.serving.settings import Settings
 from tierdet.serving.slots import FairSlots
 
@@ -64,6 +66,8 @@ class Caller:
     received: float  # perf_counter() when the request arrived: budgets count from here
     deadline_ms: float | None = None  # the transport's own deadline from ``received``
     item: int | None = None  # a batch image's index, a stream frame's id
+    # The tokens admission paid for (one image); shared by the call's images.
+    allowance: Allowance = field(default_factory=Allowance, compare=False)
 
     def restarted(self, item: int | None = None) -> Caller:
         """The same caller for one more piece of work starting now, with no
@@ -94,6 +98,13 @@ class Detector:
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
         self.keys = KeyRing.load(settings.api_keys_file)
+        self.failed_keys = FailedAttempts(settings.failed_key_limit)
+        self.admin = AdminKey(settings.admin_key_sha256)
+        # What the public /metrics hashes Triton's addresses with: a deployment's
+        # secret where it has one, so an alias cannot be matched to an address.
+        self.endpoint_alias_key = (settings.admin_key_sha256 or settings.triton_api_key
+                                   or "tierdet").encode()
+        metrics.tiers = frozenset(self.router.tiers.tiers)  # other names: one label
         self.access = AccessLog(settings.access_log)
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
         # Decoded images held at once: what bounds the gateway's memory (see memory),
@@ -104,11 +115,12 @@ class Detector:
     # -- admission -------------------------------------------------------
 
     def admit(self, credentials: str | None, protocol: str, received: float | None = None,
-              deadline_ms: float | None = None) -> Caller:
-        """Authenticate and rate-limit a caller (no-op without configured keys)."""
+              deadline_ms: float | None = None, source: str | None = None) -> Caller:
+        """Authenticate and rate-limit a caller (no-op without configured keys).
+        ``source``: the peer's address, whose failed key attempts are throttled."""
         try:
             with tracing.span("admission"):
-                key = self.keys.authenticate(credentials)
+                key = self._authenticate(credentials, source)
                 if key is not None and (call := access.current()) is not None:
                     call.key = key.name  # known now, even if the rate refuses it
                 self.keys.take(key)
@@ -119,23 +131,38 @@ class Detector:
         return Caller(key, protocol, time.perf_counter() if received is None else received,
                       deadline_ms)
 
-    def authorize(self, caller: Caller, options: DetectOptions) -> None:
-        """403 unless the caller's key may use the tier and model asked for."""
+    def _authenticate(self, credentials: str | None, source: str | None) -> ApiKey | None:
+        """The caller's key; a wrong key counts against its source address."""
+        if not self.keys.enabled:
+            return None
+        self.failed_keys.check(source)
         try:
-            self.keys.authorize(caller.key, options.tier, options.model)
+            return self.keys.authenticate(credentials)
+        except ApiError:
+            if credentials:  # a guess, not a forgotten header
+                self.failed_keys.failed(source)
+            raise
+
+    def authorize(self, caller: Caller, options: DetectOptions) -> None:
+        """403 unless the caller's key may ask for these options at all (a whole
+        call's check, e.g. a batch's; ``detect`` confines every image anyway)."""
+        try:
+            self._confined(caller, options)
         except ApiError as exc:
             self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
             raise
 
     # -- what is served ----------------------------------------------------
 
-    def models(self) -> ModelsInfo:
+    def models(self, admin: bool = False) -> ModelsInfo:
+        """What is served; server paths and Triton's load errors only for ``admin``."""
         tiers = self.router.tiers
+        infos = self.catalog.infos()
         return ModelsInfo(
             default_tier=tiers.default,
             tiers=tuple(TierInfo(t.name, t.budget_ms, t.models, t.degrade,
                                  t.name == tiers.default) for t in tiers.tiers.values()),
-            models=self.catalog.infos())
+            models=infos if admin else tuple(map(_public, infos)))
 
     async def poll_queues(self) -> None:
         """Read every endpoint's queue into the router (the queue watcher's call)."""
@@ -176,7 +203,6 @@ class Detector:
         even the fastest model could answer in time. Options the body adds can only
         narrow the choice, so a request this lets through may still be shed later."""
         try:
-            self.keys.authorize(caller.key, options.tier, options.model)
             request, candidates = self._request(caller, options)
             self.router.precheck(request, _ms_since(caller.received),
                                  self.catalog.placement(candidates))
@@ -209,7 +235,7 @@ class Detector:
         decision: Decision | None = None
         self.metrics.inflight.inc()
         try:
-            self.keys.authorize(caller.key, options.tier, options.model)
+            self._pay(caller)
             request, candidates = self._request(caller, options)
             reachable = self.router.precheck(request, _ms_since(start),
                                              self.catalog.placement(candidates))
@@ -299,14 +325,24 @@ class Detector:
                                             decision.budget_ms)
             self.metrics.route_factor.set(self.router.calibration.factor)
 
+    def _pay(self, caller: Caller) -> None:
+        """One rate token per image: admission paid for the call's first."""
+        if not caller.allowance.use():
+            self.keys.take(caller.key)
+
+    def _confined(self, caller: Caller, options: DetectOptions) -> RouteRequest:
+        """The routing request of ``options`` inside the caller's grant (or 403)."""
+        request = RouteRequest(options.model, options.tier, options.sla_ms, caller.deadline_ms)
+        return self.keys.confine(caller.key, request, self.router.tiers)
+
     def _request(self, caller: Caller, options: DetectOptions) -> tuple[RouteRequest, list[str]]:
-        """Cheap checks before any decoding (the model, tier and classes must exist);
-        the routing request and the ready models that may answer it."""
+        """Cheap checks before any decoding (the grant; the model, tier and classes
+        must exist); the routing request and the ready models that may answer it."""
+        request = self._confined(caller, options)
         if options.model is not None and not self.catalog.serves(options.model):
             served = ", ".join(sorted(self.catalog.states)) or "none"
             raise ApiError(ErrorCode.UNKNOWN_MODEL,
                            f"unknown model {options.model!r}; served: {served}")
-        request = RouteRequest(options.model, options.tier, options.sla_ms, caller.deadline_ms)
         self.router.tier_for(request)  # raises on an unknown tier
         if options.model is not None and options.model not in self.catalog.ready_models():
             raise ApiError(ErrorCode.MODEL_NOT_READY, f"model {options.model} is not ready",
@@ -479,6 +515,17 @@ class Detector:
                                 in_slo, r.predicted_ms / 1e3)
         if r.degraded:
             self.metrics.degraded.labels(r.tier or "none", result.model).inc()
+
+
+def _public(info: ModelInfo) -> ModelInfo:
+    """``info`` without what names the server's folders: the weights file's
+    directory (``file <path>`` keeps the file's name) and Triton's load error
+    (it quotes paths)."""
+    weights = info.weights
+    if weights.startswith("file "):
+        weights = "file " + PurePath(weights[len("file "):]).name
+    return replace(info, weights=weights,
+                   reason="not ready (the admin sees why)" if info.reason else "")
 
 
 @dataclass
