@@ -43,7 +43,9 @@ from tierdet.devstack.stack import GatewayProcess, free_port, start_triton
 from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import SPECS, Batching
-from tierdet.serving.routing import LatencyModel, Router, TierConfig
+from tierdet.serving.latency import LatencyModel
+from tierdet.serving.routing import Router
+from tierdet.serving.tiers import TierConfig
 from tierdet.serving.triton import TritonClient
 
 

@@ -41,8 +41,8 @@ from tierdet.registry.specs import SPECS
 from tierdet.serving import memory
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import parse_targets
-from tierdet.serving.routing import TierConfig
 from tierdet.serving.settings import Settings
+from tierdet.serving.tiers import TierConfig
 
 RELEASE, NAMESPACE = "tierdet", "inference"
 VARIANTS = {"default": None, "gpu": "values-gpu.yaml", "cpu": "values-cpu.yaml"}

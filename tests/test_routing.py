@@ -9,7 +9,9 @@ from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import SPECS
 from tierdet.serving.backend import QueueReport, Served
-from tierdet.serving.routing import LatencyModel, Router, RouteRequest, Tier, TierConfig
+from tierdet.serving.latency import LatencyModel
+from tierdet.serving.routing import Router, RouteRequest
+from tierdet.serving.tiers import Tier, TierConfig
 
 BASE = SPECS["efficientdet-d0"]
 # name -> (published AP, batch-1 ms, batch-8 ms): a CPU-like profile.
@@ -315,7 +317,7 @@ def test_under_load_the_governor_shifts_the_mix_to_cheaper_models():
 
 
 def test_the_governor_mixes_rather_than_all_or_nothing():
-    from tierdet.serving.routing import LoadGovernor
+    from tierdet.serving.governor import LoadGovernor
 
     gov = LoadGovernor(target=0.85)
     gov.rate = 10.0  # device time per second available: 850 ms -> 85 ms per request
@@ -330,7 +332,7 @@ def test_the_governor_mixes_rather_than_all_or_nothing():
 
 
 def test_arrival_rate_decays():
-    from tierdet.serving.routing import LoadGovernor
+    from tierdet.serving.governor import LoadGovernor
 
     gov = LoadGovernor(window_s=2.0)
     for i in range(100):
@@ -455,7 +457,7 @@ def test_our_requests_that_triton_counts_late_are_no_one_elses_load():
 
 
 def test_admission_learns_how_late_answers_run():
-    from tierdet.serving.routing import Calibration
+    from tierdet.serving.calibration import Calibration
 
     late = Calibration(prior=1.15, quantile=0.95)
     for _ in range(49):

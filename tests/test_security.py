@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.serving.routing import DEFAULT_TIERS, RouteRequest, Tier, TierConfig
+from tierdet.serving.routing import RouteRequest
 from tierdet.serving.security import Allowance, ApiKey, KeyRing, bearer, hash_key
+from tierdet.serving.tiers import DEFAULT_TIERS, Tier, TierConfig
 
 ALICE = ApiKey("alice", hash_key("alice-secret"), rate_per_s=2, burst=3)
 BOB = ApiKey("bob", hash_key("bob-secret"), tiers=("realtime",), models=("damoyolo-ns",))

@@ -192,7 +192,7 @@ class Catalog:
                       preprocessing=st.spec.preprocessing.resize,
                       published_coco_ap=st.spec.published_ap, params_m=st.spec.params_m,
                       ready=st.ready, status=st.status, reason=st.reason, weights=st.weights,
-                      latency_ms=round(self.router.latency.service_ms(name), 3),
+                      latency_ms=round(self.router.service_ms(name), 3),
                       routing_ap=st.routing_ap, label_set=st.spec.labels.name,
                       measured_ap=self.measured_ap(st))
             for name, st in sorted(self.states.items()))
@@ -213,7 +213,7 @@ class Catalog:
             state.measured_on = prov.get("measured_on", "")
             self.recorded[state.spec.name] = recorded_record(state, prov)
             self.refresh_accuracy()
-        self.router.ap[state.spec.name] = state.routing_ap
+        self.router.rank(state.spec.name, state.routing_ap)
         if state.weights.startswith("random"):
             log.warning("model %s serves RANDOM weights: %s", state.spec.name, state.weights)
         else:
@@ -221,7 +221,7 @@ class Catalog:
 
     async def _probe_latency(self, spec: ModelSpec) -> None:
         """Seed the router with one measurement of a model it has no profile for."""
-        if spec.name in self.router.latency.profile.models:
+        if self.router.profiled(spec.name):
             return
         image = np.full((1, spec.input_size, spec.input_size, 3), 114, np.uint8)
         url = self.pool.placement().get(spec.name, [""])[0]

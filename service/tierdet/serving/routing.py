@@ -41,73 +41,18 @@ another set is routed within that set.
 from __future__ import annotations
 
 import math
-import threading
-import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.registry.profile import LatencyProfile
-from tierdet.serving.backend import QueueReport, Served
-
-# Prior for a model with no profile and no observation yet: slow enough that
-# it is only chosen when nothing measured fits.
-UNKNOWN_SERVICE_MS = 1000.0
-# The endpoint of a router fed plain model lists (one backend, unit tests).
-LOCAL = "local"
-# A device window (Triton's own queue wait and batch size) older than this is
-# not used to read an answer's latency: the device may have changed since.
-WINDOW_MAX_AGE_S = 2.0
-# A queue report older than this is not used: the poll has stopped or fails.
-QUEUE_MAX_AGE_S = 1.0
+from tierdet.serving.backend import QueueReport
+from tierdet.serving.calibration import Calibration
+from tierdet.serving.governor import LoadGovernor
+from tierdet.serving.latency import LOCAL, Dispatch, LatencyModel
+from tierdet.serving.tiers import Tier, TierConfig
 
 Placement = Mapping[str, Iterable[str]]  # model -> endpoints that have it ready
-
-
-@dataclass(frozen=True)
-class Tier:
-    name: str
-    budget_ms: float
-    models: tuple[str, ...] = ()  # empty: every served model
-    degrade: bool = False  # nothing fits: serve the fastest model late, marked
-    priority: int = 2  # Triton priority level (1 = first)
-
-
-DEFAULT_TIERS: dict[str, Tier] = {
-    t.name: t for t in (
-        Tier("realtime", 150.0, priority=1),
-        Tier("balanced", 500.0, degrade=True),
-        Tier("accurate", 3000.0, degrade=True),
-    )
-}
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    tiers: dict[str, Tier]
-    default: str
-
-    @classmethod
-    def load(cls, path: Path | None, default: str) -> TierConfig:
-        """Tiers from a YAML/JSON file ({tiers: {name: {budget_ms, models,
-        degrade, priority}}}), or the built-in ones."""
-        tiers = dict(DEFAULT_TIERS)
-        if path is not None:
-            import yaml
-
-            raw = yaml.safe_load(path.read_text()) or {}
-            tiers = {name: Tier(name=name, budget_ms=float(t["budget_ms"]),
-                                models=tuple(t.get("models") or ()),
-                                degrade=bool(t.get("degrade", False)),
-                                priority=int(t.get("priority", 2)))
-                     for name, t in (raw.get("tiers") or {}).items()}
-            default = raw.get("default", default)
-        if default not in tiers:
-            raise ValueError(f"default tier {default!r} is not among {sorted(tiers)}")
-        return cls(tiers, default)
 
 
 @dataclass(frozen=True)
@@ -135,354 +80,6 @@ class Decision:
     def timeout_s(self, elapsed_ms: float, floor_ms: float = 1.0) -> float:
         """Time left for the Triton call: the budget minus what is spent."""
         return max(floor_ms, self.budget_ms - elapsed_ms) / 1e3
-
-
-@dataclass
-class _ModelLoad:
-    ratio: float = 1.0  # observed / predicted Triton time, EWMA
-    ratio_at: float = 0.0  # monotonic time of the last ratio update
-    observed_ms: float | None = None  # EWMA of batch-1 latency (models without profile)
-
-
-@dataclass(frozen=True)
-class DeviceWindow:
-    """What one endpoint's Triton did with a model between two queue reports:
-    the mean time its answered requests waited in its queue, and the mean batch
-    (images per execution) they ran in."""
-
-    queue_ms: float
-    batch: float
-    at: float  # time.monotonic() of the report that closed the window
-
-
-@dataclass(frozen=True, eq=False)  # each ticket is its own: compared by identity
-class Ticket:
-    """An admitted request: what was predicted, and whether the device was idle."""
-
-    model: str
-    predicted_ms: float  # Triton time (queue + service) predicted at admission
-    idle: bool  # nothing was in flight on the device when it was admitted
-    ratio: float  # the model's correction used for that prediction
-    endpoint: str = LOCAL
-    admitted_at: float = 0.0  # time.monotonic()
-
-
-@dataclass
-class Dispatch:
-    """Work on the device, from ``Router.dispatch``: say how long it took."""
-
-    ticket: Ticket
-    observed_ms: float | None = None  # None: it did not complete (nothing learned)
-
-    def observe(self, ms: float) -> None:
-        self.observed_ms = ms
-
-
-@dataclass
-class LatencyModel:
-    """Predicts service time per model; tracks admitted work (thread-safe).
-
-    Learning is guarded against queueing: a model's own service time is
-    learned only from requests admitted to an idle device, so a burst cannot
-    inflate the estimate (and an inflated estimate sheds the very requests
-    that would correct it). Requests admitted behind others refine the
-    profile's ratio slowly, and every correction decays back towards the
-    profile (half-life ``decay_s``) when no new evidence arrives.
-    """
-
-    profile: LatencyProfile
-    alpha: float = 0.2
-    busy_alpha: float = 0.05
-    decay_s: float = 60.0
-    loads: dict[str, _ModelLoad] = field(default_factory=dict)
-    flight: set[Ticket] = field(default_factory=set)  # admitted, not finished
-    # endpoint -> time.monotonic() its device finishes the work in flight there
-    busy_until: dict[str, float] = field(default_factory=dict)
-    # endpoint -> (time.monotonic() it was asked, requests queued at Triton per model)
-    queues: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
-    # endpoint -> device ms of work other clients send there per second (EWMA)
-    others_rate: dict[str, float] = field(default_factory=dict)
-    sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, model) -> ours
-    # endpoint -> (asked, the high of Triton's arrivals less ours, per model) at the last report
-    _last: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
-    # (endpoint, model) -> Triton's cumulative counts at the last report, and the
-    # window between the last two reports that saw answers
-    _served: dict[tuple[str, str], Served] = field(default_factory=dict)
-    windows: dict[tuple[str, str], DeviceWindow] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def _load(self, model: str) -> _ModelLoad:
-        return self.loads.setdefault(model, _ModelLoad())
-
-    def _learn(self, load: _ModelLoad, implied: float, alpha: float, now: float) -> None:
-        current = self._ratio(load, now)
-        load.ratio = current + alpha * (min(4.0, max(0.25, implied)) - current)
-        load.ratio_at = now
-
-    def _observe(self, load: _ModelLoad, batch1_ms: float) -> None:
-        prev = load.observed_ms
-        load.observed_ms = batch1_ms if prev is None else prev + self.alpha * (batch1_ms - prev)
-
-    def base_ms(self, model: str) -> float:
-        """Profiled (or observed) batch-1 latency, before online correction."""
-        prof = self.profile.models.get(model)
-        if prof is not None:
-            return prof.service_ms(1)
-        load = self.loads.get(model)
-        return load.observed_ms if load and load.observed_ms else UNKNOWN_SERVICE_MS
-
-    def marginal_ms(self, model: str) -> float:
-        prof = self.profile.models.get(model)
-        return prof.marginal_ms() if prof is not None else self.base_ms(model)
-
-    def _ratio(self, load: _ModelLoad, now: float | None = None) -> float:
-        """The correction, relaxed towards 1.0 since its last update."""
-        if load.ratio == 1.0 or self.decay_s <= 0:
-            return load.ratio
-        age = (time.monotonic() if now is None else now) - load.ratio_at
-        keep = 0.5 ** (max(0.0, age) / self.decay_s)
-        return 1.0 + (load.ratio - 1.0) * keep
-
-    def service_ms(self, model: str) -> float:
-        return self.base_ms(model) * self._ratio(self._load(model))
-
-    def cost_ms(self, model: str) -> float:
-        """Device time one more request of ``model`` adds when the device is busy."""
-        return self.marginal_ms(model) * self._ratio(self._load(model))
-
-    def _at(self, endpoint: str) -> list[Ticket]:
-        """This gateway's requests in flight at ``endpoint`` (a snapshot)."""
-        return [t for t in list(self.flight) if t.endpoint == endpoint]
-
-    def inflight(self, endpoint: str = LOCAL) -> int:
-        """This gateway's requests in flight at ``endpoint``."""
-        return len(self._at(endpoint))
-
-    def _report(self, endpoint: str) -> tuple[float, dict[str, int]] | None:
-        report = self.queues.get(endpoint)
-        if report is None or time.monotonic() - report[0] > QUEUE_MAX_AGE_S:
-            return None
-        return report
-
-    def own_ms(self, endpoint: str = LOCAL, now: float | None = None) -> float:
-        """This gateway's work left on ``endpoint``'s device: a clock that each
-        admission moves on (by a whole batch-1 service on an idle device: a new
-        request cannot join the batch that is running; by the request's batched
-        cost behind others) and each completion resets to the cost of what is
-        still in flight; in between it runs down, so a request half done counts
-        half (FIFO: work ahead only shrinks)."""
-        here = self._at(endpoint)
-        if not here:
-            return 0.0
-        now = time.monotonic() if now is None else now
-        left = (self.busy_until.get(endpoint, now) - now) * 1e3
-        # Overdue (the device is slower than predicted right now): something is still
-        # running, progress unknown; expect half of it, not nothing.
-        return max(left, 0.5 * max(self.service_ms(t.model) for t in here))
-
-    def backlog_ms(self, endpoint: str = LOCAL) -> float:
-        """Work queued or running on ``endpoint``'s device: this gateway's own, or
-        what Triton reported queued (all gateways') plus what this gateway sent
-        since, whichever is more. Triton's count leaves out the batch it is
-        running, so one's own work is a floor."""
-        mine = self._at(endpoint)
-        own = self.own_ms(endpoint)
-        report = self._report(endpoint)
-        if report is None:
-            return own
-        asked, pending = report
-        shared = sum(n * self.cost_ms(m) for m, n in pending.items() if n > 0)
-        waiting = [m for m, n in pending.items() if n > 0]
-        if waiting:  # a batch is running ahead of them (not in the count): half of one
-            shared += 0.5 * max(self.service_ms(m) for m in waiting)
-        shared += sum(self.cost_ms(t.model) for t in mine if t.admitted_at > asked)
-        shared += self.others_rate.get(endpoint, 0.0) * max(0.0, time.monotonic() - asked)
-        return max(own, shared)
-
-    def predict_ms(self, model: str, endpoint: str = LOCAL) -> float:
-        """Triton time for a request admitted now (queue + service)."""
-        return self.backlog_ms(endpoint) + self.service_ms(model)
-
-    def observe_queues(self, queues: Mapping[str, tuple[float, QueueReport]]) -> None:
-        """What each endpoint's Triton reported (``EndpointPool.queues``): its queue,
-        and from its arrival count less ours, the rate of other clients' work.
-
-        Triton may count a request of ours later than we do (ours is counted
-        when sent), so arrivals less ours dips while ours are in flight and
-        recovers when they land: only a new high of it is other clients' work,
-        or every dip and recovery would show as phantom load on that endpoint."""
-        with self._lock:
-            for url, (asked, report) in queues.items():
-                ours = {m: n for (e, m), n in self.sent.items() if e == url}
-                others = {m: n - ours.get(m, 0) for m, n in report.arrived.items()}
-                last = self._last.get(url)
-                if last is not None and asked > last[0]:
-                    high = {m: max(n, last[1].get(m, n)) for m, n in others.items()}
-                    work = sum(self.cost_ms(m) * (n - last[1].get(m, n))
-                               for m, n in high.items())
-                    rate = work / (asked - last[0])
-                    prev = self.others_rate.get(url)
-                    self.others_rate[url] = rate if prev is None else prev + 0.3 * (rate - prev)
-                    others = high
-                self._last[url] = (asked, others)
-                self._observe_device(url, asked, report.served)
-            self.queues = {url: (asked, dict(report.pending))
-                           for url, (asked, report) in queues.items()}
-
-    def _observe_device(self, url: str, asked: float, served: Mapping[str, Served]) -> None:
-        for model, now in served.items():
-            before = self._served.get((url, model))
-            self._served[url, model] = now
-            if before is None or now.requests <= before.requests:
-                continue  # nothing answered since: the last window stands until it ages
-            requests = now.requests - before.requests
-            executions = now.executions - before.executions
-            batch = (now.images - before.images) / executions if executions > 0 else 1.0
-            self.windows[url, model] = DeviceWindow(
-                (now.queue_us - before.queue_us) / requests / 1e3, max(1.0, batch), asked)
-
-    def _idle(self, endpoint: str) -> bool:
-        if self._at(endpoint):
-            return False
-        report = self._report(endpoint)
-        return report is None or not any(report[1].values())
-
-    def admit(self, model: str, endpoint: str = LOCAL) -> Ticket:
-        """Count a request as in flight at ``endpoint``."""
-        with self._lock:
-            now = time.monotonic()
-            ticket = Ticket(model, self.predict_ms(model, endpoint), self._idle(endpoint),
-                            self._ratio(self._load(model)), endpoint, now)
-            ahead = self.own_ms(endpoint, now)
-            cost = self.cost_ms(model) if ahead > 0 else self.service_ms(model)
-            self.busy_until[endpoint] = now + (ahead + cost) / 1e3
-            self.sent[endpoint, model] = self.sent.get((endpoint, model), 0) + 1
-            self.flight.add(ticket)
-            return ticket
-
-    def finish(self, ticket: Ticket, observed_ms: float | None) -> None:
-        """Release an admitted request; learn from its latency if it completed."""
-        with self._lock:
-            self.flight.discard(ticket)
-            left = sum(self.cost_ms(t.model) for t in self._at(ticket.endpoint))
-            self.busy_until[ticket.endpoint] = time.monotonic() + left / 1e3
-            load = self._load(ticket.model)
-            if observed_ms is None or ticket.predicted_ms <= 0:
-                return
-            now = time.monotonic()
-            prof = self.profile.models.get(ticket.model)
-            window = self.windows.get((ticket.endpoint, ticket.model))
-            if window is not None and now - window.at <= WINDOW_MAX_AGE_S:
-                # The device's own account: of the answer's time, Triton's recent
-                # mean queue wait was not service; the rest is one execution at
-                # its recent batch size. Every answer then reads the device's
-                # speed, idle or busy, so a slower device is followed in a few
-                # answers rather than the many that idle ones alone would take.
-                served_ms = max(0.0, observed_ms - window.queue_ms)
-                batch = max(1, round(window.batch))
-                if prof is not None:
-                    self._learn(load, served_ms / prof.service_ms(batch), self.alpha, now)
-                else:  # no profile: take batches as a CPU runs them, image after image
-                    self._observe(load, served_ms / batch)
-            elif prof is not None:
-                implied = ticket.ratio * observed_ms / ticket.predicted_ms
-                self._learn(load, implied, self.alpha if ticket.idle else self.busy_alpha, now)
-            elif ticket.idle:
-                self._observe(load, observed_ms)
-
-
-@dataclass
-class LoadGovernor:
-    """Keeps the device's projected utilization under a target.
-
-    Fitting a budget is not enough under load: giving every loose-budget
-    request the largest model that fits fills the device, and the next tight
-    requests are shed. The governor tracks the arrival rate (an exponentially
-    decaying count, ``window_s``) and the running mean device cost of admitted
-    requests; an upgrade is allowed only while rate x mean cost, with this
-    request's cost mixed in, stays below ``target``. At low load every
-    request may take a large model; near capacity the mix shifts to small
-    ones, so the answers that arrive in time carry the most accuracy.
-    """
-
-    target: float = 0.85
-    window_s: float = 2.0
-    weight: float = 0.1
-    rate: float = 0.0  # requests per second
-    mean_cost_ms: float = 0.0
-    last: float | None = None
-    # (arrival time, budget) of recent requests: who an upgrade could push out.
-    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=512))
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def arrival(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            if self.last is not None:
-                self.rate *= math.exp(-(now - self.last) / self.window_s)
-            self.rate += 1.0 / self.window_s
-            self.last = now
-
-    def saw_budget(self, budget_ms: float, now: float | None = None) -> None:
-        with self._lock:
-            self.recent.append((time.monotonic() if now is None else now, budget_ms))
-
-    def recent_budgets(self, now: float | None = None) -> list[float]:
-        """Budgets of the requests that arrived within the last ``window_s``."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            return [b for t, b in self.recent if now - t <= self.window_s]
-
-    def affordable(self, cost_ms: float, devices: int = 1) -> bool:
-        mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
-        return self.rate * mixed / 1e3 <= self.target * max(1, devices)
-
-    def admitted(self, cost_ms: float) -> None:
-        with self._lock:
-            self.mean_cost_ms += self.weight * (cost_ms - self.mean_cost_ms)
-
-
-@dataclass
-class Calibration:
-    """How far answers overrun their predictions, learned from the answers.
-
-    A prediction is scaled by ``factor`` before it is compared with a budget:
-    ``prior`` (1 + the configured margin) until ``min_samples`` answers are
-    seen, then the ``quantile`` of actual / predicted end-to-end time over the
-    last ``window`` admitted requests (late ones, 504s included), never under
-    1.0. Only requests admitted near their budget count (predicted at least
-    ``band`` of it): that is where the factor decides, and a short prediction's
-    relative error (a few ms of host jitter on an idle device) says little
-    about a long queue's. Where predictions run pessimistic the router stops
-    refusing what would have made it; where they run optimistic (other
-    gateways' bursts, a loaded host) it stops admitting what will be late.
-    ``quantile`` 0: the prior only.
-    """
-
-    prior: float = 1.15
-    quantile: float = 0.95
-    window: int = 400
-    min_samples: int = 50
-    band: float = 0.5
-    ceiling: float = 3.0
-    factor: float = 0.0  # set from prior in __post_init__
-    ratios: deque[float] = field(default_factory=deque)
-    _seen: int = 0
-
-    def __post_init__(self) -> None:
-        self.factor = self.prior
-
-    def observe(self, predicted_ms: float, actual_ms: float, budget_ms: float) -> None:
-        if self.quantile <= 0 or predicted_ms <= 0 or predicted_ms < self.band * budget_ms:
-            return
-        self.ratios.append(actual_ms / predicted_ms)
-        if len(self.ratios) > self.window:
-            self.ratios.popleft()
-        self._seen += 1
-        if len(self.ratios) >= self.min_samples and self._seen % 10 == 0:
-            ranked = sorted(self.ratios)
-            q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
-            self.factor = min(self.ceiling, max(1.0, q))
 
 
 class Router:
@@ -518,6 +115,40 @@ class Router:
             yield run
         finally:
             self.latency.finish(run.ticket, run.observed_ms)
+
+    # -- what the router learns, and what it tells ------------------------
+
+    def observe_queues(self, queues: Mapping[str, tuple[float, QueueReport]]) -> None:
+        """Every endpoint's Triton queue and device account (the queue watcher's)."""
+        self.latency.observe_queues(queues)
+
+    def learn(self, decision: Decision, actual_ms: float) -> float:
+        """How an admitted decision's answer turned out (a degraded one was never
+        predicted to fit); the calibration factor predictions are scaled by now."""
+        if not decision.degraded:
+            self.calibration.observe(decision.predicted_ms, actual_ms, decision.budget_ms)
+        return self.calibration.factor
+
+    def rank(self, model: str, ap: float) -> None:
+        """The AP (percent) ``model`` is ranked by from now on."""
+        self.ap[model] = ap
+
+    def service_ms(self, model: str) -> float:
+        """The current estimate of one request's Triton time at batch 1."""
+        return self.latency.service_ms(model)
+
+    def profiled(self, model: str) -> bool:
+        return model in self.latency.profile.models
+
+    def room_for_views(self, decision: Decision, elapsed_ms: float, view_extra_ms: float
+                       ) -> tuple[int, float]:
+        """How many more views of the decided model (tiles, in the same batch) fit
+        in what its budget leaves beside the prediction, and what each adds:
+        the model's marginal device time plus ``view_extra_ms`` (its letterbox)."""
+        per_view = self.latency.cost_ms(decision.model) + view_extra_ms
+        factor = self.calibration.factor
+        spare = decision.budget_ms - elapsed_ms - self.margin_ms - decision.predicted_ms * factor
+        return (int(spare / factor // per_view) if spare > 0 else 0), per_view
 
     def fits(self, predicted_ms: float, budget_ms: float) -> bool:
         return predicted_ms * self.calibration.factor + self.margin_ms <= budget_ms

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.serving.routing import RouteRequest, TierConfig
+from tierdet.serving.routing import RouteRequest
+from tierdet.serving.tiers import TierConfig
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,14 @@ from tierdet.serving import access, decoding, imaging, memory, postprocess, tili
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, initial_ap
+from tierdet.serving.latency import LatencyModel
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
-from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
+from tierdet.serving.routing import Decision, Router, RouteRequest
 from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts, KeyRing
 from tierdet.serving.settings import Settings
 from tierdet.serving.slots import FairSlots
+from tierdet.serving.tiers import TierConfig
 
 T = TypeVar("T")
 
@@ -168,7 +170,7 @@ class Detector:
         """Read every endpoint's queue into the router (the queue watcher's call)."""
         await self.pool.poll_queues()
         queues = self.pool.queues(max_age_s=1.0)
-        self.router.latency.observe_queues(queues)
+        self.router.observe_queues(queues)
         pending: dict[str, int] = {}
         for _, report in queues.values():
             for model, count in report.pending.items():
@@ -320,10 +322,7 @@ class Detector:
     def _calibrate(self, decision: Decision, actual_ms: float) -> None:
         """Teach the router how its admitted predictions turned out (a degraded
         answer was never predicted to fit)."""
-        if not decision.degraded:
-            self.router.calibration.observe(decision.predicted_ms, actual_ms,
-                                            decision.budget_ms)
-            self.metrics.route_factor.set(self.router.calibration.factor)
+        self.metrics.route_factor.set(self.router.learn(decision, actual_ms))
 
     def _pay(self, caller: Caller) -> None:
         """One rate token per image: admission paid for the call's first."""
@@ -391,10 +390,7 @@ class Detector:
         if decision.degraded:
             return [], decision
         spec = get_spec(decision.model)
-        per_tile = self.router.latency.cost_ms(decision.model) + self._tile_prep_ms
-        spare = (decision.budget_ms - elapsed_ms - self.router.margin_ms
-                 - decision.predicted_ms * self.router.calibration.factor)
-        room = int(spare / self.router.calibration.factor // per_tile) if spare > 0 else 0
+        room, per_tile = self.router.room_for_views(decision, elapsed_ms, self._tile_prep_ms)
         height, width = image.pixels.shape[:2]
         tiles = tiling.plan(width, height, spec.input_size,
                             min(spec.batching.max_batch_size - 1, room))

@@ -1,0 +1,50 @@
+"""Admission calibration: how far answers overrun their predictions, learned
+from the answers, so the router admits what will make its budget."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Calibration:
+    """How far answers overrun their predictions, learned from the answers.
+
+    A prediction is scaled by ``factor`` before it is compared with a budget:
+    ``prior`` (1 + the configured margin) until ``min_samples`` answers are
+    seen, then the ``quantile`` of actual / predicted end-to-end time over the
+    last ``window`` admitted requests (late ones, 504s included), never under
+    1.0. Only requests admitted near their budget count (predicted at least
+    ``band`` of it): that is where the factor decides, and a short prediction's
+    relative error (a few ms of host jitter on an idle device) says little
+    about a long queue's. Where predictions run pessimistic the router stops
+    refusing what would have made it; where they run optimistic (other
+    gateways' bursts, a loaded host) it stops admitting what will be late.
+    ``quantile`` 0: the prior only.
+    """
+
+    prior: float = 1.15
+    quantile: float = 0.95
+    window: int = 400
+    min_samples: int = 50
+    band: float = 0.5
+    ceiling: float = 3.0
+    factor: float = 0.0  # set from prior in __post_init__
+    ratios: deque[float] = field(default_factory=deque)
+    _seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.factor = self.prior
+
+    def observe(self, predicted_ms: float, actual_ms: float, budget_ms: float) -> None:
+        if self.quantile <= 0 or predicted_ms <= 0 or predicted_ms < self.band * budget_ms:
+            return
+        self.ratios.append(actual_ms / predicted_ms)
+        if len(self.ratios) > self.window:
+            self.ratios.popleft()
+        self._seen += 1
+        if len(self.ratios) >= self.min_samples and self._seen % 10 == 0:
+            ranked = sorted(self.ratios)
+            q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
+            self.factor = min(self.ceiling, max(1.0, q))

@@ -1,0 +1,61 @@
+"""The load governor: keeps the device's projected utilization under a target,
+and remembers the budgets seen recently (whom an upgrade could push out)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadGovernor:
+    """Keeps the device's projected utilization under a target.
+
+    Fitting a budget is not enough under load: giving every loose-budget
+    request the largest model that fits fills the device, and the next tight
+    requests are shed. The governor tracks the arrival rate (an exponentially
+    decaying count, ``window_s``) and the running mean device cost of admitted
+    requests; an upgrade is allowed only while rate x mean cost, with this
+    request's cost mixed in, stays below ``target``. At low load every
+    request may take a large model; near capacity the mix shifts to small
+    ones, so the answers that arrive in time carry the most accuracy.
+    """
+
+    target: float = 0.85
+    window_s: float = 2.0
+    weight: float = 0.1
+    rate: float = 0.0  # requests per second
+    mean_cost_ms: float = 0.0
+    last: float | None = None
+    # (arrival time, budget) of recent requests: who an upgrade could push out.
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=512))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def arrival(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self.last is not None:
+                self.rate *= math.exp(-(now - self.last) / self.window_s)
+            self.rate += 1.0 / self.window_s
+            self.last = now
+
+    def saw_budget(self, budget_ms: float, now: float | None = None) -> None:
+        with self._lock:
+            self.recent.append((time.monotonic() if now is None else now, budget_ms))
+
+    def recent_budgets(self, now: float | None = None) -> list[float]:
+        """Budgets of the requests that arrived within the last ``window_s``."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [b for t, b in self.recent if now - t <= self.window_s]
+
+    def affordable(self, cost_ms: float, devices: int = 1) -> bool:
+        mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
+        return self.rate * mixed / 1e3 <= self.target * max(1, devices)
+
+    def admitted(self, cost_ms: float) -> None:
+        with self._lock:
+            self.mean_cost_ms += self.weight * (cost_ms - self.mean_cost_ms)
