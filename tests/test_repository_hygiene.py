@@ -38,3 +38,27 @@ def test_the_check_flags_a_large_file_only_outside_the_allowed_folders(tmp_path)
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(b"\0" * size)
     assert oversized(tmp_path, list(sizes)) == ["profile.json"]
+
+
+# -- modules a newcomer can read ---------------------------------------------------
+
+SERVING = REPO / "service" / "tierdet" / "serving"
+
+
+def test_every_serving_module_is_under_400_lines():
+    long = {p.name: n for p in SERVING.glob("*.py")
+            if (n := len(p.read_text().splitlines())) >= 400}
+    assert not long, f"split these by concern: {long}"
+
+
+def test_the_use_case_never_reaches_into_the_routers_state():
+    """The router owns its latency model, calibration, governor and AP table:
+    the use case asks it (``learn``, ``room_for_views``, ``observe_queues``)."""
+    import ast
+
+    tree = ast.parse((SERVING / "usecase.py").read_text())
+    reached = {node.attr for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+               and node.value.attr == "router"
+               and node.attr in {"latency", "calibration", "governor", "margin_ms", "ap"}}
+    assert not reached, reached

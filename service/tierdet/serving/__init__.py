@@ -1,13 +1,16 @@
 """The gateway's core: everything between a validated request and its answer.
 
 ``usecase.Detector`` is the one entry: it admits a caller (API key, rate
-limit), authorizes the request, sheds what cannot finish in time, takes an image
-slot (``slots``: shared between keys, the wait bounded by the budget),
-decodes (``decoding``; ``headers`` reads each format's size, depth and
-decoder buffers first), routes (``routing``), prepares the tensor (``imaging``),
-calls the backend (``backend``; ``triton`` is the real one, ``shm`` its
-shared-memory regions; ``pool`` the Triton endpoints and their queues) and
-maps the rows back (``postprocess``). ``catalog``
+limit), validates the request (``validation``: the grant, tier, budget,
+candidates and class filters, once), sheds what cannot finish in time, takes
+an image slot (``slots``: shared between keys, the wait bounded by the
+budget), decodes (``decoding``; ``headers`` reads each format's size, depth and
+decoder buffers first), routes (``routing``, the decision rule; ``tiers``,
+``latency`` the latency model, ``governor`` and ``calibration`` what it
+weighs), prepares the tensor (``imaging``, ``tiling``), infers (``infer``:
+deadline, priority and failover; ``backend`` is the protocol, ``triton`` the
+real one, ``shm`` its shared-memory regions, ``pool`` the Triton endpoints
+and their queues) and maps the rows back (``postprocess``). ``catalog``
 keeps what the gateway knows of each model; ``access`` the request ids and
 the access log, ``tracing`` the OpenTelemetry spans, ``memory`` the bound on
 what a gateway holds; ``metrics``, ``security``, ``settings`` and ``render``

@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import PurePath
 
 import numpy as np
 
 from tierdet.contract.errors import ApiError
 from tierdet.contract.results import ModelInfo
 from tierdet.registry.accuracy import APResult, EvalRecord, latest_and_previous, load_records
+from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
+from tierdet.serving.latency import LatencyModel
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Router
 from tierdet.serving.settings import Settings
+from tierdet.serving.tiers import TierConfig
 
 log = logging.getLogger("tierdet")
 
@@ -237,3 +241,25 @@ class Catalog:
                 return
         log.info("model %s: no latency profile; measured %.1f ms at batch 1", spec.name,
                  run.observed_ms)
+
+
+def build_router(settings: Settings) -> Router:
+    tiers = TierConfig.load(settings.tiers_file, settings.default_tier)
+    latency = LatencyModel(LatencyProfile.load(settings.profile_file))
+    return Router(initial_ap(settings.pin_published_ap), tiers, latency,
+                  default_budget_ms=settings.request_timeout_s * 1e3,
+                  margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms,
+                  calibrate_quantile=settings.route_calibrate_quantile,
+                  label_sets={name: spec.labels.name for name, spec in known().items()},
+                  default_label_set=settings.default_label_set)
+
+
+def public(info: ModelInfo) -> ModelInfo:
+    """``info`` without what names the server's folders: the weights file's
+    directory (``file <path>`` keeps the file's name) and Triton's load error
+    (it quotes paths)."""
+    weights = info.weights
+    if weights.startswith("file "):
+        weights = "file " + PurePath(weights[len("file "):]).name
+    return replace(info, weights=weights,
+                   reason="not ready (the admin sees why)" if info.reason else "")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,9 +28,11 @@ import numpy as np
 import simplejpeg
 
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.serving import OPENCV_LIMIT, memory
+from tierdet.registry.specs import ModelSpec
+from tierdet.serving import OPENCV_LIMIT, imaging, memory
 from tierdet.serving.headers import Header, read_header, sniff_format
 from tierdet.serving.imaging import to_rgb
+from tierdet.serving.settings import Settings
 
 log = logging.getLogger("tierdet")
 __all__ = ["Decoded", "decode", "decode_image", "header_size", "peak_bytes", "sniff_format"]
@@ -250,3 +253,19 @@ def configure_decoders(max_pixels: int) -> None:
                     "gateway's %d: start the gateway with TIERDET_MAX_IMAGE_PIXELS set",
                     os.environ.get(OPENCV_LIMIT, "its default"), max_pixels)
     cv2.setNumThreads(1)
+
+
+def decode_for(data: bytes, specs: list[ModelSpec], settings: Settings, full: bool = False
+               ) -> tuple[Decoded, float]:
+    """``data`` decoded at the smallest scale that still covers every model of
+    ``specs`` (``full``: every pixel, e.g. for tiles), and the seconds it took."""
+    t0 = time.perf_counter()
+    inputs = [(s.input_size, s.preprocessing) for s in specs]
+
+    def fits(width: int, height: int) -> bool:
+        return all(imaging.covers(width, height, size, prep) for size, prep in inputs)
+
+    reduced = settings.decode_scale == "reduced" and not full
+    decoded = decode(data, settings.max_image_bytes, settings.max_image_pixels,
+                     fits if reduced else None)
+    return decoded, time.perf_counter() - t0

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from tierdet.contract.results import DetectResult
 from tierdet.registry.accuracy import EvalRecord, latest_and_previous
 
 # Buckets span a fast GPU answer (ms) to a slow CPU D7 (seconds).
@@ -188,6 +189,17 @@ class Metrics:
             self.prediction_ratio.labels(model).observe(total_s / predicted_s)
         for stage, seconds in stages.items():
             self.stage.labels(stage, model).observe(seconds)
+
+    def observe_result(self, protocol: str, result: DetectResult) -> None:
+        """An answered image: its outcome, latency, stages and SLO."""
+        t, r = result.timing, result.routing
+        stages = {"decode": t.decode_ms / 1e3, "preprocess": t.preprocess_ms / 1e3,
+                  "infer": t.infer_ms / 1e3, "postprocess": t.postprocess_ms / 1e3}
+        in_slo = t.total_ms <= r.budget_ms and not r.degraded
+        self.observe_ok(protocol, r.tier, result.model, t.total_ms / 1e3, stages,
+                                in_slo, r.predicted_ms / 1e3)
+        if r.degraded:
+            self.degraded.labels(r.tier or "none", result.model).inc()
 
     def observe_failure(self, protocol: str, tier: str | None, model: str, outcome: str) -> None:
         tier = self.tier_label(tier)

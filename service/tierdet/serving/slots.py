@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.serving.decoding import Decoded
 
 # The most of a worker's slots one key holds while the gateway has other keys.
 KEY_SHARE = 0.5
@@ -102,3 +103,34 @@ class FairSlots:
 def _overloaded() -> ApiError:
     return ApiError(ErrorCode.OVERLOADED, "every image slot is taken and none frees in time "
                     "for the request's budget", retry_after_s=1.0)
+
+
+class ImageSlot:
+    """One of a worker's slots for a decoded image, held from decoding until the
+    image is letterboxed; the pixels are dropped with it, so no more decoded
+    images than slots are alive at once."""
+
+    def __init__(self, slots: FairSlots, key: str | None, wait_s: float | None) -> None:
+        self._slots = slots
+        self._key = key
+        self._wait_s = wait_s
+        self._held = False
+        self.image: Decoded | None = None
+
+    async def __aenter__(self) -> ImageSlot:
+        await self._slots.acquire(self._key, self._wait_s)
+        self._held = True
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.release()
+
+    def take(self) -> Decoded:
+        assert self.image is not None, "nothing decoded into this slot"
+        return self.image
+
+    def release(self) -> None:
+        self.image = None
+        if self._held:
+            self._held = False
+            self._slots.release(self._key)

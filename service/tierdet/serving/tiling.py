@@ -18,6 +18,7 @@ none when the image is not at least MIN_ZOOM times the input.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import numpy as np
 from tierdet.contract.results import Detection
 from tierdet.registry.labels import LabelSet
 from tierdet.serving import imaging, postprocess
+from tierdet.serving.decoding import Decoded
 
 OVERLAP = 0.2  # of a tile's side, shared with its neighbour
 MIN_ZOOM = 2.0  # tile only images whose long side is at least this many inputs
@@ -145,3 +147,20 @@ def detections_from_views(rows: np.ndarray, labels: LabelSet,
                                                            score_threshold, per_view, keep))
         found += [d for d in moved if not cut_off(d, tile, step, whole.width, whole.height)]
     return merge(found, limit)
+
+
+def prepare_views(image: Decoded, size: int, prep: imaging.Preprocessing, tiles: list[Tile],
+                  out: np.ndarray) -> tuple[list[imaging.Geometry], float]:
+    """The whole view into ``out[0]``, each tile into the next (``tiles`` in
+    decoded pixels; their geometry maps boxes back to the tile's corner)."""
+    t0 = time.perf_counter()
+    _, whole = imaging.prepare(image.pixels, size, prep, image.step,
+                               (image.width, image.height), out[0])
+    geometries = [whole]
+    for tile, view in zip(tiles, out[1:], strict=True):
+        crop = image.pixels[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width]
+        original = (min(tile.width * image.step, image.width - tile.x * image.step),
+                    min(tile.height * image.step, image.height - tile.y * image.step))
+        geometries.append(imaging.prepare(crop, size, prep, image.step, original,
+                                          view)[1])
+    return geometries, time.perf_counter() - t0

@@ -2,18 +2,18 @@
 
 ``Detector.admit`` turns presented credentials into a ``Caller`` (API key and
 rate limit; HTTP calls it before reading a body). ``Detector.detect`` takes
-the caller, the image bytes and validated ``DetectOptions`` and owns the rest:
+the caller, the image bytes and the parsed ``DetectOptions`` and reads
+straight through:
 
-    a rate token per image -> the key's grant confines the routing request
-    (tier, budget, models: whatever the options name) -> names and classes ->
-    shed early if even the fastest model cannot make it -> decode -> route
-    (model and endpoint: budget, profile, queues) -> resize -> backend
-    (deadline and priority travel with the call; an endpoint found dead
-    leaves the pool and the call goes to another while the budget allows)
-    -> rows back to image pixels, the class filter, threshold and limit.
+    validate (``validation``: a rate token per image; the grant, the tier, the
+    budget, the candidate models and their class filters, resolved once)
+    -> shed early if even the fastest candidate cannot make it -> an image
+    slot (``slots``) -> decode (``decoding``) -> route (``routing``: model and
+    endpoint) -> letterbox, tiles (``tiling``) -> infer (``infer``: deadline,
+    priority, failover) -> rows back to image pixels, filter, threshold, limit.
 
-Every refusal is an ``ApiError``; every outcome is counted in the metrics here,
-so the front ends only translate wire formats.
+Every refusal is an ``ApiError``; every outcome is counted on one failure
+path (``_counted``) and logged, so the front ends only translate wire formats.
 """
 
 from __future__ import annotations
@@ -22,31 +22,28 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import PurePath
 from typing import Any, TypeVar
-
-import numpy as np
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
-from tierdet.contract.results import DetectResult, ModelInfo, ModelsInfo, Routing, TierInfo, Timing
+from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
-from tierdet.registry.profile import LatencyProfile
-from tierdet.registry.specs import get_spec, known, lookup
-from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
+from tierdet.registry.specs import get_spec, lookup
+from tierdet.serving import access, decoding, memory, postprocess, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
-from tierdet.serving.catalog import Catalog, initial_ap
-from tierdet.serving.latency import LatencyModel
+from tierdet.serving.catalog import Catalog, build_router, public
+from tierdet.serving.infer import Infer
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
-from tierdet.serving.routing import Decision, Router, RouteRequest
+from tierdet.serving.routing import Decision, Router
 from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts, KeyRing
 from tierdet.serving.settings import Settings
-from tierdet.serving.slots import FairSlots
-from tierdet.serving.tiers import TierConfig
+from tierdet.serving.slots import FairSlots, ImageSlot
+from tierdet.serving.validation import Validator, ValidRequest
 
 T = TypeVar("T")
 
@@ -54,9 +51,6 @@ T = TypeVar("T")
 # a refresh waits at most a few seconds for Triton (a new model's latency
 # probe included).
 STALE_S = 30.0
-# Errors after which the same call may go to another endpoint: the endpoint is
-# gone (or lost the model); nothing was computed, detection is idempotent.
-FAILOVER = {ErrorCode.TRITON_UNAVAILABLE, ErrorCode.MODEL_NOT_READY}
 
 
 @dataclass(frozen=True)
@@ -75,17 +69,6 @@ class Caller:
         """The same caller for one more piece of work starting now, with no
         transport deadline (a batch image, a stream frame: each has its budget)."""
         return replace(self, received=time.perf_counter(), deadline_ms=None, item=item)
-
-
-def build_router(settings: Settings) -> Router:
-    tiers = TierConfig.load(settings.tiers_file, settings.default_tier)
-    latency = LatencyModel(LatencyProfile.load(settings.profile_file))
-    return Router(initial_ap(settings.pin_published_ap), tiers, latency,
-                  default_budget_ms=settings.request_timeout_s * 1e3,
-                  margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms,
-                  calibrate_quantile=settings.route_calibrate_quantile,
-                  label_sets={name: spec.labels.name for name, spec in known().items()},
-                  default_label_set=settings.default_label_set)
 
 
 class Detector:
@@ -112,7 +95,24 @@ class Detector:
         # Decoded images held at once: what bounds the gateway's memory (see memory),
         # shared fairly between keys (see slots).
         self.image_slots = FairSlots(memory.image_slots(settings), len(self.keys.keys))
+        self.validator = Validator(self.keys, self.router, self.catalog,
+                                   settings.default_score_threshold)
+        self.infer = Infer(self.pool, self.router, self.catalog, metrics,
+                           settings.request_timeout_s)
         self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
+
+    @contextmanager
+    def _counted(self, protocol: str, seen: _Outcome | None = None) -> Iterator[None]:
+        """The one failure path: every refusal or error of the block is counted,
+        under the tier and model decided so far (``seen``), if any."""
+        try:
+            yield
+        except BaseException as exc:
+            outcome = (exc.outcome if isinstance(exc, ApiError) else
+                       "timeout" if isinstance(exc, asyncio.CancelledError) else "error")
+            tier, model = seen.labels() if seen is not None else (None, "none")
+            self.metrics.observe_failure(protocol, tier, model, outcome)
+            raise
 
     # -- admission -------------------------------------------------------
 
@@ -120,15 +120,11 @@ class Detector:
               deadline_ms: float | None = None, source: str | None = None) -> Caller:
         """Authenticate and rate-limit a caller (no-op without configured keys).
         ``source``: the peer's address, whose failed key attempts are throttled."""
-        try:
-            with tracing.span("admission"):
-                key = self._authenticate(credentials, source)
-                if key is not None and (call := access.current()) is not None:
-                    call.key = key.name  # known now, even if the rate refuses it
-                self.keys.take(key)
-        except ApiError as exc:
-            self.metrics.observe_failure(protocol, None, "none", exc.outcome)
-            raise
+        with self._counted(protocol), tracing.span("admission"):
+            key = self._authenticate(credentials, source)
+            if key is not None and (call := access.current()) is not None:
+                call.key = key.name  # known now, even if the rate refuses it
+            self.keys.take(key)
         self.last_request_at = time.monotonic()
         return Caller(key, protocol, time.perf_counter() if received is None else received,
                       deadline_ms)
@@ -148,11 +144,8 @@ class Detector:
     def authorize(self, caller: Caller, options: DetectOptions) -> None:
         """403 unless the caller's key may ask for these options at all (a whole
         call's check, e.g. a batch's; ``detect`` confines every image anyway)."""
-        try:
-            self._confined(caller, options)
-        except ApiError as exc:
-            self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
-            raise
+        with self._counted(caller.protocol, _Outcome(options)):
+            self.validator.confine(caller.key, options, caller.deadline_ms)
 
     # -- what is served ----------------------------------------------------
 
@@ -164,7 +157,7 @@ class Detector:
             default_tier=tiers.default,
             tiers=tuple(TierInfo(t.name, t.budget_ms, t.models, t.degrade,
                                  t.name == tiers.default) for t in tiers.tiers.values()),
-            models=infos if admin else tuple(map(_public, infos)))
+            models=infos if admin else tuple(map(public, infos)))
 
     async def poll_queues(self) -> None:
         """Read every endpoint's queue into the router (the queue watcher's call)."""
@@ -204,86 +197,65 @@ class Detector:
         far (HTTP: the query string's budget, tier or model) already say that not
         even the fastest model could answer in time. Options the body adds can only
         narrow the choice, so a request this lets through may still be shed later."""
-        try:
-            request, candidates = self._request(caller, options)
-            self.router.precheck(request, _ms_since(caller.received),
-                                 self.catalog.placement(candidates))
-        except ApiError as exc:
-            self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
-            raise
+        with self._counted(caller.protocol, _Outcome(options)):
+            valid = self.validator.validate(caller.key, options, caller.deadline_ms)
+            self.router.precheck(valid.route, _ms_since(caller.received),
+                                 self.catalog.placement(list(valid.candidates)))
 
     async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
-        seen = _Outcome()
-        with tracing.span("detect"):
-            try:
-                seen.result = await self._detect(caller, image, options, seen)
-                return seen.result
-            except ApiError as exc:
-                seen.code = exc.code
-                raise
-            except asyncio.CancelledError:
-                seen.code = ErrorCode.CANCELLED
-                raise
-            except Exception:
-                seen.code = ErrorCode.INTERNAL
-                raise
-            finally:
-                self._log_access(caller, options, len(image), seen)
-
-    async def _detect(self, caller: Caller, image: bytes, options: DetectOptions,
-                      seen: _Outcome) -> DetectResult:
-        start = caller.received
-        tier, model = options.tier, options.model or "none"
-        decision: Decision | None = None
+        """validate -> decode -> route -> infer -> postprocess, counted and logged."""
+        seen = _Outcome(options)
         self.metrics.inflight.inc()
         try:
-            self._pay(caller)
-            request, candidates = self._request(caller, options)
-            reachable = self.router.precheck(request, _ms_since(start),
-                                             self.catalog.placement(candidates))
-            wait_ms = self.router.slot_wait_ms(request, _ms_since(start),
-                                               self.catalog.placement(reachable))
-            async with self.image_slot(caller, wait_ms) as slot:
-                # The decoders release the GIL: decoding in a worker thread keeps the
-                # event loop answering other requests meanwhile.
-                tiled = options.tile == "auto"  # tiles need the image's own pixels
-                with tracing.span("decode", image_bytes=len(image)):
-                    slot.image, decode_s = await _in_thread(self._decode, image, reachable,
-                                                            tiled)
-                # Only among the models the image was decoded for (see precheck).
-                with tracing.span("route", candidates=",".join(reachable)):
-                    decision = self.router.decide(request, _ms_since(start),
-                                                  self.catalog.placement(reachable))
-                    tiles, decision = (self._tiles(decision, slot.take(), _ms_since(start))
-                                       if tiled else ([], decision))
-                tier, model = decision.tier, decision.model
-                seen.decision = decision
-                result, decision = await self._run(decision, slot, options, start, decode_s,
-                                                   tiles)
-                seen.decision = decision  # the endpoint that answered (failover)
-        except ApiError as exc:
-            if decision is not None and exc.code is ErrorCode.DEADLINE_EXCEEDED:
-                self._calibrate(decision, _ms_since(start))
-            self.metrics.observe_failure(caller.protocol, tier,
-                                         model if lookup(model) else "none", exc.outcome)
-            raise
-        except asyncio.CancelledError:
-            self.metrics.observe_failure(caller.protocol, tier,
-                                         model if lookup(model) else "none", "timeout")
-            raise
-        except Exception:
-            self.metrics.observe_failure(caller.protocol, tier,
-                                         model if lookup(model) else "none", "error")
-            raise
+            with tracing.span("detect"), self._counted(caller.protocol, seen):
+                try:
+                    self._pay(caller)
+                    valid = self.validator.validate(caller.key, options, caller.deadline_ms)
+                    seen.result = await self._detect(caller, image, valid, seen)
+                except BaseException as exc:
+                    seen.code = _code(exc)
+                    if seen.decision is not None and seen.code is ErrorCode.DEADLINE_EXCEEDED:
+                        self.metrics.route_factor.set(
+                            self.router.learn(seen.decision, _ms_since(caller.received)))
+                    raise
+                finally:
+                    self._log_access(caller, options, len(image), seen)
         finally:
             self.metrics.inflight.dec()
-        self._calibrate(decision, result.timing.total_ms)
-        self._observe(caller.protocol, result)
+        result, decision = seen.result, seen.decision
+        assert result is not None and decision is not None  # answered: both are known
+        self.metrics.route_factor.set(self.router.learn(decision, result.timing.total_ms))
+        self.metrics.observe_result(caller.protocol, result)
+        return result
+
+    async def _detect(self, caller: Caller, image: bytes, valid: ValidRequest,
+                      seen: _Outcome) -> DetectResult:
+        start = caller.received
+        reachable = self.router.precheck(valid.route, _ms_since(start),
+                                         self.catalog.placement(list(valid.candidates)))
+        wait_ms = self.router.slot_wait_ms(valid.route, _ms_since(start),
+                                           self.catalog.placement(reachable))
+        async with self.image_slot(caller, wait_ms) as slot:
+            # The decoders release the GIL: decoding in a worker thread keeps the
+            # event loop answering other requests meanwhile.
+            with tracing.span("decode", image_bytes=len(image)):
+                slot.image, decode_s = await _in_thread(
+                    decoding.decode_for, image, list(map(get_spec, reachable)), self.settings,
+                    valid.tiled)
+            # Only among the models the image was decoded for (see precheck).
+            with tracing.span("route", candidates=",".join(reachable)):
+                decision = self.router.decide(valid.route, _ms_since(start),
+                                              self.catalog.placement(reachable))
+                tiles, decision = (self._tiles(decision, slot.take(), _ms_since(start))
+                                   if valid.tiled else ([], decision))
+            seen.decision = decision
+            result, seen.decision = await self._run(decision, slot, valid, start, decode_s,
+                                                    tiles)  # the endpoint that answered
         return result
 
     def log_refused(self, caller: Caller, options: DetectOptions, exc: ApiError) -> None:
         """The access-log line of an image refused before it reached ``detect``."""
-        self._log_access(caller, options, 0, _Outcome(code=exc.code))
+        self._log_access(caller, options, 0, _Outcome(options, code=exc.code))
 
     def _log_access(self, caller: Caller, options: DetectOptions, image_bytes: int,
                     seen: _Outcome) -> None:
@@ -319,67 +291,10 @@ class Detector:
         key = caller.key.name if caller is not None and caller.key is not None else None
         return ImageSlot(self.image_slots, key, None if wait_ms is None else wait_ms / 1e3)
 
-    def _calibrate(self, decision: Decision, actual_ms: float) -> None:
-        """Teach the router how its admitted predictions turned out (a degraded
-        answer was never predicted to fit)."""
-        self.metrics.route_factor.set(self.router.learn(decision, actual_ms))
-
     def _pay(self, caller: Caller) -> None:
         """One rate token per image: admission paid for the call's first."""
         if not caller.allowance.use():
             self.keys.take(caller.key)
-
-    def _confined(self, caller: Caller, options: DetectOptions) -> RouteRequest:
-        """The routing request of ``options`` inside the caller's grant (or 403)."""
-        request = RouteRequest(options.model, options.tier, options.sla_ms, caller.deadline_ms)
-        return self.keys.confine(caller.key, request, self.router.tiers)
-
-    def _request(self, caller: Caller, options: DetectOptions) -> tuple[RouteRequest, list[str]]:
-        """Cheap checks before any decoding (the grant; the model, tier and classes
-        must exist); the routing request and the ready models that may answer it."""
-        request = self._confined(caller, options)
-        if options.model is not None and not self.catalog.serves(options.model):
-            served = ", ".join(sorted(self.catalog.states)) or "none"
-            raise ApiError(ErrorCode.UNKNOWN_MODEL,
-                           f"unknown model {options.model!r}; served: {served}")
-        self.router.tier_for(request)  # raises on an unknown tier
-        if options.model is not None and options.model not in self.catalog.ready_models():
-            raise ApiError(ErrorCode.MODEL_NOT_READY, f"model {options.model} is not ready",
-                           retry_after_s=2.0)
-        return request, self._knowing(options)
-
-    def _knowing(self, options: DetectOptions) -> list[str]:
-        """Ready models whose classes include every class asked for."""
-        ready = self.catalog.ready_models()
-        if options.classes is None:
-            return ready
-        states = self.catalog.states
-        unknown = postprocess.unknown_classes(options.classes,
-                                              (states[m].spec.labels for m in states))
-        if unknown:
-            raise ApiError(ErrorCode.INVALID_OPTION, f"classes: unknown class(es) "
-                           f"{', '.join(map(repr, unknown))}; no served model has them")
-        knowing = [m for m in ready if postprocess.knows_classes(options.classes,
-                                                                 states[m].spec.labels)]
-        if not knowing and ready:
-            raise ApiError(ErrorCode.INVALID_OPTION,
-                           f"classes: no ready model has all of {', '.join(options.classes)}")
-        return knowing
-
-    def _decode(self, data: bytes, models: list[str], full: bool = False
-                ) -> tuple[decoding.Decoded, float]:
-        """Decode at the smallest scale that still covers every model in ``models``
-        (``full``: every pixel)."""
-        t0 = time.perf_counter()
-        inputs = [(s.input_size, s.preprocessing) for s in map(get_spec, models)]
-
-        def fits(width: int, height: int) -> bool:
-            return all(imaging.covers(width, height, size, prep) for size, prep in inputs)
-
-        reduced = self.settings.decode_scale == "reduced" and not full
-        decoded = decoding.decode(data, self.settings.max_image_bytes,
-                                  self.settings.max_image_pixels, fits if reduced else None)
-        return decoded, time.perf_counter() - t0
 
     def _tiles(self, decision: Decision, image: decoding.Decoded, elapsed_ms: float
                ) -> tuple[list[tiling.Tile], Decision]:
@@ -401,45 +316,25 @@ class Detector:
         if views > 1:
             self._tile_prep_ms += 0.2 * (prep_s * 1e3 / views - self._tile_prep_ms)
 
-    @staticmethod
-    def _prepare(image: decoding.Decoded, size: int, prep: imaging.Preprocessing,
-                 tiles: list[tiling.Tile], out: np.ndarray
-                 ) -> tuple[list[imaging.Geometry], float]:
-        """The whole view into ``out[0]``, each tile into the next (``tiles`` in
-        decoded pixels; their geometry maps boxes back to the tile's corner)."""
-        t0 = time.perf_counter()
-        _, whole = imaging.prepare(image.pixels, size, prep, image.step,
-                                   (image.width, image.height), out[0])
-        geometries = [whole]
-        for tile, view in zip(tiles, out[1:], strict=True):
-            crop = image.pixels[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width]
-            original = (min(tile.width * image.step, image.width - tile.x * image.step),
-                        min(tile.height * image.step, image.height - tile.y * image.step))
-            geometries.append(imaging.prepare(crop, size, prep, image.step, original,
-                                              view)[1])
-        return geometries, time.perf_counter() - t0
-
-    async def _run(self, decision: Decision, slot: ImageSlot, options: DetectOptions,
+    async def _run(self, decision: Decision, slot: ImageSlot, valid: ValidRequest,
                    start: float, decode_s: float, tiles: list[tiling.Tile]
                    ) -> tuple[DetectResult, Decision]:
         """The answer, and the decision that gave it (another endpoint after a failover)."""
         spec = get_spec(decision.model)
-        keep = postprocess.class_filter(options.classes, spec.labels)
+        keep = valid.keep[decision.model]
         size = spec.input_size
         step = slot.take().step
         # The input is written where the endpoint reads it from (its shared memory).
-        with self._backend(decision).input_buffer((1 + len(tiles), size, size, 3)) as batch:
+        with self.infer.backend(decision).input_buffer((1 + len(tiles), size, size, 3)) as batch:
             with tracing.span("preprocess", input_size=size, tiles=len(tiles)):
                 geometries, prep_s = await _in_thread(
-                    self._prepare, slot.take(), size, spec.preprocessing, tiles, batch)
+                    tiling.prepare_views, slot.take(), size, spec.preprocessing, tiles, batch)
             slot.release()  # letterboxed: the pixels are not needed while Triton runs
             self._learn_tile_prep(prep_s, len(batch))
             t_infer = time.perf_counter()
-            rows, decision = await self._infer(decision, batch, start)
+            rows, decision = await self.infer.run(decision, batch, start)
             t_post = time.perf_counter()
-        threshold = (options.score_threshold if options.score_threshold is not None
-                     else self.settings.default_score_threshold)
-        limit = min(options.max_detections or spec.max_detections, spec.max_detections)
+        threshold, limit = valid.threshold, valid.limit(spec)
         whole = geometries[0]
         with tracing.span("postprocess"):
             if not tiles:  # one view: nothing to merge, the limit applies at once
@@ -457,111 +352,28 @@ class Detector:
         return DetectResult(spec.name, whole.width, whole.height, detections, timing,
                             routing), decision
 
-    def _backend(self, decision: Decision) -> Backend:
-        endpoint = self.pool.endpoints.get(decision.endpoint)
-        if endpoint is None:  # left the pool since the decision (re-resolved away)
-            raise ApiError(ErrorCode.TRITON_UNAVAILABLE, "the inference server left the pool",
-                           retry_after_s=1.0)
-        return endpoint.backend
-
-    async def _infer(self, decision: Decision, batch: np.ndarray, start: float
-                     ) -> tuple[np.ndarray, Decision]:
-        """Run ``batch`` at the decision's endpoint; where that endpoint is gone,
-        at the next one with the model while the budget allows. Returns the rows
-        and the decision that answered."""
-        tried: list[str] = []
-        while True:
-            timeout_s = (self.settings.request_timeout_s if decision.degraded
-                         else decision.timeout_s(_ms_since(start)))
-            with self.router.dispatch(decision.model, decision.endpoint) as run, \
-                    tracing.span("triton", model=decision.model, endpoint=decision.endpoint,
-                                 timeout_ms=round(timeout_s * 1e3, 1)):
-                t0 = time.perf_counter()
-                try:
-                    rows = await self._backend(decision).infer(
-                        decision.model, batch, timeout_s=timeout_s, priority=decision.priority)
-                except ApiError as exc:
-                    failure = exc
-                else:
-                    if len(batch) == 1:  # the latency model learns single images only
-                        run.observe((time.perf_counter() - t0) * 1e3)
-                    self.metrics.triton_requests.labels(decision.endpoint, "ok").inc()
-                    return rows, decision
-            if failure.code not in FAILOVER:
-                self.metrics.triton_requests.labels(decision.endpoint, "error").inc()
-                raise failure
-            self.metrics.triton_requests.labels(decision.endpoint, "unavailable").inc()
-            if failure.code == ErrorCode.TRITON_UNAVAILABLE:
-                self.pool.mark_down(decision.endpoint)
-            else:
-                self.pool.model_gone(decision.endpoint, decision.model)
-            tried.append(decision.endpoint)
-            retry = self.router.reroute(decision, _ms_since(start),
-                                        self.catalog.placement([decision.model]), tried)
-            if retry is None:
-                raise failure
-            decision = retry
-
-    def _observe(self, protocol: str, result: DetectResult) -> None:
-        t, r = result.timing, result.routing
-        stages = {"decode": t.decode_ms / 1e3, "preprocess": t.preprocess_ms / 1e3,
-                  "infer": t.infer_ms / 1e3, "postprocess": t.postprocess_ms / 1e3}
-        in_slo = t.total_ms <= r.budget_ms and not r.degraded
-        self.metrics.observe_ok(protocol, r.tier, result.model, t.total_ms / 1e3, stages,
-                                in_slo, r.predicted_ms / 1e3)
-        if r.degraded:
-            self.metrics.degraded.labels(r.tier or "none", result.model).inc()
-
-
-def _public(info: ModelInfo) -> ModelInfo:
-    """``info`` without what names the server's folders: the weights file's
-    directory (``file <path>`` keeps the file's name) and Triton's load error
-    (it quotes paths)."""
-    weights = info.weights
-    if weights.startswith("file "):
-        weights = "file " + PurePath(weights[len("file "):]).name
-    return replace(info, weights=weights,
-                   reason="not ready (the admin sees why)" if info.reason else "")
-
-
 @dataclass
 class _Outcome:
-    """How one image went, for its access-log line."""
+    """How one image went, for its access-log line and its metrics."""
 
+    options: DetectOptions
     decision: Decision | None = None
     result: DetectResult | None = None
     code: ErrorCode | None = None
 
+    def labels(self) -> tuple[str | None, str]:
+        """(tier, model) to count a failure under: the decision's, else what was
+        asked (a model only if it exists: callers do not make metric labels)."""
+        if self.decision is not None:
+            return self.decision.tier, self.decision.model
+        model = self.options.model
+        return self.options.tier, model if model and lookup(model) else "none"
 
-class ImageSlot:
-    """One of a worker's slots for a decoded image, held from decoding until the
-    image is letterboxed; the pixels are dropped with it, so no more decoded
-    images than slots are alive at once."""
 
-    def __init__(self, slots: FairSlots, key: str | None, wait_s: float | None) -> None:
-        self._slots = slots
-        self._key = key
-        self._wait_s = wait_s
-        self._held = False
-        self.image: decoding.Decoded | None = None
-
-    async def __aenter__(self) -> ImageSlot:
-        await self._slots.acquire(self._key, self._wait_s)
-        self._held = True
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        self.release()
-
-    def take(self) -> decoding.Decoded:
-        assert self.image is not None, "nothing decoded into this slot"
-        return self.image
-
-    def release(self) -> None:
-        self.image = None
-        if self._held:
-            self._held = False
-            self._slots.release(self._key)
+def _code(exc: BaseException) -> ErrorCode:
+    if isinstance(exc, ApiError):
+        return exc.code
+    return ErrorCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else ErrorCode.INTERNAL
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
