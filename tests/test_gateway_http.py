@@ -208,4 +208,4 @@ def test_concurrent_requests_without_budget_are_all_answered(client):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(16)))
-    assert [status for status, _ in results] == [200] * 16, results
+    assert [status for status, _ in results] == [200] * 16, [r for r in results if r[0] != 200]

@@ -26,9 +26,8 @@ from tierdet.serving.backend import QueueReport, Served
 UNKNOWN_SERVICE_MS = 1000.0
 # The endpoint of a router fed plain model lists (one backend, unit tests).
 LOCAL = "local"
-# A device window (Triton's own queue wait and batch size) older than this is
-# not used to read an answer's latency: the device may have changed since.
-WINDOW_MAX_AGE_S = 2.0
+# Answers kept per model and endpoint until Triton's next report counts them.
+MAX_PENDING_ANSWERS = 256
 # A queue report older than this is not used: the poll has stopped or fails.
 QUEUE_MAX_AGE_S = 1.0
 
@@ -105,6 +104,8 @@ class LatencyModel:
     # window between the last two reports that saw answers
     _served: dict[tuple[str, str], Served] = field(default_factory=dict)
     windows: dict[tuple[str, str], DeviceWindow] = field(default_factory=dict)
+    # (endpoint, model) -> answers (observed ms, time.monotonic()) not yet counted
+    _answers: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _load(self, model: str) -> _ModelLoad:
@@ -234,8 +235,31 @@ class LatencyModel:
             requests = now.requests - before.requests
             executions = now.executions - before.executions
             batch = (now.images - before.images) / executions if executions > 0 else 1.0
-            self.windows[url, model] = DeviceWindow(
-                (now.queue_us - before.queue_us) / requests / 1e3, max(1.0, batch), asked)
+            window = DeviceWindow((now.queue_us - before.queue_us) / requests / 1e3,
+                                  max(1.0, batch), asked)
+            self.windows[url, model] = window
+            self._read_answers(url, model, window)
+
+    def _read_answers(self, url: str, model: str, window: DeviceWindow) -> None:
+        """The device's own account of the answers it counted in ``window``: of
+        each answer's time, Triton's mean queue wait over the window was not
+        service; the rest is one execution at the window's mean batch size. So
+        every answer, idle or busy, reads the device's speed: a slower device
+        is followed in a few answers, and waiting behind other clients' work is
+        not mistaken for a slower device. (An answer is read with the window
+        that closes after it, not the one before: at the start of a burst the
+        one before knows nothing of the queue the answer waited in.)"""
+        pending = self._answers.get((url, model), [])
+        counted = [observed for observed, at in pending if at <= window.at]
+        self._answers[url, model] = [(o, at) for o, at in pending if at > window.at]
+        load, prof = self._load(model), self.profile.models.get(model)
+        batch = max(1, round(window.batch))
+        for observed in counted:
+            served_ms = max(0.0, observed - window.queue_ms)
+            if prof is not None:
+                self._learn(load, served_ms / prof.service_ms(batch), self.alpha, window.at)
+            else:  # no profile: take batches as a CPU runs them, image after image
+                self._observe(load, served_ms / batch)
 
     def _idle(self, endpoint: str) -> bool:
         if self._at(endpoint):
@@ -267,19 +291,11 @@ class LatencyModel:
                 return
             now = time.monotonic()
             prof = self.profile.models.get(ticket.model)
-            window = self.windows.get((ticket.endpoint, ticket.model))
-            if window is not None and now - window.at <= WINDOW_MAX_AGE_S:
-                # The device's own account: of the answer's time, Triton's recent
-                # mean queue wait was not service; the rest is one execution at
-                # its recent batch size. Every answer then reads the device's
-                # speed, idle or busy, so a slower device is followed in a few
-                # answers rather than the many that idle ones alone would take.
-                served_ms = max(0.0, observed_ms - window.queue_ms)
-                batch = max(1, round(window.batch))
-                if prof is not None:
-                    self._learn(load, served_ms / prof.service_ms(batch), self.alpha, now)
-                else:  # no profile: take batches as a CPU runs them, image after image
-                    self._observe(load, served_ms / batch)
+            key = (ticket.endpoint, ticket.model)
+            if key in self._served:  # Triton reports this model: read it with the window
+                answers = self._answers.setdefault(key, [])  # that will count this answer
+                answers.append((observed_ms, now))
+                del answers[:-MAX_PENDING_ANSWERS]
             elif prof is not None:
                 implied = ticket.ratio * observed_ms / ticket.predicted_ms
                 self._learn(load, implied, self.alpha if ticket.idle else self.busy_alpha, now)
