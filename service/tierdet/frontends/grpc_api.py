@@ -1,13 +1,13 @@
-"""gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), plus
+"""gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), the
+Open Inference Protocol's inference.GRPCInferenceService (``v2_grpc``), plus
 standard health and reflection."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,17 +19,20 @@ from tierdet.contract import wire
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import FrameResult
+from tierdet.frontends import v2_grpc
 from tierdet.frontends.errors import grpc_abort, invalid_option
+from tierdet.frontends.grpc_context import credentials, deadline_ms, grpc_call
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
-from tierdet.serving import access, tracing
+from tierdet.serving import access
 from tierdet.serving.metrics import ADDS_UP
-from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
 
 log = logging.getLogger("tierdet.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+# Every service on the port, as health and reflection list them.
+SERVICES = (SERVICE_NAME, v2_grpc.SERVICE_NAME)
 
 
 def options_from_request(request: pb.DetectRequest) -> DetectOptions:
@@ -37,18 +40,6 @@ def options_from_request(request: pb.DetectRequest) -> DetectOptions:
         return DetectOptions(**wire.options_from_message(request))
     except ValidationError as exc:
         raise invalid_option(exc) from None
-
-
-def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return value
-    return None
-
-
-def _deadline_ms(context: grpc.aio.ServicerContext) -> float | None:
-    remaining_s = context.time_remaining()
-    return remaining_s * 1e3 if remaining_s is not None else None
 
 
 class DetectorServicer(pb_grpc.DetectorServicer):
@@ -62,29 +53,14 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         self.streams_open = Gauge("tierdet_streams_open", "DetectStream calls in progress.",
                                   multiprocess_mode=ADDS_UP, registry=registry)
 
-    @contextlib.contextmanager
-    def _call(self, context: grpc.aio.ServicerContext, method: str) -> Iterator[access.Call]:
-        """The call's id (the caller's ``x-request-id`` when sane), returned in the
-        trailing metadata; the access-log line of a call that reached no image."""
-        carrier = {k: v for k in ("traceparent", "tracestate") if (v := _metadata(context, k))}
-        with access.incoming("grpc", method, _metadata(context, access.HEADER),
-                             carrier.get("traceparent")) as call, \
-                tracing.server_span(f"Detector/{method}", carrier):
-            context.set_trailing_metadata(tuple(call.ids()))
-            try:
-                yield call
-            except asyncio.CancelledError:  # the client went away, or its deadline passed
-                call.code = ErrorCode.CANCELLED.value
-                raise
-            finally:
-                status = "OK" if call.code == "ok" else ErrorCode(call.code).kind.grpc_status
-                access.ended(call, status, self.detector.access)
+    def _call(self, context: grpc.aio.ServicerContext, method: str
+              ) -> contextlib.AbstractContextManager[access.Call]:
+        return grpc_call(context, "grpc", f"Detector/{method}", method, self.detector.access)
 
     def _admit(self, context: grpc.aio.ServicerContext,
                received: float | None = None) -> Caller:
-        return self.detector.admit(bearer(_metadata(context, "authorization"),
-                                          _metadata(context, "x-api-key")), "grpc",
-                                   received, _deadline_ms(context))
+        return self.detector.admit(credentials(context), "grpc", received,
+                                   deadline_ms(context))
 
     async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
@@ -172,10 +148,11 @@ def create_grpc_server(
         ("grpc.so_reuseport", 1 if share_port else 0),
     ], maximum_concurrent_rpcs=settings.max_concurrency)
     pb_grpc.add_DetectorServicer_to_server(DetectorServicer(detector), server)
+    v2_grpc.add_to_server(detector, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     port = (server.add_secure_port(address, credentials) if credentials is not None
             else server.add_insecure_port(address))
@@ -185,5 +162,5 @@ def create_grpc_server(
 async def set_health(health_servicer: health.HealthServicer, ready: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if ready
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE_NAME):
+    for name in ("", *SERVICES):
         await health_servicer.set(name, status)

@@ -1,6 +1,7 @@
 """Prometheus metrics of the gateway: stable names, low-cardinality labels.
 
-Labels only take values from closed sets: protocol (http, grpc), tier
+Labels only take values from closed sets: protocol (http, grpc, v2-http,
+v2-grpc: ``access.TRANSPORTS``), tier
 (configured names, or "none" for pinned models and bare budgets), model
 (registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
 rate_limited), stage.

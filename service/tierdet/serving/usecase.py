@@ -59,7 +59,7 @@ class Caller:
     """Who asks, and how: what ``Detector.admit`` let in."""
 
     key: ApiKey | None  # None when the gateway has no keys configured
-    protocol: str  # "http" or "grpc" (the metrics label)
+    protocol: str  # the metrics label: one of access.TRANSPORTS ("http", "v2-grpc", ...)
     received: float  # perf_counter() when the request arrived: budgets count from here
     deadline_ms: float | None = None  # the transport's own deadline from ``received``
     item: int | None = None  # a batch image's index, a stream frame's id
@@ -256,10 +256,11 @@ class Detector:
         if call is None or not (self.access.enabled or tracing.enabled()):
             return
         code, decision, result = seen.code, seen.decision, seen.result
+        http = access.TRANSPORTS[caller.protocol] == "http"
         if code is None:
-            status: int | str = 200 if caller.protocol == "http" else "OK"
+            status: int | str = 200 if http else "OK"
         else:
-            status = code.kind.http_status if caller.protocol == "http" else code.kind.grpc_status
+            status = code.kind.http_status if http else code.kind.grpc_status
         fields = dict(
             item=caller.item, code=code.value if code else "ok", status=status,
             tier=decision.tier if decision else options.tier,
