@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tierdet.contract.errors import ApiError, ErrorCode, first_problem
+from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult
 from tierdet.frontends import v2_models, v2_tensors
 from tierdet.frontends.v2_tensors import INPUT, OUTPUTS, PARAMETERS, V2Output
@@ -59,14 +61,27 @@ class OutputSpec(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+def _parameters_schema() -> dict[str, Any]:
+    """The request parameters, documented from ``DetectOptions`` itself."""
+    options = DetectOptions.model_json_schema()["properties"]
+    return {"type": "object", "additionalProperties": True,
+            "properties": {name: options[name] for name in PARAMETERS}}
+
+
 class InferRequestBody(BaseModel):
-    """A v2 inference request. ``parameters`` carry the detect options: """ + ", ".join(
-        f"`{p}`" for p in PARAMETERS) + "."
+    """A v2 inference request: one ``IMAGE`` input of N encoded images."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    # The kserve SDK repeats the path's model in the body; the path decides.
+    model_name: str | None = None
+    model_version: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="The detect options (`tier` and `model` are the model's name); "
+        "a list option as a list or comma-separated text. Protocol parameters such as "
+        "`binary_data_output` are accepted too.",
+        json_schema_extra=_parameters_schema())
     inputs: list[TensorSpec] = Field(..., min_length=1, max_length=1)
     outputs: list[OutputSpec] | None = None
 
@@ -239,11 +254,23 @@ def create_router(detector: Detector) -> APIRouter:
         results = await v2_models.infer(detector, caller, images, options)
         return infer_response(body, name, results)
 
-    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
-        router.add_api_route(prefix, metadata, methods=["GET"], summary="Model metadata")
-        router.add_api_route(f"{prefix}/ready", model_ready, methods=["GET"],
-                             summary="The model can answer (503 while it cannot)")
-        router.add_api_route(f"{prefix}/infer", infer, methods=["POST"],
-                             summary="Detect objects in N encoded images",
-                             response_model=InferResponseBody, openapi_extra=_INFER_DOC)
+    # Each route twice, with a version in the path and without (a function of
+    # ``name`` alone, so the document shows no ``version`` query parameter).
+    for versioned, unversioned, suffix, method, doc in (
+            (metadata, _latest(metadata), "", "GET", {"summary": "Model metadata"}),
+            (model_ready, _latest(model_ready), "/ready", "GET",
+             {"summary": "The model can answer (503 while it cannot)"}),
+            (infer, _latest(infer), "/infer", "POST",
+             {"summary": "Detect objects in N encoded images",
+              "response_model": InferResponseBody, "openapi_extra": _INFER_DOC})):
+        router.add_api_route(f"/models/{{name}}{suffix}", unversioned, methods=[method], **doc)
+        router.add_api_route(f"/models/{{name}}/versions/{{version}}{suffix}", versioned,
+                             methods=[method], **doc)
     return router
+
+
+def _latest(route: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def unversioned(request: Request, name: str) -> Any:
+        return await route(request, name)
+
+    return unversioned
