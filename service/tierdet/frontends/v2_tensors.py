@@ -101,8 +101,9 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
 
 def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int) -> int:
     """The number of images the input declares, after checking it is ``IMAGE``."""
-    if name != INPUT:
-        raise bad_request(f"unknown input {name!r}: the only input is {INPUT}")
+    if name != INPUT:  # as /v1/detect without its 'image' field: no image was sent
+        raise ApiError(ErrorCode.EMPTY_IMAGE, f"no input {INPUT} (got {name!r}): send the "
+                       f"images as {INPUT}")
     if datatype != "BYTES":
         raise bad_request(f"{INPUT}: datatype {datatype} is not accepted: send BYTES "
                           "(encoded JPEG, PNG or WebP images)")
