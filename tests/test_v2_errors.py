@@ -169,6 +169,11 @@ def test_framing_no_client_would_send(client, body, headers, status, code):
     assert r.json()["error"].startswith(f"{code}: ")
 
 
+def test_an_unknown_v2_route_is_the_protocols_404(client):
+    r = client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"].startswith("not_found: ")
+
+
 def test_still_serving_after_the_corpus(gateway):
     for case in CASES:
         with thttp.InferenceServerClient(_address(gateway.http)) as c, \
