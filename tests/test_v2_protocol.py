@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,19 @@ def test_openapi_describes_the_v2_routes(client):
     assert {"application/json", "application/octet-stream"} <= set(
         infer["requestBody"]["content"])
     assert json.dumps(infer).count("sla_ms") >= 1
+
+
+def test_the_docs_tritonclient_example_runs_as_written(gateway, tmp_path):
+    """docs/incoming/v2.md's example in a fresh interpreter; only the address changes."""
+    text = (Path(__file__).parents[1] / "docs" / "incoming" / "v2.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert block.count("localhost:8080") == 1
+    (tmp_path / "photo.jpg").write_bytes(encode(photos()["astronaut"]))
+    run = subprocess.run([sys.executable, "-c",
+                          block.replace("localhost:8080", _address(gateway.http))],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "True tierdet-routed"
+    assert f"'model': '{TEST_MODEL}'" in lines[-1]
+    assert re.fullmatch(r".+ \d\.\d\d at \(\d+, \d+\)-\(\d+, \d+\)", lines[1]), lines
