@@ -105,9 +105,26 @@ class InferResponseBody(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": V2Error} for s in _ERROR_STATUSES}
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` written in place: in an OpenAPI document a
+    ``#/$defs/...`` reference would resolve against the document, not the schema."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
 _INFER_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": InferRequestBody.model_json_schema(
-        ref_template="#/components/schemas/{model}")},
+    "application/json": {"schema": _inlined(InferRequestBody.model_json_schema())},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
                                  "description": "The binary tensor data extension: the "
                                  "JSON request, then the tensors' bytes."}}}}
