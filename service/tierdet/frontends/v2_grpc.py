@@ -120,7 +120,7 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                              context: grpc.aio.ServicerContext) -> v2.ServerMetadataResponse:
         return v2.ServerMetadataResponse(**v2_models.server_metadata())
 
-    async def _target(self, context: grpc.aio.ServicerContext, method: str, name: str,
+    async def _target(self, context: grpc.aio.ServicerContext, name: str,
                       version: str) -> Target:
         try:
             self._admit(context)
@@ -131,14 +131,13 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: v2.ModelReadyRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> v2.ModelReadyResponse:
         with self._call(context, "ModelReady"):
-            target = await self._target(context, "ModelReady", request.name, request.version)
+            target = await self._target(context, request.name, request.version)
             return v2.ModelReadyResponse(ready=v2_models.model_ready(self.detector, target))
 
     async def ModelMetadata(self, request: v2.ModelMetadataRequest,  # noqa: N802
                             context: grpc.aio.ServicerContext) -> v2.ModelMetadataResponse:
         with self._call(context, "ModelMetadata"):
-            target = await self._target(context, "ModelMetadata", request.name,
-                                        request.version)
+            target = await self._target(context, request.name, request.version)
             meta = v2_tensors.model_metadata(target, v2_models.platform(target))
             reply = v2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
                                              platform=meta["platform"])
