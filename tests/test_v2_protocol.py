@@ -185,6 +185,24 @@ def test_every_option_is_a_parameter(rest, grpc_client, client):
     assert tiled.get_response()["parameters"]["tiles"] >= 0
 
 
+def test_raw_pixels_give_the_boxes_of_the_same_image_encoded(rest, grpc_client, client):
+    """UINT8 [H, W, 3] against /v1/detect given the same pixels losslessly (PNG)."""
+    pixels = photos()["chelsea"]
+    png = encode(pixels, ".png")
+    r = client.post("/v1/detect", files={"image": ("a.png", png, "image/png")},
+                    data={"model": TEST_MODEL, "sla_ms": "60000", "score_threshold": "0.05"})
+    assert r.status_code == 200, r.text
+    options = {**SLOW_OK, "score_threshold": 0.05}
+    for module, c in ((thttp, rest), (tgrpc, grpc_client)):
+        tensor = module.InferInput("IMAGE", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        _same_boxes(rows(c.infer(TEST_MODEL, [tensor], parameters=options)), r.json())
+    two = thttp.InferInput("IMAGE", [2, *pixels.shape], "UINT8")
+    two.set_data_from_numpy(np.stack([pixels, pixels]))
+    result = rest.infer(TEST_MODEL, [two], parameters=options)
+    np.testing.assert_allclose(rows(result, 1), rows(result, 0), rtol=1e-6)
+
+
 def test_json_outputs_equal_binary_outputs(rest):
     binary = rest.infer(TEST_MODEL, [http_image([JPEG])], parameters=SLOW_OK)
     as_json = rest.infer(TEST_MODEL, [http_image([JPEG])], parameters=SLOW_OK, outputs=[

@@ -9,9 +9,11 @@ import struct
 import numpy as np
 import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.images import Pixels
 from tierdet.contract.results import Detection, DetectResult, Routing, Timing
 from tierdet.frontends import v2_tensors
 from tierdet.frontends.v2_tensors import Target
+from tierdet.serving import decoding
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 AUTO = Target("auto", tier="balanced")
@@ -82,7 +84,9 @@ def test_routing_parameters_typed_for_one_listed_for_a_batch():
 
 @pytest.mark.parametrize("name,datatype,shape,code", [
     ("PICTURE", "BYTES", [1], ErrorCode.EMPTY_IMAGE),
-    ("IMAGE", "UINT8", [1, 4, 4, 3], ErrorCode.INVALID_OPTION),
+    ("IMAGE", "FP32", [1, 4, 4, 3], ErrorCode.INVALID_OPTION),
+    ("IMAGE", "UINT8", [4, 4, 1], ErrorCode.INVALID_OPTION),
+    ("IMAGE", "UINT8", [2, 0, 4, 3], ErrorCode.INVALID_OPTION),
     ("IMAGE", "BYTES", [2, 2], ErrorCode.INVALID_OPTION),
     ("IMAGE", "BYTES", [0], ErrorCode.EMPTY_IMAGE),
     ("IMAGE", "BYTES", [17], ErrorCode.INVALID_OPTION),
@@ -91,4 +95,37 @@ def test_the_input_is_checked(name, datatype, shape, code):
     with pytest.raises(ApiError) as caught:
         v2_tensors.check_input(name, datatype, shape, 16)
     assert caught.value.code is code
-    assert v2_tensors.check_input("IMAGE", "BYTES", [3, 1], 16) == 3
+    assert v2_tensors.check_input("IMAGE", "BYTES", [3, 1], 16).count == 3
+
+
+def test_uint8_pixels_are_split_image_by_image():
+    spec = v2_tensors.check_input("IMAGE", "UINT8", [2, 2, 3, 3], 16)
+    assert (spec.count, spec.pixels) == (2, (2, 3))
+    raw = bytes(range(36))
+    first, second = spec.images(raw)
+    assert (first.width, first.height, first.data) == (3, 2, raw[:18])
+    assert second.data == raw[18:]
+    with pytest.raises(ApiError, match="not 2 x 2 x 3 x 3 pixels"):
+        spec.images(raw[:-1])
+    single = v2_tensors.check_input("IMAGE", "UINT8", [2, 3, 3], 16)
+    assert single.images(single.from_values(list(range(18))))[0].data == raw[:18]
+    with pytest.raises(ApiError, match=r"integers 0\.\.255"):
+        single.from_values([256] * 18)
+
+
+@pytest.mark.parametrize("pixels,code", [
+    (Pixels(b"", 0, 0), ErrorCode.EMPTY_IMAGE),
+    (Pixels(b"\x00" * 300, 10, 10), ErrorCode.IMAGE_TOO_LARGE),
+    (Pixels(b"\x00" * 75, 5, 5), ErrorCode.TOO_MANY_PIXELS),
+    (Pixels(b"\x00" * 10, 2, 2), ErrorCode.UNREADABLE_IMAGE),
+])
+def test_raw_pixels_meet_the_limits_of_an_encoded_image(pixels, code):
+    with pytest.raises(ApiError) as caught:
+        decoding.from_pixels(pixels, max_bytes=200, max_pixels=20)
+    assert caught.value.code is code
+
+
+def test_raw_pixels_are_the_image_as_sent():
+    image = decoding.from_pixels(Pixels(bytes(range(12)), 2, 2), 200, 20)
+    assert (image.width, image.height, image.step) == (2, 2, 1)
+    assert image.pixels[1, 0].tolist() == [6, 7, 8]

@@ -9,8 +9,8 @@ Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer and ModelStreamInfer; Triton's own extensions (repository,
 statistics, shared memory, trace, log settings) answer UNIMPLEMENTED.
 
-Images come as ``raw_input_contents`` (the BYTES binary form, what
-tritonclient sends) or as ``contents.bytes_contents``; outputs go back as
+Images come as ``raw_input_contents`` (what tritonclient sends) or as
+``contents.bytes_contents`` (UINT8 pixels: ``contents.uint_contents``); outputs go back as
 ``raw_output_contents``, as Triton answers. Refusals carry the same status,
 message and ``tierdet-error-code`` metadata as ``Detector`` (``errors``).
 """
@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.images import Pixels
 from tierdet.frontends import v2_models, v2_tensors
 from tierdet.frontends.errors import grpc_abort
 from tierdet.frontends.grpc_context import credentials, deadline_ms, grpc_call
@@ -63,22 +64,23 @@ def _parameter(value: bool | int | float | str) -> v2.InferParameter:
     return v2.InferParameter(string_param=value)
 
 
-def images_of(request: v2.ModelInferRequest, max_images: int) -> list[bytes]:
+def images_of(request: v2.ModelInferRequest, max_images: int) -> list[bytes | Pixels]:
     if len(request.inputs) != 1:
         raise v2_tensors.bad_request(f"{len(request.inputs)} inputs: send exactly one, "
                                      f"{v2_tensors.INPUT}")
     tensor = request.inputs[0]
-    count = v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape),
-                                   max_images)
+    spec = v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape),
+                                  max_images)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise v2_tensors.bad_request("raw_input_contents must hold one tensor per input")
-        images = v2_tensors.deserialize_bytes(request.raw_input_contents[0])
-    else:
-        images = list(tensor.contents.bytes_contents)
+        return spec.images(request.raw_input_contents[0])
+    if spec.pixels is not None:
+        return spec.images(spec.from_values(list(tensor.contents.uint_contents)))
+    images: list[bytes | Pixels] = list(tensor.contents.bytes_contents)
     if not images:
         raise ApiError(ErrorCode.EMPTY_IMAGE, f"{v2_tensors.INPUT}: the tensor holds no data")
-    return v2_tensors.check_images(images, count)
+    return v2_tensors.check_images(images, spec.count)
 
 
 def infer_response(request: v2.ModelInferRequest, results: list[Any]

@@ -7,9 +7,9 @@ tensor data extension: the JSON header's length in
 ``Inference-Header-Content-Length``, the inputs' bytes after it (each input's
 ``binary_data_size``), and the same for outputs asked for as binary (an
 output's ``binary_data``, or the request's ``binary_data_output``).
-In JSON, each ``IMAGE`` element is the image base64-encoded (an encoded image
-is not UTF-8 text). Errors: ``{"error": "<code>: <message>"}`` with the code's
-status (``frontends.errors``).
+In JSON, each BYTES ``IMAGE`` element is the image base64-encoded (an encoded
+image is not UTF-8 text); UINT8 pixels are numbers. Errors:
+``{"error": "<code>: <message>"}`` with the code's status (``frontends.errors``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tierdet.contract.errors import ApiError, ErrorCode, first_problem
+from tierdet.contract.images import Pixels
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult
 from tierdet.frontends import v2_models, v2_tensors
@@ -159,21 +160,25 @@ def _flat(data: list[Any]) -> list[Any]:
     return [v for item in data for v in (_flat(item) if isinstance(item, list) else [item])]
 
 
-def images_of(body: InferRequestBody, binary: bytes, max_images: int) -> list[bytes]:
+def images_of(body: InferRequestBody, binary: bytes, max_images: int
+              ) -> list[bytes | Pixels]:
     (tensor,) = body.inputs
-    count = v2_tensors.check_input(tensor.name, tensor.datatype, tensor.shape, max_images)
+    spec = v2_tensors.check_input(tensor.name, tensor.datatype, tensor.shape, max_images)
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size != len(binary):
             raise ApiError(ErrorCode.INVALID_OPTION, f"{INPUT}: binary_data_size {size!r} "
                            f"does not match the {len(binary)} bytes after the JSON header")
-        return v2_tensors.check_images(v2_tensors.deserialize_bytes(binary), count)
+        return spec.images(binary)
     if binary:
         raise ApiError(ErrorCode.INVALID_OPTION, f"{INPUT}: bytes follow the JSON header "
                        "but the input has no binary_data_size")
     if tensor.data is None:
         raise ApiError(ErrorCode.EMPTY_IMAGE, f"{INPUT}: no data and no binary_data_size")
-    return v2_tensors.check_images([_from_base64(v) for v in _flat(tensor.data)], count)
+    values = _flat(tensor.data)
+    if spec.pixels is not None:  # JSON numbers, row-major
+        return spec.images(spec.from_values(values))
+    return v2_tensors.check_images([_from_base64(v) for v in values], spec.count)
 
 
 def _from_base64(value: Any) -> bytes:

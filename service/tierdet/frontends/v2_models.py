@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from tierdet import __version__
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.images import Pixels
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult
 from tierdet.frontends.v2_tensors import VERSION, Target
@@ -68,7 +69,7 @@ def model_ready(detector: Detector, t: Target) -> bool:
     return bool(ready & set(allowed)) if allowed else bool(ready)
 
 
-async def infer(detector: Detector, caller: Caller, images: Sequence[bytes],
+async def infer(detector: Detector, caller: Caller, images: Sequence[bytes | Pixels],
                 options: DetectOptions) -> list[DetectResult]:
     """Every image through the use case, each routed on its own (a batch runs
     ``batch_concurrency`` at a time, like ``/v1/detect/batch``). A tensor is
@@ -78,7 +79,7 @@ async def infer(detector: Detector, caller: Caller, images: Sequence[bytes],
         return [await detector.detect(caller, images[0], options)]
     slots = asyncio.Semaphore(detector.settings.batch_concurrency)
 
-    async def one(index: int, image: bytes) -> DetectResult:
+    async def one(index: int, image: bytes | Pixels) -> DetectResult:
         async with slots:  # each image's budget counts from when the gateway starts on it
             return await detector.detect(caller.restarted(index), image, options)
 

@@ -4,7 +4,8 @@ Transport-free and serving-free: the REST (``v2_http``) and gRPC (``v2_grpc``)
 front ends both read requests into ``V2Request`` and write ``V2Output`` s with
 this module, so a tensor or a parameter cannot be read two ways.
 
-- input ``IMAGE``: BYTES, shape ``[N]`` (or ``[N, 1]``): N encoded images;
+- input ``IMAGE``: BYTES, shape ``[N]`` (or ``[N, 1]``): N encoded images; or
+  UINT8 ``[H, W, 3]`` (or ``[N, H, W, 3]``): raw RGB pixels;
 - outputs ``DETECTIONS`` FP32 ``[N, K, 6]`` (x1, y1, x2, y2, score, class id;
   K the most detections of any image, shorter rows padded with zeros and
   class id -1), ``COUNTS`` INT32 ``[N]``, ``CLASS_NAMES`` BYTES ``[N, K]``;
@@ -26,6 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tierdet.contract.errors import ApiError, ErrorCode, first_problem
+from tierdet.contract.images import Pixels
 from tierdet.contract.options import LIST_OPTIONS, OPTION_NAMES, DetectOptions
 from tierdet.contract.results import DetectResult
 
@@ -99,26 +101,63 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
     return items
 
 
-def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int) -> int:
-    """The number of images the input declares, after checking it is ``IMAGE``."""
+@dataclass(frozen=True)
+class ImageInput:
+    """What an ``IMAGE`` input declares: N encoded images (BYTES), or N images of
+    ``height`` x ``width`` RGB pixels (UINT8)."""
+
+    count: int
+    pixels: tuple[int, int] | None = None  # (height, width) for UINT8
+
+    def images(self, raw: bytes) -> list[bytes | Pixels]:
+        """The images from the tensor's binary form."""
+        if self.pixels is None:
+            return check_images(list(deserialize_bytes(raw)), self.count)
+        height, width = self.pixels
+        size = height * width * 3
+        if len(raw) != self.count * size:
+            raise bad_request(f"{INPUT}: {len(raw)} bytes are not {self.count} x {height} x "
+                              f"{width} x 3 pixels")
+        return [Pixels(raw[i * size:(i + 1) * size], width, height)
+                for i in range(self.count)]
+
+    def from_values(self, values: list[Any]) -> bytes:
+        """A UINT8 tensor's binary form from its values as numbers (JSON, gRPC)."""
+        try:
+            return bytes(values)
+        except (TypeError, ValueError):
+            raise bad_request(f"{INPUT}: UINT8 values must be integers 0..255") from None
+
+
+def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int
+                ) -> ImageInput:
+    """What the input declares, after checking it is ``IMAGE`` with a shape and
+    datatype it may have."""
     if name != INPUT:  # as /v1/detect without its 'image' field: no image was sent
         raise ApiError(ErrorCode.EMPTY_IMAGE, f"no input {INPUT} (got {name!r}): send the "
                        f"images as {INPUT}")
-    if datatype != "BYTES":
-        raise bad_request(f"{INPUT}: datatype {datatype} is not accepted: send BYTES "
-                          "(encoded JPEG, PNG or WebP images)")
     dims = list(shape)
-    if not (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)):
-        raise bad_request(f"{INPUT}: shape {dims}: expected [N] (or [N, 1]) encoded images")
-    count = dims[0]
-    if count < 1:
+    if datatype == "BYTES":
+        if not (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)):
+            raise bad_request(f"{INPUT}: shape {dims}: expected [N] (or [N, 1]) encoded "
+                              "images")
+        spec = ImageInput(dims[0])
+    elif datatype == "UINT8":
+        if len(dims) not in (3, 4) or dims[-1] != 3 or min(dims) < 1:
+            raise bad_request(f"{INPUT}: shape {dims}: expected [H, W, 3] (or [N, H, W, 3]) "
+                              "RGB pixels")
+        spec = ImageInput(dims[0] if len(dims) == 4 else 1, (dims[-3], dims[-2]))
+    else:
+        raise bad_request(f"{INPUT}: datatype {datatype} is not accepted: send BYTES "
+                          "(encoded JPEG, PNG or WebP images) or UINT8 RGB pixels")
+    if spec.count < 1:
         raise ApiError(ErrorCode.EMPTY_IMAGE, f"{INPUT}: shape {dims} holds no image")
-    if count > max_images:
-        raise bad_request(f"{INPUT}: {count} images; at most {max_images} are accepted")
-    return count
+    if spec.count > max_images:
+        raise bad_request(f"{INPUT}: {spec.count} images; at most {max_images} are accepted")
+    return spec
 
 
-def check_images(images: list[bytes], declared: int) -> list[bytes]:
+def check_images(images: list[bytes | Pixels], declared: int) -> list[bytes | Pixels]:
     if len(images) != declared:
         raise bad_request(f"{INPUT}: shape declares {declared} images, the data holds "
                           f"{len(images)}")

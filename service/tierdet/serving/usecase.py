@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.images import Pixels
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
@@ -176,7 +177,9 @@ class Detector:
             self.metrics.observe_failure(caller.protocol, options.tier, "none", exc.outcome)
             raise
 
-    async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
+    async def detect(self, caller: Caller, image: bytes | Pixels,
+                     options: DetectOptions) -> DetectResult:
+        """``image``: encoded bytes, or raw ``Pixels`` (decoding is then only the limits)."""
         seen = _Outcome()
         with tracing.span("detect"):
             try:
@@ -194,7 +197,8 @@ class Detector:
             finally:
                 self._log_access(caller, options, len(image), seen)
 
-    async def _detect(self, caller: Caller, image: bytes, options: DetectOptions,
+    async def _detect(self, caller: Caller, image: bytes | Pixels,
+                      options: DetectOptions,
                       seen: _Outcome) -> DetectResult:
         start = caller.received
         tier, model = options.tier, options.model or "none"
@@ -319,11 +323,15 @@ class Detector:
                            f"classes: no ready model has all of {', '.join(options.classes)}")
         return knowing
 
-    def _decode(self, data: bytes, models: list[str], full: bool = False
+    def _decode(self, data: bytes | Pixels, models: list[str], full: bool = False
                 ) -> tuple[decoding.Decoded, float]:
         """Decode at the smallest scale that still covers every model in ``models``
         (``full``: every pixel)."""
         t0 = time.perf_counter()
+        if isinstance(data, Pixels):
+            return (decoding.from_pixels(data, self.settings.max_image_bytes,
+                                         self.settings.max_image_pixels),
+                    time.perf_counter() - t0)
         inputs = [(s.input_size, s.preprocessing) for s in map(get_spec, models)]
 
         def fits(width: int, height: int) -> bool:
