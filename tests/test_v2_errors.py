@@ -154,13 +154,14 @@ HEAD = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [2
 @pytest.mark.parametrize("body,headers,status,code", [
     (b"{not json", {}, 400, "invalid_json"),
     (b"[1, 2]", {}, 400, "invalid_json"),
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "invalid_json"),
     (json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
                              "data": ["x"]}], "colour": "red"}).encode(), {}, 422,
      "invalid_option"),
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}, 422, "invalid_option"),
     (HEAD + b"\x04\x00\x00\x00abcd", {"Inference-Header-Content-Length": str(len(HEAD))},
      422, "invalid_option"),
-], ids=["malformed json", "json array", "unknown field", "header past the end",
+], ids=["malformed json", "json array", "nested too deep", "unknown field", "header past the end",
         "fewer images than the shape"])
 def test_framing_no_client_would_send(client, body, headers, status, code):
     """Malformed bodies: no real client makes these, so they are written by hand."""

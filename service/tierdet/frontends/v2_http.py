@@ -145,7 +145,7 @@ def parse_infer(raw: bytes, declared: str | None) -> tuple[InferRequestBody, byt
     head, binary = _split(raw, declared)
     try:
         payload = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (arrays nested too deep)
         raise ApiError(ErrorCode.INVALID_JSON, "the inference request is not valid JSON") from None
     if not isinstance(payload, dict):
         raise ApiError(ErrorCode.INVALID_JSON, "the inference request must be a JSON object")
@@ -157,7 +157,19 @@ def parse_infer(raw: bytes, declared: str | None) -> tuple[InferRequestBody, byt
 
 
 def _flat(data: list[Any]) -> list[Any]:
-    return [v for item in data for v in (_flat(item) if isinstance(item, list) else [item])]
+    """A nested JSON tensor's values, row-major (without recursion: the nesting
+    is the client's to choose)."""
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        item = next(stack[-1], stack)  # the stack itself marks an exhausted level
+        if item is stack:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
+    return out
 
 
 def images_of(body: InferRequestBody, binary: bytes, max_images: int
