@@ -812,7 +812,8 @@ def section_onnx(plan: Plan, deadline: Deadline, nets: dict[str, Any], photos: l
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring (or README, 'GPU check').")
+                                epilog="See the module docstring (or docs/performance.md, "
+                                       "'GPU check').")
     p.add_argument("--prepare", type=Path, metavar="DIR",
                    help="here, with network: download the wheels and copy the photos into DIR "
                         "(DIR/wheels, DIR/photos), then exit")

@@ -4,8 +4,8 @@ Builds what is missing (``tierdet build`` semantics, random weights by
 default: latency does not depend on the weights), then times each ONNX file
 with ONNX Runtime on one real photo prepared as the gateway prepares it,
 batch 1. Prints a Markdown table; with ``--record`` writes the figures to
-docs/model-zoo.json, from which `tierdet generate` renders the README's
-model zoo table (the registry gives the other columns).
+docs/model-zoo.json, from which `tierdet generate` renders the model zoo
+table of docs/performance.md (the registry gives the other columns).
 
     python benchmarks/model_zoo.py --record              # all 15 models
     python benchmarks/model_zoo.py --models efficientdet-d0,damoyolo-t --runs 20
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def record(rows: list[Row], threads: int, runs: int) -> None:
-    """Merge the figures into docs/model-zoo.json (what the README's table shows)."""
+    """Merge the figures into docs/model-zoo.json (what docs/performance.md's zoo table shows)."""
     import json
 
     import onnxruntime as ort
@@ -175,7 +175,7 @@ def record(rows: list[Row], threads: int, runs: int) -> None:
                                       "median_ms": round(r.median_ms),
                                       "p90_ms": round(r.p90_ms)}
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"recorded in {path}; run `tierdet generate` to refresh the README")
+    print(f"recorded in {path}; run `tierdet generate` to refresh docs/performance.md")
 
 
 if __name__ == "__main__":

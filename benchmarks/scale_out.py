@@ -50,6 +50,7 @@ import cv2
 import httpx
 import numpy as np
 from load import Outcome, closed_loop, open_loop, pct
+from native_tools import require
 from tierdet.build.models import assemble, default_home, ensure_built
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.profiling import measure
@@ -233,20 +234,36 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
     deployment = Deployment(servers, 1, work / "kill", profile)
     events: dict[str, float] = {}
 
+    def served_now() -> int | None:
+        """The victim's count, or None while its metrics port does not answer yet."""
+        try:
+            return served(victim)
+        except (OSError, httpx.HTTPError):
+            return None
+
     def killer(start: float) -> None:
-        time.sleep(args.max_seconds / 2)
+        time.sleep(args.max_seconds / 2)  # the fault is injected at this point of the run
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
         events["killed"] = time.perf_counter() - start
         victim.start()
         victim.wait_ready(180)
         events["ready"] = time.perf_counter() - start
-        count = served(victim)
+        count = None
         while time.perf_counter() - start < args.max_seconds + 30:
-            if served(victim) > count:
+            now = served_now()
+            if count is None:
+                count = now
+            elif now is not None and now > count:
                 events["traffic"] = time.perf_counter() - start
                 return
             time.sleep(0.05)
+
+    def guarded(start: float) -> None:
+        try:
+            killer(start)
+        except Exception as error:  # reported with the run, never a dead thread's traceback
+            events["error"] = repr(error)
 
     def routed(rng):  # the budget in the query string: a refusal needs no body read
         b = rng.choice(budgets)
@@ -254,7 +271,7 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
 
     try:
         start = time.perf_counter()
-        thread = threading.Thread(target=killer, args=(start,), daemon=True)
+        thread = threading.Thread(target=guarded, args=(start,), daemon=True)
         thread.start()
         outcomes, wall = asyncio.run(open_loop(deployment.bases, image, rate, args.requests * 2,
                                                args.max_seconds, routed, seed=7))
@@ -267,9 +284,10 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
     print(f"  {len(outcomes)} requests at {rate:.1f} req/s: "
           + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
     lost = sum(1 for o in outcomes if o.status == 599)
-    print(f"  unanswered: {lost}; traffic back on the restarted server "
-          f"{events.get('traffic', float('nan')) - events.get('ready', float('nan')):.2f} s "
-          "after it was ready")
+    back = (f"{events['traffic'] - events['ready']:.2f} s after it was ready"
+            if "traffic" in events else "never within the run")
+    print(f"  unanswered: {lost}; traffic back on the restarted server {back}"
+          + (f"; the fault injector failed: {events['error']}" if "error" in events else ""))
 
 
 def repository_for(device: str, device_ms: str, home: Path, work: Path) -> Path:
@@ -294,6 +312,7 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=15.0, help="max arrival span per row")
     p.add_argument("--home", type=Path, default=default_home())
     args = p.parse_args()
+    require("hey")
     work = Path(tempfile.mkdtemp(prefix="tierdet-scale-out-"))
     repository = repository_for(args.device, args.device_ms, args.home, work)
     servers = [start_server(repository, work / name) for name in ("a", "b")]

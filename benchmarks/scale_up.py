@@ -48,6 +48,7 @@ import cv2
 import httpx
 import numpy as np
 import tritonclient.grpc as triton_grpc
+from native_tools import require
 from tierdet.build.models import BuiltModel, assemble, default_home, ensure_built
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.stack import GatewayProcess, free_port, stop_process, wait_http
@@ -459,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateway worker counts measured side by side (the first is the "
                         "reference of the ratios)")
     args = p.parse_args(argv)
-    for tool in ("hey", "h2load"):
-        if shutil.which(tool) is None:
-            p.error(f"{tool} not found: apt-get install hey nghttp2-client")
+    require("hey", "h2load")
     (built,) = ensure_built([MODEL], WeightsSource.parse(args.weights), args.home,
                             progress=False)
     jpegs = photos()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+from native_tools import require
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from scale_up import (
     BUDGET_MS,
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
+    require("hey")
     (built,) = ensure_built([MODEL], WeightsSource.parse("random:0"), args.home,
                             progress=False)
     jpeg = photos()["720p"]

@@ -7,6 +7,7 @@ skip the export; CI starts from a clean clone and builds once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,29 @@ from tierdet.devstack.triton import LocalTriton
 REPO = Path(__file__).resolve().parents[1]
 TEST_MODEL = "efficientdet-d0"
 TEST_WEIGHTS = "random:0"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session() -> Iterator[None]:
+    """Whatever a test started (a gateway, its workers, a tritonserver, a load
+    tool) ends with the session, even when the test failed before its own stop.
+    As a subreaper, pytest adopts descendants whose parent died: none escapes
+    to init."""
+    import ctypes
+
+    import psutil
+
+    pr_set_child_subreaper = 36
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1)
+    yield
+    left = psutil.Process().children(recursive=True)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=20)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 @pytest.fixture(scope="session")

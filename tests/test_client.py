@@ -1,5 +1,5 @@
 """tierdet.client against the real stack: HTTP and gRPC, sync and async, retries, errors,
-and the README's example run as written. On the busy gateway: streams and batches
+and the examples of the README and the docs run as written. On the busy gateway: streams and batches
 load it concurrently (see conftest)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_MODEL, encode, photos
+from conftest import TEST_MODEL, encode, photos
+from docs_support import DOCS, README, blocks, section
 from tierdet.client import (
     NO_RETRY,
     AsyncClient,
@@ -176,8 +177,8 @@ def test_grpc_client_agrees_with_http_and_retries(busy_gateway, astronaut):
         assert _pairs(via_grpc) == _pairs(via_http) and via_grpc.routing.tier == SLACK
         assert g.detect(astronaut, model=TEST_MODEL).routing.tier is None  # pinned: no tier
         assert any(m.name == TEST_MODEL and m.ready for m in g.models())
-        with pytest.raises(TierdetError) as info:
-            g.detect(b"junk")
+        with pytest.raises(TierdetError) as info:  # in a tier no host misses: about the image
+            g.detect(b"junk", tier=SLACK)
         assert (info.value.code, info.value.grpc_code) == (
             "unsupported_media_type", "INVALID_ARGUMENT")
         with pytest.raises(TierdetError) as info:
@@ -238,28 +239,32 @@ def test_async_grpc_client_streams_from_an_async_source(busy_gateway, astronaut)
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-def readme_examples() -> list[str]:
-    """The Python blocks of the README's client section, as written there."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Web page, client, streaming", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+def shown_examples() -> dict[str, str]:
+    """The client's examples as written: the client page's and the README's, and the
+    stream example of the gRPC page."""
+    (page,) = blocks(section(DOCS / "api" / "client.md", "# Python client"), "python")
+    (readme,) = [b for b in blocks(section(README, "## Use it"), "python")
+                 if "tierdet.client" in b]
+    (stream,) = blocks(section(DOCS / "api" / "grpc.md", "## Video: DetectStream"), "python")
+    return {"client page": page, "README": readme, "stream": stream}
 
 
-def test_the_readme_examples_run_against_the_live_gateway(busy_gateway, tmp_path: Path):
-    examples = readme_examples()
-    assert len(examples) == 2
+def test_the_shown_examples_run_against_the_live_gateway(busy_gateway, tmp_path: Path):
     (tmp_path / "photo.jpg").write_bytes(encode(photos()["astronaut"]))
-    outputs = []
-    for code in examples:
+    outputs: dict[str, str] = {}
+    for where, code in shown_examples().items():
         # Point the examples at the test gateway; everything else runs verbatim.
         code = code.replace("http://127.0.0.1:8080", busy_gateway.http)
         code = code.replace('"127.0.0.1:50051"', f'"{busy_gateway.grpc}"')
         run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
-        outputs.append(run.stdout)
-    client_out, stream_out = outputs
-    assert re.match(rf"{TEST_MODEL}: \d+ objects in \d+ ms", client_out)
-    assert "refused: unsupported_media_type" in client_out
-    assert (tmp_path / "boxed.jpg").read_bytes().startswith(b"\xff\xd8\xff")
+        assert run.returncode == 0, (where, run.stderr)
+        outputs[where] = run.stdout
+        if where != "stream":
+            assert re.match(rf"{TEST_MODEL}: \d+ objects in \d+ ms", run.stdout), where
+            assert "refused: unsupported_media_type" in run.stdout, where
+            boxed = tmp_path / "boxed.jpg"
+            assert boxed.read_bytes().startswith(b"\xff\xd8\xff"), where
+            boxed.unlink()  # the next example must write its own
+    stream_out = outputs["stream"]
     assert [line.split()[0] for line in stream_out.splitlines()] == [str(i) for i in range(8)]

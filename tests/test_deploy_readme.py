@@ -1,4 +1,4 @@
-"""README's Deploy section: its commands name files and images that exist."""
+"""The Deploy page (docs/deploy.md): its commands name files and images that exist."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 from deploy_support import REPO, compose, dotenv
+from docs_support import DOCS
 from tierdet.serving.settings import Settings
 
 
 def _section() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("\n## Deploy\n")
-    end = text.index("\n## ", start + 1)
-    return text[start:end]
+    return (DOCS / "deploy.md").read_text()
 
 
 def _commands() -> list[list[str]]:

@@ -18,6 +18,7 @@ from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import SPECS
+from waiting import wait_until
 
 JPEG = encode(photos()["astronaut"])
 BROKEN = "efficientdet-d7"  # any registry name; its model file is garbage here
@@ -50,6 +51,12 @@ def _wait_status(url: str, want: int, timeout_s: float) -> float:
     raise AssertionError(f"{url} did not answer {want} within {timeout_s} s")
 
 
+def _inflight(base: str) -> float:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("tierdet_inflight_requests "))
+
+
 @pytest.fixture()
 def own_stack(home, built_d0, tmp_path):
     repository = assemble([built_d0], home / "fault-repo", "cpu-local", intra_op_threads=1)
@@ -64,7 +71,7 @@ def test_triton_killed_under_load_fails_fast_then_recovers(own_stack):
     triton, gateway = own_stack
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(_detect, gateway.http, model=TEST_MODEL) for _ in range(6)]
-        time.sleep(0.3)  # requests are queued at Triton now
+        wait_until(lambda: _inflight(gateway.http) == 6, "all six requests in the gateway")
         killed_at = time.perf_counter()
         triton.process.send_signal(signal.SIGKILL)
         results = [f.result(timeout=30) for f in futures]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 from tierdet.artifacts import generate
 from tierdet.contract import wire
 from tierdet.contract.options import LIST_OPTIONS, OPTION_NAMES, DetectOptions
@@ -35,8 +36,10 @@ def test_the_generate_command_checks_everything():
 
 
 def test_drift_is_reported_not_ignored():
-    ((path, text),) = generate.SOURCES["README tables"]().items()
-    assert generate.drift({path: text + "edited by hand\n"}) == ["README.md"]
+    pages = generate.SOURCES["README and docs tables"]()
+    assert {"README.md", "docs/api/options.md"} <= {str(p.relative_to(REPO)) for p in pages}
+    for path, text in pages.items():
+        assert generate.drift({path: text + "edited by hand\n"}) == [str(path.relative_to(REPO))]
 
 
 def test_the_proto_carries_every_option_under_its_name():

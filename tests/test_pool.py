@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from tierdet.serving.backend import Served
 from tierdet.serving.pool import Target, parse_targets
 from tierdet.serving.settings import Settings
 from tierdet.serving.triton import queue_report
@@ -43,3 +44,25 @@ def test_the_queue_report_sums_over_versions_and_failure_reasons():
     report = queue_report(text)
     assert report.pending == {"efficientdet-d0": 4, "damoyolo-ns": 0}
     assert report.arrived == {"efficientdet-d0": 47, "damoyolo-ns": 0}
+
+
+def test_the_queue_report_carries_what_the_device_did_on_a_real_triton(triton):
+    """Answered requests, their queue wait, images and executions, as the router
+    reads the device's speed from them (a real tritonserver's metrics page)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from conftest import TEST_MODEL
+    from waiting import wait_until
+
+    before = triton.server.queue().served.get(TEST_MODEL, Served())
+    tensor = grpcclient.InferInput("images", [2, 512, 512, 3], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((2, 512, 512, 3), np.uint8))
+    with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        for _ in range(3):
+            client.infer(TEST_MODEL, [tensor])
+    # Triton counts an answer just after sending it.
+    after = wait_until(lambda: (s := triton.server.queue().served[TEST_MODEL]).requests
+                       >= before.requests + 3 and s, "Triton to count three answers")
+    assert (after.requests - before.requests, after.images - before.images) == (3, 6)
+    assert after.executions - before.executions == 3  # one call, one execution here
+    assert after.queue_us > before.queue_us

@@ -1,4 +1,5 @@
-"""The README's "Use it" commands, run as written against a live gateway.
+"""The HTTP and gRPC examples of the README ("Use it") and of the API pages
+(docs/api/http.md, docs/api/grpc.md), run as written against a live gateway.
 
 Only the address changes (the test gateway listens on a free port), and each
 request is given a 60 s budget (`sla_ms`): the commands name none, what is
@@ -16,18 +17,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, encode, photos
+from conftest import encode, photos
+from docs_support import DOCS, README, blocks, section
 
 BUDGET = "sla_ms=60000"
-
-
-def _section() -> str:
-    text = (REPO / "README.md").read_text()
-    return text.split("## Use it", 1)[1].split("\n## ", 1)[0]
-
-
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", _section(), re.S)
+# Where the examples are shown, and how many curl commands each place shows.
+CURL = {"README": (README, "## Use it", 2), "docs": (DOCS / "api" / "http.md", "## Detect", 5)}
+GRPC = {"README": (README, "## Use it"), "docs": (DOCS / "api" / "grpc.md", "## Detect")}
 
 
 def _at(command: str, address: str) -> str:
@@ -46,14 +42,16 @@ def cwd_with_photo(tmp_path):
     return tmp_path
 
 
-def test_curl_examples(gateway, cwd_with_photo):
+@pytest.mark.parametrize("where", list(CURL))
+def test_curl_examples(gateway, cwd_with_photo, where):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
+    page, heading, count = CURL[where]
     address = gateway.http.removeprefix("http://")
     # One command per line, joined where a line ends in "\\" or "|".
-    commands = [c for block in _blocks("bash") for c in
+    commands = [c for block in blocks(section(page, heading), "bash") for c in
                 re.split(r"(?<![\\|])\n", block.strip())]
-    assert len(commands) == 5 and all("curl" in c for c in commands)
+    assert len(commands) == count and all("curl" in c for c in commands)
     for command in commands:
         run = subprocess.run(["bash", "-c", _at(command, address)],
                              cwd=cwd_with_photo, capture_output=True, text=True, timeout=60)
@@ -64,8 +62,9 @@ def test_curl_examples(gateway, cwd_with_photo):
             assert {d["class_name"] for d in body["detections"]} <= {"person", "dog"}
 
 
-def test_grpc_python_example(gateway, cwd_with_photo):
-    (code,) = _blocks("python")
+@pytest.mark.parametrize("where", list(GRPC))
+def test_grpc_python_example(gateway, cwd_with_photo, where):
+    (code,) = [b for b in blocks(section(*GRPC[where]), "python") if "DetectorStub" in b]
     code = code.replace('"localhost:50051"', f'"{gateway.grpc}"')
     assert code.count("pb.DetectRequest(") == 1
     code = code.replace("pb.DetectRequest(", f"pb.DetectRequest({BUDGET}, ")

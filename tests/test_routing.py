@@ -8,7 +8,7 @@ import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import SPECS
-from tierdet.serving.backend import QueueReport
+from tierdet.serving.backend import QueueReport, Served
 from tierdet.serving.routing import LatencyModel, Router, RouteRequest, Tier, TierConfig
 
 BASE = SPECS["efficientdet-d0"]
@@ -205,6 +205,65 @@ def test_queueing_does_not_inflate_the_learned_service_time():
     assert prof.latency.service_ms("mid") < 50.0 * 1.6  # slow, bounded drift
 
 
+def _device(r: Router, served: int, queue_ms_each: float, batch: int, model: str = "mid",
+            endpoint: str = "local") -> None:
+    """Triton's report after it answered ``served`` more requests of ``model``, each
+    after ``queue_ms_each`` in its queue, in executions of ``batch`` images."""
+    before = r.latency._served.get((endpoint, model), Served())
+    now = Served(before.requests + served, before.queue_us + served * queue_ms_each * 1e3,
+                 before.images + served, before.executions + served // batch)
+    r.latency.observe_queues({endpoint: (time.monotonic(), QueueReport({}, {}, {model: now}))})
+
+
+def test_a_busy_device_twice_as_slow_is_followed_within_ten_answers():
+    """Under load (here: another model's work in flight all along) every answer
+    still reads the device's speed."""
+    r = router()
+    _device(r, 0, 0.0, 1)  # the first report: a start to count from
+    _device(r, 5, 0.0, 1)
+    r.latency.admit("fast")
+    for _ in range(10):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=100.0)  # profile: 50
+        _device(r, 1, 0.0, 1)
+    assert r.latency.service_ms("mid") == pytest.approx(100.0, rel=0.15)
+
+
+def test_a_busy_device_is_read_from_tritons_queue_wait_not_mistaken_for_a_slow_one():
+    """Behind a queue every answer takes long; Triton's own queue time says how
+    much of it was waiting, so the device's speed is learned, busy or not."""
+    r = router()
+    _device(r, 0, 0.0, 1)
+    _device(r, 8, 200.0, 1)
+    r.latency.admit("fast")  # the device is busy for every request below
+    for _ in range(20):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=250.0)  # 200 waiting + 50
+        _device(r, 1, 200.0, 1)
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.1)
+
+
+def test_a_batched_answer_is_compared_with_the_profiles_batch():
+    """On a CPU a batch of 8 takes 8x one image: an answer from one is not slow."""
+    r = router()
+    _device(r, 0, 0.0, 8)
+    _device(r, 8, 0.0, 8)
+    for _ in range(20):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=400.0)  # the profile's batch 8
+        _device(r, 8, 0.0, 8)
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.05)
+
+
+def test_a_model_without_profile_learns_its_speed_under_load_too():
+    r = Router(AP_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
+    r.latency.finish(r.latency.admit("mid"), observed_ms=40.0)  # the probe at start
+    _device(r, 0, 0.0, 1)
+    _device(r, 4, 120.0, 1)
+    r.latency.admit("fast")  # busy from here on
+    for _ in range(15):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=200.0)  # 120 waiting + 80
+        _device(r, 1, 120.0, 1)
+    assert r.latency.service_ms("mid") == pytest.approx(80.0, rel=0.1)
+
+
 def test_corrections_decay_back_to_the_profile():
     lm = LatencyModel(LatencyProfile({"mid": ModelProfile({1: 50.0})}), decay_s=10.0)
     for _ in range(30):
@@ -377,6 +436,21 @@ def test_other_clients_work_since_the_report_is_counted_at_their_rate():
     assert r.latency.backlog_ms("a") == pytest.approx(3000.0 * (time.monotonic() - t1), rel=0.1)
 
 
+def test_our_requests_that_triton_counts_late_are_no_one_elses_load():
+    """Ours are counted when sent, Triton's when it takes them: while two of ours
+    are on the way, arrivals less ours dips by two, then recovers. No other
+    client sent anything, so no rate of others' work may come of it."""
+    r = router()
+    t0 = time.monotonic() - 0.3
+    r.latency.observe_queues({"a": (t0, QueueReport({}, {"mid": 0}))})
+    tickets = [r.latency.admit("mid", "a") for _ in range(2)]
+    r.latency.observe_queues({"a": (t0 + 0.1, QueueReport({}, {"mid": 0}))})  # not there yet
+    for ticket in tickets:
+        r.latency.finish(ticket, observed_ms=50.0)
+    r.latency.observe_queues({"a": (t0 + 0.2, QueueReport({}, {"mid": 2}))})  # now counted
+    assert r.latency.others_rate["a"] == 0.0
+
+
 # -- calibrated admission ------------------------------------------------------
 
 
@@ -411,3 +485,15 @@ def test_a_learned_factor_decides_what_fits():
         r.calibration.quantile = 0.95
         r.calibration.observe(100.0, 130.0, 150.0)
     assert not r.fits(100.0, 120.0) and r.fits(100.0, 140.0)
+
+
+def test_a_request_may_wait_for_an_image_slot_while_its_fastest_model_still_fits():
+    r = router()
+    wait = r.slot_wait_ms(RouteRequest(sla_ms=100), 3.0, READY)
+    assert wait is not None and wait > 0
+    assert r.decide(RouteRequest(sla_ms=100), 3.0 + wait - 0.01, READY).model == "fast"
+    with pytest.raises(ApiError) as late:
+        r.decide(RouteRequest(sla_ms=100), 3.0 + wait + 0.5, READY)
+    assert late.value.code is ErrorCode.SLA_UNATTAINABLE
+    assert r.slot_wait_ms(RouteRequest(sla_ms=10), 3.0, READY) < 0  # no room at all
+    assert r.slot_wait_ms(RouteRequest(), 3.0, READY) is None  # the default tier degrades

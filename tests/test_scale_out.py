@@ -25,6 +25,7 @@ from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
 from tierdet.serving.pool import EndpointPool, Target
 from tierdet.serving.triton import TritonClient
+from waiting import wait_until
 
 JPEG = encode(photos()["astronaut"])
 
@@ -96,8 +97,11 @@ def test_sequential_requests_alternate_between_idle_endpoints(pooled, pair):
     before = [_served(s) for s in pair]
     for _ in range(10):
         assert _detect(pooled).status_code == 200
-    spread = [_served(s) - b for s, b in zip(pair, before, strict=True)]
-    assert sum(spread) == 10
+    # Triton counts a request done just after it answers: wait for all ten.
+    def all_ten() -> list[int] | None:
+        spread = [_served(s) - b for s, b in zip(pair, before, strict=True)]
+        return spread if sum(spread) == 10 else None
+    spread = wait_until(all_ten, "Triton to count all ten")
     assert spread == [5, 5], spread
 
 
@@ -107,11 +111,8 @@ def test_tritons_queue_from_another_client_steers_the_router(pooled, pair):
     busy, idle = pair
     flood = _flood(busy, 96)  # seconds of work: it outlasts the requests below
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not _pending(busy):
-            time.sleep(0.02)
-        assert _pending(busy), "the flood never queued at Triton"
-        time.sleep(0.7)  # the gateway reads the queue again (every 0.25 s when idle)
+        wait_until(lambda: _pending(busy) >= 8, "the flood to queue at Triton", poll_s=0.01)
+        wait_until(lambda: _seen_queued(pooled) >= 8, "the gateway to read that queue")
         before, sent = _served(idle), 0
         # Only while the queue is there is the claim true: a loaded machine may
         # drain it sooner (one CI run served a third request after it had). Of up
@@ -130,6 +131,13 @@ def _pending(server: LocalTriton) -> int:
     return server.queue().pending.get(TEST_MODEL, 0)
 
 
+def _seen_queued(gateway: GatewayProcess) -> float:
+    """What the gateway's router last read of Triton's queue for the test model."""
+    text = httpx.get(gateway.http + "/metrics", timeout=10).text
+    line = f'tierdet_triton_queued_requests{{model="{TEST_MODEL}"}} '
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
 def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_path):
     """Two gateways on one device: what the other has queued counts. A tight
     budget behind a long queue is a 503 now, not a 504 after the budget."""
@@ -142,10 +150,8 @@ def test_a_full_queue_at_triton_is_refused_at_once_not_answered_late(pair, tmp_p
                           if m["name"] == TEST_MODEL)["latency_ms"]
         flood = _flood(one, 24)
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _pending(one) < 5:
-                time.sleep(0.02)
-            time.sleep(0.7)  # the gateway reads the queue again (every 0.25 s when idle)
+            wait_until(lambda: _pending(one) >= 5, "the flood to queue at Triton", poll_s=0.01)
+            wait_until(lambda: _seen_queued(gw) >= 3, "the gateway to read that queue")
             queued = _pending(one)
             assert queued >= 3, queued
             budget = 3 * service_ms  # an idle device makes it; 3+ queued ahead do not
@@ -166,8 +172,10 @@ def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_pa
     gw = GatewayProcess.start(",".join(s.endpoint for s in pair), tmp_path / "gateway.log")
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            taken = _served(victim)
             futures = [pool.submit(_detect, gw) for _ in range(4)]
-            time.sleep(0.3)  # some are in flight at the victim
+            wait_until(lambda: _served(victim) > taken, "a request in flight at the victim",
+                       poll_s=0.01)
             victim.process.send_signal(signal.SIGKILL)
             futures += [pool.submit(_detect, gw) for _ in range(8)]
             answers = [f.result(timeout=60) for f in futures]
@@ -175,14 +183,14 @@ def test_an_endpoint_killed_under_load_loses_no_request_and_rejoins(pair, tmp_pa
         assert all(s == 200 for s in statuses), [(r.status_code, r.text) for r in answers]
         victim.start()
         victim.wait_ready(120)
-        restarted = time.monotonic()
-        came_back = None
-        while time.monotonic() - restarted < 10 and came_back is None:
-            before = _served(victim)
-            assert _detect(gw).status_code == 200
-            if _served(victim) > before:
-                came_back = time.monotonic() - restarted
-        assert came_back is not None and came_back < 5.0, came_back
+        wait_until(lambda: f'tierdet_triton_endpoint_up{{endpoint="{victim.grpc_url}"}} 1.0'
+                   in httpx.get(gw.http + "/metrics", timeout=10).text,
+                   "the gateway to take the restarted server back")
+        # Back in the pool and idle like the other: of two requests in a row, the
+        # one chosen least recently takes one.
+        before = _served(victim)
+        assert [_detect(gw).status_code for _ in range(2)] == [200, 200]
+        wait_until(lambda: _served(victim) == before + 1, "the restarted server to count it")
     finally:
         gw.stop()
         if not victim.alive():

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from conftest import TEST_MODEL, TEST_WEIGHTS, encode, photos
+from conftest import REPO, TEST_MODEL, TEST_WEIGHTS, encode, photos
 from tierdet.devstack.stack import free_port, wait_http
 
 # A 60 s budget: what is tested is `tierdet up`, not routing, and the default
@@ -54,6 +55,32 @@ def test_up_serves_then_stops_cleanly_on_sigterm(up):
     assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE
     text = log.read_text()
     assert "RANDOM weights" in text and "gateway stopped" in text
+
+
+def test_the_serving_process_never_loads_the_build_libraries(home, built_d0, tmp_path):
+    """`tierdet up` builds what is missing in a child: here a card's graph (ONNX)
+    in a home that lacks it. The process that then serves never mapped ONNX's or
+    torch's libraries (they would stay resident for its whole life)."""
+    import shutil
+
+    fresh = tmp_path / "home"
+    shutil.copytree(home / "onnx", fresh / "onnx")  # D0 built; the card is not
+    card = REPO / "examples" / "cards" / "yolox-nano.yaml"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tierdet.cli", "--home", str(fresh), "up", "--models", TEST_MODEL,
+         "--weights", TEST_WEIGHTS, "--card", str(card), "--port", str(port), "--grpc-port",
+         str(free_port()), "--triton-http-port", str(free_port()), "--triton-grpc-port",
+         str(free_port()), "--triton-metrics-port", str(free_port()), "--threads", "1"],
+        stdout=(tmp_path / "up.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc)
+        assert (fresh / "onnx" / "yolox-nano.onnx").exists()
+        libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "onnx_cpp2py_export" not in libraries and "libtorch" not in libraries
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def test_up_restarts_a_crashed_triton(up):

@@ -313,9 +313,11 @@ def test_a_cancelled_image_is_logged_as_cancelled(tmp_path):
 
     class Hanging(FakeBackend):
         hang = False  # the latency probes at start answer
+        reached = asyncio.Event()  # the request is at the backend, waiting
 
         async def infer(self, model, images, timeout_s, priority=0):
             if self.hang:
+                self.reached.set()
                 await asyncio.Event().wait()
             return await super().infer(model, images, timeout_s, priority)
 
@@ -329,7 +331,7 @@ def test_a_cancelled_image_is_logged_as_cancelled(tmp_path):
             caller = detector.admit(None, "grpc")
             task = asyncio.create_task(detector.detect(
                 caller, _jpeg(64, 64), DetectOptions(model=D0, sla_ms=60000)))
-            await asyncio.sleep(0.2)
+            await backend.reached.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -23,7 +23,7 @@ from tierdet.serving.render import PALETTE
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts"
-README_SHOT = REPO / "docs" / "web-page.png"
+README_SHOT = REPO / "docs" / "images" / "web-page.png"
 MAX_DETECTIONS = 8
 
 
@@ -219,7 +219,7 @@ def test_the_classes_field_filters_what_is_drawn(browser, gateway):
 
 def test_real_boxes_on_a_real_photograph(browser, card_stack, tmp_path):
     """YOLOX-Nano's real weights, picked in the page's model list: the page shows the
-    people in a COCO photograph. This is the README's picture."""
+    people in a COCO photograph. This is the HTTP API page's picture."""
     from selenium.webdriver.support.ui import Select
     from test_cards import photo_with_people
 
@@ -241,7 +241,7 @@ def test_real_boxes_on_a_real_photograph(browser, card_stack, tmp_path):
     assert "person" in {row[1] for row in _rows(driver)}
     ARTIFACTS.mkdir(exist_ok=True)
     assert driver.save_screenshot(str(ARTIFACTS / "web-page-real.png"))
-    # The README's picture is the tracked docs/web-page.png: refreshed only on
+    # The HTTP page's picture is the tracked docs/images/web-page.png: refreshed only on
     # purpose (TIERDET_UPDATE_SCREENSHOT=1), never as a side effect of a test run.
     if os.environ.get("TIERDET_UPDATE_SCREENSHOT") == "1":
         README_SHOT.write_bytes((ARTIFACTS / "web-page-real.png").read_bytes())

@@ -21,6 +21,7 @@ from tierdet.devstack.stack import GatewayProcess
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
 from tierdet.serving.security import hash_key
+from waiting import wait_until
 
 JPEG = encode(photos()["astronaut"])
 OPEN, LIMITED = "open-key", "limited-key"
@@ -116,17 +117,55 @@ def test_a_dead_worker_is_replaced_and_its_counts_are_kept(workers):
     before = counted(workers, "http")
     victim = min(children(workers.process.pid))
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        pids = children(workers.process.pid)
-        if len(pids) == 2 and victim not in pids:
-            break
-        time.sleep(0.2)
-    assert len(pids) == 2 and victim not in pids
+    replaced(workers, victim)
     # The newcomer serves as soon as it listens; the survivor serves meanwhile.
     codes = [detect(workers).status_code for _ in range(12)]
     assert codes == [200] * 12
     assert counted(workers, "http") == before + 12  # the dead worker's counts stay
+
+
+def replaced(gateway: GatewayProcess, victim: int) -> set[int]:
+    """Wait until the supervisor has a new worker in ``victim``'s place."""
+    def new_one() -> set[int] | None:
+        pids = children(gateway.process.pid)
+        return pids if len(pids) == 2 and victim not in pids else None
+    return wait_until(new_one, f"a worker in place of {victim}")
+
+
+def served(gateway: GatewayProcess, triton_url: str) -> set[int]:
+    """Send requests until each of the two workers has answered one (each names the
+    shared-memory regions it letterboxes into by its pid); the workers' pids."""
+    def both() -> set[int] | None:
+        pids = children(gateway.process.pid)
+        assert detect(gateway).status_code == 200
+        regions = regions_by_worker(triton_url, pids)
+        return pids if len(pids) == 2 and all(regions.values()) else None
+    return wait_until(both, "both workers to serve a request")
+
+
+@pytest.mark.parametrize("age_s", [(1.0, 5.0, 30.0)], ids=["1s-5s-30s"])
+def test_a_worker_that_served_is_replaced_whenever_it_dies(triton, tmp_path, age_s):
+    """Any death of a worker that has served is a crash to recover from, however
+    soon after the gateway's start: only a worker that never served is a failed
+    start. One worker is killed at each age (or as soon after it as it has served)."""
+    import psutil
+
+    gateway = GatewayProcess.start(triton.endpoint, tmp_path / "gateway.log", workers="2",
+                                   models=TEST_MODEL)
+    try:
+        began = psutil.Process(gateway.process.pid).create_time()
+        killed_at = []
+        for age in age_s:
+            victim = min(served(gateway, triton.grpc_url))
+            # The moment under test is a worker's age, so here the clock is the point.
+            time.sleep(max(0.0, began + age - time.time()))
+            killed_at.append(round(time.time() - began, 1))
+            os.kill(victim, signal.SIGKILL)
+            replaced(gateway, victim)
+            assert gateway.process.poll() is None, f"the gateway stopped (kills at {killed_at} s)"
+            assert [detect(gateway).status_code for _ in range(4)] == [200] * 4
+    finally:
+        gateway.stop()
 
 
 def test_a_port_taken_by_another_gateway_stops_the_start(workers, triton, tmp_path):

@@ -10,7 +10,9 @@ With a ``device.json`` beside this file (``{"base_ms": B, "per_image_ms": P}``)
 each execution instead takes B + P x (images in the batch) of wall time
 without using the CPU: an emulated accelerator with a known service time,
 one batch at a time (benchmarks/scale_out.py, where two of them are two
-independent devices on a 2-core machine).
+independent devices on a 2-core machine). The file is read again whenever it
+changes, so a run can change the device's speed half-way (a GPU clocking
+down, a neighbour taking the device).
 """
 
 import json
@@ -32,11 +34,21 @@ class TritonPythonModel:
         self.rows = np.zeros((1, k, 6), np.float32)
         for i in range(ROWS):
             self.rows[0, i] = (10 + 20 * i, 10, 60 + 20 * i, 90, 0.9 - 0.05 * i, i % 10)
-        device = os.path.join(os.path.dirname(os.path.abspath(__file__)), "device.json")
+        self.device_path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "device.json")
         self.device = None
-        if os.path.exists(device):
-            with open(device) as f:
+        self.device_stamp = None
+        self._read_device()
+
+    def _read_device(self):
+        try:
+            stamp = os.stat(self.device_path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp != self.device_stamp:
+            with open(self.device_path) as f:
                 self.device = json.load(f)
+            self.device_stamp = stamp
 
     def execute(self, requests):
         responses = []
@@ -47,6 +59,7 @@ class TritonPythonModel:
             out = np.repeat(self.rows, batch, axis=0)
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(self.output_name, out)]))
+        self._read_device()
         if self.device is not None:
             time.sleep((self.device["base_ms"] + self.device["per_image_ms"] * images) / 1e3)
         return responses

@@ -1,9 +1,11 @@
-"""The README's generated tables: options, error codes, the model zoo, trained models.
+"""The generated tables of the README and the docs site: options, error codes,
+settings, alerts, the model zoo, trained models.
 
-Each lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and
-is rendered from its one source: the contract's options and error table, the registry
-with the latency measurement ``benchmarks/model_zoo.py`` records in
-``docs/model-zoo.json``, and the trained checkpoints' sidecars in ``weights/``.
+Each lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers, in
+one or more of ``PAGES``, and is rendered from its one source: the contract's
+options and error table, the settings, the alerting rules, the registry with the
+latency measurement ``benchmarks/model_zoo.py`` records in ``docs/model-zoo.json``,
+and the trained checkpoints' sidecars in ``weights/``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from tierdet.artifacts.rules import COMPOSE, Alert, groups
 from tierdet.contract.errors import KINDS
 from tierdet.contract.options import DetectOptions
 from tierdet.registry.specs import ZOO
@@ -20,7 +23,12 @@ from tierdet.registry.trained import CHECKPOINTS, sidecar_path, trained_spec
 
 REPO = Path(__file__).resolve().parents[3]
 README = REPO / "README.md"
-ZOO_MEASUREMENT = REPO / "docs" / "model-zoo.json"
+DOCS = REPO / "docs"
+ZOO_MEASUREMENT = DOCS / "model-zoo.json"
+# The pages that hold generated tables (the README keeps options and errors, the
+# site has every table where its topic is).
+PAGES = (README, DOCS / "api" / "options.md", DOCS / "configuration.md",
+         DOCS / "operations.md", DOCS / "performance.md", DOCS / "models.md")
 
 
 def error_table() -> str:
@@ -60,6 +68,18 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
+def alerts_table() -> str:
+    lines = ["| alert | for | severity | summary |", "|---|---|---|---|"]
+    for _, rules in groups(COMPOSE):
+        for rule in rules:
+            if isinstance(rule, Alert):
+                # A pipe in the summary's template would end the table cell.
+                summary = rule.summary.replace("|", r"\|")
+                lines.append(f"| `{rule.alert}` | {rule.for_ or 'at once'} | {rule.severity} "
+                             f"| {summary} |")
+    return "\n".join(lines)
+
+
 def zoo_table() -> str:
     m = json.loads(ZOO_MEASUREMENT.read_text())
     lines = [f"Measured {m['measured_on']} on {m['machine']} with `{m['command']}` "
@@ -90,20 +110,27 @@ def trained_table() -> str:
 
 SECTIONS: dict[str, Callable[[], str]] = {
     "options": options_table, "error-codes": error_table, "settings": settings_table,
-    "model-zoo": zoo_table, "trained-models": trained_table}
+    "alerts": alerts_table, "model-zoo": zoo_table, "trained-models": trained_table}
 
 
-def readme(text: str | None = None) -> str:
-    """The README with every generated section rendered afresh."""
-    text = README.read_text() if text is None else text
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+
+
+def rendered(text: str) -> str:
+    """``text`` with every generated section it holds rendered afresh."""
     for name, render in SECTIONS.items():
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(text):
-            raise ValueError(f"README.md has no <!-- {name}:start/end --> markers")
         replacement = r"\g<1>" + render().replace("\\", r"\\") + "\n" + r"\g<2>"
-        text = pattern.sub(replacement, text)
+        text = _pattern(name).sub(replacement, text)
     return text
 
 
 def files() -> dict[Path, str]:
-    return {README: readme()}
+    texts = {page: page.read_text() for page in PAGES}
+    for page, text in texts.items():
+        if not any(_pattern(name).search(text) for name in SECTIONS):
+            raise ValueError(f"{page.relative_to(REPO)} holds no generated table")
+    for name in SECTIONS:  # a table whose markers were deleted everywhere would vanish
+        if not any(_pattern(name).search(text) for text in texts.values()):
+            raise ValueError(f"no page holds <!-- {name}:start/end --> markers")
+    return {page: rendered(text) for page, text in texts.items()}

@@ -13,8 +13,8 @@ SOURCES: dict[str, Callable[[], dict[Path, str]]] = {
     "dashboards": dashboards.files,
     "prometheus rules": rules.files,
     "protobuf code": proto.files,
-    # Last: README tables read what the others do not change.
-    "README tables": docs.files,
+    # Last: the README's and the docs' tables read what the others do not change.
+    "README and docs tables": docs.files,
 }
 
 

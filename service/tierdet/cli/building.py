@@ -128,8 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="rewrite every generated file from its source",
                        description="Rewrite what is generated from the registry and the "
                                    "contract: model_repository/ configs, Grafana dashboards, "
-                                   "the Prometheus rules for compose and Helm, the README's "
-                                   "tables and the protobuf code; --check reports drift.")
+                                   "the Prometheus rules for compose and Helm, the tables "
+                                   "of the README and docs/ and the protobuf code; --check "
+                                   "reports drift.")
     g.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if any generated file differs")
     g.set_defaults(func=cmd_generate)

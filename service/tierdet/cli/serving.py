@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the gateway against an existing Triton",
                        description="Serve HTTP and gRPC, forwarding to Triton at "
                                    "TIERDET_TRITON_URL. Configuration comes from TIERDET_* "
-                                   "environment variables (see README).")
+                                   "environment variables (see docs/configuration.md).")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8080)")
     s.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
     s.set_defaults(func=cmd_serve)

@@ -7,5 +7,6 @@ missing, supervise Triton, serve in-process; ``profiling`` measures latency
 per model and batch size through Triton (``tierdet profile``).
 
 May import anything below it: ``tierdet.build``, ``tierdet.frontends``,
-``tierdet.serving``, ``tierdet.registry``.
+``tierdet.serving``, ``tierdet.registry``; numpy, and ``pytriton`` (where its
+wheel keeps the tritonserver binary).
 """

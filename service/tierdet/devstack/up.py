@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tierdet.build.models import ensure_built, ensure_cards
@@ -41,10 +43,26 @@ async def supervise(triton: LocalTriton, stop: asyncio.Event, max_backoff_s: flo
         backoff = min(backoff * 2, max_backoff_s)
 
 
+def _build(models: list[str], source: WeightsSource, home: Path, cards: Sequence[Path]) -> None:
+    ensure_built(models, source, home)
+    ensure_cards(cards, home)
+
+
+def build_apart(models: list[str], source: WeightsSource, home: Path,
+                cards: Sequence[Path]) -> None:
+    """Build what is missing in a process of its own (a fresh interpreter), so the
+    serving process never imports torch or ONNX: they would stay resident for the
+    gateway's life (about 1 GB). A build error is raised here as it was there."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as child:
+        child.submit(_build, models, source, home, cards).result()
+
+
 async def run_stack(settings: Settings, models: list[str], source: WeightsSource, home: Path,
                     triton_ports: tuple[int, int, int], threads: int,
                     cards: Sequence[Path] = ()) -> None:
-    built = ensure_built(models, source, home) + ensure_cards(cards, home)
+    await asyncio.to_thread(build_apart, models, source, home, cards)
+    built = ensure_built(models, source, home) + ensure_cards(cards, home)  # all built now
     profile_path = settings.profile_file or home / "profile.json"
     profile = LatencyProfile.load(profile_path)
     if profile.models:

@@ -5,7 +5,8 @@ calls ``tierdet.serving.usecase.Detector`` and translates the answer back:
 ``http_requests`` parses bodies (multipart, JSON, raw image) into options,
 ``http_api`` holds the routes, ``batch`` the multi-image endpoint,
 ``grpc_api`` the Detector service (``streaming`` bounds DetectStream),
-``middleware`` refuses oversized bodies, ``errors`` is the one mapping of an
+``middleware`` refuses oversized bodies (and reads what is left of a
+refused body, so that its answer arrives), ``errors`` is the one mapping of an
 ``ApiError`` to an HTTP response and a gRPC status, ``grpc_context`` what every
 gRPC method reads from its call, ``server`` runs it all (``workers``: in
 several processes on the same ports). The Open Inference Protocol (KServe v2):

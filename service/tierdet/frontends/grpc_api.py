@@ -25,7 +25,7 @@ from tierdet.frontends.grpc_context import credentials, deadline_ms, grpc_call
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
-from tierdet.serving import access
+from tierdet.serving import access, memory
 from tierdet.serving.metrics import ADDS_UP
 from tierdet.serving.usecase import Caller, Detector
 
@@ -99,6 +99,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                     yield result
             finally:
                 self.streams_open.dec()
+                memory.release_freed_soon()  # the stream's frames, freed in gRPC's threads
 
     async def _frame(self, frame: pb.DetectFrame, caller: Caller) -> FrameResult:
         """One frame's answer; its failure is reported in it, never raised.

@@ -32,7 +32,7 @@ from tierdet.frontends.http_requests import (
     parse_detect_request,
     request_body_doc,
 )
-from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, RequestContext
+from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, DrainBody, RequestContext
 from tierdet.serving import decoding, render
 from tierdet.serving.security import bearer
 from tierdet.serving.settings import Settings
@@ -129,7 +129,8 @@ def create_app(detector: Detector) -> FastAPI:
                        units_for=request_units(settings),
                        refused=lambda: detector.metrics.observe_failure(
                            "http", None, "none", "shed"))
-    app.add_middleware(RequestContext, log=detector.access)  # outermost: ids on every answer
+    app.add_middleware(RequestContext, log=detector.access)  # ids on every answer
+    app.add_middleware(DrainBody)  # outermost: every answer arrives, refusals too
 
     def _admit(request: Request) -> Caller:
         """API key check and rate limit, before any body is read."""
@@ -167,7 +168,7 @@ def create_app(detector: Detector) -> FastAPI:
         result = await detector.detect(caller, data, options)
         if render_image:
             fmt = render.negotiate(request.headers.get("accept"))
-            async with detector.image_slot():  # the image is decoded again, in full
+            async with detector.image_slot(caller):  # the image is decoded again, in full
                 body = await asyncio.to_thread(_rendered, data, result, settings, fmt)
             return Response(body, media_type=render.MEDIA_TYPES[fmt], headers={
                 "Vary": "Accept", "X-Tierdet-Model": result.model,

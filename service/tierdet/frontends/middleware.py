@@ -1,11 +1,14 @@
 """ASGI middlewares: the request's id and access-log line, refusing requests
 beyond the concurrency bound before they are read, and oversized bodies while
-they stream in."""
+they stream in; reading what is left of a refused request's body before its
+answer, so that the answer arrives."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -151,3 +154,69 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
         finally:
             self.active -= units
+
+
+class DrainBody:
+    """After the answer to a request whose body has not all been read (a
+    refusal: 413, 503, 401...) is written, read the rest of the body and drop
+    it before the response ends.
+
+    uvicorn closes such a connection as soon as the response ends, and the
+    kernel answers the bytes the client is still sending to a closed socket
+    with a reset, which takes the unread answer with it: the client sees a
+    transport error instead of its 413. Read to the end, the connection
+    closes cleanly after the answer (or serves the next request). As a web
+    server's lingering close, the reading is bounded: at most ``max_s``
+    seconds, ``idle_s`` between chunks and ``max_bytes``; nothing is kept, so
+    what the gateway holds does not grow (uvicorn reads 64 KB ahead at most).
+    A client that asked to ``Expect: 100-continue`` has sent nothing."""
+
+    def __init__(self, app: ASGIApp, max_s: float = 30.0, idle_s: float = 2.0,
+                 max_bytes: int = 1 << 30) -> None:
+        self.app = app
+        self.max_s = max_s
+        self.idle_s = idle_s
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        expects = dict(scope["headers"]).get(b"expect", b"").lower() == b"100-continue"
+        read_all = False
+
+        async def tracked() -> Message:
+            nonlocal read_all
+            message = await receive()
+            read_all = read_all or message["type"] != "http.request" or not message.get(
+                "more_body", False)
+            return message
+
+        unfinished = False  # the answer is out, the response not ended
+
+        async def answer(message: Message) -> None:
+            nonlocal unfinished
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if not last or read_all or expects:
+                await send(message)
+                return
+            # The whole answer goes out now (its Content-Length tells the client
+            # it is complete); the response ends once the body is read.
+            await send({**message, "more_body": True})
+            unfinished = True
+
+        await self.app(scope, tracked, answer)
+        if unfinished:  # read once the app is done: it holds no concurrency unit meanwhile
+            await self._drain(tracked)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _drain(self, receive: Receive) -> None:
+        deadline, seen = time.monotonic() + self.max_s, 0
+        while seen <= self.max_bytes and (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await asyncio.wait_for(receive(), min(self.idle_s, left))
+            except asyncio.TimeoutError:
+                return
+            seen += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return

@@ -38,11 +38,21 @@ IDLE_POLL_S = 0.25  # Triton's queue, while no request comes
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handlers: ours stop HTTP and gRPC together."""
+    """uvicorn without its own signal handlers: ours stop HTTP and gRPC together.
+    ``listening`` is set once its sockets accept connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
 
 
 async def _watch_models(detector: Detector, health_servicer: health.HealthServicer,
@@ -111,6 +121,14 @@ async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
         await serve(settings, stop, grace_s)
 
 
+async def _ready(http: _Uvicorn, job: Job | None) -> None:
+    """Tell the supervisor this worker serves (gRPC started before HTTP): from now
+    on, its death is a crash to recover from, not a failed start."""
+    await http.listening.wait()
+    if job is not None:
+        job.mark_ready(os.getpid())
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,6 +181,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
              "+tls" if tls else "", settings.grpc_host, grpc_port, settings.triton_url,
              f"required ({len(detector.keys.keys)})" if detector.keys.enabled else "off")
     stop_task = asyncio.create_task(stop.wait())
+    ready_task = asyncio.create_task(_ready(http, job))
     try:
         await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
         if http_task.done() and not stop.is_set():
@@ -170,6 +189,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
                                f"{settings.http_host}:{settings.http_port}?")
     finally:
         stop_task.cancel()
+        ready_task.cancel()
         log.info("shutting down: finishing in-flight requests (grace %.0f s)", grace_s)
         await set_health(health_servicer, False)
         http.should_exit = True

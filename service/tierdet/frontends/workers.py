@@ -14,8 +14,12 @@ What must be one fact for all of them is shared:
 - API-key rate limits: buckets in one mapped file (``security.SharedBuckets``).
 
 The process that was started supervises: it restarts a worker that dies and
-passes the stop on. Workers are fresh interpreters (not forks), started with
-the multiprocess variable already set: prometheus-client reads it at import.
+passes the stop on. A worker that exits before it ever served, on its first
+start, is a failed start (a port taken, a bad setting): that stops the
+gateway. Once a worker has served, its death (the OOM killer, a crash) is
+always recovered from, however soon it comes. Workers are fresh interpreters
+(not forks, ``tierdet.frontends.worker``), started with the multiprocess
+variable already set: prometheus-client reads it at import.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from tierdet.serving.settings import ConfigError, Settings
 
 log = logging.getLogger("tierdet.workers")
 JOB_ENV = "TIERDET_WORKER_JOB"  # a worker's Job, as JSON
-STARTUP_S = 10.0  # a worker that exits this soon after the first start: not a crash to retry
 MAX_BACKOFF_S = 30.0
 POLL_S = 0.2
 BACKLOG = 2048  # uvicorn's default
@@ -59,6 +62,13 @@ class Job(BaseModel):
     @property
     def buckets(self) -> Path:
         return self.run_dir / "rate-buckets"
+
+    def ready_file(self, pid: int) -> Path:
+        return self.run_dir / f"ready-{pid}"
+
+    def mark_ready(self, pid: int) -> None:
+        """Called by the worker once both its servers accept connections."""
+        self.ready_file(pid).touch()
 
 
 def _address(host: str, port: int) -> tuple[socket.socket, tuple]:
@@ -135,28 +145,32 @@ class Supervisor:
         self.metrics_dir = run_dir / "metrics"
         self.metrics_dir.mkdir()
         self.workers = [_Worker(i) for i in range(settings.workers)]
-        self.began = time.monotonic()
+
+    def job(self, worker: _Worker) -> Job:
+        return Job(index=worker.index, count=len(self.workers), run_dir=self.run_dir,
+                   settings=self.settings)
 
     def start(self, worker: _Worker) -> None:
-        job = Job(index=worker.index, count=len(self.workers), run_dir=self.run_dir,
-                  settings=self.settings)
         env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir),
-               JOB_ENV: job.model_dump_json(), "TIERDET_GRACE_S": str(self.grace_s)}
-        worker.process = subprocess.Popen([sys.executable, "-m", "tierdet.frontends.workers"],
+               JOB_ENV: self.job(worker).model_dump_json(), "TIERDET_GRACE_S": str(self.grace_s)}
+        worker.process = subprocess.Popen([sys.executable, "-m", "tierdet.frontends.worker"],
                                           env=env)
         worker.started_at = time.monotonic()
         worker.starts += 1
 
     def check(self, now: float) -> None:
-        """Restart workers that died (with backoff); a worker that fails at the
-        gateway's start (a port taken, a bad setting) stops the gateway."""
+        """Restart workers that died (with backoff); a worker that exits before it
+        ever served, on the gateway's start (a port taken, a bad setting), stops
+        the gateway."""
         for worker in self.workers:
             process = worker.process
             if process is not None and process.poll() is not None:
                 self._forget(process.pid)
-                if worker.starts == 1 and now - self.began < STARTUP_S:
+                served = self.job(worker).ready_file(process.pid)
+                if worker.starts == 1 and not served.exists():
                     raise RuntimeError(f"gateway worker {worker.index} exited at start "
                                        f"(code {process.returncode}); see its log above")
+                served.unlink(missing_ok=True)
                 if now - worker.started_at > 60.0:
                     worker.backoff_s = 1.0  # it ran a while: not a crash loop
                 log.error("gateway worker %d (pid %d) exited with code %s; restarting in "
@@ -210,32 +224,3 @@ async def run_workers(settings: Settings, stop: asyncio.Event, grace_s: float) -
                 await supervisor.stop()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _die_with_parent() -> None:
-    """SIGTERM this worker when its supervisor dies, even by SIGKILL: an orphan
-    would keep serving the ports, and the next start would find them taken."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor was gone before the line above
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def main() -> int:
-    """A worker: the gateway, on shared ports, with the shared state in ``run_dir``."""
-    job = Job.model_validate_json(os.environ.pop(JOB_ENV))
-    _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s "
-                        f"[worker {job.index} of {job.count}]: %(message)s")
-    from tierdet.frontends.server import serve
-
-    asyncio.run(serve(job.settings, grace_s=float(os.environ.get("TIERDET_GRACE_S", "10")),
-                      job=job))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The model registry: the one place where facts about a model are written.
 
-Exports, Triton configs, the router's accuracy table, the README table and
+Exports, Triton configs, the router's accuracy table, the docs' zoo table and
 metric labels are all derived from these specs. Importing this module must
 stay cheap (no torch, no onnxruntime): the gateway reads it at start-up.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from tierdet.registry.labels import COCO80, COCO90, LabelSet
+from tierdet.registry.labels import COCO80, COCO90, SHAPES, LabelSet
 
 
 class Family(str, Enum):
@@ -229,16 +229,29 @@ ZOO: dict[str, ModelSpec] = {
 
 
 
-def _registry() -> dict[str, ModelSpec]:
-    from tierdet.registry.trained import trained_specs  # imports this module: keep it late
-
-    return {**ZOO, **trained_specs()}
-
+# Models tierdet trains itself on its synthetic shapes data (6 classes; their
+# checkpoints, sidecars and measured AP: tierdet.registry.trained). published_ap is
+# None: nothing is published; params_m counted on the 6-class networks (torch,
+# before RepConv fusion).
+SHAPES_INPUT_SIZE = 256
+EFFDET_SHAPES = "efficientdet-d0-shapes"
+DAMOYOLO_SHAPES = "damoyolo-ns-shapes"
+TRAINED: dict[str, ModelSpec] = {
+    s.name: s for s in (
+        # tf_efficientdet_d0 unchanged but for the class count and the input
+        # size (anchors follow the size): effdet's create_model builds it.
+        ModelSpec(name=EFFDET_SHAPES, family=Family.EFFICIENTDET, arch="tf_efficientdet_d0",
+                  input_size=SHAPES_INPUT_SIZE, preprocessing=IMAGENET, labels=SHAPES,
+                  published_ap=None, params_m=3.83, official_weights=None),
+        ModelSpec(name=DAMOYOLO_SHAPES, family=Family.DAMOYOLO, arch="ns",
+                  input_size=SHAPES_INPUT_SIZE, preprocessing=RAW_STRETCH, labels=SHAPES,
+                  published_ap=None, params_m=1.38, official_weights=None, nms_iou=0.65),
+    )
+}
 
 # Every model tierdet can build and serve: the published zoo, then the models
-# tierdet trains itself on synthetic data (tierdet.registry.trained; 6 classes, their
-# coco_ap is AP on that data, not COCO).
-SPECS: dict[str, ModelSpec] = _registry()
+# tierdet trains itself on synthetic data (coco_ap there is AP on that data, not COCO).
+SPECS: dict[str, ModelSpec] = {**ZOO, **TRAINED}
 
 DEFAULT_MODELS: tuple[str, ...] = ("efficientdet-d0",)
 

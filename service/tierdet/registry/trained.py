@@ -16,9 +16,9 @@ loads (effdet's own keys; DAMO-YOLO's unfused, official-style keys), so
 ``tierdet build --models <name> --weights weights/<file>`` needs no loader
 of its own.
 
-This module must stay importable from ``tierdet.registry.specs`` (cheap, no
-torch), and it imports that module only inside :func:`trained_specs` so that
-either may be imported first.
+Their specs are written in ``tierdet.registry.specs`` (``TRAINED``), beside
+every other: this module adds the checkpoints and what was measured on them,
+and imports ``specs``, never the other way round.
 """
 
 from __future__ import annotations
@@ -26,16 +26,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tierdet.registry.labels import SHAPES
+from tierdet.registry.specs import DAMOYOLO_SHAPES, EFFDET_SHAPES, TRAINED, ModelSpec
+from tierdet.registry.specs import SHAPES_INPUT_SIZE as INPUT_SIZE
 
-if TYPE_CHECKING:
-    from tierdet.registry.specs import ModelSpec
-
-INPUT_SIZE = 256
-EFFDET_SHAPES = "efficientdet-d0-shapes"
-DAMOYOLO_SHAPES = "damoyolo-ns-shapes"
 # Shipped checkpoints (repository-relative) with their training sidecars beside them.
 CHECKPOINTS: dict[str, str] = {name: f"weights/{name}.fp16.pt"
                                for name in (EFFDET_SHAPES, DAMOYOLO_SHAPES)}
@@ -69,20 +63,7 @@ def sidecar_ap(checkpoint: Path) -> MeasuredAP | None:
 
 
 def trained_specs() -> dict[str, ModelSpec]:
-    from tierdet.registry.specs import IMAGENET, RAW_STRETCH, Family, ModelSpec
-
-    # params_m: counted on the 6-class networks (torch, before RepConv fusion).
-    specs = (
-        # tf_efficientdet_d0 unchanged but for the class count and the input
-        # size (anchors follow the size): effdet's create_model builds it.
-        ModelSpec(name=EFFDET_SHAPES, family=Family.EFFICIENTDET, arch="tf_efficientdet_d0",
-                  input_size=INPUT_SIZE, preprocessing=IMAGENET, labels=SHAPES,
-                  published_ap=None, params_m=3.83, official_weights=None),
-        ModelSpec(name=DAMOYOLO_SHAPES, family=Family.DAMOYOLO, arch="ns",
-                  input_size=INPUT_SIZE, preprocessing=RAW_STRETCH, labels=SHAPES,
-                  published_ap=None, params_m=1.38, official_weights=None, nms_iou=0.65),
-    )
-    return {s.name: s for s in specs}
+    return dict(TRAINED)
 
 
 def trained_spec(name: str) -> ModelSpec:

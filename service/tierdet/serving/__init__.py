@@ -1,8 +1,10 @@
 """The gateway's core: everything between a validated request and its answer.
 
 ``usecase.Detector`` is the one entry: it admits a caller (API key, rate
-limit), authorizes the request, sheds what cannot finish in time, decodes
-(``decoding``), routes (``routing``), prepares the tensor (``imaging``),
+limit), authorizes the request, sheds what cannot finish in time, takes an image
+slot (``slots``: shared between keys, the wait bounded by the budget),
+decodes (``decoding``; ``headers`` reads each format's size, depth and
+decoder buffers first), routes (``routing``), prepares the tensor (``imaging``),
 calls the backend (``backend``; ``triton`` is the real one, ``shm`` its
 shared-memory regions; ``pool`` the Triton endpoints and their queues) and
 maps the rows back (``postprocess``). ``catalog``
@@ -15,4 +17,25 @@ May import: ``tierdet.contract``, ``tierdet.registry``, numpy, OpenCV,
 simplejpeg, tritonclient, httpx (Triton's metrics page), prometheus-client,
 opentelemetry (``tracing``).
 Never fastapi, starlette or grpc: the front ends own the transports.
+
+Importing this package sets OpenCV's own pixel limit, the backstop behind the
+header checks in ``decoding``: OpenCV reads it once, when ``cv2`` is loaded,
+and every module that imports cv2 in the gateway is in this package, so this
+runs first.
 """
+
+import os
+
+from tierdet.serving.settings import ENV_PREFIX, Settings
+
+OPENCV_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def _pixel_limit() -> str:
+    """``TIERDET_MAX_IMAGE_PIXELS``, or its default where unset (a value that is
+    not a number stops the gateway when its settings are read)."""
+    raw = os.environ.get(ENV_PREFIX + "MAX_IMAGE_PIXELS", "").strip()
+    return raw if raw.isdigit() else str(Settings.model_fields["max_image_pixels"].default)
+
+
+os.environ[OPENCV_LIMIT] = _pixel_limit()

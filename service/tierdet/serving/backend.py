@@ -9,7 +9,7 @@ tritonserver. Every failure is an ``ApiError`` with a stable code.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +21,19 @@ class QueueReport:
 
     pending: dict[str, int]  # requests waiting in its scheduler now
     arrived: dict[str, int]  # requests taken in since it started (answered, failed, waiting)
+    # Cumulative since it started, per model: what the device did with them.
+    served: dict[str, Served] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model's cumulative counts at one server: requests answered, the time
+    they waited in its queue, images inferred and executions (batches) run."""
+
+    requests: int = 0
+    queue_us: float = 0.0
+    images: int = 0
+    executions: int = 0
 
 
 class Backend(Protocol):

@@ -17,6 +17,7 @@ every other format and for what simplejpeg refuses (CMYK, truncated files).
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -28,74 +29,19 @@ import simplejpeg
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.images import Pixels
+from tierdet.serving import OPENCV_LIMIT, memory
+from tierdet.serving.headers import Header, read_header, sniff_format
 from tierdet.serving.imaging import to_rgb
 
-
-def sniff_format(data: bytes) -> str | None:
-    """The image format from its magic bytes, or None if not an image we take."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data.startswith(b"BM"):
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    return None
+log = logging.getLogger("tierdet")
+__all__ = ["Decoded", "decode", "decode_image", "from_pixels", "header_size", "peak_bytes",
+           "sniff_format"]
 
 
 def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
-    """(width, height) declared by the header, or None if not found cheaply."""
-    try:
-        if fmt == "png" and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        if fmt == "bmp":
-            w, h = struct.unpack("<ii", data[18:26])
-            return abs(w), abs(h)
-        if fmt == "webp":
-            return _webp_size(data)
-        if fmt == "jpeg":
-            return _jpeg_size(data)
-    except struct.error:
-        return None
-    return None
-
-
-def _webp_size(data: bytes) -> tuple[int, int] | None:
-    chunk = data[12:16]
-    if chunk == b"VP8X":
-        w = int.from_bytes(data[24:27], "little") + 1
-        h = int.from_bytes(data[27:30], "little") + 1
-        return w, h
-    if chunk == b"VP8L":
-        bits = int.from_bytes(data[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8 ":
-        w, h = struct.unpack("<HH", data[26:30])
-        return w & 0x3FFF, h & 0x3FFF
-    return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = struct.unpack(">H", data[i + 2:i + 4])[0]
-        # SOF0..SOF15 carry the frame size, except DHT (C4), JPG (C8), DAC (CC).
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return w, h
-        i += 2 + length
-    return None
+    """(width, height) declared by the header, or None if it cannot be read."""
+    header = read_header(data, fmt)
+    return None if header is None else (header.width, header.height)
 
 
 @dataclass(frozen=True)
@@ -150,10 +96,10 @@ def decode(data: bytes, max_bytes: int, max_pixels: int,
     """Encoded bytes -> pixels, or an ApiError saying why not. With ``fits``
     (whether a decoded width x height still serves every model that may run), a
     JPEG is decoded at the smallest DCT scale that does."""
-    fmt = _check(data, max_bytes, max_pixels)
-    decoded = _decode_jpeg(data, fits) if fmt == "jpeg" else None
+    header = _check(data, max_bytes, max_pixels)
+    decoded = _decode_jpeg(data, fits) if header.format == "jpeg" else None
     if decoded is None:
-        image = _decode_opencv(data, fmt)
+        image = _decode_opencv(data, header)
         decoded = Decoded(to_rgb(image), image.shape[1], image.shape[0])
     if decoded.width * decoded.height > max_pixels:
         raise ApiError(ErrorCode.TOO_MANY_PIXELS,
@@ -162,8 +108,8 @@ def decode(data: bytes, max_bytes: int, max_pixels: int,
     return decoded
 
 
-def _check(data: bytes, max_bytes: int, max_pixels: int) -> str:
-    """The limits that need no decoding; the image's format."""
+def _check(data: bytes, max_bytes: int, max_pixels: int) -> Header:
+    """The limits that need no decoding; the image's header."""
     if not data:
         raise ApiError(ErrorCode.EMPTY_IMAGE, "the image is empty")
     if len(data) > max_bytes:
@@ -173,28 +119,75 @@ def _check(data: bytes, max_bytes: int, max_pixels: int) -> str:
     if fmt is None:
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                        "not a supported image (JPEG, PNG, WebP, BMP, TIFF)")
-    size = header_size(data, fmt)
-    if size is not None and size[0] * size[1] > max_pixels:
+    header = read_header(data, fmt)
+    if header is None:  # never handed to a decoder: its size would be unknown
+        raise ApiError(ErrorCode.UNREADABLE_IMAGE, f"the {fmt} image's header is unreadable")
+    if header.pixels > max_pixels:
         raise ApiError(ErrorCode.TOO_MANY_PIXELS,
-                       f"the image declares {size[0]}x{size[1]} pixels; "
+                       f"the image declares {header.width}x{header.height} pixels; "
                        f"the limit is {max_pixels} pixels")
+    _check_kind(header)
+    budget = memory.image_bytes(max_pixels)
+    if peak_bytes(header) > budget:
+        most = header.pixels * budget // peak_bytes(header)
+        raise ApiError(ErrorCode.TOO_MANY_PIXELS,
+                       f"the image declares {header.width}x{header.height} pixels; a "
+                       f"{header.bits}-bit {fmt}{' with transparency' if header.alpha else ''} "
+                       f"this way takes more memory to decode: its limit is {most} pixels")
+    return header
+
+
+def _check_kind(header: Header) -> None:
+    """Refuse what the models cannot use, or OpenCV cannot decode, before decoding."""
+    fmt = header.format
     if fmt == "gif":
         # OpenCV's wheels carry no GIF decoder; refuse clearly rather than guess.
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                        "GIF images are not supported: send a frame as PNG or JPEG")
-    return fmt
+    if header.animated:
+        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                       f"animated {fmt} images are not supported: send a frame as PNG or JPEG")
+    if header.float_samples or header.bits > 16:
+        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                       f"{header.bits}-bit{' floating-point' if header.float_samples else ''} "
+                       f"samples are not supported: send 8 or 16 bits a sample")
 
 
-def _decode_opencv(data: bytes, fmt: str) -> np.ndarray:
+def _keeps_alpha(header: Header) -> bool:
+    """Whether the image is decoded with its alpha (to be shown over white) and
+    so at its own depth; else OpenCV decodes it straight to 8-bit BGR."""
+    return header.alpha and header.format != "jpeg"
+
+
+def peak_bytes(header: Header) -> int:
+    """The most memory decoding ``header``'s image takes, at full scale: the
+    decoder's own buffers beside its output, then its output beside the RGB
+    copy (``to_rgb``) or a JPEG's EXIF rotation. ``memory.image_bytes`` is
+    what one image may take; an image that would take more is refused."""
+    pixels = header.pixels
+    depth = 2 if header.bits > 8 else 1
+    out = (4 * depth if _keeps_alpha(header) else 3) * pixels
+    return memory.DECODE_OVERHEAD + max(header.work_bytes + out, out + 3 * pixels)
+
+
+def _decode_opencv(data: bytes, header: Header) -> np.ndarray:
     # JPEG: IMREAD_COLOR applies EXIF orientation and converts CMYK. Others:
-    # IMREAD_UNCHANGED keeps alpha (composited in to_rgb) and 16-bit depth.
-    flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    # IMREAD_UNCHANGED keeps alpha (composited in to_rgb) at the image's depth;
+    # without alpha, IMREAD_COLOR decodes straight to 8 bits (libpng and
+    # libtiff drop the low byte of 16-bit samples as they read).
+    if header.format == "jpeg":
+        flags = cv2.IMREAD_COLOR
+    elif _keeps_alpha(header):
+        flags = cv2.IMREAD_UNCHANGED
+    else:
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error:  # e.g. a corrupt header declaring more than OpenCV's size limits
         image = None
     if image is None or image.size == 0:
-        raise ApiError(ErrorCode.UNREADABLE_IMAGE, f"the {fmt} image could not be decoded")
+        raise ApiError(ErrorCode.UNREADABLE_IMAGE,
+                       f"the {header.format} image could not be decoded")
     return image
 
 
@@ -269,10 +262,13 @@ def _tiff_orientation(tiff: bytes) -> int:
 
 
 def configure_decoders(max_pixels: int) -> None:
-    """Backstop for formats whose header we do not parse (TIFF): OpenCV's own
-    decoders refuse images above this many pixels before allocating them.
-    Also keeps OpenCV single-threaded: requests already run side by side in
+    """Keep OpenCV single-threaded: requests already run side by side in
     worker threads, and OpenCV's own pool on top only adds hand-offs and
-    spinning workers (CPU with no work)."""
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    spinning workers (CPU with no work). Its own pixel limit, the backstop
+    behind the header checks here, was read when cv2 was imported (see
+    ``tierdet.serving``): say so if it is not this gateway's."""
+    if os.environ.get(OPENCV_LIMIT) != str(max_pixels):
+        log.warning("OpenCV's pixel limit is %s, read when cv2 was imported, not this "
+                    "gateway's %d: start the gateway with TIERDET_MAX_IMAGE_PIXELS set",
+                    os.environ.get(OPENCV_LIMIT, "its default"), max_pixels)
     cv2.setNumThreads(1)

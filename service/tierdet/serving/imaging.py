@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -24,28 +25,54 @@ class Geometry:
 
 
 # Transparent pixels are shown over white, as a browser on a white page would.
-ALPHA_BACKGROUND = 255.0
+ALPHA_BACKGROUND = 255
+
+
+# Pixels converted at a time: the temporaries of a conversion (a 16-bit band's
+# 8-bit copy, an alpha blend's floats: BAND_BYTES at most) stay a few MB
+# whatever the image.
+BAND_PIXELS = 1 << 16
+BAND_BYTES = 48 * BAND_PIXELS
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """Any decoded OpenCV image (gray, gray+alpha, BGR, BGRA; 8/16-bit or float)
-    -> RGB uint8, alpha composited over white."""
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        image = cv2.normalize(image, np.empty_like(image), 0, 255, cv2.NORM_MINMAX
-                              ).astype(np.uint8)
+    -> RGB uint8, alpha composited over white. Takes the RGB image's 3 bytes
+    a pixel and a band's temporaries beside ``image``, nothing more (see
+    serving/memory.py)."""
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 2:  # gray + alpha
-        image = np.dstack([cv2.cvtColor(image[:, :, :1], cv2.COLOR_GRAY2BGR), image[:, :, 1]])
-    if image.shape[2] == 4:
-        alpha = image[:, :, 3:].astype(np.float32) / 255.0
-        blended = image[:, :, :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
-        image = np.round(blended).astype(np.uint8)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    scale = _to_8bit(image)
+    out = np.empty((image.shape[0], image.shape[1], 3), np.uint8)
+    rows = max(1, BAND_PIXELS // image.shape[1])
+    for y in range(0, image.shape[0], rows):
+        _band_to_rgb(scale(image[y:y + rows]), out[y:y + rows])
+    return out
+
+
+def _to_8bit(image: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """How a band of ``image`` becomes uint8: the high byte of 16-bit samples,
+    other depths stretched from the whole image's range to 0-255."""
+    if image.dtype == np.uint8:
+        return lambda band: band
+    if image.dtype == np.uint16:
+        return lambda band: (band >> 8).astype(np.uint8)
+    low, high = float(image.min()), float(image.max())
+    gain = 255.0 / (high - low) if high > low else 0.0
+    return lambda band: cv2.convertScaleAbs(band, alpha=gain, beta=-low * gain)
+
+
+def _band_to_rgb(band: np.ndarray, out: np.ndarray) -> None:
+    if band.ndim == 2:
+        cv2.cvtColor(band, cv2.COLOR_GRAY2RGB, dst=out)
+        return
+    if band.shape[2] == 2:  # gray + alpha
+        band = np.dstack([cv2.cvtColor(band[:, :, :1], cv2.COLOR_GRAY2BGR), band[:, :, 1]])
+    if band.shape[2] == 4:  # (colour * alpha + white * (255 - alpha)) / 255, rounded
+        alpha = band[:, :, 3:].astype(np.uint16)
+        blended = band[:, :, :3] * alpha + ((255 - alpha) * ALPHA_BACKGROUND + 127)
+        band = (blended // 255).astype(np.uint8)  # at most 65025 + 127: no overflow
+    cv2.cvtColor(band, cv2.COLOR_BGR2RGB, dst=out)
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,9 +15,11 @@ Three things grow with load, each bounded by a setting:
 - **decoded images**: each worker holds at most ``image_slots`` at once, from
   decoding until the image is letterboxed into the model's input (and while
   an annotated image is drawn), each up to IMAGE_COPIES x 3 bytes x
-  ``TIERDET_MAX_IMAGE_PIXELS`` (the decoder's output and an EXIF rotation's
-  copy; drawing an annotated image: the image, its annotated copy and the
-  encoder's colour-order copy);
+  ``TIERDET_MAX_IMAGE_PIXELS`` (the decoder's output and its RGB copy or an
+  EXIF rotation's; drawing an annotated image: the image, its annotated copy
+  and the encoder's colour-order copy), and DECODE_OVERHEAD. What decoding
+  takes depends on the format and depth (``decoding.peak_bytes``): images
+  that would take more are refused from their header, before decoding;
 - the **interpreter** with its libraries, BASE_MB per worker (measured: an idle
   worker serving D0 is ~125 MB resident).
 
@@ -27,8 +29,12 @@ at most ``spool_bytes``.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import gc
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,9 @@ from tierdet.serving.settings import Settings
 BODY_COPIES = 4
 GRPC_COPIES = 2
 IMAGE_COPIES = 3
+# Beside an image's copies: its decoder's tables and row buffers, and the
+# bands ``imaging.to_rgb`` converts at a time (``imaging.BAND_BYTES``).
+DECODE_OVERHEAD = 8 * 1024 * 1024
 BASE_MB = 200
 MIB = 1024 * 1024
 
@@ -80,9 +89,18 @@ class MemoryBound:
                 f"{self.images / MIB:.0f}, interpreters {self.base / MIB:.0f}")
 
 
+def image_bytes(max_pixels: int) -> int:
+    """What one image slot holds at most: IMAGE_COPIES x 3 bytes x the pixel
+    limit, and DECODE_OVERHEAD. ``decoding.peak_bytes`` is what decoding an image takes; an image
+    whose decoding would take more (a deep or transparent image near the
+    pixel limit, a progressive JPEG's coefficients) is refused before it is
+    decoded, so this holds for every image the gateway accepts."""
+    return IMAGE_COPIES * 3 * max_pixels + DECODE_OVERHEAD
+
+
 def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
     """The most every worker of a gateway with ``settings`` holds together."""
-    image = IMAGE_COPIES * 3 * settings.max_image_pixels
+    image = image_bytes(settings.max_image_pixels)
     held = settings.workers * settings.worker_concurrency()
     # A batch counts at most a worker's whole share, yet holds batch_max_images.
     images_held = settings.workers * max(settings.worker_concurrency(),
@@ -97,3 +115,31 @@ def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
 def spool_bytes(settings: Settings) -> int:
     """The most multipart uploads take in /tmp at once."""
     return settings.max_concurrency * settings.max_image_bytes
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):  # another C library: it has its own policy
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed() -> None:
+    """Hand the memory the C allocator keeps after frees back to the kernel.
+
+    glibc keeps freed memory in the arena (one per thread) that allocated it
+    and returns only what ends its heap; large gRPC messages are read in
+    gRPC's threads, in many pieces. Three DetectStreams of 19 MiB frames left
+    the gateway 1 GB resident after they ended, 180 MB once trimmed."""
+    if _TRIM is not None:
+        gc.collect()  # what cycles hold (a failed frame's traceback holds its frame)
+        _TRIM(0)
+
+
+def release_freed_soon() -> None:
+    """``release_freed`` in a worker thread (it walks every arena: not on the
+    event loop), from code that may not await (an ending async generator)."""
+    asyncio.get_running_loop().run_in_executor(None, release_freed)

@@ -124,6 +124,10 @@ class Metrics:
         self.triton_endpoint_up = Gauge(
             "tierdet_triton_endpoint_up", "1 if the Triton endpoint is in the gateway's pool.",
             ["endpoint"], multiprocess_mode=SAME, registry=r)
+        self.triton_queued = Gauge(
+            "tierdet_triton_queued_requests", "Requests waiting in Triton's schedulers for "
+            "each model (every endpoint, every client), as the router last read them.",
+            ["model"], multiprocess_mode=SAME, registry=r)
         self.triton_requests = Counter(
             "tierdet_triton_requests", "Calls to each Triton endpoint, by outcome "
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
@@ -151,6 +155,10 @@ class Metrics:
                     self.ap_previous.labels(model, tier, dataset, source, metric).set(
                         before[metric])
             self.ap_time.labels(model, tier, dataset, source).set(latest.timestamp)
+
+    def observe_queues(self, pending: dict[str, int]) -> None:
+        for model, count in pending.items():
+            self.triton_queued.labels(model).set(count)
 
     def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
                    stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:

@@ -51,13 +51,16 @@ from pathlib import Path
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile
-from tierdet.serving.backend import QueueReport
+from tierdet.serving.backend import QueueReport, Served
 
 # Prior for a model with no profile and no observation yet: slow enough that
 # it is only chosen when nothing measured fits.
 UNKNOWN_SERVICE_MS = 1000.0
 # The endpoint of a router fed plain model lists (one backend, unit tests).
 LOCAL = "local"
+# A device window (Triton's own queue wait and batch size) older than this is
+# not used to read an answer's latency: the device may have changed since.
+WINDOW_MAX_AGE_S = 2.0
 # A queue report older than this is not used: the poll has stopped or fails.
 QUEUE_MAX_AGE_S = 1.0
 
@@ -139,6 +142,17 @@ class _ModelLoad:
     observed_ms: float | None = None  # EWMA of batch-1 latency (models without profile)
 
 
+@dataclass(frozen=True)
+class DeviceWindow:
+    """What one endpoint's Triton did with a model between two queue reports:
+    the mean time its answered requests waited in its queue, and the mean batch
+    (images per execution) they ran in."""
+
+    queue_ms: float
+    batch: float
+    at: float  # time.monotonic() of the report that closed the window
+
+
 @dataclass(frozen=True, eq=False)  # each ticket is its own: compared by identity
 class Ticket:
     """An admitted request: what was predicted, and whether the device was idle."""
@@ -187,12 +201,25 @@ class LatencyModel:
     # endpoint -> device ms of work other clients send there per second (EWMA)
     others_rate: dict[str, float] = field(default_factory=dict)
     sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, model) -> ours
-    # endpoint -> (asked, Triton's arrived counts, our sent counts) at the last report
-    _last: dict[str, tuple[float, dict[str, int], dict[str, int]]] = field(default_factory=dict)
+    # endpoint -> (asked, the high of Triton's arrivals less ours, per model) at the last report
+    _last: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
+    # (endpoint, model) -> Triton's cumulative counts at the last report, and the
+    # window between the last two reports that saw answers
+    _served: dict[tuple[str, str], Served] = field(default_factory=dict)
+    windows: dict[tuple[str, str], DeviceWindow] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _load(self, model: str) -> _ModelLoad:
         return self.loads.setdefault(model, _ModelLoad())
+
+    def _learn(self, load: _ModelLoad, implied: float, alpha: float, now: float) -> None:
+        current = self._ratio(load, now)
+        load.ratio = current + alpha * (min(4.0, max(0.25, implied)) - current)
+        load.ratio_at = now
+
+    def _observe(self, load: _ModelLoad, batch1_ms: float) -> None:
+        prev = load.observed_ms
+        load.observed_ms = batch1_ms if prev is None else prev + self.alpha * (batch1_ms - prev)
 
     def base_ms(self, model: str) -> float:
         """Profiled (or observed) batch-1 latency, before online correction."""
@@ -276,21 +303,41 @@ class LatencyModel:
 
     def observe_queues(self, queues: Mapping[str, tuple[float, QueueReport]]) -> None:
         """What each endpoint's Triton reported (``EndpointPool.queues``): its queue,
-        and from its arrival count less ours, the rate of other clients' work."""
+        and from its arrival count less ours, the rate of other clients' work.
+
+        Triton may count a request of ours later than we do (ours is counted
+        when sent), so arrivals less ours dips while ours are in flight and
+        recovers when they land: only a new high of it is other clients' work,
+        or every dip and recovery would show as phantom load on that endpoint."""
         with self._lock:
             for url, (asked, report) in queues.items():
                 ours = {m: n for (e, m), n in self.sent.items() if e == url}
+                others = {m: n - ours.get(m, 0) for m, n in report.arrived.items()}
                 last = self._last.get(url)
                 if last is not None and asked > last[0]:
-                    work = sum(self.cost_ms(m) * max(0, (n - last[1].get(m, 0))
-                                                     - (ours.get(m, 0) - last[2].get(m, 0)))
-                               for m, n in report.arrived.items())
+                    high = {m: max(n, last[1].get(m, n)) for m, n in others.items()}
+                    work = sum(self.cost_ms(m) * (n - last[1].get(m, n))
+                               for m, n in high.items())
                     rate = work / (asked - last[0])
                     prev = self.others_rate.get(url)
                     self.others_rate[url] = rate if prev is None else prev + 0.3 * (rate - prev)
-                self._last[url] = (asked, dict(report.arrived), ours)
+                    others = high
+                self._last[url] = (asked, others)
+                self._observe_device(url, asked, report.served)
             self.queues = {url: (asked, dict(report.pending))
                            for url, (asked, report) in queues.items()}
+
+    def _observe_device(self, url: str, asked: float, served: Mapping[str, Served]) -> None:
+        for model, now in served.items():
+            before = self._served.get((url, model))
+            self._served[url, model] = now
+            if before is None or now.requests <= before.requests:
+                continue  # nothing answered since: the last window stands until it ages
+            requests = now.requests - before.requests
+            executions = now.executions - before.executions
+            batch = (now.images - before.images) / executions if executions > 0 else 1.0
+            self.windows[url, model] = DeviceWindow(
+                (now.queue_us - before.queue_us) / requests / 1e3, max(1.0, batch), asked)
 
     def _idle(self, endpoint: str) -> bool:
         if self._at(endpoint):
@@ -321,16 +368,25 @@ class LatencyModel:
             if observed_ms is None or ticket.predicted_ms <= 0:
                 return
             now = time.monotonic()
-            if ticket.model in self.profile.models:
-                current = self._ratio(load, now)
+            prof = self.profile.models.get(ticket.model)
+            window = self.windows.get((ticket.endpoint, ticket.model))
+            if window is not None and now - window.at <= WINDOW_MAX_AGE_S:
+                # The device's own account: of the answer's time, Triton's recent
+                # mean queue wait was not service; the rest is one execution at
+                # its recent batch size. Every answer then reads the device's
+                # speed, idle or busy, so a slower device is followed in a few
+                # answers rather than the many that idle ones alone would take.
+                served_ms = max(0.0, observed_ms - window.queue_ms)
+                batch = max(1, round(window.batch))
+                if prof is not None:
+                    self._learn(load, served_ms / prof.service_ms(batch), self.alpha, now)
+                else:  # no profile: take batches as a CPU runs them, image after image
+                    self._observe(load, served_ms / batch)
+            elif prof is not None:
                 implied = ticket.ratio * observed_ms / ticket.predicted_ms
-                alpha = self.alpha if ticket.idle else self.busy_alpha
-                load.ratio = current + alpha * (min(4.0, max(0.25, implied)) - current)
-                load.ratio_at = now
+                self._learn(load, implied, self.alpha if ticket.idle else self.busy_alpha, now)
             elif ticket.idle:
-                prev = load.observed_ms
-                load.observed_ms = observed_ms if prev is None else (
-                    prev + self.alpha * (observed_ms - prev))
+                self._observe(load, observed_ms)
 
 
 @dataclass
@@ -594,6 +650,19 @@ class Router:
             self.governor.saw_budget(budget)  # requests that reach decide() are seen there
             raise self._shed(budget, fastest, predicted[fastest])
         return [m for m in candidates if m == fastest or self.fits(predicted[m], budget)]
+
+    def slot_wait_ms(self, req: RouteRequest, elapsed_ms: float,
+                     ready: Placement | Iterable[str]) -> float | None:
+        """How much longer the request may wait (for an image slot) before not
+        even the fastest of ``ready`` could answer within its budget; None where
+        a late answer is degraded rather than refused (waits like any other)."""
+        tier = self.tier_for(req)
+        if self._degradable(req, tier):
+            return None
+        ready = placement(ready)
+        predicted, _ = self._predict(self._candidates(req, tier, ready), elapsed_ms, ready)
+        latest = (self._budget(req, tier) - self.margin_ms) / self.calibration.factor
+        return latest - min(predicted.values())
 
     def decide(self, req: RouteRequest, elapsed_ms: float,
                ready: Placement | Iterable[str]) -> Decision:

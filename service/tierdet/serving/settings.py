@@ -19,8 +19,8 @@ ENV_PREFIX = "TIERDET_"
 
 
 class Settings(BaseModel):
-    """Every setting of the gateway; ``description`` is what the README's
-    configuration table says of it (``tierdet generate`` writes that table)."""
+    """Every setting of the gateway; ``description`` is what the configuration
+    table (docs/configuration.md, written by ``tierdet generate``) says of it."""
 
     model_config = {"frozen": True}
 

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME, PROVENANCE_PREFIX
 from tierdet.serving import tracing
-from tierdet.serving.backend import QueueReport
+from tierdet.serving.backend import QueueReport, Served
 from tierdet.serving.shm import Region, SharedMemoryPool, UnmappableError
 
 KEEPALIVE_MS = 10_000
@@ -50,29 +50,41 @@ def channel_args(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
 
 _PENDING = "nv_inference_pending_request_count{"
 _DONE = ("nv_inference_request_success{", "nv_inference_request_failure{")
+# What each answered request cost the device (cumulative counters).
+_SERVED = {"nv_inference_request_success{": "requests",
+           "nv_inference_queue_duration_us{": "queue_us",
+           "nv_inference_count{": "images", "nv_inference_exec_count{": "executions"}
 
 
-def _by_model(line: str, prefix: str, out: dict[str, int]) -> None:
+def _by_model(line: str, prefix: str, out: dict[str, float]) -> None:
     labels, _, value = line[len(prefix):].rpartition("} ")
     for label in labels.split(","):
         key, _, quoted = label.partition("=")
         if key == "model":
             name = quoted.strip('"')
-            out[name] = out.get(name, 0) + int(float(value))
+            out[name] = out.get(name, 0) + float(value)
 
 
 def queue_report(metrics_text: str) -> QueueReport:
     """Triton's queue per model from its /metrics page (summed over versions and
     failure reasons): requests waiting, and requests taken in so far."""
-    pending: dict[str, int] = {}
-    done: dict[str, int] = {}
+    pending: dict[str, float] = {}
+    done: dict[str, float] = {}
+    served: dict[str, dict[str, float]] = {name: {} for name in _SERVED.values()}
     for line in metrics_text.splitlines():
-        if line.startswith(_PENDING):
+        prefix = line[:line.find("{") + 1]
+        if prefix == _PENDING:
             _by_model(line, _PENDING, pending)
-        elif line.startswith(_DONE):
-            _by_model(line, line[:line.index("{") + 1], done)
-    arrived = {m: done.get(m, 0) + pending.get(m, 0) for m in done.keys() | pending.keys()}
-    return QueueReport(pending, arrived)
+        elif prefix in _DONE:
+            _by_model(line, prefix, done)
+        if prefix in _SERVED:
+            _by_model(line, prefix, served[_SERVED[prefix]])
+    arrived = {m: int(done.get(m, 0) + pending.get(m, 0)) for m in done.keys() | pending.keys()}
+    models = set().union(*served.values())
+    return QueueReport({m: int(n) for m, n in pending.items()}, arrived, {
+        m: Served(int(served["requests"].get(m, 0)), served["queue_us"].get(m, 0.0),
+                  int(served["images"].get(m, 0)), int(served["executions"].get(m, 0)))
+        for m in models})
 
 
 def _unreachable(exc: InferenceServerException) -> bool:

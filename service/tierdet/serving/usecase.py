@@ -43,6 +43,7 @@ from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, LatencyModel, Router, RouteRequest, TierConfig
 from tierdet.serving.security import ApiKey, KeyRing
 from tierdet.serving.settings import Settings
+from tierdet.serving.slots import FairSlots
 
 T = TypeVar("T")
 
@@ -96,8 +97,9 @@ class Detector:
         self.keys = KeyRing.load(settings.api_keys_file)
         self.access = AccessLog(settings.access_log)
         self.last_request_at = 0.0  # time.monotonic() of the last admitted caller
-        # Decoded images held at once: what bounds the gateway's memory (see memory).
-        self.image_slots = asyncio.Semaphore(memory.image_slots(settings))
+        # Decoded images held at once: what bounds the gateway's memory (see memory),
+        # shared fairly between keys (see slots).
+        self.image_slots = FairSlots(memory.image_slots(settings), len(self.keys.keys))
         self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
 
     # -- admission -------------------------------------------------------
@@ -139,7 +141,13 @@ class Detector:
     async def poll_queues(self) -> None:
         """Read every endpoint's queue into the router (the queue watcher's call)."""
         await self.pool.poll_queues()
-        self.router.latency.observe_queues(self.pool.queues(max_age_s=1.0))
+        queues = self.pool.queues(max_age_s=1.0)
+        self.router.latency.observe_queues(queues)
+        pending: dict[str, int] = {}
+        for _, report in queues.values():
+            for model, count in report.pending.items():
+                pending[model] = pending.get(model, 0) + count
+        self.metrics.observe_queues(pending)
 
     async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
         """Ask the backend again, then ``ready()`` (the model watcher's call)."""
@@ -209,7 +217,9 @@ class Detector:
             request, candidates = self._request(caller, options)
             reachable = self.router.precheck(request, _ms_since(start),
                                              self.catalog.placement(candidates))
-            async with self.image_slot() as slot:
+            wait_ms = self.router.slot_wait_ms(request, _ms_since(start),
+                                               self.catalog.placement(reachable))
+            async with self.image_slot(caller, wait_ms) as slot:
                 # The decoders release the GIL: decoding in a worker thread keeps the
                 # event loop answering other requests meanwhile.
                 tiled = options.tile == "auto"  # tiles need the image's own pixels
@@ -278,10 +288,13 @@ class Detector:
         tracing.annotate(**fields)  # on this image's span
         self.access.write(call, **fields)
 
-    def image_slot(self) -> ImageSlot:
+    def image_slot(self, caller: Caller | None = None, wait_ms: float | None = None
+                   ) -> ImageSlot:
         """A slot for one decoded image (``async with``): waits while every slot
-        of this worker is taken."""
-        return ImageSlot(self.image_slots)
+        of this worker is taken, or the caller's key holds its share, at most
+        ``wait_ms`` (then ``overloaded``)."""
+        key = caller.key.name if caller is not None and caller.key is not None else None
+        return ImageSlot(self.image_slots, key, None if wait_ms is None else wait_ms / 1e3)
 
     def _calibrate(self, decision: Decision, actual_ms: float) -> None:
         """Teach the router how its admitted predictions turned out (a degraded
@@ -491,13 +504,15 @@ class ImageSlot:
     image is letterboxed; the pixels are dropped with it, so no more decoded
     images than slots are alive at once."""
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
+    def __init__(self, slots: FairSlots, key: str | None, wait_s: float | None) -> None:
         self._slots = slots
+        self._key = key
+        self._wait_s = wait_s
         self._held = False
         self.image: decoding.Decoded | None = None
 
     async def __aenter__(self) -> ImageSlot:
-        await self._slots.acquire()
+        await self._slots.acquire(self._key, self._wait_s)
         self._held = True
         return self
 
@@ -512,7 +527,7 @@ class ImageSlot:
         self.image = None
         if self._held:
             self._held = False
-            self._slots.release()
+            self._slots.release(self._key)
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

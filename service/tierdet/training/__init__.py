@@ -6,5 +6,8 @@ AP through a running gateway and on the bare ONNX file; ``stack_eval`` does
 both against a stack it starts itself.
 
 May import: ``tierdet.registry``, ``tierdet.build``, ``tierdet.devstack`` and
-``tierdet.serving.imaging`` (the same preprocessing as the gateway).
+``tierdet.serving.imaging`` (the same preprocessing as the gateway),
+``tierdet.serving.triton`` and ``serving.backend`` (Triton's queue, read as the
+gateway reads it); numpy, OpenCV, httpx, ONNX Runtime, pycocotools, torch and
+effdet.
 """

@@ -1,0 +1,118 @@
+"""The router follows the device it runs on: when the device slows down (a GPU
+clocking down, a neighbour taking the cores), the latency the router predicts
+follows within a few answers, read from what Triton reports of its own queue
+and batches, even while other clients keep the device busy.
+
+The device is emulated (benchmarks/instant/model.py: each execution sleeps a
+set time and uses no CPU), so its speed is known and changed on purpose, and
+the test counts answers, not seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import REPO, TEST_MODEL, encode, photos
+from tierdet.build.models import assemble
+from tierdet.devstack.stack import GatewayProcess, free_port
+from tierdet.devstack.triton import LocalTriton
+from waiting import wait_until
+
+JPEG = encode(photos()["coffee"])
+BASE_MS = 40.0
+
+
+def set_device(path: Path, base_ms: float) -> None:
+    """The emulated device's service time from its next execution on (atomic)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"base_ms": base_ms, "per_image_ms": 0.0}))
+    os.replace(tmp, path)
+
+
+@pytest.fixture(scope="module")
+def emulated(built_d0, tmp_path_factory) -> Iterator[tuple[LocalTriton, GatewayProcess, Path]]:
+    work = tmp_path_factory.mktemp("emulated-device")
+    repository = assemble([built_d0], work / "home", "cpu-local", intra_op_threads=1)
+    version = repository / TEST_MODEL / "1"
+    shutil.copy(REPO / "benchmarks" / "instant" / "model.py", version / "model.py")
+    device = version / "device.json"
+    set_device(device, BASE_MS)
+    server = LocalTriton(repository, work, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), models=[TEST_MODEL],
+                         log_path=work / "triton.log")
+    server.start()
+    try:
+        server.wait_ready(120)
+        gateway = GatewayProcess.start(server.endpoint, work / "gateway.log", models=TEST_MODEL)
+        try:
+            yield server, gateway, device
+        finally:
+            gateway.stop()
+    finally:
+        server.stop()
+
+
+def _estimate(gateway: GatewayProcess) -> float:
+    models = httpx.get(gateway.http + "/v1/models", timeout=10).json()["models"]
+    return next(m["latency_ms"] for m in models if m["name"] == TEST_MODEL)
+
+
+def _detect(gateway: GatewayProcess) -> None:
+    r = httpx.post(gateway.http + "/v1/detect", files={"image": ("a.jpg", JPEG, "image/jpeg")},
+                   data={"model": TEST_MODEL, "sla_ms": "60000"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def _neighbour(server: LocalTriton, stop: threading.Event, clients: int = 2) -> list:
+    """Another client keeping ``clients`` requests at the device all along."""
+    def run() -> None:
+        tensor = grpcclient.InferInput("images", [1, 512, 512, 3], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, 512, 512, 3), np.uint8))
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            while not stop.is_set():
+                client.infer(TEST_MODEL, [tensor])
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_a_busy_device_that_slows_down_twice_is_followed_in_a_few_answers(emulated):
+    server, gateway, device = emulated
+    stop = threading.Event()
+    threads = _neighbour(server, stop)
+    try:
+        for _ in range(5):  # the router reads the busy device at its first speed
+            _detect(gateway)
+        before = _estimate(gateway)
+        # Waiting behind the neighbour is not mistaken for a slow device.
+        assert before < 2.0 * BASE_MS, before
+        set_device(device, 2 * BASE_MS)
+        answers = []
+
+        def followed() -> bool:
+            _detect(gateway)
+            answers.append(_estimate(gateway))
+            return answers[-1] >= 1.6 * before
+
+        wait_until(followed, "the router's estimate to follow the slower device")
+        print(f"estimate {before:.1f} ms, then after each answer: {answers}")
+        assert len(answers) <= 12, answers
+        for _ in range(10):
+            _detect(gateway)
+        # ...and settles at the device's new speed, queue waits not counted in it.
+        assert _estimate(gateway) < 1.4 * 2 * before, (before, answers, _estimate(gateway))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
