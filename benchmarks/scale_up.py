@@ -16,9 +16,15 @@ All in one run, loopback only, every load bounded in time:
    through tierdet against the service a user writes by hand
    (benchmarks/handwritten_service.py: FastAPI + ONNX Runtime, the same ONNX
    file), closed loop at concurrency 1 and 4, two rounds interleaved.
+3. **v2** (``--sections v2``, issue 24): on the instant model, one gateway,
+   the 720p JPEG: gateway CPU ms per request on the Open Inference Protocol
+   (REST with the binary tensor data extension, as tritonclient sends it;
+   gRPC ModelInfer) against /v1/detect and Detector/Detect, rounds
+   interleaved, medians and the v2/v1 ratio per protocol.
 
     apt-get install hey nghttp2-client   # the load generators
     python benchmarks/scale_up.py --baseline 62cdb2b
+    python benchmarks/scale_up.py --sections v2 --rounds 3   # v2 vs v1 only
 """
 
 from __future__ import annotations
@@ -110,11 +116,13 @@ def multipart(jpeg: bytes, **fields: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def hey(url: str, body: Path, content_type: str, concurrency: int, seconds: float) -> Load:
+def hey(url: str, body: Path, content_type: str, concurrency: int, seconds: float,
+        headers: dict[str, str] | None = None) -> Load:
     """Closed loop for ``seconds``; latencies from hey's per-request CSV (its own
     summary leaves out the high percentiles of short runs)."""
+    extra = [arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")]
     out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST",
-                          "-T", content_type, "-D", str(body), "-o", "csv", url],
+                          "-T", content_type, "-D", str(body), *extra, "-o", "csv", url],
                          capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     rows = [line.split(",") for line in out.splitlines()[1:] if line]
     statuses = {row[6] for row in rows}
@@ -126,7 +134,8 @@ def hey(url: str, body: Path, content_type: str, concurrency: int, seconds: floa
                 float(np.percentile(latency, 99)))
 
 
-def h2load(target: str, body: Path, concurrency: int, seconds: float) -> Load:
+def h2load(target: str, body: Path, concurrency: int, seconds: float,
+           method: str = "tierdet.v1.Detector/Detect") -> Load:
     """gRPC Detect calls as raw HTTP/2 (h2load cannot read gRPC status trailers:
     the call is checked once with a real client before). One call at a time on
     each of ``concurrency`` connections: the kernel spreads connections, not
@@ -134,7 +143,7 @@ def h2load(target: str, body: Path, concurrency: int, seconds: float) -> Load:
     out = subprocess.run(["h2load", "-D", str(int(seconds)), "-c", str(concurrency),
                           "-m", "1", "-d", str(body),
                           "-H", "content-type: application/grpc", "-H", "te: trailers",
-                          f"http://{target}/tierdet.v1.Detector/Detect"],
+                          f"http://{target}/{method}"],
                          capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     if done is None or done.group(1) != done.group(2):
@@ -361,6 +370,82 @@ def real_model_section(built: BuiltModel, jpeg: bytes, work: Path,
                   "service's images/s")
 
 
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC message on the wire (uncompressed), as h2load sends it."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def v2_bodies(jpeg: bytes, work: Path) -> dict[str, str]:
+    """The v2 requests a tritonclient user sends, written for the load generators;
+    returns the REST request's headers."""
+    import tritonclient.http as triton_http
+    from tritonclient.grpc import service_pb2
+
+    tensor = triton_http.InferInput("IMAGE", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([jpeg], dtype=np.object_))  # binary, as by default
+    body, json_size = triton_http.InferenceServerClient.generate_request_body(
+        [tensor], parameters={"sla_ms": int(BUDGET_MS)})
+    (work / "body.v2http").write_bytes(body)
+    # What tritonclient.grpc sends: the BYTES tensor as raw_input_contents.
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.parameters["sla_ms"].int64_param = int(BUDGET_MS)
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(len(jpeg).to_bytes(4, "little") + jpeg)
+    (work / "body.v2grpc").write_bytes(grpc_frame(request.SerializeToString()))
+    return {"Inference-Header-Content-Length": str(json_size)}
+
+
+def v2_section(built: BuiltModel, jpeg: bytes, work: Path, args: argparse.Namespace) -> None:
+    """Gateway CPU per request, v2 against v1, HTTP and gRPC, rounds interleaved."""
+    from tierdet.client import GrpcClient
+
+    body, content_type = multipart(jpeg, sla_ms=BUDGET_MS)
+    (work / "body.http").write_bytes(body)
+    message = pb.DetectRequest(image=jpeg, sla_ms=float(BUDGET_MS)).SerializeToString()
+    (work / "body.grpc").write_bytes(grpc_frame(message))
+    v2_headers = v2_bodies(jpeg, work)
+    triton = triton_serving(built, work / "v2", instant=True)
+    loads: dict[tuple[str, str], list[Load]] = {}
+    try:
+        with gateway(triton, work / "gateway-v2.log") as gw:
+            with GrpcClient(gw.grpc) as client:  # h2load cannot check answers
+                assert client.detect(jpeg).model == MODEL
+            with triton_grpc.InferenceServerClient(gw.grpc) as v2_client:
+                x = triton_grpc.InferInput("IMAGE", [1], "BYTES")
+                x.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+                assert v2_client.infer(MODEL, [x]).as_numpy("COUNTS").shape == (1,)
+            url = f"{gw.http}/v2/models/{MODEL}/infer"
+            runs: dict[tuple[str, str], Callable[[], Load]] = {
+                ("HTTP", "v1"): lambda: hey(gw.http + "/v1/detect", work / "body.http",
+                                            content_type, args.concurrency, args.seconds),
+                ("HTTP", "v2"): lambda: hey(url, work / "body.v2http",
+                                            "application/octet-stream", args.concurrency,
+                                            args.seconds, v2_headers),
+                ("gRPC", "v1"): lambda: h2load(gw.grpc, work / "body.grpc",
+                                               args.concurrency, args.seconds),
+                ("gRPC", "v2"): lambda: h2load(gw.grpc, work / "body.v2grpc",
+                                               args.concurrency, args.seconds,
+                                               "inference.GRPCInferenceService/ModelInfer"),
+            }
+            for _ in range(args.rounds):
+                for key, run in runs.items():
+                    loads.setdefault(key, []).append(with_cpu(gw.process.pid, run))
+    finally:
+        triton.stop()
+    print(f"\n## Open Inference Protocol (v2) vs tierdet's own API (v1): instant model, "
+          f"720p JPEG, c={args.concurrency}, {args.rounds} rounds interleaved, "
+          f"{args.seconds:.0f} s each (medians)\n")
+    print("| protocol | API | CPU ms / request | images/s |")
+    print("|---|---|---|---|")
+    cpu = {k: statistics.median(x.cpu_ms for x in v) for k, v in loads.items()}  # type: ignore[misc]
+    for (protocol, api), runs_ in loads.items():
+        print(f"| {protocol} | {api} | {cpu[(protocol, api)]:.2f} | "
+              f"{statistics.median(x.rps for x in runs_):.0f} |")
+    for protocol in ("HTTP", "gRPC"):
+        print(f"{protocol}: v2 CPU per request {cpu[(protocol, 'v2')] / cpu[(protocol, 'v1')]:.2f}x"
+              " v1's")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--home", type=Path, default=default_home())
@@ -370,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--sequential", type=int, default=60)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--sections", default="instant,real")
+    p.add_argument("--sections", default="instant,real,v2")
     p.add_argument("--workers", default="1,2", type=lambda v: [int(n) for n in v.split(",")],
                    help="gateway worker counts measured side by side (the first is the "
                         "reference of the ratios)")
@@ -389,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                 instant_section(built, jpegs, work, baseline, args)
             if "real" in sections:
                 real_model_section(built, jpegs["720p"], work, args)
+            if "v2" in sections:
+                v2_section(built, jpegs["720p"], work, args)
     return 0
 
 

@@ -152,7 +152,7 @@ def test_a_budget_in_the_query_is_refused_before_the_body_is_read(client):
 
 
 def test_unknown_route_is_json_404(client):
-    r = client.get("/v2/nothing")
+    r = client.get("/v3/nothing")  # (/v2 is the Open Inference Protocol's: test_v2_*)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 

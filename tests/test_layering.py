@@ -26,9 +26,11 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "serving": ({"serving", "registry", "contract"},
                 {"numpy", "cv2", "simplejpeg", "tritonclient", "httpx", "prometheus_client",
                  "pydantic", "yaml", "opentelemetry"}),
+    # tritonclient: its generated KServe v2 gRPC modules (v2_grpc), so the gateway
+    # serves inference.GRPCInferenceService without a second copy of the proto.
     "frontends": ({"frontends", "serving", "registry", "contract", "proto"},
                   {"fastapi", "starlette", "uvicorn", "grpc", "grpc_health", "grpc_reflection",
-                   "prometheus_client", "pydantic"}),
+                   "prometheus_client", "pydantic", "tritonclient"}),
     "client": ({"client", "contract", "proto"}, {"httpx", "grpc", "pydantic"}),
     "build": ({"build", "registry"},
               {"numpy", "onnx", "onnxruntime", "onnxscript", "torch", "torchvision", "effdet",

@@ -236,3 +236,30 @@ def test_tracing_is_on_only_when_an_endpoint_is_configured():
                                "OTEL_TRACES_EXPORTER": "none"})
     assert tracing.trace_id(f"00-{TRACE}-{PARENT}-01") == TRACE
     assert tracing.trace_id(f"00-{'0' * 32}-{PARENT}-01") is None
+
+
+def _protocol_of(span) -> str:
+    return {a.key: a.value for a in span.attributes}["tierdet.protocol"].string_value
+
+
+def test_open_inference_protocol_calls_are_traced_and_labelled(traced):
+    """tritonclient's REST and gRPC calls continue the caller's trace like /v1's,
+    their server spans labelled with the protocol."""
+    import numpy as np
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+
+    gw, receiver = traced
+    for module, address, trace, server_name, protocol in (
+            (thttp, gw.http.removeprefix("http://"), "7af7651916cd43dd8448eb211c803101",
+             f"POST /v2/models/{TEST_MODEL}/infer", "v2-http"),
+            (tgrpc, gw.grpc, "7af7651916cd43dd8448eb211c803102",
+             "GRPCInferenceService/ModelInfer", "v2-grpc")):
+        tensor = module.InferInput("IMAGE", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([JPEG], dtype=np.object_))
+        with module.InferenceServerClient(address) as client:
+            client.infer(TEST_MODEL, [tensor], parameters={"sla_ms": 60000},
+                         headers={"traceparent": f"00-{trace}-{PARENT}-01"})
+        spans = receiver.of_trace(trace, len(STAGES) + 3)
+        check_tree(spans, server_name, PARENT)
+        assert _protocol_of(by_name(spans)[server_name]) == protocol

@@ -3,6 +3,7 @@
 - ``options``: the request options, defined once (every surface derives from them);
 - ``results``: the answers, as plain dataclasses shared by the gateway and the client;
 - ``errors``: the stable error codes with their HTTP and gRPC statuses;
+- ``images``: an image sent as raw pixels instead of encoded bytes;
 - ``wire``: the one mapping of options and results to text fields and protobuf.
 
 May import: the standard library, pydantic and the generated ``tierdet.proto``

@@ -1,14 +1,16 @@
 """The one mapping of an ``ApiError`` to each transport.
 
 HTTP: the JSON body ``{"error": {"code", "message"}}`` with the code's status
-and ``Retry-After`` when transient. gRPC: the code's status, the stable code in
-the trailing metadata (``tierdet-error-code``) and ``retry-after`` likewise.
+and ``Retry-After`` when transient; under ``/v2/`` (the Open Inference
+Protocol) the protocol's own body, ``{"error": "<code>: <message>"}``.
+gRPC: the code's status, the stable code in the trailing metadata
+(``tierdet-error-code``) and ``retry-after`` likewise.
 The statuses themselves are the contract's (``tierdet.contract.errors``).
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from fastapi.exceptions import RequestValidationError
@@ -18,12 +20,27 @@ from pydantic import ValidationError
 from tierdet.contract.errors import GRPC_CODE_KEY, ApiError, ErrorCode, first_problem
 from tierdet.serving import access
 
+V2_PREFIX = "/v2"
 
-def http_response(exc: ApiError) -> JSONResponse:
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_body(code: ErrorCode, message: str, path: str = "") -> dict[str, Any]:
+    """The error body a client of ``path`` expects (v2: the protocol's, the stable
+    code leading its message, as the gRPC status message has it)."""
+    if is_v2(path):
+        return {"error": f"{code.value}: {message}"}
+    return {"error": {"code": code.value, "message": message}}
+
+
+def http_response(exc: ApiError, path: str = "") -> JSONResponse:
     access.note_refusal(exc.code)
     retry_after = exc.retry_after_header()
     headers = {"Retry-After": retry_after} if retry_after is not None else {}
-    return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+    return JSONResponse(error_body(exc.code, exc.message, path), status_code=exc.http_status,
+                        headers=headers)
 
 
 def invalid_option(exc: ValidationError | RequestValidationError) -> ApiError:

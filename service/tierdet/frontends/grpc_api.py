@@ -1,11 +1,13 @@
-"""gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), plus
+"""gRPC front end: tierdet.v1.Detector (Detect, DetectStream, ListModels), the
+Open Inference Protocol's inference.GRPCInferenceService (``v2_grpc``), plus
 standard health and reflection.
 
-Only Detector calls count against ``TIERDET_MAX_CONCURRENCY`` (beyond it:
-RESOURCE_EXHAUSTED ``overloaded``): health and reflection need no key, so
-they must not be able to take the slots detection needs. A DetectStream
-that sends no frame for ``TIERDET_STREAM_IDLE_S`` while the gateway waits
-for one is ended (DEADLINE_EXCEEDED ``request_timeout``)."""
+Only detect calls (Detector's and GRPCInferenceService's) count against
+``TIERDET_MAX_CONCURRENCY`` (beyond it: RESOURCE_EXHAUSTED ``overloaded``):
+health and reflection need no key, so they must not be able to take the slots
+detection needs. A DetectStream that sends no frame for
+``TIERDET_STREAM_IDLE_S`` while the gateway waits for one is ended
+(DEADLINE_EXCEEDED ``request_timeout``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
@@ -26,18 +28,21 @@ from tierdet.contract import wire
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import FrameResult
+from tierdet.frontends import v2_grpc
 from tierdet.frontends.errors import grpc_abort, invalid_option
+from tierdet.frontends.grpc_context import CallLimit, admit, grpc_call
 from tierdet.frontends.streaming import ordered_map
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
-from tierdet.serving import access, memory, tracing
+from tierdet.serving import access, memory
 from tierdet.serving.metrics import ADDS_UP
-from tierdet.serving.security import bearer
 from tierdet.serving.usecase import Caller, Detector
 
 log = logging.getLogger("tierdet.grpc")
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+# Every service on the port, as health and reflection list them.
+SERVICES = (SERVICE_NAME, v2_grpc.SERVICE_NAME)
 
 
 def options_from_request(request: pb.DetectRequest) -> DetectOptions:
@@ -47,23 +52,10 @@ def options_from_request(request: pb.DetectRequest) -> DetectOptions:
         raise invalid_option(exc) from None
 
 
-def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return value
-    return None
-
-
-def _deadline_ms(context: grpc.aio.ServicerContext) -> float | None:
-    remaining_s = context.time_remaining()
-    return remaining_s * 1e3 if remaining_s is not None else None
-
-
 class DetectorServicer(pb_grpc.DetectorServicer):
-    def __init__(self, detector: Detector) -> None:
+    def __init__(self, detector: Detector, calls: CallLimit) -> None:
         self.detector = detector
-        self.limit = detector.settings.max_concurrency
-        self.active = 0  # Detector calls in progress
+        self.calls = calls
         registry = detector.metrics.registry
         self.frames_held = Gauge(
             "tierdet_stream_frames_held", "Frames read from DetectStream calls and not yet "
@@ -72,36 +64,15 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         self.streams_open = Gauge("tierdet_streams_open", "DetectStream calls in progress.",
                                   multiprocess_mode=ADDS_UP, registry=registry)
 
-    @contextlib.contextmanager
-    def _call(self, context: grpc.aio.ServicerContext, method: str) -> Iterator[access.Call]:
-        """The call's id (the caller's ``x-request-id`` when sane), returned in the
-        trailing metadata; the access-log line of a call that reached no image."""
-        carrier = {k: v for k in ("traceparent", "tracestate") if (v := _metadata(context, k))}
-        with access.incoming("grpc", method, _metadata(context, access.HEADER),
-                             carrier.get("traceparent")) as call, \
-                tracing.server_span(f"Detector/{method}", carrier):
-            context.set_trailing_metadata(tuple(call.ids()))
-            self.active += 1
-            try:
-                yield call
-            except asyncio.CancelledError:  # the client went away, or its deadline passed
-                call.code = ErrorCode.CANCELLED.value
-                raise
-            finally:
-                self.active -= 1
-                status = "OK" if call.code == "ok" else ErrorCode(call.code).kind.grpc_status
-                access.ended(call, status, self.detector.access)
+    def _call(self, context: grpc.aio.ServicerContext, method: str
+              ) -> contextlib.AbstractContextManager[access.Call]:
+        return grpc_call(context, "grpc", f"Detector/{method}", method, self.detector.access,
+                         self.calls)
+
 
     def _admit(self, context: grpc.aio.ServicerContext,
                received: float | None = None) -> Caller:
-        """The call's concurrency slot (taken by ``_call``), then its key."""
-        if self.active > self.limit:  # this call is one too many
-            self.detector.metrics.observe_failure("grpc", None, "none", "shed")
-            raise ApiError(ErrorCode.OVERLOADED, "the gateway is serving all the calls it may "
-                           "at once (TIERDET_MAX_CONCURRENCY)", retry_after_s=1.0)
-        return self.detector.admit(bearer(_metadata(context, "authorization"),
-                                          _metadata(context, "x-api-key")), "grpc",
-                                   received, _deadline_ms(context), _peer_address(context))
+        return admit(self.detector, self.calls, context, "grpc", received)
 
     async def Detect(self, request: pb.DetectRequest,  # noqa: N802 (gRPC naming)
                      context: grpc.aio.ServicerContext) -> pb.DetectResponse:
@@ -177,15 +148,6 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             return wire.to_message(self.detector.models(), pb.ListModelsResponse())
 
 
-def _peer_address(context: grpc.aio.ServicerContext) -> str | None:
-    """The caller's address as HTTP names it (``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``,
-    ``ipv6:[::1]:5678`` -> ``::1``), so a source has one count of failed keys."""
-    kind, _, rest = (context.peer() or "").partition(":")
-    if kind not in ("ipv4", "ipv6") or ":" not in rest:
-        return rest or None  # unix sockets and the like: as given
-    return rest.rsplit(":", 1)[0].strip("[]")
-
-
 async def _until_idle(frames: AsyncIterator[T], idle_s: float) -> AsyncIterator[T]:
     """``frames``, or ApiError ``request_timeout`` once a wait for the next one
     passes ``idle_s`` (only while one is waited for: a stream held back by the
@@ -217,11 +179,13 @@ def create_grpc_server(
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ("grpc.so_reuseport", 1 if share_port else 0),
     ])  # Detector calls are bounded by the servicer: health and reflection are not
-    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(detector), server)
+    calls = CallLimit(settings.max_concurrency)  # detect calls of both services
+    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(detector, calls), server)
+    v2_grpc.add_to_server(detector, server, calls)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     port = (server.add_secure_port(address, credentials) if credentials is not None
             else server.add_insecure_port(address))
@@ -231,5 +195,5 @@ def create_grpc_server(
 async def set_health(health_servicer: health.HealthServicer, ready: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if ready
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE_NAME):
+    for name in ("", *SERVICES):
         await health_servicer.set(name, status)

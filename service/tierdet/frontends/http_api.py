@@ -1,5 +1,5 @@
 """HTTP front end (FastAPI): /v1/detect (+ batch, rendered), /v1/models, health,
-metrics, and the web page at /."""
+metrics, the web page at /, and the Open Inference Protocol under /v2 (``v2_http``)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from starlette.types import Scope
 from tierdet import __version__
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.results import BatchResult, DetectResult, ErrorReply, ModelsInfo
+from tierdet.frontends import v2_http
 from tierdet.frontends.batch import run_batch
-from tierdet.frontends.errors import http_response, invalid_option
+from tierdet.frontends.errors import error_body, http_response, invalid_option
 from tierdet.frontends.hardening import BodyDeadline, SafeHeaders
 from tierdet.frontends.http_requests import (
     DetectBatchJsonRequest,
@@ -69,7 +70,7 @@ def request_units(settings: Settings) -> Callable[[Scope], int]:
     per_image = settings.max_body_bytes(1)
 
     def units(scope: Scope) -> int:
-        if scope["path"].rstrip("/") != "/v1/detect/batch":
+        if not _takes_several(scope["path"]):
             return 1
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if not declared.isdigit():
@@ -79,14 +80,23 @@ def request_units(settings: Settings) -> Callable[[Scope], int]:
     return units
 
 
+def _takes_several(path: str) -> bool:
+    """A route whose body may hold a batch of images."""
+    path = path.rstrip("/")
+    return path == "/v1/detect/batch" or (path.startswith("/v2/") and path.endswith("/infer"))
+
+
 def body_limits(settings: Settings):
     """Per-path body limits: one image for /v1/detect, a batch's worth for the
-    batch endpoint, 64 KiB for any other /v1 route."""
-    limits = {"/v1/detect": settings.max_body_bytes(),
-              "/v1/detect/batch": settings.max_body_bytes(settings.batch_max_images)}
+    batch endpoint and v2 inference, 64 KiB for any other /v1 or /v2 route."""
+    limits = {"/v1/detect": settings.max_body_bytes()}
+    several = settings.max_body_bytes(settings.batch_max_images)
 
     def limit_for(path: str) -> int | None:
-        return limits.get(path.rstrip("/"), 64 * 1024 if path.startswith("/v1/") else None)
+        if _takes_several(path):
+            return several
+        api = path.startswith(("/v1/", "/v2/")) or path == "/v2"
+        return limits.get(path.rstrip("/"), 64 * 1024 if api else None)
 
     return limit_for
 
@@ -138,18 +148,18 @@ def create_app(detector: Detector) -> FastAPI:
         return detector.admin.allows(request.headers.get(AdminKey.HEADER))
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return http_response(exc)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return http_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return http_response(invalid_option(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return http_response(invalid_option(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_OPTION
-        body = {"error": {"code": code.value, "message": str(exc.detail)}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(error_body(code, str(exc.detail), request.url.path),
+                            status_code=exc.status_code)
 
     @app.post("/v1/detect", response_model=DetectResult, responses=_DETECT_RESPONSES,
               openapi_extra=request_body_doc("image", DetectJsonRequest),
@@ -216,5 +226,6 @@ def create_app(detector: Detector) -> FastAPI:
     async def page() -> HTMLResponse:
         return HTMLResponse(index_html, headers=PAGE_HEADERS)
 
+    app.include_router(v2_http.create_router(detector))
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app

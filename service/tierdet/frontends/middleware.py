@@ -14,17 +14,22 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.frontends.errors import http_response
+from tierdet.frontends.errors import http_response, is_v2
 from tierdet.serving import access, tracing
 from tierdet.serving.access import AccessLog
 
 log = logging.getLogger("tierdet.http")
 
 
+def is_api(path: str) -> bool:
+    """An API call (/v1, and /v2 but its health probes): counted, logged, traced."""
+    return path.startswith("/v1/") or (is_v2(path) and not path.startswith("/v2/health/"))
+
+
 class RequestContext:
     """The outermost layer: every HTTP request runs as an ``access.call`` with an
     id (the caller's ``X-Request-ID`` when sane, else a new one) that comes back
-    on the answer, errors included. An API call (under ``/v1/``) that reached no
+    on the answer, errors included. An API call (``is_api``) that reached no
     image gets its access-log line here; images get theirs from the use case."""
 
     def __init__(self, app: ASGIApp, log: AccessLog) -> None:
@@ -47,8 +52,9 @@ class RequestContext:
             await send(message)
 
         method = f"{scope['method']} {scope['path']}"
-        api = scope["path"].startswith("/v1/")  # spans for the API, not probes or files
-        with access.incoming("http", method, headers.get(access.HEADER),
+        api = is_api(scope["path"])  # spans for the API, not probes or files
+        protocol = "v2-http" if is_v2(scope["path"]) else "http"
+        with access.incoming(protocol, method, headers.get(access.HEADER),
                              headers.get("traceparent")) as call, \
                 (tracing.server_span(method, headers) if api else contextlib.nullcontext()):
             ids = [(k.encode(), v.encode()) for k, v in call.ids()]
@@ -60,8 +66,8 @@ class RequestContext:
                 # Answered here, not by Starlette's outermost handler, so that
                 # the id comes back on this answer too.
                 log.exception("unhandled error")
-                await http_response(ApiError(ErrorCode.INTERNAL, "internal error"))(
-                    scope, receive, send_with_id)
+                await http_response(ApiError(ErrorCode.INTERNAL, "internal error"),
+                                    scope["path"])(scope, receive, send_with_id)
             finally:
                 access.ended(call, status, self.log if api else None)
 
@@ -90,13 +96,13 @@ class BodyLimit:
                 too_large = int(declared) > limit
             except ValueError:
                 await http_response(ApiError(ErrorCode.INVALID_OPTION,
-                                             "Content-Length is not a number"))(scope, receive,
-                                                                                  send)
+                                             "Content-Length is not a number"),
+                                    scope["path"])(scope, receive, send)
                 return
             if too_large:
                 response = http_response(ApiError(
                     ErrorCode.IMAGE_TOO_LARGE,
-                    f"the request body is over the limit of {limit} bytes"))
+                    f"the request body is over the limit of {limit} bytes"), scope["path"])
                 # The unread body must not be parsed as the next request.
                 response.headers["Connection"] = "close"
                 await response(scope, receive, send)
@@ -116,7 +122,7 @@ class BodyLimit:
 
 
 class ConcurrencyLimit:
-    """At most ``limit`` images' worth of API requests (paths under ``/v1/``) in
+    """At most ``limit`` images' worth of API requests (``is_api``) in
     progress: one more is answered 503 ``overloaded`` before its body is read,
     so what the gateway holds stays bounded (serving/memory.py). A request
     counts ``units_for(scope)`` (a batch: the images its Content-Length can
@@ -132,7 +138,7 @@ class ConcurrencyLimit:
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not is_api(scope["path"]):
             await self.app(scope, receive, send)
             return
         units = min(self.units_for(scope), self.limit)  # a whole-limit batch still runs alone
@@ -140,7 +146,8 @@ class ConcurrencyLimit:
             self.refused()
             await http_response(ApiError(
                 ErrorCode.OVERLOADED, "the gateway is serving all the requests it may at "
-                "once (TIERDET_MAX_CONCURRENCY)", retry_after_s=1.0))(scope, receive, send)
+                "once (TIERDET_MAX_CONCURRENCY)", retry_after_s=1.0),
+                scope["path"])(scope, receive, send)
             return
         self.active += units
         try:

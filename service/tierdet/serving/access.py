@@ -31,6 +31,11 @@ from tierdet.contract.errors import ErrorCode
 from tierdet.serving import tracing
 
 HEADER = "x-request-id"
+# The protocols a call may come by (the ``protocol`` of the access log, the
+# metrics and the spans: a closed set) and the transport of each, whose statuses
+# it is answered with: tierdet's own API, and the Open Inference Protocol (v2).
+TRANSPORTS: dict[str, str] = {"http": "http", "grpc": "grpc",
+                              "v2-http": "http", "v2-grpc": "grpc"}
 _SANE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
@@ -94,7 +99,8 @@ def ended(call: Call, status: int | str, log: AccessLog | None) -> None:
     """What a front end records as a call ends: its outcome on the server span,
     and in ``log`` its access-log line if it reached no image (the use case
     wrote a line per image). ``log`` None: a call with no line of its own."""
-    tracing.annotate(request_id=call.request_id, code=call.code, status=status)
+    tracing.annotate(request_id=call.request_id, protocol=call.protocol, code=call.code,
+                     status=status)
     if log is not None and not call.images:
         log.write(call, code=call.code, status=status,
                   latency_ms=round((time.perf_counter() - call.started) * 1e3, 1))

@@ -1,4 +1,5 @@
-"""Image bytes -> pixels, with limits: sniffing, header sizes, decoding.
+"""Image bytes -> pixels, with limits: sniffing, header sizes, decoding (and
+``from_pixels``: an image sent as raw RGB pixels, within the same limits).
 
 Everything here runs before any model work, and every refusal is an
 ``ApiError`` with a stable code. Image dimensions are read from the file
@@ -28,6 +29,7 @@ import numpy as np
 import simplejpeg
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.images import Pixels
 from tierdet.registry.specs import ModelSpec
 from tierdet.serving import OPENCV_LIMIT, imaging, memory
 from tierdet.serving.headers import Header, read_header, sniff_format
@@ -35,7 +37,8 @@ from tierdet.serving.imaging import to_rgb
 from tierdet.serving.settings import Settings
 
 log = logging.getLogger("tierdet")
-__all__ = ["Decoded", "decode", "decode_image", "header_size", "peak_bytes", "sniff_format"]
+__all__ = ["Decoded", "decode", "decode_image", "from_pixels", "header_size", "peak_bytes",
+           "sniff_format"]
 
 
 def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
@@ -52,6 +55,25 @@ class Decoded:
     width: int  # the image's own size, as displayed (EXIF orientation applied)
     height: int
     step: int = 1  # image pixels per decoded pixel, on each axis: 1, 2, 4 or 8
+
+
+def from_pixels(image: Pixels, max_bytes: int, max_pixels: int) -> Decoded:
+    """Raw pixels as a ``Decoded`` image (no copy), within the same limits as an
+    encoded image's: its bytes, then its pixels."""
+    if not image.data or image.width < 1 or image.height < 1:
+        raise ApiError(ErrorCode.EMPTY_IMAGE, "the image has no pixels")
+    if len(image.data) > max_bytes:
+        raise ApiError(ErrorCode.IMAGE_TOO_LARGE,
+                       f"the image is {len(image.data)} bytes; the limit is {max_bytes}")
+    if image.width * image.height > max_pixels:
+        raise ApiError(ErrorCode.TOO_MANY_PIXELS,
+                       f"the image is {image.width}x{image.height} pixels; "
+                       f"the limit is {max_pixels} pixels")
+    if len(image.data) != image.width * image.height * 3:
+        raise ApiError(ErrorCode.UNREADABLE_IMAGE,
+                       f"{len(image.data)} bytes are not {image.height}x{image.width}x3 pixels")
+    pixels = np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 3)
+    return Decoded(pixels, image.width, image.height)
 
 
 # The largest fraction first: the IDCT scales libjpeg computes exactly.
@@ -255,11 +277,15 @@ def configure_decoders(max_pixels: int) -> None:
     cv2.setNumThreads(1)
 
 
-def decode_for(data: bytes, specs: list[ModelSpec], settings: Settings, full: bool = False
-               ) -> tuple[Decoded, float]:
+def decode_for(data: bytes | Pixels, specs: list[ModelSpec], settings: Settings,
+               full: bool = False) -> tuple[Decoded, float]:
     """``data`` decoded at the smallest scale that still covers every model of
-    ``specs`` (``full``: every pixel, e.g. for tiles), and the seconds it took."""
+    ``specs`` (``full``: every pixel, e.g. for tiles), and the seconds it took.
+    Raw ``Pixels`` are only checked against the same limits."""
     t0 = time.perf_counter()
+    if isinstance(data, Pixels):
+        return (from_pixels(data, settings.max_image_bytes, settings.max_image_pixels),
+                time.perf_counter() - t0)
     inputs = [(s.input_size, s.preprocessing) for s in specs]
 
     def fits(width: int, height: int) -> bool:

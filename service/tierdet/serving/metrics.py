@@ -1,9 +1,10 @@
 """Prometheus metrics of the gateway: stable names, low-cardinality labels.
 
-Labels only take values from closed sets: protocol (http, grpc), tier
-(configured names, "none" for pinned models and bare budgets, and "invalid"
-for any other name a caller sent: ``Metrics.tiers`` holds the configured
-ones, so a caller cannot add series by inventing tiers), model
+Labels only take values from closed sets: protocol (http, grpc, v2-http,
+v2-grpc: ``access.TRANSPORTS``), tier (configured names, "none" for pinned
+models and bare budgets, and "invalid" for any other name a caller sent:
+``Metrics.tiers`` holds the configured ones, so a caller cannot add series by
+inventing tiers), model
 (registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
 rate_limited), stage.
 

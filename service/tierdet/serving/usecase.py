@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.images import Pixels
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
@@ -58,7 +59,7 @@ class Caller:
     """Who asks, and how: what ``Detector.admit`` let in."""
 
     key: ApiKey | None  # None when the gateway has no keys configured
-    protocol: str  # "http" or "grpc" (the metrics label)
+    protocol: str  # the metrics label: one of access.TRANSPORTS ("http", "v2-grpc", ...)
     received: float  # perf_counter() when the request arrived: budgets count from here
     deadline_ms: float | None = None  # the transport's own deadline from ``received``
     item: int | None = None  # a batch image's index, a stream frame's id
@@ -202,8 +203,10 @@ class Detector:
             self.router.precheck(valid.route, _ms_since(caller.received),
                                  self.catalog.placement(list(valid.candidates)))
 
-    async def detect(self, caller: Caller, image: bytes, options: DetectOptions) -> DetectResult:
-        """validate -> decode -> route -> infer -> postprocess, counted and logged."""
+    async def detect(self, caller: Caller, image: bytes | Pixels,
+                     options: DetectOptions) -> DetectResult:
+        """validate -> decode -> route -> infer -> postprocess, counted and logged.
+        ``image``: encoded bytes, or raw ``Pixels`` (decoding is then only the limits)."""
         seen = _Outcome(options)
         self.metrics.inflight.inc()
         try:
@@ -228,7 +231,7 @@ class Detector:
         self.metrics.observe_result(caller.protocol, result)
         return result
 
-    async def _detect(self, caller: Caller, image: bytes, valid: ValidRequest,
+    async def _detect(self, caller: Caller, image: bytes | Pixels, valid: ValidRequest,
                       seen: _Outcome) -> DetectResult:
         start = caller.received
         reachable = self.router.precheck(valid.route, _ms_since(start),
@@ -266,10 +269,11 @@ class Detector:
         if call is None or not (self.access.enabled or tracing.enabled()):
             return
         code, decision, result = seen.code, seen.decision, seen.result
+        http = access.TRANSPORTS[caller.protocol] == "http"
         if code is None:
-            status: int | str = 200 if caller.protocol == "http" else "OK"
+            status: int | str = 200 if http else "OK"
         else:
-            status = code.kind.http_status if caller.protocol == "http" else code.kind.grpc_status
+            status = code.kind.http_status if http else code.kind.grpc_status
         fields = dict(
             item=caller.item, code=code.value if code else "ok", status=status,
             tier=decision.tier if decision else options.tier,
