@@ -138,6 +138,19 @@ def test_up_with_nothing_asked_serves_the_real_coco_ladder(home, cards_built, tm
             "picodet-s-416": 0.37}
         assert {(s.labels["dataset"], s.labels["source"], s.labels["metric"])
                 for s in family.samples} == {("coco-val2017-128", "gateway", "AP")}
+        # The README's first example, as written, against this stack: one line per
+        # tier, each a ladder model (which one depends on this host's speed) or,
+        # for a budget this host cannot meet, the refusal's code.
+        from docs_support import README, blocks, section
+
+        (loop,) = [b for b in blocks(section(README, "## Run it"), "bash") if "for tier" in b]
+        (tmp_path / "photo.jpg").write_bytes(encode(photos()["astronaut"]))
+        run = subprocess.run(["bash", "-c", loop.replace("localhost:8080", base)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        answers = run.stdout.split()
+        assert len(answers) == 3 and set(answers) <= {*models, "sla_unattainable"}, answers
+        assert answers[2] == "picodet-s-416"  # the loose budget: the most accurate
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

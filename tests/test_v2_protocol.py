@@ -269,8 +269,8 @@ def test_openapi_describes_the_v2_routes(client):
 
 
 def test_the_docs_tritonclient_example_runs_as_written(gateway, tmp_path):
-    """docs/incoming/v2.md's example in a fresh interpreter; only the address changes."""
-    text = (Path(__file__).parents[1] / "docs" / "incoming" / "v2.md").read_text()
+    """docs/api/v2.md's example in a fresh interpreter; only the address changes."""
+    text = (Path(__file__).parents[1] / "docs" / "api" / "v2.md").read_text()
     (block,) = re.findall(r"```python\n(.*?)```", text, re.S)
     assert block.count("localhost:8080") == 1
     (tmp_path / "photo.jpg").write_bytes(encode(photos()["astronaut"]))
