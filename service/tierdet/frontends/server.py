@@ -170,8 +170,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         # Requests are bounded by the app (ConcurrencyLimit, a JSON 503); uvicorn's
         # bound counts connections, idle keep-alive ones too: a backstop only.
         lifespan="off", limit_concurrency=4 * settings.max_concurrency + 64,
-        # No banner; a request head must arrive in time (connections).
+        # No banner; a request head must arrive in time (connections). The loop is
+        # asyncio's, chosen here: with uvloop installed (another package may pull
+        # uvicorn[standard] in) uvicorn would otherwise switch to it unasked.
         server_header=False, http=head_deadline_protocol(settings.header_timeout_s),
+        loop="asyncio",
         ssl_certfile=str(settings.tls_cert_file) if tls else None,
         ssl_keyfile=str(settings.tls_key_file) if tls else None))
     sockets = [listen_shared(settings.http_host, settings.http_port)] if job else None
