@@ -17,9 +17,13 @@ Prints the share of the quiet key's requests answered 200 within 500 ms as
 this client saw it, their statuses, p50/p99, the noisy key's throughput and
 the gateway's peak RSS against ``serving/memory.py``'s bound. On a host
 where even an idle gateway cannot answer in 500 ms (a CPU Triton), give the
-quiet key a budget it can meet alone with ``--budget-ms``. Example:
+quiet key a budget it can meet alone with ``--budget-ms``, or serve real
+models that can: ``--card`` (repeatable) serves model cards instead of
+``--model`` (the noisy key pins the first card model; the quiet key is
+routed). Examples:
 
     python benchmarks/noisy_neighbour.py --requests 500
+    python benchmarks/noisy_neighbour.py --card examples/cards/yolox-nano.yaml --requests 500
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
-from tierdet.build.models import default_home, ensure_built
+from tierdet.build.models import default_home, ensure_built, ensure_cards
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.serving import memory
@@ -123,6 +127,7 @@ def peak_rss(pid: int) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="efficientdet-d0")
+    p.add_argument("--card", type=Path, action="append", help="serve these cards instead")
     p.add_argument("--weights", default="random:0")
     p.add_argument("--requests", type=int, default=200, help="the quiet key's requests")
     p.add_argument("--budget-ms", type=float, default=500.0, help="the quiet key's sla_ms")
@@ -134,10 +139,16 @@ def main() -> int:
     keys.write_text("keys:\n" + "".join(f"  - {{name: {n}, sha256: {hash_key(k)}}}\n"
                                         for n, k in KEYS.items()))
     heavy, photo = heaviest_png(), photo_jpeg()
-    built = ensure_built([args.model], WeightsSource.parse(args.weights), args.home)
+    if args.card:
+        built = ensure_cards(args.card, args.home)
+        args.model = built[0].spec.name
+    else:
+        built = ensure_built([args.model], WeightsSource.parse(args.weights), args.home)
     triton = start_triton(built, args.home, work, threads=2)
-    settings = {"api_keys_file": str(keys), "models": args.model,
+    settings = {"api_keys_file": str(keys), "models": ",".join(b.spec.name for b in built),
                 "image_slots": args.image_slots}
+    if args.card:
+        settings["cards"] = ",".join(map(str, args.card))
     gateway = GatewayProcess.start(triton.endpoint, work / "gateway.log", **settings)
     try:
         answers, counts, wall = asyncio.run(run(gateway.http, heavy, photo, args.model,

@@ -39,8 +39,10 @@ async def main(url, args, model, size):
     client = aio.InferenceServerClient(url, channel_args=[tuple(a) for a in args])
     pixels = InferInput("images", [1, size, size, 3], "UINT8")
     pixels.set_data_from_numpy(np.zeros((1, size, size, 3), np.uint8))
-    for _ in range(8):  # calls of ~100 ms or more open: keep-alive pings go out
-        await client.infer(model, [pixels])
+    # Calls open for several keep-alive intervals (eight at once queue at the
+    # one model instance, however fast it runs): keep-alive pings go out.
+    for _ in range(2):
+        await asyncio.gather(*(client.infer(model, [pixels]) for _ in range(8)))
     await asyncio.sleep(8)  # then an idle channel
     await client.infer(model, [pixels])
     await client.close()

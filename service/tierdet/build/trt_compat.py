@@ -39,6 +39,9 @@ OPERATORS = frozenset({
     "ReduceSum", "Relu", "Reshape", "Resize", "ScatterND", "Shape", "Sigmoid", "Slice",
     "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tile", "TopK", "Transpose", "Unsqueeze",
     "Where",
+    # The ladder's card graphs (PicoDet: GlobalAveragePool, HardSigmoid; NanoDet:
+    # LeakyRelu), each imported by the parser (onnx-tensorrt's operator table).
+    "GlobalAveragePool", "HardSigmoid", "LeakyRelu",
 })
 # Inputs that must be constants (initializers or Constant nodes), by operator.
 CONSTANT_INPUTS = {"Pad": (3,), "ReduceMax": (1,), "ReduceMean": (1,), "ReduceSum": (1,),

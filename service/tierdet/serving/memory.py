@@ -139,7 +139,11 @@ def release_freed() -> None:
         _TRIM(0)
 
 
-def release_freed_soon() -> None:
+def release_freed_soon(again_after_s: float = 1.0) -> None:
     """``release_freed`` in a worker thread (it walks every arena: not on the
-    event loop), from code that may not await (an ending async generator)."""
-    asyncio.get_running_loop().run_in_executor(None, release_freed)
+    event loop), from code that may not await (an ending async generator); and
+    once more ``again_after_s`` later: gRPC drops an ended call's last message
+    buffers in its own threads, after the stream's code has ended."""
+    loop = asyncio.get_running_loop()
+    loop.run_in_executor(None, release_freed)
+    loop.call_later(again_after_s, loop.run_in_executor, None, release_freed)
