@@ -290,6 +290,7 @@ def hog_row(bases: list[str], photos: list[Photo], plan: list[Arrival], hog_at_s
 
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -302,6 +303,7 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.set_xscale("log")
     loads = sorted({r.load for r in rows})
     ax.set_xticks(loads, [f"{x:g}C" for x in loads])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("offered load (C: the most accurate model's images/s alone)")
     ax.set_ylabel("effective AP (late or shed = no detections)")
     ax.grid(alpha=0.3)
