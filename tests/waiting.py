@@ -6,9 +6,8 @@ so a slow or busy host only makes the wait longer, never the test red.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -27,17 +26,3 @@ def wait_until(check: Callable[[], T], what: str, timeout_s: float = DEADLINE_S,
             raise AssertionError(f"still waiting after {timeout_s:.0f} s for {what}")
         time.sleep(poll_s)
 
-
-async def until(check: Callable[[], T | Awaitable[T]], what: str,
-                timeout_s: float = DEADLINE_S, poll_s: float = 0.01) -> T:
-    """``wait_until`` for an event loop: ``check`` may be a coroutine function."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {timeout_s:.0f} s for {what}")
-        await asyncio.sleep(poll_s)
