@@ -8,8 +8,8 @@ calls ``tierdet.serving.usecase.Detector`` and translates the answer back:
 ``middleware`` refuses oversized bodies (and reads what is left of a
 refused body, so that its answer arrives), ``errors`` is the one mapping of an
 ``ApiError`` to an HTTP response and a gRPC status, ``grpc_context`` what every
-gRPC method reads from its call, ``server`` runs it all (``workers``: in
-several processes on the same ports). The Open Inference Protocol (KServe v2):
+gRPC method reads from its call, ``server`` runs it all (``workers``
+supervises several ``worker`` processes on the same ports). The Open Inference Protocol (KServe v2):
 ``v2_http`` (REST under /v2), ``v2_grpc`` (inference.GRPCInferenceService),
 ``v2_models`` (the models they offer, through the same ``Detector``) and
 ``v2_tensors`` (tensors and parameters <-> the contract, transport-free).
