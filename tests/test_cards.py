@@ -52,16 +52,20 @@ def _card(tmp_path: Path, **changes) -> Path:
     raw["source"]["onnx"] = str(load_card(YOLOX).source.onnx)
     raw["input"]["size"] = 416
     del raw["measured_ap"]
+    return _written(raw, changes, tmp_path / "card.yaml")
+
+
+def _written(raw: dict, changes: dict, path: Path) -> Path:
+    """``raw`` with ``changes`` (dotted keys; None deletes the key), as YAML at ``path``."""
     for key, value in changes.items():
-        *path, last = key.split(".")
+        *parents, last = key.split(".")
         node = raw
-        for part in path:
+        for part in parents:
             node = node[part]
         if value is None:
             del node[last]
         else:
             node[last] = value
-    path = tmp_path / "card.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -110,15 +114,7 @@ def _picodet_card(tmp_path: Path, **changes) -> Path:
     raw.update(name=name, source={"onnx": str(card.source.onnx)})
     raw["input"]["size"] = 320
     del raw["measured_ap"]
-    for key, value in changes.items():
-        *path, last = key.split(".")
-        node = raw
-        for part in path:
-            node = node[part]
-        node[last] = value
-    path = tmp_path / "picodet.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return _written(raw, changes, tmp_path / "picodet.yaml")
 
 
 @pytest.mark.parametrize("changes,says", [
