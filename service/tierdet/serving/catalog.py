@@ -28,7 +28,7 @@ import numpy as np
 from tierdet.contract.errors import ApiError
 from tierdet.contract.results import ModelInfo
 from tierdet.registry.accuracy import APResult, EvalRecord, latest_and_previous, load_records
-from tierdet.registry.profile import LatencyProfile
+from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
 from tierdet.serving.latency import LatencyModel
@@ -84,6 +84,8 @@ def verified_weights(spec: ModelSpec, provenance: dict[str, str]) -> bool:
 
 # When a build record says nothing of its own time: older than any evaluation.
 _LONG_AGO = "1970-01-01T00:00:00+00:00"
+# The larger batch of the profile measured at start for a model without one.
+PROBE_BATCH = 4
 
 
 def recorded_record(state: ModelState, provenance: dict[str, str]) -> EvalRecord:
@@ -224,23 +226,30 @@ class Catalog:
             log.info("model %s ready, weights: %s", state.spec.name, state.weights)
 
     async def _probe_latency(self, spec: ModelSpec) -> None:
-        """Seed the router with one measurement of a model it has no profile for."""
+        """Seed the router with a two-point profile of a model it has no profile
+        for: batch 1 and a larger batch. Without the second point the router
+        could not tell a device that batches for free (a GPU) from one that runs
+        the images one after another (a CPU), and would read every batched
+        answer against the wrong one."""
         if self.router.profiled(spec.name):
             return
-        image = np.full((1, spec.input_size, spec.input_size, 3), 114, np.uint8)
         url = self.pool.placement().get(spec.name, [""])[0]
         if url not in self.pool.endpoints:
             return
-        with self.router.dispatch(spec.name, url) as run:
+        batch = min(PROBE_BATCH, spec.batching.max_batch_size)
+        timings: dict[int, float] = {}
+        with self.router.dispatch(spec.name, url):
             try:
-                for _ in range(2):  # the first call may pay one-off costs
+                for size in (1, 1, batch):  # the first call may pay one-off costs
+                    image = np.full((size, spec.input_size, spec.input_size, 3), 114, np.uint8)
                     start = time.perf_counter()
                     await self.pool.backend(url).infer(spec.name, image, timeout_s=60.0)
-                run.observe((time.perf_counter() - start) * 1e3)
+                    timings[size] = (time.perf_counter() - start) * 1e3
             except ApiError:
                 return
-        log.info("model %s: no latency profile; measured %.1f ms at batch 1", spec.name,
-                 run.observed_ms)
+        self.router.latency.measured(spec.name, ModelProfile(timings))
+        log.info("model %s: no latency profile; measured %s", spec.name,
+                 ", ".join(f"{ms:.1f} ms at batch {b}" for b, ms in timings.items()))
 
 
 def build_router(settings: Settings) -> Router:

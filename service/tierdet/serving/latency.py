@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tierdet.registry.profile import LatencyProfile
+from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.serving.backend import QueueReport, Served
 
 # Prior for a model with no profile and no observation yet: slow enough that
@@ -119,6 +119,11 @@ class LatencyModel:
     def _observe(self, load: _ModelLoad, batch1_ms: float) -> None:
         prev = load.observed_ms
         load.observed_ms = batch1_ms if prev is None else prev + self.alpha * (batch1_ms - prev)
+
+    def measured(self, model: str, profile: ModelProfile) -> None:
+        """A profile measured while serving (a model the profile file lacks)."""
+        with self._lock:
+            self.profile.models[model] = profile
 
     def base_ms(self, model: str) -> float:
         """Profiled (or observed) batch-1 latency, before online correction."""
