@@ -1,7 +1,9 @@
 """Shadow scoring: answers scored live against the most accurate ready model.
 
 The scoring itself (COCO AP of one image's answer against pseudo-labels)
-against figures worked out by hand; then the real stack: a Triton serving
+against figures worked out by hand; the use case's rules for samples
+(which, when dropped, at what priority) against the in-process backend of
+test_usecase; then the real stack: a Triton serving
 YOLOX-Nano 320, PicoDet-S 416 (the ladder's most accurate, the reference) and
 YOLOX-Nano 320's card once more with a wrong preprocessing flag (a broken
 input), real COCO photographs, one gateway sampling every answer and one
@@ -18,20 +20,29 @@ cannot tell such a drop from noise (16 photographs: agreement 0.398 healthy,
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from conftest import LADDER, REPO
 from prometheus_client.parser import text_string_to_metric_families
+from test_usecase import FakeBackend, _jpeg, _rows
+from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import Detection
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.registry.cards import load_card
+from tierdet.registry.specs import SPECS
+from tierdet.serving.latency import LOCAL
+from tierdet.serving.metrics import Metrics
+from tierdet.serving.settings import Settings
 from tierdet.serving.shadow import OUTCOMES, agreement
+from tierdet.serving.usecase import Detector
 from waiting import wait_until
 
 YOLOX, PICODET = LADDER[0], LADDER[1]
@@ -71,6 +82,117 @@ def test_a_wrong_class_or_a_missed_box_scores_nothing():
 def test_a_missed_second_object_halves_the_score():
     truth = (_box(0, 0, 100, 100), _box(300, 300, 400, 400))
     assert agreement((_box(0, 0, 100, 100),), truth) == pytest.approx(0.5, abs=0.01)
+
+
+# -- the use case's rules, in process ---------------------------------------------------
+
+D0, D1 = "efficientdet-d0", "efficientdet-d1"  # COCO, 512 and 640 px letterbox: D1 ranks first
+PERSON = 0  # slot of COCO "person"
+D0_ROWS = _rows((10, 20, 110, 220, 0.9, PERSON), (200, 200, 300, 240, 0.5, PERSON))
+# The same boxes in D1's input pixels: on one image both put them at the same place.
+D1_ROWS = _rows(*((x1 * 1.25, y1 * 1.25, x2 * 1.25, y2 * 1.25, score, slot)
+                  for x1, y1, x2, y2, score, slot in D0_ROWS[:2]))
+
+
+class PriorityBackend(FakeBackend):
+    """The in-process backend, noting each call's priority level."""
+
+    def __init__(self, rows) -> None:
+        super().__init__(rows)
+        self.priorities: list[tuple[str, int]] = []
+
+    async def infer(self, model, images, timeout_s, priority=0):
+        self.priorities.append((model, priority))
+        return await super().infer(model, images, timeout_s, priority)
+
+
+def _in_process(reference_rows=D1_ROWS, **settings) -> tuple[Detector, PriorityBackend]:
+    backend = PriorityBackend({D0: D0_ROWS, D1: reference_rows})
+    settings = {"shadow_sample": 1.0, **settings}
+    detector = Detector(Settings(models=(D0, D1), pin_published_ap=True, **settings), backend,
+                        Metrics())
+    asyncio.run(detector.catalog.refresh())
+    backend.priorities.clear()  # the latency probes'
+    return detector, backend
+
+
+def _outcomes(detector: Detector, model: str = D0) -> dict[str, float]:
+    out = {}
+    for family in detector.metrics.registry.collect():
+        for s in family.samples:
+            if s.name == "tierdet_shadow_samples_total" and s.labels["model"] == model:
+                out[s.labels["outcome"]] = s.value
+    return out
+
+
+async def _pinned(detector: Detector, model: str) -> None:
+    caller = detector.admit(None, "http")
+    await detector.detect(caller, _jpeg(640, 480), DetectOptions(model=model))
+
+
+def test_a_sample_runs_the_reference_at_the_lowest_priority_and_is_scored():
+    detector, backend = _in_process()
+
+    async def run() -> None:
+        await _pinned(detector, D0)
+        await detector.shadow.join()
+        await detector.shadow.close()
+
+    asyncio.run(run())
+    assert backend.priorities == [(D0, 2), (D1, SPECS[D1].batching.priority_levels)]
+    assert _outcomes(detector) == {"sampled": 1.0, "scored": 1.0}
+    # The reference found the same two boxes, in its own input's pixels.
+    assert detector.metrics.shadow_agreement.labels("none", D0)._value.get() == 1.0
+
+
+def test_the_references_own_answer_is_not_sampled():
+    detector, backend = _in_process()
+
+    async def run() -> None:
+        await _pinned(detector, D1)
+        await detector.shadow.join()
+
+    asyncio.run(run())
+    assert backend.priorities == [(D1, 2)] and _outcomes(detector, D1) == {}
+
+
+def test_a_busy_reference_device_drops_the_sample_unrun():
+    detector, backend = _in_process()
+
+    async def run() -> None:
+        with detector.router.dispatch(D1, LOCAL):  # another request in flight there
+            await _pinned(detector, D0)
+            await detector.shadow.join()
+
+    asyncio.run(run())
+    assert backend.priorities == [(D0, 2)]
+    assert _outcomes(detector) == {"sampled": 1.0, "dropped_busy": 1.0}
+
+
+def test_a_full_queue_drops_the_samples_beyond_it():
+    detector, _ = _in_process(shadow_queue=1)
+    decision = detector.router.decide(
+        detector.validator.validate(None, DetectOptions(model=D0), None).route, 0.0, [D0, D1])
+
+    async def run() -> None:
+        for _ in range(3):  # no await between: the worker has not taken the first yet
+            detector.shadow.offer(decision, _jpeg(64, 48), D0_ROWS, _geometry())
+        await detector.shadow.join()
+
+    asyncio.run(run())
+    assert _outcomes(detector) == {"sampled": 3.0, "dropped_queue": 2.0, "scored": 1.0}
+
+
+def _geometry():
+    from tierdet.serving import imaging
+
+    return imaging.prepare(np.zeros((48, 64, 3), np.uint8), 512, SPECS[D0].preprocessing)[1]
+
+
+def test_nothing_is_sampled_at_a_zero_share_in_process():
+    detector, backend = _in_process(shadow_sample=0.0)
+    asyncio.run(_pinned(detector, D0))
+    assert backend.priorities == [(D0, 2)] and _outcomes(detector) == {}
 
 
 # -- the real stack ------------------------------------------------------------------

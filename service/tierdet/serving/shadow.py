@@ -148,11 +148,18 @@ class Shadow:
             self.metrics.observe_shadow(decision.tier, decision.model, "dropped_queue")
 
     def _started(self) -> asyncio.Queue[Sample]:
-        """The queue, its worker started on the first sample (in the loop that serves)."""
-        if self._queue is None or self._task is None:
+        """The queue, its worker started on the first sample in the loop that serves
+        (again if that loop changed: a loop that ended took its worker with it)."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._task is None or self._task.get_loop() is not loop:
             self._queue = asyncio.Queue(self.settings.shadow_queue)
-            self._task = asyncio.get_running_loop().create_task(self._work())
+            self._task = loop.create_task(self._work())
         return self._queue
+
+    async def join(self) -> None:
+        """Until every sample queued so far has ended."""
+        if self._queue is not None:
+            await self._queue.join()
 
     async def close(self) -> None:
         """Stop the worker; queued samples are dropped uncounted."""
@@ -171,6 +178,7 @@ class Shadow:
                 log.exception("shadow scoring of %s failed", sample.model)
                 outcome = "failed"
             self.metrics.observe_shadow(sample.tier, sample.model, outcome)
+            self._queue.task_done()
 
     def _idle_endpoint(self, model: str) -> str | None:
         """An endpoint with ``model`` ready whose device has nothing queued."""
