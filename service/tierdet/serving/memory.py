@@ -104,11 +104,17 @@ def image_bytes(max_pixels: int) -> int:
     return IMAGE_COPIES * 3 * max_pixels + DECODE_OVERHEAD
 
 
+def shadow_pixels(settings: Settings) -> int:
+    """The largest image shadow scoring decodes."""
+    return min(settings.max_image_pixels, SHADOW_MAX_PIXELS)
+
+
 def shadow_bytes(settings: Settings) -> int:
     """What one worker's shadow scoring holds at most: its queue and one image."""
     if settings.shadow_sample <= 0:
         return 0
-    return settings.shadow_queue * SHADOW_MAX_BYTES + image_bytes(SHADOW_MAX_PIXELS)
+    return (settings.shadow_queue * min(settings.max_image_bytes, SHADOW_MAX_BYTES)
+            + image_bytes(shadow_pixels(settings)))
 
 
 def bound(settings: Settings, cores: int | None = None) -> MemoryBound:

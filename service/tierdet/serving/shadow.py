@@ -111,8 +111,8 @@ class Shadow:
         self.rng = rng or random.Random()
         # The shadow decodes within its own memory (see memory.shadow_bytes).
         self.decode_limits = settings.model_copy(update={
-            "max_image_bytes": memory.SHADOW_MAX_BYTES,
-            "max_image_pixels": memory.SHADOW_MAX_PIXELS})
+            "max_image_bytes": min(settings.max_image_bytes, memory.SHADOW_MAX_BYTES),
+            "max_image_pixels": memory.shadow_pixels(settings)})
         self.windows: dict[tuple[str | None, str], deque[float]] = {}
         self._queue: asyncio.Queue[Sample] | None = None
         self._task: asyncio.Task[None] | None = None
