@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Triton's control plane is closed by default (devstack.triton): every Triton and
 # every gateway this test run starts share one key, as a `tierdet up` stack does.
 os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))
+# Shadow scoring re-runs a sample of answers on another model: off in every test
+# gateway (their Triton counts and timings stay the tests' own) but those of
+# tests/test_shadow.py, which turn it on.
+os.environ.setdefault("TIERDET_SHADOW_SAMPLE", "0")
 TEST_MODEL = "efficientdet-d0"
 TEST_WEIGHTS = "random:0"
 

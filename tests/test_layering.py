@@ -25,7 +25,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "registry": ({"registry", "contract"}, {"pydantic", "yaml"}),
     "serving": ({"serving", "registry", "contract"},
                 {"numpy", "cv2", "simplejpeg", "tritonclient", "httpx", "prometheus_client",
-                 "pydantic", "yaml", "opentelemetry"}),
+                 "pydantic", "yaml", "opentelemetry", "pycocotools"}),
     # tritonclient: its generated KServe v2 gRPC modules (v2_grpc), so the gateway
     # serves inference.GRPCInferenceService without a second copy of the proto.
     "frontends": ({"frontends", "serving", "registry", "contract", "proto"},
@@ -41,7 +41,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "devstack": ({"devstack", "build", "frontends", "serving", "registry"},
                  {"numpy", "pytriton"}),
     "training": ({"training", "registry", "build", "devstack", "serving.imaging",
-                  "serving.triton", "serving.backend"},
+                  "serving.triton", "serving.backend", "serving.apscore"},
                  {"numpy", "cv2", "httpx", "onnxruntime", "pycocotools", "torch", "effdet"}),
     # The command line may start anything, lazily inside its commands.
     "cli": (ALL, set()),

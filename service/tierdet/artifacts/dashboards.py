@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tierdet.artifacts.rules import SHADOW_NEEDS
+
 DATASOURCE_VARIABLE = {
     "name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
     "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
@@ -32,6 +34,9 @@ class Panel:
     unit: str
     targets: tuple[tuple[str, str], ...]  # (legend, expr)
     kind: str = "timeseries"
+    # What must happen for it to show data beyond a served, exercised stack
+    # (``rules.Record.needs``): the real-Prometheus test runs the others.
+    needs: str = ""
 
 
 OVERVIEW = (
@@ -59,6 +64,14 @@ OVERVIEW = (
     Panel("In-flight requests", "short", (("in flight", "sum(tierdet_inflight_requests)"),)),
     Panel("Measured AP by model and tier (latest evaluation)", "percentunit",
           (("{{model}} {{tier}} {{dataset}}", 'tierdet_model_ap{metric="AP"}'),), "stat"),
+    Panel("Live AP estimate (shadow scoring) beside the labelled AP", "percentunit", (
+        ("{{model}} {{tier}} live", "avg by (tier, model) (tierdet_shadow_agreement)"),
+        ("{{model}} labelled ({{dataset}})",
+         'max by (model, dataset) (tierdet_model_ap{metric="AP", source="gateway"})'),
+    ), needs=SHADOW_NEEDS),
+    Panel("Shadow samples by outcome", "ops", (
+        ("{{outcome}}", "sum by (outcome) (rate(tierdet_shadow_samples_total[5m]))"),
+    ), needs=SHADOW_NEEDS),
     Panel("Published COCO AP by model", "none",
           (("{{model}}", "tierdet_model_published_ap"),), "stat"),
     Panel("Models ready", "short", (("{{model}}", "tierdet_model_ready"),), "stat"),
@@ -121,8 +134,11 @@ def render(uid: str) -> str:
     return json.dumps(board, indent=2) + "\n"
 
 
-def all_exprs() -> list[str]:
-    return [expr for _, panels in DASHBOARDS.values() for p in panels for _, expr in p.targets]
+def all_exprs(exercised: bool = False) -> list[str]:
+    """Every panel's queries; ``exercised``: only those a served, exercised stack
+    answers (not the panels that need more, ``Panel.needs``)."""
+    return [expr for _, panels in DASHBOARDS.values() for p in panels for _, expr in p.targets
+            if not (exercised and p.needs)]
 
 
 def files(out_dir: Path = OUT_DIR) -> dict[Path, str]:

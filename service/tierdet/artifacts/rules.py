@@ -45,6 +45,9 @@ class Target:
 class Record:
     record: str
     expr: str
+    # What must happen for it to have data beyond a served, exercised stack (the
+    # real-Prometheus test runs the others; ../tests covers these with promtool).
+    needs: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ PENDING_RECORD = "tierdet:triton_pending_requests:avg1m"
 # prometheus-adapter; templates/triton-hpa.yaml, gateway-hpa.yaml).
 SCALING_SERIES = ("tierdet:triton_queue_time_per_request_us:rate1m", PENDING_RECORD,
                   "tierdet:gateway_requests_per_second:rate1m")
+SHADOW_RECORD = "tier_model:tierdet_shadow_agreement:avg1h"
+# TierdetShadowAgreementDrop: the hour's agreement below this share of the
+# day's, once the hour scored at least this many images.
+SHADOW_DROP_RATIO = 0.9
+SHADOW_MIN_SAMPLES = 50
+SHADOW_NEEDS = "shadow scoring: two models of one label set, TIERDET_SHADOW_SAMPLE > 0"
 
 
 def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
@@ -73,6 +82,7 @@ def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
     shed = t.sel("gateway", 'outcome="shed"')
     failed = t.sel("gateway", 'outcome=~"error|timeout"')
     ap = t.sel("gateway", 'metric="AP"')
+    scored = t.sel("gateway", 'outcome="scored"')
     return [
         ("tierdet.recording", [
             # Fraction of budgeted requests answered within budget, per tier
@@ -91,6 +101,10 @@ def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
             Record("model:tierdet_request_duration_seconds:p99_5m",
                    "histogram_quantile(0.99,\n  sum by (model, le) "
                    f"(rate(tierdet_request_duration_seconds_bucket{gw}[5m])))"),
+            # Shadow scoring's label-free AP, over the last hour and the gateways.
+            Record(SHADOW_RECORD,
+                   f"avg by (tier, model) (avg_over_time(tierdet_shadow_agreement{gw}[1h]))",
+                   needs=SHADOW_NEEDS),
         ]),
         # Per-pod series for the autoscalers; prometheus-adapter exposes them as
         # custom metrics (deploy/helm/tierdet/prometheus-adapter-values.yaml).
@@ -168,6 +182,20 @@ def groups(t: Target) -> list[tuple[str, list[Record | Alert]]]:
                   "{{ $labels.model }} on {{ $labels.dataset }}: AP fell by "
                   "{{ $value | printf \"%.3f\" }} since the previous evaluation",
                   signals=(f"tierdet_model_ap_previous{ap}",)),
+            # A model's live accuracy falls against its own recent level: a broken
+            # rebuild, a swapped graph, a changed camera feed. Only on enough
+            # scored images; each model against itself (levels differ by model).
+            Alert("TierdetShadowAgreementDrop",
+                  f"{SHADOW_RECORD}\n  < {SHADOW_DROP_RATIO} * avg_over_time({SHADOW_RECORD}[1d])\n"
+                  "and on (tier, model)\n  sum by (tier, model) "
+                  f"(increase(tierdet_shadow_samples_total{scored}[1h])) >= {SHADOW_MIN_SAMPLES}",
+                  "15m", "ticket",
+                  "{{ $labels.model }} ({{ $labels.tier }}): live agreement with the reference "
+                  "fell to {{ $value | printf \"%.3f\" }}",
+                  "Shadow scoring's agreement of {{ $labels.model }} with the most accurate "
+                  "model of its label set over the last hour is below "
+                  f"{SHADOW_DROP_RATIO:.0%} of its average over the last day. Check a new "
+                  "build or card of it (preprocessing flags), and the input images."),
         ]),
     ]
 
@@ -255,12 +283,14 @@ def helm_rules() -> str:
 
 def signals(target: Target = COMPOSE) -> list[tuple[str, str]]:
     """(rule name, query) that must return data on an exercised system: every
-    recording rule's expression and every alert's inputs."""
+    recording rule's expression (but those that need more, ``Record.needs``)
+    and every alert's inputs."""
     out = []
     for _, rules in groups(target):
         for rule in rules:
             if isinstance(rule, Record):
-                out.append((rule.record, rule.expr))
+                if not rule.needs:
+                    out.append((rule.record, rule.expr))
             else:
                 out.extend((rule.alert, s) for s in rule.signals)
     return out

@@ -202,6 +202,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         await asyncio.gather(grpc_server.stop(grace_s), http_task, return_exceptions=True)
         watch_task.cancel()
         queue_task.cancel()
+        await detector.shadow.close()
         await triton.close()
         detector.access.close()
         tracing.shutdown()

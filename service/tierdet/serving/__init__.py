@@ -10,7 +10,10 @@ decoder buffers first), routes (``routing``, the decision rule; ``tiers``,
 weighs), prepares the tensor (``imaging``, ``tiling``), infers (``infer``:
 deadline, priority and failover; ``backend`` is the protocol, ``triton`` the
 real one, ``shm`` its shared-memory regions, ``pool`` the Triton endpoints
-and their queues) and maps the rows back (``postprocess``). ``catalog``
+and their queues) and maps the rows back (``postprocess``). After the answer,
+``shadow`` re-runs a sample on the most accurate model of the same label set,
+when its device is idle, and scores the answer against it (``apscore``: COCO
+AP, the same code as ``tierdet eval``). ``catalog``
 keeps what the gateway knows of each model; ``access`` the request ids and
 the access log, ``tracing`` the OpenTelemetry spans, ``memory`` the bound on
 what a gateway holds; ``metrics``, ``security``, ``settings`` and ``render``
@@ -18,7 +21,7 @@ are what their names say.
 
 May import: ``tierdet.contract``, ``tierdet.registry``, numpy, OpenCV,
 simplejpeg, tritonclient, httpx (Triton's metrics page), prometheus-client,
-opentelemetry (``tracing``).
+opentelemetry (``tracing``), pycocotools (``apscore``).
 Never fastapi, starlette or grpc: the front ends own the transports.
 
 Importing this package sets OpenCV's own pixel limit, the backstop behind the

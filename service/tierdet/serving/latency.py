@@ -266,7 +266,9 @@ class LatencyModel:
             else:  # no profile: take batches as a CPU runs them, image after image
                 self._observe(load, served_ms / batch)
 
-    def _idle(self, endpoint: str) -> bool:
+    def idle(self, endpoint: str = LOCAL) -> bool:
+        """Nothing of this gateway's in flight at ``endpoint``, and nothing queued
+        there in Triton's last report (none recent: this gateway's work only)."""
         if self._at(endpoint):
             return False
         report = self._report(endpoint)
@@ -276,7 +278,7 @@ class LatencyModel:
         """Count a request as in flight at ``endpoint``."""
         with self._lock:
             now = time.monotonic()
-            ticket = Ticket(model, self.predict_ms(model, endpoint), self._idle(endpoint),
+            ticket = Ticket(model, self.predict_ms(model, endpoint), self.idle(endpoint),
                             self._ratio(self._load(model)), endpoint, now)
             ahead = self.own_ms(endpoint, now)
             cost = self.cost_ms(model) if ahead > 0 else self.service_ms(model)

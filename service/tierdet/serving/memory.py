@@ -20,6 +20,10 @@ Three things grow with load, each bounded by a setting:
   and the encoder's colour-order copy), and DECODE_OVERHEAD. What decoding
   takes depends on the format and depth (``decoding.peak_bytes``): images
   that would take more are refused from their header, before decoding;
+- **shadow scoring** (``serving.shadow``, when sampling is on): one image
+  decoded at a time outside the slots, of at most SHADOW_MAX_PIXELS (larger
+  ones are not scored), and ``TIERDET_SHADOW_QUEUE`` queued images of at most
+  SHADOW_MAX_BYTES each (larger ones are not sampled);
 - the **interpreter** with its libraries, BASE_MB per worker (measured: an idle
   worker serving D0 is ~125 MB resident).
 
@@ -48,6 +52,8 @@ IMAGE_COPIES = 3
 DECODE_OVERHEAD = 8 * 1024 * 1024
 BASE_MB = 200
 MIB = 1024 * 1024
+SHADOW_MAX_BYTES = 4 * MIB
+SHADOW_MAX_PIXELS = 4_000_000
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -98,6 +104,19 @@ def image_bytes(max_pixels: int) -> int:
     return IMAGE_COPIES * 3 * max_pixels + DECODE_OVERHEAD
 
 
+def shadow_pixels(settings: Settings) -> int:
+    """The largest image shadow scoring decodes."""
+    return min(settings.max_image_pixels, SHADOW_MAX_PIXELS)
+
+
+def shadow_bytes(settings: Settings) -> int:
+    """What one worker's shadow scoring holds at most: its queue and one image."""
+    if settings.shadow_sample <= 0:
+        return 0
+    return (settings.shadow_queue * min(settings.max_image_bytes, SHADOW_MAX_BYTES)
+            + image_bytes(shadow_pixels(settings)))
+
+
 def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
     """The most every worker of a gateway with ``settings`` holds together."""
     image = image_bytes(settings.max_image_pixels)
@@ -108,7 +127,8 @@ def bound(settings: Settings, cores: int | None = None) -> MemoryBound:
     return MemoryBound(
         bodies=images_held * BODY_COPIES * settings.max_image_bytes,
         calls=held * settings.stream_max_inflight * GRPC_COPIES * settings.max_image_bytes,
-        images=settings.workers * image_slots(settings, cores) * image,
+        images=settings.workers * (image_slots(settings, cores) * image
+                                   + shadow_bytes(settings)),
         base=settings.workers * BASE_MB * MIB)
 
 

@@ -6,7 +6,7 @@ models and bare budgets, and "invalid" for any other name a caller sent:
 ``Metrics.tiers`` holds the configured ones, so a caller cannot add series by
 inventing tiers), model
 (registry names), outcome (ok, bad_input, shed, timeout, error, unauthorized,
-rate_limited), stage.
+rate_limited; a shadow sample's: ``shadow.OUTCOMES``), stage.
 
 With several gateway workers (``TIERDET_WORKERS``) every process writes its
 values to files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
@@ -144,6 +144,20 @@ class Metrics:
             "tierdet_triton_requests", "Calls to each Triton endpoint, by outcome "
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
             ["endpoint", "outcome"], registry=r)
+        # Shadow scoring (serving.shadow): each worker keeps its own windows;
+        # the latest write of any worker is shown.
+        self.shadow_agreement = Gauge(
+            "tierdet_shadow_agreement", "AP (0..1) of the answers of each tier and model "
+            "against the reference model's detections (label-free; the mean over the "
+            "window of scored images).", ["tier", "model"], multiprocess_mode=SAME,
+            registry=r)
+        self.shadow_window = Gauge(
+            "tierdet_shadow_window_images", "Scored images in the agreement's window.",
+            ["tier", "model"], multiprocess_mode=SAME, registry=r)
+        self.shadow_samples = Counter(
+            "tierdet_shadow_samples", "Answered requests sampled for shadow scoring, and "
+            "what became of each sample (scored, or why not).", ["tier", "model", "outcome"],
+            registry=r)
 
     def exposition(self, alias_key: bytes | None = None) -> bytes:
         """The text a scrape gets: this process's registry, or with workers every
@@ -207,6 +221,16 @@ class Metrics:
         self.requests.labels(protocol, tier, model, outcome).inc()
         if outcome in ("shed", "timeout", "error"):
             self.slo.labels(tier, "missed").inc()
+
+    def observe_shadow(self, tier: str | None, model: str, outcome: str) -> None:
+        """One shadow sample's outcome (``shadow.OUTCOMES``)."""
+        self.shadow_samples.labels(self.tier_label(tier), model, outcome).inc()
+
+    def set_agreement(self, tier: str | None, model: str, agreement: float,
+                      images: int) -> None:
+        tier = self.tier_label(tier)
+        self.shadow_agreement.labels(tier, model).set(agreement)
+        self.shadow_window.labels(tier, model).set(images)
 
     def tier_label(self, tier: str | None) -> str:
         """The label of ``tier`` as a caller gave it: never a name that is not

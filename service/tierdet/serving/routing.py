@@ -133,6 +133,15 @@ class Router:
         """The AP (percent) ``model`` is ranked by from now on."""
         self.ap[model] = ap
 
+    def label_set(self, model: str) -> str:
+        """The name of ``model``'s label set (its APs compare only within it)."""
+        return self.label_sets.get(model, self.default_label_set)
+
+    def idle(self, endpoint: str = LOCAL) -> bool:
+        """Whether ``endpoint``'s device has nothing queued or running that the
+        gateway knows of (its own work, Triton's last queue report)."""
+        return self.latency.idle(endpoint)
+
     def service_ms(self, model: str) -> float:
         """The current estimate of one request's Triton time at batch 1."""
         return self.latency.service_ms(model)
@@ -189,14 +198,11 @@ class Router:
     def _one_label_set(self, candidates: list[str]) -> list[str]:
         """The candidates whose APs compare: all of them when they share a label
         set, else the default set's (an ``invalid_option`` when it has none)."""
-        def label_set(model: str) -> str:
-            return self.label_sets.get(model, self.default_label_set)
-
-        sets = {label_set(m) for m in candidates}
+        sets = {self.label_set(m) for m in candidates}
         if len(sets) == 1:
             return candidates
         if self.default_label_set in sets:
-            return [m for m in candidates if label_set(m) == self.default_label_set]
+            return [m for m in candidates if self.label_set(m) == self.default_label_set]
         raise ApiError(ErrorCode.INVALID_OPTION,
                        f"models of different label sets ({', '.join(sorted(sets))}) could "
                        "answer, and their APs do not compare: name a model, or classes "

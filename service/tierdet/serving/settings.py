@@ -135,6 +135,18 @@ class Settings(BaseModel):
     stream_max_inflight: int = Field(4, ge=1, le=64, description=(
         "frames one DetectStream holds (read, not yet answered); at the bound the gateway "
         "stops reading, so flow control pushes back on the sender"))
+    shadow_sample: float = Field(0.02, ge=0.0, le=1.0, description=(
+        "share of answered requests re-run, after the answer, on the most accurate ready "
+        "model of the same label set (the reference) to score the answer against it "
+        "(`tierdet_shadow_agreement`; see Shadow scoring); 0: off"))
+    shadow_score_threshold: float = Field(0.3, gt=0.0, le=1.0, description=(
+        "the reference's detections at or above this score are the pseudo-labels an "
+        "answer is scored against"))
+    shadow_window: int = Field(200, ge=1, le=100_000, description=(
+        "scored images per tier and model the agreement is the mean of (a sliding window)"))
+    shadow_queue: int = Field(4, ge=1, le=64, description=(
+        "sampled requests waiting for the shadow worker (each holds its encoded image); "
+        "beyond it a sample is dropped"))
     log_level: str = Field("info", description="uvicorn's log level")
     access_log: str = Field("off", description=(
         "one JSON line per image and per refused call (request id, key name, tier, budget, "

@@ -27,13 +27,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import numpy as np
+
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.images import Pixels
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.specs import get_spec, lookup
-from tierdet.serving import access, decoding, memory, postprocess, tiling, tracing
+from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, build_router, public
@@ -43,6 +45,7 @@ from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, Router
 from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts, KeyRing
 from tierdet.serving.settings import Settings
+from tierdet.serving.shadow import Shadow
 from tierdet.serving.slots import FairSlots, ImageSlot
 from tierdet.serving.validation import Validator, ValidRequest
 
@@ -101,6 +104,7 @@ class Detector:
         self.infer = Infer(self.pool, self.router, self.catalog, metrics,
                            settings.request_timeout_s)
         self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
+        self.shadow = Shadow(settings, self.pool, self.router, self.catalog, metrics)
 
     @contextmanager
     def _counted(self, protocol: str, seen: _Outcome | None = None) -> Iterator[None]:
@@ -229,6 +233,8 @@ class Detector:
         assert result is not None and decision is not None  # answered: both are known
         self.metrics.route_factor.set(self.router.learn(decision, result.timing.total_ms))
         self.metrics.observe_result(caller.protocol, result)
+        if seen.view is not None:  # answered: a sample of it is scored in the background
+            self.shadow.offer(decision, image, *seen.view)
         return result
 
     async def _detect(self, caller: Caller, image: bytes | Pixels, valid: ValidRequest,
@@ -252,8 +258,9 @@ class Detector:
                 tiles, decision = (self._tiles(decision, slot.take(), _ms_since(start))
                                    if valid.tiled else ([], decision))
             seen.decision = decision
-            result, seen.decision = await self._run(decision, slot, valid, start, decode_s,
-                                                    tiles)  # the endpoint that answered
+            # The decision of the endpoint that answered, and the whole view's rows.
+            result, seen.decision, seen.view = await self._run(decision, slot, valid, start,
+                                                               decode_s, tiles)
         return result
 
     def log_refused(self, caller: Caller, options: DetectOptions, exc: ApiError) -> None:
@@ -322,8 +329,9 @@ class Detector:
 
     async def _run(self, decision: Decision, slot: ImageSlot, valid: ValidRequest,
                    start: float, decode_s: float, tiles: list[tiling.Tile]
-                   ) -> tuple[DetectResult, Decision]:
-        """The answer, and the decision that gave it (another endpoint after a failover)."""
+                   ) -> tuple[DetectResult, Decision, tuple[np.ndarray, imaging.Geometry]]:
+        """The answer, the decision that gave it (another endpoint after a failover),
+        and the whole view's rows and geometry (what shadow scoring scores)."""
         spec = get_spec(decision.model)
         keep = valid.keep[decision.model]
         size = spec.input_size
@@ -354,7 +362,7 @@ class Detector:
         routing = Routing(decision.tier, decision.budget_ms, decision.predicted_ms,
                           timing.total_ms, decision.degraded, len(tiles))
         return DetectResult(spec.name, whole.width, whole.height, detections, timing,
-                            routing), decision
+                            routing), decision, (rows[0], whole)
 
 @dataclass
 class _Outcome:
@@ -364,6 +372,7 @@ class _Outcome:
     decision: Decision | None = None
     result: DetectResult | None = None
     code: ErrorCode | None = None
+    view: tuple[np.ndarray, imaging.Geometry] | None = None  # the whole view's rows
 
     def labels(self) -> tuple[str | None, str]:
         """(tier, model) to count a failure under: the decision's, else what was

@@ -8,6 +8,7 @@ both against a stack it starts itself.
 May import: ``tierdet.registry``, ``tierdet.build``, ``tierdet.devstack`` and
 ``tierdet.serving.imaging`` (the same preprocessing as the gateway),
 ``tierdet.serving.triton`` and ``serving.backend`` (Triton's queue, read as the
-gateway reads it); numpy, OpenCV, httpx, ONNX Runtime, pycocotools, torch and
+gateway reads it), ``serving.apscore`` (COCO AP: the gateway's shadow scoring
+measures with the same code); numpy, OpenCV, httpx, ONNX Runtime, pycocotools, torch and
 effdet.
 """

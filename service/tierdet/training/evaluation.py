@@ -16,8 +16,6 @@ schema the gateway can export as Prometheus gauges.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,36 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tierdet.registry.accuracy import APResult, EvalRecord
+from tierdet.registry.accuracy import EvalRecord
 from tierdet.registry.labels import LabelSet
 from tierdet.registry.specs import ModelSpec, get_spec
 from tierdet.registry.tensors import MODEL_METADATA_KEY
 from tierdet.serving import imaging
+from tierdet.serving.apscore import coco_ap
 from tierdet.training.datasets.coco import CocoSplit, Sample, read_rgb
 
 SCORE_THRESHOLD = 0.001  # COCO practice: rank everything, let AP weigh it
 MAX_DETECTIONS = 100
 RETRIES = 5  # per image, for answers that carry Retry-After
-
-
-def coco_ap(gt: dict, detections: list[dict]) -> APResult:
-    """pycocotools bbox AP of ``detections`` (COCO result dicts) against ``gt``."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    # pycocotools narrates every step on stdout; a report is printed by us.
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO()
-        truth.dataset = gt
-        truth.createIndex()
-        if not detections:
-            return APResult(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        result = truth.loadRes(detections)
-        evaluator = COCOeval(truth, result, "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return APResult.from_stats(evaluator.stats)
 
 
 def rows_to_coco(rows: np.ndarray, geometry: imaging.Geometry, labels: LabelSet,

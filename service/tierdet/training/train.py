@@ -43,11 +43,12 @@ import torch
 from torch import nn
 
 from tierdet.build.export.network import Network
+from tierdet.registry.accuracy import APResult
 from tierdet.registry.specs import ModelSpec
 from tierdet.registry.trained import DAMOYOLO_SHAPES, EFFDET_SHAPES, sidecar_path, trained_spec
 from tierdet.serving import imaging
 from tierdet.training.datasets.coco import CocoSplit, Sample, read_rgb
-from tierdet.training.evaluation import APResult, coco_ap, predict_rows, subset_gt
+from tierdet.training.evaluation import coco_ap, predict_rows, subset_gt
 
 log = logging.getLogger("tierdet.training.train")
 

@@ -1,0 +1,104 @@
+"""Does shadow scoring order the ladder's models as their labelled AP does (issue 23)?
+
+The real COCO ladder (YOLOX-Nano, PP-PicoDet-S, NanoDet-m at 320 and 416,
+their real weights) served by Triton behind a gateway sampling every answer
+(``TIERDET_SHADOW_SAMPLE=1``): the 128 COCO val2017 photographs of
+../shared/data/coco-val2017-128 are sent pinned to each model in turn, one at
+a time, each sample scored before the next request (so no sample finds the
+device busy). Printed per model: the label-free estimate
+(``tierdet_shadow_agreement``, against the most accurate model, PicoDet-S
+416) beside the AP its card records as measured through the gateway on the
+same photographs with their labels.
+
+    python benchmarks/shadow_order.py --home .cache/test-home
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tierdet.build.models import default_home, ensure_cards
+
+REPO = Path(__file__).resolve().parents[1]
+COCO = REPO.parent / "shared" / "data" / "coco-val2017-128"
+CARDS = (REPO / "examples" / "cards" / "yolox-nano.yaml",
+         REPO / "examples" / "cards" / "picodet-s.yaml",
+         REPO / "examples" / "cards" / "more" / "nanodet-m.yaml")
+ENDED = ("scored", "empty", "dropped_queue", "dropped_busy", "too_large", "failed")
+
+
+def shadow_series(base: str, model: str) -> dict[str, float]:
+    """The model's shadow samples by outcome, and its agreement and window."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+        for s in family.samples:
+            if s.labels.get("model") != model:
+                continue
+            if s.name == "tierdet_shadow_samples_total":
+                out[s.labels["outcome"]] = s.value
+            elif s.name in ("tierdet_shadow_agreement", "tierdet_shadow_window_images"):
+                out[s.name] = s.value
+    return out
+
+
+def settled(base: str, model: str, sampled: int, timeout_s: float = 120.0) -> dict[str, float]:
+    """Poll /metrics until ``sampled`` samples of ``model`` were taken and all ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        series = shadow_series(base, model)
+        if series.get("sampled", 0) >= sampled and \
+                sum(series.get(k, 0) for k in ENDED) == series.get("sampled", 0):
+            return series
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"shadow samples of {model} did not end: {series}")
+        time.sleep(0.01)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--home", type=Path, default=default_home())
+    p.add_argument("--dataset", type=Path, default=COCO)
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    args = p.parse_args(argv)
+    from tierdet.devstack.stack import running_stack
+
+    built = ensure_cards(CARDS, args.home)
+    photos = sorted((args.dataset / "images").glob("*.jpg"))
+    photos = photos[:args.limit] if args.limit else photos
+    with tempfile.TemporaryDirectory(prefix="tierdet-shadow-") as tmp, \
+            running_stack(built, args.home, Path(tmp), threads=2,
+                          cards=",".join(map(str, CARDS)), shadow_sample="1",
+                          shadow_window=str(len(photos))) as (_, gateway):
+        infos = {m["name"]: m for m in httpx.get(gateway.http + "/v1/models").json()["models"]}
+        names = sorted((m.spec.name for m in built), key=lambda n: -infos[n]["routing_ap"])
+        print(f"{len(photos)} COCO val2017 photographs per model, every answer sampled; "
+              f"reference: {names[0]}")
+        print("| model | labelled AP (card, gateway) | shadow agreement | scored | empty |")
+        print("|---|---|---|---|---|")
+        with httpx.Client(base_url=gateway.http, timeout=60) as client:
+            for name in names:
+                for n, photo in enumerate(photos, start=1):
+                    r = client.post("/v1/detect", data={"model": name},
+                                    files={"image": (photo.name, photo.read_bytes(),
+                                                     "image/jpeg")})
+                    r.raise_for_status()
+                    if name != names[0]:
+                        settled(gateway.http, name, n)
+                series = shadow_series(gateway.http, name)
+                labelled = infos[name]["measured_ap"].get("coco-val2017-128")
+                agreement = series.get("tierdet_shadow_agreement")
+                print(f"| {name} | {labelled * 100:.1f} | "
+                      f"{'reference' if agreement is None else f'{agreement:.3f}'} | "
+                      f"{series.get('scored', 0):.0f} | {series.get('empty', 0):.0f} |")
+                sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
