@@ -11,7 +11,8 @@ weighs), prepares the tensor (``imaging``, ``tiling``), infers (``infer``:
 deadline, priority and failover; ``backend`` is the protocol, ``triton`` the
 real one, ``shm`` its shared-memory regions, ``pool`` the Triton endpoints
 and their queues) and maps the rows back (``postprocess``). ``catalog``
-keeps what the gateway knows of each model; ``access`` the request ids and
+keeps what the gateway knows of each model, ``changes`` adds, replaces and
+retires models while serving (the admin API); ``access`` the request ids and
 the access log, ``tracing`` the OpenTelemetry spans, ``memory`` the bound on
 what a gateway holds; ``metrics``, ``security``, ``settings`` and ``render``
 are what their names say.
