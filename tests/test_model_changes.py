@@ -25,6 +25,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
 from conftest import REPO, TEST_MODEL, encode, photos, triton_key
+from tierdet import cli
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.devstack.triton import LocalTriton
 from waiting import wait_until
@@ -251,3 +252,27 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
                "triton to unload it")
     unknown = stack.http.delete(f"/admin/models/{name}", headers=ADMIN)
     assert unknown.json()["error"]["code"] == "unknown_model"
+
+
+def test_the_cli_lists_adds_and_retires(stack: Stack, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIERDET_ADMIN_KEY", ADMIN_KEY)
+    url = ["--url", stack.gateway.http]
+    path = tmp_path / "cli-yolox.yaml"
+    path.write_text(card("cli-yolox"))
+    assert cli.main(["admin", "models", "put", str(path), *url]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["cli-yolox", "serving",
+                                                               "cli-yolox"]
+    assert cli.main(["admin", "models", "list", *url]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["cli-yolox"] == ["serving", "cli-yolox"]
+    assert rows[TEST_MODEL] == ["serving", "-"]
+    assert detect(stack.http, "cli-yolox").status_code == 200
+    assert cli.main(["admin", "models", "delete", "cli-yolox", *url]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["cli-yolox", "retired",
+                                                               "cli-yolox"]
+    path.write_text(card("cli-yolox", **{"source.sha256": "1" * 64}))
+    assert cli.main(["admin", "models", "put", str(path), *url]) == 1
+    assert capsys.readouterr().err.startswith("error: digest_mismatch: ")
+    monkeypatch.setenv("TIERDET_ADMIN_KEY", CALLER_KEY)
+    assert cli.main(["admin", "models", "list", *url]) == 1
+    assert capsys.readouterr().err.startswith("error: admin_required: ")
