@@ -16,23 +16,25 @@ HEADER = "X-Admin-Key"
 def _call(args: argparse.Namespace, method: str, path: str, body: bytes | None = None
           ) -> int:
     """One admin call; prints the models it answers with, or its error."""
-    import httpx
+    import json
+    import urllib.error
+    import urllib.request
 
     key = args.admin_key or os.environ.get(ADMIN_KEY_ENV)
     if not key:
         print(f"error: the admin credential: --admin-key or {ADMIN_KEY_ENV}", file=sys.stderr)
         return 2
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=body, method=method,
+                                     headers={HEADER: key, "Content-Type": "application/yaml"})
     try:
-        answer = httpx.request(method, args.url.rstrip("/") + path, content=body,
-                               headers={HEADER: key, "Content-Type": "application/yaml"},
-                               timeout=args.timeout_s)
-    except httpx.HTTPError as exc:
-        print(f"error: {args.url}: {exc}", file=sys.stderr)
-        return 1
-    reply: dict[str, Any] = answer.json()
-    if answer.status_code != 200:
-        error = reply.get("error", {})
+        with urllib.request.urlopen(request, timeout=args.timeout_s) as answer:
+            reply: dict[str, Any] = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:  # the gateway's refusal: its code and message
+        error = json.loads(exc.read() or b"{}").get("error", {})
         print(f"error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
         return 1
     print(f"{'model':<28}{'state':<10}{'card':<20}reason")
     for m in reply["models"]:
@@ -45,12 +47,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    import yaml
+    from tierdet.registry.cards import CardError, card_mapping
 
     try:
         text = args.card.read_bytes()
-        name = args.name or (yaml.safe_load(text) or {}).get("name")
-    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        name = args.name or card_mapping(text.decode("utf-8"), args.card).get("name")
+    except (OSError, UnicodeDecodeError, CardError) as exc:
         print(f"error: {args.card}: {exc}", file=sys.stderr)
         return 2
     if not name:
