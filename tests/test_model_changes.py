@@ -1,12 +1,13 @@
 """Models that change while serving, through the admin API, on the real stack.
 
-One tritonserver (explicit model control) serving D0, one gateway with an
-admin credential, a cards folder holding YOLOX-Nano's real graph and a model
-home of its own. A card PUT is built, loaded, measured and routed to; a second
-PUT replaces it while pinned requests keep coming, a DELETE retires it while
-they still come: every request answers 200 or, once the model is gone, a
-clear 422. Bad cards, paths out of the folder, digest mismatches and callers'
-keys are refused with their codes, and the serving set stays as it was.
+Two tritonservers (explicit model control) reading one repository and serving
+D0; one gateway with both in its pool and an admin credential; a cards folder
+holding YOLOX-Nano's real graph; a model home of its own. A card PUT is
+built, loaded on both, measured and routed to; a second PUT replaces it while
+pinned requests keep coming, a DELETE retires it while they still come: every
+request answers 200 or, once the model is gone, a clear 422. Bad cards, paths
+out of the folder, digest mismatches and callers' keys are refused with their
+codes, and the serving set stays as it was.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CALLER = {"Authorization": f"Bearer {CALLER_KEY}"}
 
 @dataclass
 class Stack:
-    triton: LocalTriton
+    tritons: list[LocalTriton]
     gateway: GatewayProcess
     cards: Path
     http: httpx.Client
@@ -56,10 +57,13 @@ def stack(built_d0, tmp_path_factory) -> Iterator[Stack]:
     keys = work / "keys.yaml"
     keys.write_text(yaml.safe_dump({"keys": [
         {"name": "caller", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}]}))
-    triton = start_triton([built_d0], work / "home", work, threads=2)
+    tritons: list[LocalTriton] = []
     try:
+        for server in ("a", "b"):  # a pool of two: every change reaches both
+            tritons.append(start_triton([built_d0], work / "home", work / server, threads=1))
         gateway = GatewayProcess.start(
-            triton.endpoint, work / "gateway.log", api_keys_file=str(keys),
+            ",".join(t.endpoint for t in tritons), work / "gateway.log",
+            api_keys_file=str(keys),
             admin_key_sha256=hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
             cards_dir=str(cards), home=str(work / "home"),
             # Every pixel decoded: a request spends a while in the gateway before it
@@ -67,11 +71,12 @@ def stack(built_d0, tmp_path_factory) -> Iterator[Stack]:
             decode_scale="full")
         try:
             with httpx.Client(base_url=gateway.http, timeout=300.0) as http:
-                yield Stack(triton, gateway, cards, http)
+                yield Stack(tritons, gateway, cards, http)
         finally:
             gateway.stop()
     finally:
-        triton.stop()
+        for triton in tritons:
+            triton.stop()
 
 
 def card(name: str, **changes) -> str:
@@ -102,12 +107,15 @@ def admin_states(stack: Stack) -> dict[str, str]:
     return {m["name"]: m["state"] for m in answer.json()["models"]}
 
 
-def triton_versions(stack: Stack, model: str) -> dict[str, str]:
-    """Version -> state of ``model`` as Triton's repository index says."""
-    with triton_grpc.InferenceServerClient(stack.triton.grpc_url) as client:
-        index = client.get_model_repository_index(as_json=True, headers=triton_key())
-    return {m.get("version", ""): m.get("state", "") for m in index.get("models", [])
-            if m["name"] == model}
+def triton_versions(stack: Stack, model: str) -> list[dict[str, str]]:
+    """Per Triton of the pool: version -> state of ``model`` as its repository index says."""
+    out = []
+    for triton in stack.tritons:
+        with triton_grpc.InferenceServerClient(triton.grpc_url) as client:
+            index = client.get_model_repository_index(as_json=True, headers=triton_key())
+        out.append({m.get("version", ""): m.get("state", "") for m in index.get("models", [])
+                    if m["name"] == model})
+    return out
 
 
 def detect(http: httpx.Client, model: str, photo: bytes | None = None) -> httpx.Response:
@@ -198,7 +206,7 @@ def test_a_card_that_does_not_fit_its_graph_fails_its_build_and_changes_nothing(
     assert "strides" in answer.json()["error"]["message"]
     assert served(stack) == before
     assert admin_states(stack)["misfit"] == "failed"
-    assert triton_versions(stack, "misfit") == {}  # nothing was installed
+    assert triton_versions(stack, "misfit") == [{}, {}]  # nothing was installed
 
 
 def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
@@ -213,7 +221,7 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == name
     assert any(d["class_name"] == "person" for d in answer.json()["detections"])
-    assert triton_versions(stack, name) == {"1": "READY"}
+    assert triton_versions(stack, name) == [{"1": "READY"}, {"1": "READY"}]
 
     # A replacement that changes the input the gateway prepares is refused.
     refused = stack.http.put(f"/admin/models/{name}", headers=ADMIN,
@@ -222,7 +230,8 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
     assert served(stack)[name] is True
 
     # Replace under load: the old version answers until the new one serves.
-    with Traffic(stack.gateway.http, name, PHOTO) as traffic:
+    # One sender: requests are in flight all along, and the build keeps a core.
+    with Traffic(stack.gateway.http, name, PHOTO, threads=1) as traffic:
         wait_until(lambda: traffic.count() >= 3, "requests answered before the replacement")
         replaced = stack.http.put(f"/admin/models/{name}", headers=ADMIN,
                                   content=card(name, nms_iou=0.5))
@@ -230,8 +239,8 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
         seen = traffic.count()
         wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
     assert {status for status, _ in traffic.answers} == {200}, traffic.answers
-    wait_until(lambda: triton_versions(stack, name).get("2") == "READY"
-               and triton_versions(stack, name).get("1") != "READY", "version 2 alone")
+    wait_until(lambda: all(v.get("2") == "READY" and v.get("1") != "READY"
+                           for v in triton_versions(stack, name)), "version 2 alone, on both")
 
     # Retire under load: what was routed finishes, then the model is unknown. Large
     # photos keep requests in the gateway (decoding) for a while before Triton.
@@ -248,8 +257,8 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
     assert gone.status_code == 422 and gone.json()["error"]["code"] == "unknown_model"
     assert name not in served(stack)
     assert admin_states(stack)[name] == "retired"
-    wait_until(lambda: "READY" not in triton_versions(stack, name).values(),
-               "triton to unload it")
+    wait_until(lambda: all("READY" not in v.values() for v in triton_versions(stack, name)),
+               "both Tritons to unload it")
     unknown = stack.http.delete(f"/admin/models/{name}", headers=ADMIN)
     assert unknown.json()["error"]["code"] == "unknown_model"
 

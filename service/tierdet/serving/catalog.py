@@ -172,6 +172,7 @@ class Catalog:
         """A retired model, drained and unloaded: nothing of it is shown any more.
         (Until now the router kept its AP for the requests validated before.)"""
         self.router.ap.pop(model, None)
+        self.router.latency.forget(model)
         self.states.pop(model, None)
         self.recorded.pop(model, None)
 
