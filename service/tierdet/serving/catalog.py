@@ -224,16 +224,15 @@ class Catalog:
                 continue
             state = self.states.setdefault(
                 name, ModelState(spec, pin_published=self.settings.pin_published_ap))
-            was_ready = state.ready
             state.status, state.reason = (index or {}).get(
                 name, ("UNREACHABLE" if index is None else "NOT_LOADED", ""))
-            state.ready = state.status == "READY"
-            if state.ready and not was_ready:
-                # Awaited, and before the provenance ranks it: until the router knows
-                # a model's latency it would misroute, so the probe is part of getting
-                # ready (like warm-up).
+            if state.status == "READY" and not state.ready:
+                # Awaited, and before the provenance ranks it and it is called ready:
+                # until the router knows a model's latency it would misroute, so the
+                # probe is part of getting ready (like warm-up).
                 await self._probe_latency(spec)
                 await self._read_provenance(state)
+            state.ready = state.status == "READY"
             self.metrics.model_ready.labels(name).set(1 if state.ready else 0)
             if spec.published_ap is not None:
                 self.metrics.published_ap.labels(name).set(spec.published_ap)

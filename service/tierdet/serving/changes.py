@@ -94,7 +94,7 @@ class ModelChanges:
         card = next((c for c, models in self._cards.items() if name in models), "")
         if state.ready:
             return ModelChange(name, "serving", card=card)
-        if state.status == "LOADING":
+        if state.status in ("LOADING", "READY"):  # READY: being measured
             return ModelChange(name, "loading", card=card)
         return ModelChange(name, "failed", state.reason or state.status, card)
 
