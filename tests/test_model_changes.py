@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,15 @@ def test_the_admin_api_takes_the_admin_credential_only(stack: Stack):
     assert admin_states(stack) == {TEST_MODEL: "serving"}
 
 
+def test_without_an_admin_credential_configured_there_is_no_admin_api(client):
+    """The session's plain gateway: no TIERDET_ADMIN_KEY_SHA256."""
+    for headers in ({}, {"X-Admin-Key": ADMIN_KEY}):
+        answer = client.get("/admin/models", headers=headers)
+        assert answer.status_code == 403
+        assert answer.json()["error"]["code"] == "admin_required"
+        assert "no admin credential is configured" in answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("name, body, code", [
     ("bad", "name: [unclosed", "invalid_card"),
     ("bad", card("bad", licence=""), "invalid_card"),
@@ -233,9 +243,13 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
     # One sender: requests are in flight all along, and the build keeps a core.
     with Traffic(stack.gateway.http, name, PHOTO, threads=1) as traffic:
         wait_until(lambda: traffic.count() >= 3, "requests answered before the replacement")
-        replaced = stack.http.put(f"/admin/models/{name}", headers=ADMIN,
-                                  content=card(name, nms_iou=0.5))
+        with ThreadPoolExecutor(1) as admin:  # the admin waits; GET shows the steps
+            put = admin.submit(httpx.put, f"{stack.gateway.http}/admin/models/{name}",
+                               headers=ADMIN, content=card(name, nms_iou=0.5), timeout=300.0)
+            wait_until(lambda: admin_states(stack)[name] == "building", "the build")
+            replaced = put.result()
         assert replaced.status_code == 200, replaced.text
+        assert admin_states(stack)[name] == "serving"
         seen = traffic.count()
         wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
     assert {status for status, _ in traffic.answers} == {200}, traffic.answers
