@@ -238,6 +238,16 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
                              content=card(name, **{"input.size": 416}))
     assert refused.json()["error"]["code"] == "model_conflict", refused.text
     assert served(stack)[name] is True
+    # A replacement whose build fails leaves the old version serving.
+    misfit = stack.http.put(f"/admin/models/{name}", headers=ADMIN,
+                            content=card(name, **{"output.strides": [8, 16]}))
+    assert misfit.json()["error"]["code"] == "invalid_card", misfit.text
+    (state,) = [m for m in stack.http.get("/admin/models", headers=ADMIN).json()["models"]
+                if m["name"] == name]
+    assert state["state"] == "serving"
+    assert state["reason"].startswith("the replacement failed: ")
+    assert detect(stack.http, name).status_code == 200
+    assert triton_versions(stack, name) == [{"1": "READY"}, {"1": "READY"}]
 
     # Replace under load: the old version answers until the new one serves.
     # One sender: requests are in flight all along, and the build keeps a core.

@@ -34,7 +34,7 @@ import asyncio
 import hashlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,8 +85,11 @@ class ModelChanges:
     def models(self) -> tuple[ModelChange, ...]:
         """Every model the gateway serves or a change touched, with its state."""
         out = {name: self._from_catalog(name) for name in self.catalog.states}
-        out.update({name: rec for name, rec in self._records.items()
-                    if rec.state != "serving" or name not in out})
+        for name, rec in self._records.items():
+            if name not in out or rec.state != "serving":
+                out[name] = rec
+            elif rec.reason:  # serving, after a replacement that failed
+                out[name] = replace(out[name], reason=rec.reason)
         return tuple(out[name] for name in sorted(out))
 
     def _from_catalog(self, name: str) -> ModelChange:
@@ -123,12 +126,16 @@ class ModelChanges:
                 for n in names:
                     self._record(n, "loading", card=name)
                 await self._load(names, replaced)
-            except ApiError as exc:
+            except BaseException as exc:  # whatever stopped it, the serving set goes back
+                why = exc.message if isinstance(exc, ApiError) else \
+                    f"{type(exc).__name__} (see the gateway's log)"
                 await self._undo_add([n for n in names if n not in replaced])
                 if not replaced:
                     self._cards.pop(name, None)
-                for n in names:
-                    self._record(n, "failed", exc.message, card=name)
+                for n in names:  # a model replaced in vain serves its old version still
+                    self._record(n, "serving" if n in replaced else "failed",
+                                 f"the replacement failed: {why}" if n in replaced else why,
+                                 card=name)
                 raise
             for n in names:
                 self._record(n, "serving", card=name)
