@@ -229,12 +229,15 @@ def ensure_built(names: Iterable[str], source: WeightsSource, home: Path,
 
 
 def assemble(models: Iterable[BuiltModel], home: Path, target: Target = "cpu-local",
-             intra_op_threads: int = 0, profile: LatencyProfile | None = None) -> Path:
+             intra_op_threads: int = 0, profile: LatencyProfile | None = None,
+             new_version: bool = False) -> Path:
     """Install built models into ``home/repository/<target>``; returns that folder.
-    With a latency ``profile``, each model's queue delay is tuned from it."""
+    With a latency ``profile``, each model's queue delay is tuned from it;
+    ``new_version``: each as its next version (a model replaced while served)."""
     repository = home / "repository" / target
     for model in models:
         measured = profile.models.get(model.spec.name) if profile else None
         install_model(repository, model.spec, target, model.onnx, model.provenance,
-                      intra_op_threads, tuned_batching(model.spec.batching, measured))
+                      intra_op_threads, tuned_batching(model.spec.batching, measured),
+                      new_version)
     return repository

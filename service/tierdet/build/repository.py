@@ -112,12 +112,28 @@ def committed_files(root: Path = COMMITTED_ROOT,
             for target in TARGETS for spec in (specs or SPECS.values())}
 
 
+def versions(model_dir: Path) -> list[int]:
+    """The version folders a model's folder holds, oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit())
+
+
 def install_model(repository: Path, spec: ModelSpec, target: Target, model_file: Path,
                   provenance: Mapping[str, str], intra_op_threads: int = 0,
-                  batching: Batching | None = None) -> Path:
-    """Place one built model into a runnable repository (idempotent)."""
+                  batching: Batching | None = None, new_version: bool = False) -> Path:
+    """Place one built model into a runnable repository (idempotent) as version 1,
+    the only one. ``new_version``: as the next version instead, beside the one
+    before it (which a running Triton may still be serving: an explicit load
+    then switches to the new one, see ``tierdet.serving.changes``); older ones go."""
     model_dir = repository / spec.name
-    version_dir = model_dir / "1"
+    held = versions(model_dir)
+    version = (held[-1] + 1 if held else 1) if new_version else 1
+    keep = {version, version - 1} if new_version else {version}
+    for old in held:
+        if old not in keep:
+            shutil.rmtree(model_dir / str(old))
+    version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
     dest = version_dir / MODEL_FILES[target]
     if dest.resolve() != model_file.resolve():
@@ -152,6 +168,7 @@ def installed_models(repository: Path) -> list[str]:
         return []
     return sorted(
         d.name for d in repository.iterdir()
-        if (d / "config.pbtxt").is_file() and any((d / "1" / f).is_file()
+        if (d / "config.pbtxt").is_file() and any((d / str(v) / f).is_file()
+                                                  for v in versions(d)
                                                   for f in set(MODEL_FILES.values()))
     )

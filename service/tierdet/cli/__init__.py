@@ -3,7 +3,8 @@
 - ``serving``: ``up``, ``serve``, ``profile`` (the gateway and the local stack);
 - ``building``: ``build``, ``engines``, ``generate`` (models and generated files);
 - ``accuracy``: ``dataset``, ``train``, ``eval``;
-- ``client``: ``detect``, ``models`` (through a running gateway).
+- ``client``: ``detect``, ``models`` (through a running gateway);
+- ``admin``: ``admin models list|put|delete`` (a running gateway's admin API).
 
 May import any tierdet package, lazily inside the commands: ``tierdet --help``
 and the client commands must not pay for torch or the gateway.
@@ -19,7 +20,7 @@ from pathlib import Path
 from tierdet import __version__
 from tierdet.build.models import default_home
 from tierdet.build.weights import WeightsError
-from tierdet.cli import accuracy, building, client, serving
+from tierdet.cli import accuracy, admin, building, client, serving
 from tierdet.registry.cards import CardError
 from tierdet.serving.settings import ConfigError
 
@@ -32,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for weights, built models and the Triton repository "
                         "(env TIERDET_HOME; default ~/.cache/tierdet)")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (building, serving, client, accuracy):
+    for module in (building, serving, client, admin, accuracy):
         module.register(sub)
     return p
 

@@ -65,7 +65,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     for model in built:
         print(f"{model.spec.name}: {model.onnx} ({model.provenance['weights']})")
-    repository = assemble(built, args.home, args.target, args.threads)
+    repository = assemble(built, args.home, args.target, args.threads,
+                          new_version=args.new_version)
     print(f"repository: {repository}")
     return 0
 
@@ -123,6 +124,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "current export format (installing it into TARGET's repository if "
                         "missing there); build the others (the model builder's mode: an "
                         "unchanged ONNX keeps its cached TensorRT engines)")
+    b.add_argument("--new-version", action="store_true",
+                   help="install each model as its next version, beside the one a running "
+                        "Triton serves (an explicit load then switches to it; what the "
+                        "admin API does)")
     b.set_defaults(func=cmd_build)
 
     g = sub.add_parser("generate", help="rewrite every generated file from its source",

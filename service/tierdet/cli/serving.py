@@ -18,6 +18,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                              grpc_host=args.host)
     if settings.eval_dir is None:  # where `tierdet eval` writes by default: it refreshes
         settings = settings.model_copy(update={"eval_dir": args.home / "eval"})
+    if settings.home is None:  # where the admin API builds the models it adds
+        settings = settings.model_copy(update={"home": args.home})
     # Nothing asked for: the shipped real COCO ladder (examples/cards), no zoo model
     # (without downloadable official weights a zoo model would be untrained).
     ladder = args.card is None and not args.models

@@ -41,6 +41,16 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal_error"
     CANCELLED = "cancelled"
     REQUEST_TIMEOUT = "request_timeout"
+    ADMIN_REQUIRED = "admin_required"
+    CHANGES_DISABLED = "changes_disabled"
+    INVALID_CARD = "invalid_card"
+    CARD_PATH_REFUSED = "card_path_refused"
+    GRAPH_NOT_FOUND = "graph_not_found"
+    DIGEST_MISMATCH = "digest_mismatch"
+    CHANGE_IN_PROGRESS = "change_in_progress"
+    MODEL_CONFLICT = "model_conflict"
+    BUILD_FAILED = "build_failed"
+    LOAD_FAILED = "load_failed"
 
     @property
     def kind(self) -> ErrorKind:
@@ -116,6 +126,37 @@ KINDS: dict[ErrorCode, ErrorKind] = {
         408, "DEADLINE_EXCEEDED", "bad_input",
         "the caller sent too slowly: a body not in full within `TIERDET_BODY_TIMEOUT_S`, "
         "or no stream frame for `TIERDET_STREAM_IDLE_S`"),
+    # The admin API (/admin/models): models that change while serving.
+    ErrorCode.ADMIN_REQUIRED: ErrorKind(
+        403, "PERMISSION_DENIED", "unauthorized",
+        "an admin route without the admin credential (`X-Admin-Key`; an API key never is "
+        "one), or on a gateway with none configured (`TIERDET_ADMIN_KEY_SHA256`)"),
+    ErrorCode.CHANGES_DISABLED: ErrorKind(
+        409, "FAILED_PRECONDITION", "bad_input",
+        "a model change on a gateway without a cards folder (`TIERDET_CARDS_DIR`) or "
+        "model home (`TIERDET_HOME`)"),
+    ErrorCode.INVALID_CARD: ErrorKind(
+        422, "INVALID_ARGUMENT", "bad_input",
+        "a model card that is not YAML or JSON, fails validation, names another model than "
+        "its URL, states no sha256, or does not fit its graph (found by the build)"),
+    ErrorCode.CARD_PATH_REFUSED: ErrorKind(
+        422, "INVALID_ARGUMENT", "bad_input",
+        "a card's graph path that is absolute, has `..`, or leads out of the cards folder"),
+    ErrorCode.GRAPH_NOT_FOUND: ErrorKind(422, "INVALID_ARGUMENT", "bad_input",
+                                         "a card's graph is not a file in the cards folder"),
+    ErrorCode.DIGEST_MISMATCH: ErrorKind(
+        422, "INVALID_ARGUMENT", "bad_input",
+        "a card's graph does not have the sha256 the card states"),
+    ErrorCode.CHANGE_IN_PROGRESS: ErrorKind(
+        409, "ABORTED", "bad_input", "another change of the same model is under way"),
+    ErrorCode.MODEL_CONFLICT: ErrorKind(
+        409, "FAILED_PRECONDITION", "bad_input",
+        "a replacement that changes what the gateway prepares (input size, resize, classes, "
+        "detections), or a card that takes a shipped model's name: add it under a new name"),
+    ErrorCode.BUILD_FAILED: ErrorKind(500, "INTERNAL", "error",
+                                      "the build of a card failed (the admin sees why)"),
+    ErrorCode.LOAD_FAILED: ErrorKind(502, "INTERNAL", "error",
+                                     "Triton did not load a built model (the admin sees why)"),
 }
 
 

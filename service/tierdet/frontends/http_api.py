@@ -35,6 +35,7 @@ from tierdet.frontends.http_requests import (
 )
 from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, DrainBody, RequestContext
 from tierdet.serving import decoding, render
+from tierdet.serving.changes import AdminModels
 from tierdet.serving.security import AdminKey, bearer
 from tierdet.serving.settings import Settings
 from tierdet.serving.usecase import Caller, Detector
@@ -54,6 +55,9 @@ _NOT_OPTIONS = frozenset({"render"})
 _BUDGET_FIELDS = frozenset({"sla_ms", "tier", "model"})
 
 _ERROR_STATUSES = (400, 401, 403, 408, 413, 415, 422, 429, 502, 503, 504)
+# The admin API's refusals and failures (tierdet.serving.changes).
+_ADMIN_ERRORS: dict[int | str, dict[str, object]] = {
+    s: {"model": ErrorReply} for s in (403, 409, 413, 422, 500, 502, 503)}
 _ERRORS: dict[int | str, dict[str, object]] = {s: {"model": ErrorReply}
                                                 for s in _ERROR_STATUSES}
 _IMAGE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
@@ -95,7 +99,7 @@ def body_limits(settings: Settings):
     def limit_for(path: str) -> int | None:
         if _takes_several(path):
             return several
-        api = path.startswith(("/v1/", "/v2/")) or path == "/v2"
+        api = path.startswith(("/v1/", "/v2/", "/admin/")) or path == "/v2"
         return limits.get(path.rstrip("/"), 64 * 1024 if api else None)
 
     return limit_for
@@ -146,6 +150,13 @@ def create_app(detector: Detector) -> FastAPI:
 
     def _is_admin(request: Request) -> bool:
         return detector.admin.allows(request.headers.get(AdminKey.HEADER))
+
+    def _admin_only(request: Request) -> None:
+        """The admin API's one check: the admin credential (an API key never is)."""
+        if not _is_admin(request):
+            raise ApiError(ErrorCode.ADMIN_REQUIRED, "the admin API takes the admin "
+                           f"credential ({AdminKey.HEADER}) only" if detector.admin.enabled
+                           else "no admin credential is configured: no admin API")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -202,6 +213,28 @@ def create_app(detector: Detector) -> FastAPI:
     async def models(request: Request) -> ModelsInfo:
         _admit(request)
         return detector.models(admin=_is_admin(request))
+
+    @app.get("/admin/models", response_model=AdminModels, responses=_ADMIN_ERRORS,
+             summary="Admin: each model's state (serving, building, loading, draining, "
+                     "retired, failed)")
+    async def admin_models(request: Request) -> AdminModels:
+        _admin_only(request)
+        return AdminModels(detector.changes.models())
+
+    @app.put("/admin/models/{name}", response_model=AdminModels, responses=_ADMIN_ERRORS,
+             summary="Admin: add or replace the models of a card (YAML or JSON body)",
+             description="Answers once they serve: built, loaded, measured, ranked.")
+    async def admin_put(name: str, request: Request) -> AdminModels:
+        _admin_only(request)
+        return AdminModels(await detector.changes.put(name, await request.body()))
+
+    @app.delete("/admin/models/{name}", response_model=AdminModels, responses=_ADMIN_ERRORS,
+                summary="Admin: retire a card's models (or one model)",
+                description="Answers once the requests routed to them finished and "
+                            "Triton unloaded them.")
+    async def admin_delete(name: str, request: Request) -> AdminModels:
+        _admin_only(request)
+        return AdminModels(await detector.changes.delete(name))
 
     @app.get("/healthz", summary="The gateway process is alive")
     async def healthz() -> dict[str, str]:

@@ -26,7 +26,7 @@ at build time, by running it once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -248,22 +248,34 @@ def spec_of(card: ModelCard) -> ModelSpec:
                      max_detections=card.max_detections)
 
 
-def load_card(path: Path) -> ModelCard:
-    """The card at ``path``, validated; paths in it made absolute (relative to it)."""
+def card_mapping(text: str, where: object) -> dict[str, Any]:
+    """A card's text (YAML; JSON is YAML too) as a mapping; ``where`` names it in errors."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CardError(f"{path}: not YAML: {exc}") from None
+        raise CardError(f"{where}: not YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise CardError(f"{path}: a card is a YAML mapping (name, source, input, ...)")
+        raise CardError(f"{where}: a card is a YAML mapping (name, source, input, ...)")
+    return raw
+
+
+def validated(raw: dict[str, Any], where: object) -> ModelCard:
+    """``raw`` as a card, or a ``CardError`` naming every field that is wrong."""
     try:
-        card = ModelCard(**raw)
+        return ModelCard(**raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'card'}: {e['msg']}"
                              for e in exc.errors())
-        raise CardError(f"{path}: {problems}") from None
+        raise CardError(f"{where}: {problems}") from None
+
+
+def load_card(path: Path) -> ModelCard:
+    """The card at ``path``, validated; paths in it made absolute (relative to it)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from None
+    card = validated(card_mapping(text, path), path)
     source = card.source
     if isinstance(source, OnnxSource):
         onnx = source.onnx

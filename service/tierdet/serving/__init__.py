@@ -14,7 +14,8 @@ and their queues) and maps the rows back (``postprocess``). After the answer,
 ``shadow`` re-runs a sample on the most accurate model of the same label set,
 when its device is idle, and scores the answer against it (``apscore``: COCO
 AP, the same code as ``tierdet eval``). ``catalog``
-keeps what the gateway knows of each model; ``access`` the request ids and
+keeps what the gateway knows of each model, ``changes`` adds, replaces and
+retires models while serving (the admin API); ``access`` the request ids and
 the access log, ``tracing`` the OpenTelemetry spans, ``memory`` the bound on
 what a gateway holds; ``metrics``, ``security``, ``settings`` and ``render``
 are what their names say.

@@ -51,6 +51,14 @@ class Backend(Protocol):
         """Model name -> (state, reason): READY, UNAVAILABLE (reason: the load error), ..."""
         ...
 
+    async def load_model(self, model: str, timeout_s: float = 300.0) -> None:
+        """Load (or reload, at its newest version) ``model`` from the server's repository."""
+        ...
+
+    async def unload_model(self, model: str, timeout_s: float = 30.0) -> None:
+        """Unload ``model`` once the requests the server holds for it finish."""
+        ...
+
     async def provenance(self, model: str, timeout_s: float = 2.0) -> dict[str, str]:
         """What the build recorded about the model (weights, digests, measured AP)."""
         ...

@@ -18,8 +18,11 @@ tests and benchmarks on random weights pin the published figures instead
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import PurePath
 
@@ -113,14 +116,80 @@ class Catalog:
         self.evaluations: dict[tuple[str, str, str, str],
                                tuple[EvalRecord, EvalRecord | None]] = {}
         self.recorded: dict[str, EvalRecord] = {}  # model -> the AP its build recorded
+        # Models changed while serving (tierdet.serving.changes): added beside the
+        # configured ones, or retired (never routed to, whatever Triton says).
+        self.added: set[str] = set()
+        self.retired: set[str] = set()
+        self._in_use: dict[str, int] = {}  # model -> requests routed to it, not answered
+        self._idle: dict[str, asyncio.Event] = {}  # model -> set when none is
+        self._refreshing = asyncio.Lock()  # the watcher's and a change's refresh
 
     def serves(self, name: str) -> bool:
         """``name`` is a model this gateway may route to (ready or not)."""
-        return lookup(name) is not None and (not self.settings.models
-                                             or name in self.settings.models)
+        return lookup(name) is not None and name not in self.retired and (
+            not self.settings.models or name in self.settings.models or name in self.added)
 
     def ready_models(self) -> list[str]:
-        return [n for n, s in self.states.items() if s.ready]
+        return [n for n, s in self.states.items() if s.ready and n not in self.retired]
+
+    @contextmanager
+    def using(self, *models: str) -> Iterator[None]:
+        """Count a request that may be routed to ``models`` until it is answered (or
+        failed): a retired model is unloaded only when none is left (``drained``)."""
+        for model in models:
+            self._in_use[model] = self._in_use.get(model, 0) + 1
+        try:
+            yield
+        finally:
+            for model in models:
+                self._in_use[model] -= 1
+                if not self._in_use[model] and model in self._idle:
+                    self._idle[model].set()
+
+    async def drained(self, model: str, timeout_s: float) -> bool:
+        """Wait until no request routed to ``model`` is in flight; False if some
+        still were after ``timeout_s``."""
+        if not self._in_use.get(model):
+            return True
+        idle = self._idle.setdefault(model, asyncio.Event())
+        idle.clear()
+        try:
+            await asyncio.wait_for(idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def retire(self, model: str) -> None:
+        """Stop routing to ``model`` at once: requests already routed finish."""
+        self.retired.add(model)
+        self.added.discard(model)
+        state = self.states.get(model)
+        if state is not None:
+            state.ready = False
+        self.metrics.model_ready.labels(model).set(0)
+
+    def forget(self, model: str) -> None:
+        """A retired model, drained and unloaded: nothing of it is shown any more.
+        (Until now the router kept its AP for the requests validated before.)"""
+        self.router.ap.pop(model, None)
+        self.router.latency.forget(model)
+        self.states.pop(model, None)
+        self.recorded.pop(model, None)
+
+    def add(self, model: str, label_set: str) -> None:
+        """Serve ``model`` (loaded at Triton by a change) beside the configured ones."""
+        self.retired.discard(model)
+        self.added.add(model)
+        self.router.label_sets[model] = label_set
+
+    async def renew(self, model: str) -> None:
+        """A model replaced under its name: read its build record and measure its
+        latency again (the new version's), then rank it by what it serves now."""
+        state = self.states.get(model)
+        if state is None:
+            return
+        await self._probe_latency(state.spec, again=True)
+        await self._read_provenance(state)
 
     def placement(self, models: list[str] | None = None) -> dict[str, list[str]]:
         """Each ready model (of ``models``, if given) -> the endpoints serving it now
@@ -131,6 +200,10 @@ class Catalog:
 
     async def refresh(self) -> None:
         """Re-read the pool (endpoints, readiness) and weights provenance of every model."""
+        async with self._refreshing:  # one at a time: a new model is probed once
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         await self.pool.refresh()
         index = self.pool.states() if self.pool.any_up else None
         self.backend_up = index is not None
@@ -143,22 +216,23 @@ class Catalog:
         self._endpoints_shown = set(self.pool.endpoints)
         for url, endpoint in self.pool.endpoints.items():
             self.metrics.triton_endpoint_up.labels(url).set(1 if endpoint.up else 0)
-        names = self.settings.models or tuple(n for n in (index or {}) if lookup(n))
+        names = ((*self.settings.models, *sorted(self.added)) if self.settings.models
+                 else tuple(n for n in (index or {}) if lookup(n)))
         for name in names:
             spec = lookup(name)
-            if spec is None:
+            if spec is None or name in self.retired:
                 continue
             state = self.states.setdefault(
                 name, ModelState(spec, pin_published=self.settings.pin_published_ap))
-            was_ready = state.ready
             state.status, state.reason = (index or {}).get(
                 name, ("UNREACHABLE" if index is None else "NOT_LOADED", ""))
-            state.ready = state.status == "READY"
-            if state.ready and not was_ready:
-                await self._read_provenance(state)
-                # Awaited: until the router knows a model's latency it would
-                # misroute, so the probe is part of getting ready (like warm-up).
+            if state.status == "READY" and not state.ready:
+                # Awaited, and before the provenance ranks it and it is called ready:
+                # until the router knows a model's latency it would misroute, so the
+                # probe is part of getting ready (like warm-up).
                 await self._probe_latency(spec)
+                await self._read_provenance(state)
+            state.ready = state.status == "READY"
             self.metrics.model_ready.labels(name).set(1 if state.ready else 0)
             if spec.published_ap is not None:
                 self.metrics.published_ap.labels(name).set(spec.published_ap)
@@ -225,13 +299,13 @@ class Catalog:
         else:
             log.info("model %s ready, weights: %s", state.spec.name, state.weights)
 
-    async def _probe_latency(self, spec: ModelSpec) -> None:
+    async def _probe_latency(self, spec: ModelSpec, again: bool = False) -> None:
         """Seed the router with a two-point profile of a model it has no profile
         for: batch 1 and a larger batch. Without the second point the router
         could not tell a device that batches for free (a GPU) from one that runs
         the images one after another (a CPU), and would read every batched
         answer against the wrong one."""
-        if self.router.profiled(spec.name):
+        if self.router.profiled(spec.name) and not again:
             return
         url = self.pool.placement().get(spec.name, [""])[0]
         if url not in self.pool.endpoints:
@@ -248,7 +322,8 @@ class Catalog:
             except ApiError:
                 return
         self.router.latency.measured(spec.name, ModelProfile(timings))
-        log.info("model %s: no latency profile; measured %s", spec.name,
+        log.info("model %s: %s; measured %s", spec.name,
+                 "a new version" if again else "no latency profile",
                  ", ".join(f"{ms:.1f} ms at batch {b}" for b, ms in timings.items()))
 
 

@@ -125,6 +125,13 @@ class LatencyModel:
         with self._lock:
             self.profile.models[model] = profile
 
+    def forget(self, model: str) -> None:
+        """A model retired: what was measured and learnt of it no longer holds (a
+        model added again under its name is another build, measured again)."""
+        with self._lock:
+            self.profile.models.pop(model, None)
+            self.loads.pop(model, None)
+
     def base_ms(self, model: str) -> float:
         """Profiled (or observed) batch-1 latency, before online correction."""
         prof = self.profile.models.get(model)

@@ -261,7 +261,7 @@ class Router:
                          if self.fits(base, b) and not self.fits(base + extra, b))
             exposure_s = (backlog + cost) / 1e3
             chance = 1.0 - math.exp(-pushed / self.governor.window_s * exposure_s)
-            loss[m] = chance * self.ap[fastest]
+            loss[m] = chance * self.ap.get(fastest, 0.0)
         return loss
 
     def _degradable(self, req: RouteRequest, tier: Tier | None) -> bool:
@@ -325,7 +325,8 @@ class Router:
             pool = affordable or [min(fitting, key=self.latency.cost_ms)]
             backlog = min(self.latency.backlog_ms(where[m]) for m in candidates)
             loss = self._displacement(pool, candidates, backlog)
-            best = max(pool, key=lambda m: (self.ap[m] - loss[m], -predicted[m]))
+            # A pinned model may not be ranked (yet): it is the only candidate anyway.
+            best = max(pool, key=lambda m: (self.ap.get(m, 0.0) - loss[m], -predicted[m]))
             self.governor.admitted(self.latency.cost_ms(best))
             self.governor.saw_budget(budget)
             return self._pick(Decision(best, tier.name if tier else None, budget,

@@ -50,6 +50,14 @@ class Settings(BaseModel):
     cards: tuple[Path, ...] = Field(
         (), description="comma-separated model cards (YAML) of models served beside the zoo "
                         "(`tierdet up --card`)")
+    cards_dir: Path | None = Field(None, description=(
+        "the cards folder: the admin API (`PUT /admin/models/NAME`) reads a card's graph only "
+        "from here (paths relative to it); unset: models cannot be added while serving"))
+    home: Path | None = Field(None, description=(
+        "the model home (`tierdet build --home`): the admin API builds cards into it and "
+        "installs them into `HOME/repository/TARGET`, the folder Triton serves"))
+    model_target: Literal["cpu-local", "cpu"] = Field("cpu-local", description=(
+        "the repository flavour the admin API installs into (`tierdet build --target`)"))
     pin_published_ap: bool = Field(
         False, description="rank every model by its published AP whatever its weights (for "
                            "routing tests and benchmarks on random weights, which rank 0)")

@@ -241,8 +241,34 @@ class TritonClient:
         except InferenceServerException as exc:
             self._say_if_refused(exc)
             raise
-        return {m["name"]: (m.get("state", ""), m.get("reason", ""))
-                for m in index.get("models", [])}
+        # One entry per version: a model being replaced lists its old version
+        # (UNLOADING) beside the new one; it serves while any version is READY.
+        out: dict[str, tuple[str, str]] = {}
+        for m in index.get("models", []):
+            state = (m.get("state", ""), m.get("reason", ""))
+            if m["name"] not in out or state[0] == "READY":
+                out[m["name"]] = state
+        return out
+
+    async def load_model(self, model: str, timeout_s: float = 300.0) -> None:
+        """Load ``model`` from Triton's repository (explicit model control); for a
+        loaded one, load the versions its folder holds now: the old keeps serving
+        until the new is ready, then finishes what it holds and is unloaded."""
+        try:
+            await self._client.load_model(model, headers=self._key, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            self._say_if_refused(exc)
+            raise ApiError(ErrorCode.LOAD_FAILED, f"{model}: triton {self.url} did not load "
+                           f"it: {exc.message() or exc}") from None
+
+    async def unload_model(self, model: str, timeout_s: float = 30.0) -> None:
+        """Unload ``model``: Triton lets the requests it holds finish first."""
+        try:
+            await self._client.unload_model(model, headers=self._key, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            self._say_if_refused(exc)
+            raise ApiError(ErrorCode.LOAD_FAILED, f"{model}: triton {self.url} did not unload "
+                           f"it: {exc.message() or exc}") from None
 
     def _say_if_refused(self, exc: InferenceServerException) -> None:
         """Log, once, that Triton refuses this gateway's key: to the gateway that

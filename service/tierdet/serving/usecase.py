@@ -39,6 +39,7 @@ from tierdet.serving import access, decoding, imaging, memory, postprocess, tili
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.catalog import Catalog, build_router, public
+from tierdet.serving.changes import ModelChanges
 from tierdet.serving.infer import Infer
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
@@ -86,6 +87,7 @@ class Detector:
             register_card(card)
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
+        self.changes = ModelChanges(settings, self.pool, self.catalog)
         self.keys = KeyRing.load(settings.api_keys_file)
         self.failed_keys = FailedAttempts(settings.failed_key_limit)
         self.admin = AdminKey(settings.admin_key_sha256)
@@ -218,7 +220,10 @@ class Detector:
                 try:
                     self._pay(caller)
                     valid = self.validator.validate(caller.key, options, caller.deadline_ms)
-                    seen.result = await self._detect(caller, image, valid, seen)
+                    # Counted from validation on (no await between): a model retired
+                    # meanwhile is unloaded only once this request is done with it.
+                    with self.catalog.using(*valid.candidates):
+                        seen.result = await self._detect(caller, image, valid, seen)
                 except BaseException as exc:
                     seen.code = _code(exc)
                     if seen.decision is not None and seen.code is ErrorCode.DEADLINE_EXCEEDED:

@@ -1,0 +1,364 @@
+"""Models that change while serving: add, replace and retire, behind the admin API.
+
+A change is a card (``tierdet.registry.cards``) sent by the admin. Its graph
+is read only from the cards folder (``TIERDET_CARDS_DIR``: a relative path
+that stays inside it, links resolved) and must have the sha256 the card
+states. Then, each step only once the one before succeeded:
+
+    building   ``tierdet build --card --new-version`` in a child process (the
+               gateway never imports torch; the event loop keeps serving): the
+               model goes into a new version folder of Triton's repository
+    loading    Triton loads it on every endpoint (explicit model control, with
+               the restricted-API key); a replaced model keeps answering on its
+               old version until the new one is ready, and Triton unloads the
+               old once the requests it holds are done
+    serving    the catalog measures its latency, then ranks it: only now does
+               the router send it traffic (a replacement is measured again)
+
+Retiring stops routing to a model at once, waits until the requests already
+routed to it are answered (``Catalog.using``/``drained``), then unloads it.
+A malformed card, a path out of the folder, a missing graph, a digest that
+does not match, a failed build or load is an ``ApiError`` with its own code,
+and the serving set stays as it was. A replacement may not change what the
+gateway prepares for the model (input size, resize, classes, detections):
+requests prepared for the old version may still be on their way.
+
+Changes last as long as the gateway and Triton run: a card meant to stay
+belongs in ``TIERDET_CARDS`` (``tierdet up --card``) as well. Each gateway
+process keeps its own catalog, so changes need a gateway of one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.registry.cards import CardError, OnnxSource, card_mapping, expand, spec_of, validated
+from tierdet.registry.cards import ModelCard as Card
+from tierdet.registry.specs import CARD_SPECS, SPECS, ModelSpec, lookup
+from tierdet.serving.catalog import Catalog
+from tierdet.serving.pool import EndpointPool
+from tierdet.serving.settings import Settings
+
+log = logging.getLogger("tierdet.changes")
+
+State = Literal["serving", "building", "loading", "draining", "retired", "failed"]
+BUILD_TIMEOUT_S = 900.0  # a card's export: seconds here, minutes for a big graph
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """One model as the admin sees it (``GET /admin/models``)."""
+
+    name: str
+    state: State
+    reason: str = ""  # why it failed (the build's or Triton's words)
+    card: str = ""  # the card it came from through the admin API, if it did
+
+
+@dataclass(frozen=True)
+class AdminModels:
+    """The admin API's answer: the models it shows or a change touched."""
+
+    models: tuple[ModelChange, ...]
+
+
+class ModelChanges:
+    def __init__(self, settings: Settings, pool: EndpointPool, catalog: Catalog) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.catalog = catalog
+        self._cards: dict[str, tuple[str, ...]] = {}  # card -> its models (admin-added)
+        self._records: dict[str, ModelChange] = {}  # model -> its last change
+        self._busy: set[str] = set()  # cards and models being changed now
+
+    # -- what is served -----------------------------------------------------
+
+    def models(self) -> tuple[ModelChange, ...]:
+        """Every model the gateway serves or a change touched, with its state."""
+        out = {name: self._from_catalog(name) for name in self.catalog.states}
+        for name, rec in self._records.items():
+            if name not in out or rec.state != "serving":
+                out[name] = rec
+            elif rec.reason:  # serving, after a replacement that failed
+                out[name] = replace(out[name], reason=rec.reason)
+        return tuple(out[name] for name in sorted(out))
+
+    def _from_catalog(self, name: str) -> ModelChange:
+        state = self.catalog.states[name]
+        card = next((c for c, models in self._cards.items() if name in models), "")
+        if state.ready:
+            return ModelChange(name, "serving", card=card)
+        if state.status in ("LOADING", "READY"):  # READY: being measured
+            return ModelChange(name, "loading", card=card)
+        return ModelChange(name, "failed", state.reason or state.status, card)
+
+    # -- add or replace -----------------------------------------------------
+
+    async def put(self, name: str, body: bytes) -> tuple[ModelChange, ...]:
+        """Add the card ``body`` (YAML or JSON) under ``name``, or replace the
+        models it names; answers once they serve."""
+        cards_dir, home = self._where()
+        raw, card = parse_card(name, body)
+        graphs = await asyncio.to_thread(checked_graphs, card, cards_dir)
+        models = expand(card)
+        names = tuple(m.name for m in models)
+        replaced = [n for n in names if self.catalog.serves(n)]
+        for model in models:
+            self._check_replaceable(model)
+        with self._holding(name, *names):
+            for n in names:
+                self._record(n, "building", card=name)
+            try:
+                card_file = _write_card(home, raw, graphs)
+                await self._build(card_file, home)
+                for model in models:  # the gateway's view of them, from now on
+                    CARD_SPECS[model.name] = spec_of(model)
+                self._cards[name] = names
+                for n in names:
+                    self._record(n, "loading", card=name)
+                await self._load(names, replaced)
+            except BaseException as exc:  # whatever stopped it, the serving set goes back
+                why = exc.message if isinstance(exc, ApiError) else \
+                    f"{type(exc).__name__} (see the gateway's log)"
+                await self._undo_add([n for n in names if n not in replaced])
+                if not replaced:
+                    self._cards.pop(name, None)
+                for n in names:  # a model replaced in vain serves its old version still
+                    self._record(n, "serving" if n in replaced else "failed",
+                                 f"the replacement failed: {why}" if n in replaced else why,
+                                 card=name)
+                raise
+            for n in names:
+                self._record(n, "serving", card=name)
+        log.info("card %s: %s %s", name, "replaced" if replaced else "added", ", ".join(names))
+        return tuple(self._from_catalog(n) for n in names)
+
+    def _where(self) -> tuple[Path, Path]:
+        if self.settings.cards_dir is None or self.settings.home is None:
+            raise ApiError(ErrorCode.CHANGES_DISABLED, "models cannot change on this gateway: "
+                           "it needs TIERDET_CARDS_DIR and TIERDET_HOME")
+        if self.settings.workers > 1:
+            raise ApiError(ErrorCode.CHANGES_DISABLED, "models cannot change on a gateway of "
+                           "several workers (each keeps its own catalog): TIERDET_WORKERS=1")
+        return self.settings.cards_dir, self.settings.home
+
+    def _check_replaceable(self, card: Card) -> None:
+        if card.name in SPECS:
+            raise ApiError(ErrorCode.MODEL_CONFLICT, f"{card.name!r} is a shipped model's name")
+        old = lookup(card.name)
+        if old is None or not self.catalog.serves(card.name):
+            return
+        if _prepared(old) != _prepared(spec_of(card)):
+            raise ApiError(ErrorCode.MODEL_CONFLICT, (
+                f"{card.name}: the replacement changes what the gateway prepares for it "
+                "(input size, resize, classes or detections): add it under a new name, "
+                "then retire the old one"))
+
+    async def _build(self, card_file: Path, home: Path) -> None:
+        """``tierdet build`` in a child process: its own interpreter imports torch."""
+        command = [sys.executable, "-m", "tierdet.cli", "--home", str(home), "build",
+                   "--card", str(card_file), "--target", self.settings.model_target,
+                   "--new-version"]
+        child = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            output, _ = await asyncio.wait_for(child.communicate(), BUILD_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            child.kill()
+            await child.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise ApiError(ErrorCode.BUILD_FAILED, f"the build took over {BUILD_TIMEOUT_S:.0f} "
+                           "s") from None
+        if child.returncode == 0:
+            return
+        text = output.decode(errors="replace").strip()
+        log.error("build of %s failed (exit %s):\n%s", card_file, child.returncode, text)
+        last = text.splitlines()[-1] if text else f"exit code {child.returncode}"
+        # `tierdet build` exits 2 on a problem of the card (CardError): the admin's to fix.
+        code = ErrorCode.INVALID_CARD if child.returncode == 2 else ErrorCode.BUILD_FAILED
+        raise ApiError(code, last.removeprefix("error: "))
+
+    async def _load(self, names: tuple[str, ...], replaced: list[str]) -> None:
+        """Load (a replacement: reload) ``names`` on every endpoint, then have the
+        catalog measure and rank them."""
+        endpoints = [e for e in self.pool.endpoints.values() if e.up]
+        if not endpoints:
+            raise ApiError(ErrorCode.TRITON_UNAVAILABLE, "no Triton endpoint is up",
+                           retry_after_s=1.0)
+        for name in names:
+            for endpoint in endpoints:
+                await endpoint.backend.load_model(name)
+            spec = lookup(name)
+            assert spec is not None  # registered after the build
+            self.catalog.add(name, spec.labels.name)
+        await self.catalog.refresh()  # new ones: probed, then ranked
+        for name in names:
+            state = self.catalog.states.get(name)
+            if state is None or not state.ready:
+                reason = state.reason or state.status if state else "not in Triton's index"
+                raise ApiError(ErrorCode.LOAD_FAILED, f"{name}: not ready after loading: "
+                               f"{reason}")
+            if name in replaced:
+                state.spec = lookup(name) or state.spec
+                await self.catalog.renew(name)
+
+    async def _undo_add(self, names: list[str]) -> None:
+        """Models a failed change would have added: unknown again, unloaded."""
+        for name in names:
+            self.catalog.added.discard(name)
+            self.catalog.forget(name)
+            CARD_SPECS.pop(name, None)
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        """Unload ``name`` wherever Triton knows it."""
+        await self.pool.refresh()
+        for endpoint in list(self.pool.endpoints.values()):
+            if endpoint.up and name in endpoint.index:
+                try:
+                    await endpoint.backend.unload_model(name)
+                except ApiError as exc:  # that endpoint keeps it loaded, never routed to
+                    log.error("%s", exc.message)
+
+    # -- retire ---------------------------------------------------------------
+
+    async def delete(self, name: str) -> tuple[ModelChange, ...]:
+        """Retire the models of card ``name`` (or the one model ``name``): no new
+        request goes to them, those routed finish, then Triton unloads them."""
+        names = self._cards.get(name) or ((name,) if self.catalog.serves(name) else ())
+        if not names:
+            raise ApiError(ErrorCode.UNKNOWN_MODEL, f"{name!r} is neither a served model nor "
+                           "a card the admin added")
+        with self._holding(name, *names):
+            for n in names:
+                self._record(n, "draining", card=self._card_of(n))
+                self.catalog.retire(n)
+            drain_s = max(30.0, 3 * self.settings.request_timeout_s)
+            for n in names:
+                if not await self.catalog.drained(n, drain_s):
+                    log.warning("model %s: requests still in flight after %.0f s; unloading",
+                                n, drain_s)
+                await self._unload(n)
+                self.catalog.forget(n)
+                self._record(n, "retired", card=self._card_of(n))
+            self._cards.pop(name, None)
+        log.info("retired %s", ", ".join(names))
+        return tuple(self._records[n] for n in names)
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _holding(self, *names: str) -> _Holding:
+        busy = self._busy.intersection(names)
+        if busy:
+            raise ApiError(ErrorCode.CHANGE_IN_PROGRESS,
+                           f"{', '.join(sorted(busy))}: another change is under way")
+        return _Holding(self._busy, set(names))
+
+    def _record(self, name: str, state: State, reason: str = "", card: str = "") -> None:
+        self._records[name] = ModelChange(name, state, reason, card)
+
+    def _card_of(self, name: str) -> str:
+        return next((c for c, models in self._cards.items() if name in models), "")
+
+
+class _Holding:
+    """Marks names as being changed for a ``with`` block."""
+
+    def __init__(self, busy: set[str], names: set[str]) -> None:
+        self.busy, self.names = busy, names
+
+    def __enter__(self) -> None:
+        self.busy.update(self.names)
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy.difference_update(self.names)
+
+
+def _prepared(spec: ModelSpec) -> tuple[object, ...]:
+    """What the gateway does for a model outside its graph: a request prepared for
+    one version must suit the next."""
+    return spec.input_size, spec.preprocessing, spec.labels, spec.max_detections
+
+
+def parse_card(name: str, body: bytes) -> tuple[dict[str, Any], Card]:
+    """The card in ``body`` (YAML, or JSON: YAML reads it), validated, for ``name``."""
+    try:
+        raw = card_mapping(body.decode("utf-8"), "card")
+        card = validated(raw, "card")
+    except UnicodeDecodeError:
+        raise ApiError(ErrorCode.INVALID_CARD, "card: not UTF-8 text") from None
+    except CardError as exc:
+        raise ApiError(ErrorCode.INVALID_CARD, str(exc)) from None
+    if card.name != name:
+        raise ApiError(ErrorCode.INVALID_CARD, f"name: the card is {card.name!r}, the URL "
+                       f"names {name!r}")
+    if not isinstance(card.source, OnnxSource) or card.source.sha256 is None:
+        raise ApiError(ErrorCode.INVALID_CARD, "source: the admin API takes an ONNX graph with "
+                       "its sha256 (source: {onnx: FILE, sha256: DIGEST})")
+    return raw, card
+
+
+def checked_graphs(card: Card, cards_dir: Path) -> dict[int, Path]:
+    """Input size -> the graph's file in ``cards_dir``, checked against its digest
+    (blocking: it reads the files)."""
+    out = {}
+    for model in expand(card):
+        source = model.source
+        assert isinstance(source, OnnxSource)
+        assert isinstance(source.onnx, Path) and isinstance(source.sha256, str)  # expanded
+        path = graph_path(cards_dir, source.onnx)
+        if _sha256(path) != source.sha256:
+            raise ApiError(ErrorCode.DIGEST_MISMATCH, f"source: {source.onnx} does not have "
+                           f"the sha256 {source.sha256}")
+        size = model.input.size
+        assert isinstance(size, int)
+        out[size] = path
+    return out
+
+
+def graph_path(cards_dir: Path, path: Path) -> Path:
+    """``path`` inside ``cards_dir``: relative, no ``..``, not out through a link."""
+    if path.is_absolute() or ".." in path.parts:
+        raise ApiError(ErrorCode.CARD_PATH_REFUSED, f"source: {path}: a graph is named by "
+                       "its path in the cards folder (relative, without '..')")
+    root = cards_dir.resolve()
+    full = (root / path).resolve()
+    if not full.is_relative_to(root):
+        raise ApiError(ErrorCode.CARD_PATH_REFUSED, f"source: {path} leads out of the cards "
+                       "folder")
+    if not full.is_file():
+        raise ApiError(ErrorCode.GRAPH_NOT_FOUND, f"source: {path}: no such file in the "
+                       "cards folder")
+    return full
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_card(home: Path, raw: dict[str, Any], graphs: dict[int, Path]) -> Path:
+    """The card as the build reads it: its graphs named by the checked paths."""
+    source = dict(raw["source"])
+    onnx = source["onnx"]
+    source["onnx"] = ({int(k): str(graphs[int(k)]) for k in onnx} if isinstance(onnx, dict)
+                      else str(next(iter(graphs.values()))))
+    path = home / "admin-cards" / f"{raw['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({**raw, "source": source}, sort_keys=False))
+    tmp.replace(path)
+    return path

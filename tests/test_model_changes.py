@@ -1,0 +1,311 @@
+"""Models that change while serving, through the admin API, on the real stack.
+
+Two tritonservers (explicit model control) reading one repository and serving
+D0; one gateway with both in its pool and an admin credential; a cards folder
+holding YOLOX-Nano's real graph; a model home of its own. A card PUT is
+built, loaded on both, measured and routed to; a second PUT replaces it while
+pinned requests keep coming, a DELETE retires it while they still come: every
+request answers 200 or, once the model is gone, a clear 422. Bad cards, paths
+out of the folder, digest mismatches and callers' keys are refused with their
+codes, and the serving set stays as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import yaml
+from conftest import REPO, TEST_MODEL, encode, photos, triton_key
+from tierdet import cli
+from tierdet.devstack.stack import GatewayProcess, start_triton
+from tierdet.devstack.triton import LocalTriton
+from waiting import wait_until
+
+ADMIN_KEY = "admin-key-of-the-model-changes-test"
+CALLER_KEY = "a-callers-api-key"
+GRAPH = REPO / "weights" / "yolox-nano" / "yolox_nano.onnx"
+GRAPH_SHA = hashlib.sha256(GRAPH.read_bytes()).hexdigest()
+ADMIN = {"X-Admin-Key": ADMIN_KEY}
+CALLER = {"Authorization": f"Bearer {CALLER_KEY}"}
+
+
+@dataclass
+class Stack:
+    tritons: list[LocalTriton]
+    gateway: GatewayProcess
+    cards: Path
+    http: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def stack(built_d0, tmp_path_factory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("changes")
+    cards = work / "cards"
+    cards.mkdir()
+    shutil.copy(GRAPH, cards / "yolox_nano.onnx")
+    os.symlink(GRAPH, cards / "outside.onnx")  # a link out of the folder
+    keys = work / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [
+        {"name": "caller", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}]}))
+    tritons: list[LocalTriton] = []
+    try:
+        for server in ("a", "b"):  # a pool of two: every change reaches both
+            tritons.append(start_triton([built_d0], work / "home", work / server, threads=1))
+        gateway = GatewayProcess.start(
+            ",".join(t.endpoint for t in tritons), work / "gateway.log",
+            api_keys_file=str(keys),
+            admin_key_sha256=hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
+            cards_dir=str(cards), home=str(work / "home"),
+            # Every pixel decoded: a request spends a while in the gateway before it
+            # reaches Triton, the time a retirement must wait for.
+            decode_scale="full")
+        try:
+            with httpx.Client(base_url=gateway.http, timeout=300.0) as http:
+                yield Stack(tritons, gateway, cards, http)
+        finally:
+            gateway.stop()
+    finally:
+        for triton in tritons:
+            triton.stop()
+
+
+def card(name: str, **changes) -> str:
+    """A YOLOX-Nano card at 320 px whose graph is the cards folder's copy."""
+    raw: dict = {
+        "name": name, "source": {"onnx": "yolox_nano.onnx", "sha256": GRAPH_SHA},
+        "input": {"size": 320, "channels": "BGR", "resize": "letterbox"},
+        "output": {"format": "yolox", "strides": [8, 16, 32]},
+        "classes": "coco80", "nms_iou": 0.6, "pre_nms_top_k": 1000,
+        "licence": "Apache-2.0", "provenance": "tests/test_model_changes.py"}
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return yaml.safe_dump(raw)
+
+
+def served(stack: Stack) -> dict[str, bool]:
+    models = stack.http.get("/v1/models", headers=CALLER).json()["models"]
+    return {m["name"]: m["ready"] for m in models}
+
+
+def admin_states(stack: Stack) -> dict[str, str]:
+    answer = stack.http.get("/admin/models", headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    return {m["name"]: m["state"] for m in answer.json()["models"]}
+
+
+def triton_versions(stack: Stack, model: str) -> list[dict[str, str]]:
+    """Per Triton of the pool: version -> state of ``model`` as its repository index says."""
+    out = []
+    for triton in stack.tritons:
+        with triton_grpc.InferenceServerClient(triton.grpc_url) as client:
+            index = client.get_model_repository_index(as_json=True, headers=triton_key())
+        out.append({m.get("version", ""): m.get("state", "") for m in index.get("models", [])
+                    if m["name"] == model})
+    return out
+
+
+def detect(http: httpx.Client, model: str, photo: bytes | None = None) -> httpx.Response:
+    return http.post("/v1/detect", params={"model": model},
+                     headers={**CALLER, "Content-Type": "image/jpeg"},
+                     content=photo or PHOTO, timeout=60.0)
+
+
+PHOTO = encode(photos()["astronaut"])
+# 4096 x 4096 pixels: tens of milliseconds of decoding before each call to Triton.
+LARGE_PHOTO = encode(np.tile(photos()["astronaut"], (8, 8, 1)))
+
+
+class Traffic:
+    """Pinned requests from threads until stopped; every answer's status and code."""
+
+    def __init__(self, base_url: str, model: str, photo: bytes, threads: int = 3) -> None:
+        self.answers: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._send, args=(base_url, model, photo))
+                         for _ in range(threads)]
+
+    def _send(self, base_url: str, model: str, photo: bytes) -> None:
+        with httpx.Client(base_url=base_url, timeout=60.0) as http:
+            while not self._stop.is_set():
+                answer = detect(http, model, photo)
+                code = "" if answer.status_code == 200 else answer.json()["error"]["code"]
+                with self._lock:
+                    self.answers.append((answer.status_code, code))
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+
+def test_the_admin_api_takes_the_admin_credential_only(stack: Stack):
+    before = served(stack)
+    for headers in ({}, CALLER, {"X-Admin-Key": CALLER_KEY}, {"X-Admin-Key": "wrong"}):
+        for method, path, body in (("GET", "/admin/models", None),
+                                   ("PUT", "/admin/models/sneaky", card("sneaky")),
+                                   ("DELETE", f"/admin/models/{TEST_MODEL}", None)):
+            answer = stack.http.request(method, path, headers=headers, content=body)
+            assert answer.status_code == 403, (method, headers, answer.text)
+            assert answer.json()["error"]["code"] == "admin_required"
+    assert served(stack) == before
+    assert admin_states(stack) == {TEST_MODEL: "serving"}
+
+
+def test_without_an_admin_credential_configured_there_is_no_admin_api(client):
+    """The session's plain gateway: no TIERDET_ADMIN_KEY_SHA256."""
+    for headers in ({}, {"X-Admin-Key": ADMIN_KEY}):
+        answer = client.get("/admin/models", headers=headers)
+        assert answer.status_code == 403
+        assert answer.json()["error"]["code"] == "admin_required"
+        assert "no admin credential is configured" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name, body, code", [
+    ("bad", "name: [unclosed", "invalid_card"),
+    ("bad", card("bad", licence=""), "invalid_card"),
+    ("bad", card("other"), "invalid_card"),  # the URL names another model
+    ("bad", card("bad", source={"onnx": "yolox_nano.onnx"}), "invalid_card"),  # no digest
+    ("bad", card("bad", **{"source.sha256": "0" * 64}), "digest_mismatch"),
+    ("bad", card("bad", **{"source.onnx": str(GRAPH)}), "card_path_refused"),
+    ("bad", card("bad", **{"source.onnx": "../cards/yolox_nano.onnx"}), "card_path_refused"),
+    ("bad", card("bad", **{"source.onnx": "outside.onnx"}), "card_path_refused"),
+    ("bad", card("bad", **{"source.onnx": "missing.onnx"}), "graph_not_found"),
+    (TEST_MODEL, card(TEST_MODEL), "model_conflict"),  # a shipped model's name
+])
+def test_a_bad_card_is_refused_and_the_serving_set_stays(stack: Stack, name, body, code):
+    before = served(stack)
+    answer = stack.http.put(f"/admin/models/{name}", headers=ADMIN, content=body)
+    assert answer.status_code in (409, 422), answer.text
+    assert answer.json()["error"]["code"] == code, answer.text
+    assert served(stack) == before
+    assert "bad" not in admin_states(stack)
+
+
+def test_a_card_that_does_not_fit_its_graph_fails_its_build_and_changes_nothing(stack):
+    before = served(stack)
+    # Two strides where the graph has three levels: the build's run of the graph finds it.
+    answer = stack.http.put("/admin/models/misfit", headers=ADMIN,
+                            content=card("misfit", **{"output.strides": [8, 16]}))
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "invalid_card"
+    assert "strides" in answer.json()["error"]["message"]
+    assert served(stack) == before
+    assert admin_states(stack)["misfit"] == "failed"
+    assert triton_versions(stack, "misfit") == [{}, {}]  # nothing was installed
+
+
+def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
+    name = "hot-yolox"
+    # Add: built, loaded, measured, routed to.
+    added = stack.http.put(f"/admin/models/{name}", headers=ADMIN, content=card(name))
+    assert added.status_code == 200, added.text
+    assert added.json()["models"] == [{"name": name, "state": "serving", "reason": "",
+                                       "card": name}]
+    assert served(stack)[name] is True
+    answer = detect(stack.http, name)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == name
+    assert any(d["class_name"] == "person" for d in answer.json()["detections"])
+    assert triton_versions(stack, name) == [{"1": "READY"}, {"1": "READY"}]
+
+    # A replacement that changes the input the gateway prepares is refused.
+    refused = stack.http.put(f"/admin/models/{name}", headers=ADMIN,
+                             content=card(name, **{"input.size": 416}))
+    assert refused.json()["error"]["code"] == "model_conflict", refused.text
+    assert served(stack)[name] is True
+    # A replacement whose build fails leaves the old version serving.
+    misfit = stack.http.put(f"/admin/models/{name}", headers=ADMIN,
+                            content=card(name, **{"output.strides": [8, 16]}))
+    assert misfit.json()["error"]["code"] == "invalid_card", misfit.text
+    (state,) = [m for m in stack.http.get("/admin/models", headers=ADMIN).json()["models"]
+                if m["name"] == name]
+    assert state["state"] == "serving"
+    assert state["reason"].startswith("the replacement failed: ")
+    assert detect(stack.http, name).status_code == 200
+    assert triton_versions(stack, name) == [{"1": "READY"}, {"1": "READY"}]
+
+    # Replace under load: the old version answers until the new one serves.
+    # One sender: requests are in flight all along, and the build keeps a core.
+    with Traffic(stack.gateway.http, name, PHOTO, threads=1) as traffic:
+        wait_until(lambda: traffic.count() >= 3, "requests answered before the replacement")
+        with ThreadPoolExecutor(1) as admin:  # the admin waits; GET shows the steps
+            put = admin.submit(httpx.put, f"{stack.gateway.http}/admin/models/{name}",
+                               headers=ADMIN, content=card(name, nms_iou=0.5), timeout=300.0)
+            wait_until(lambda: admin_states(stack)[name] == "building", "the build")
+            replaced = put.result()
+        assert replaced.status_code == 200, replaced.text
+        assert admin_states(stack)[name] == "serving"
+        seen = traffic.count()
+        wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
+    assert {status for status, _ in traffic.answers} == {200}, traffic.answers
+    wait_until(lambda: all(v.get("2") == "READY" and v.get("1") != "READY"
+                           for v in triton_versions(stack, name)), "version 2 alone, on both")
+
+    # Retire under load: what was routed finishes, then the model is unknown. Large
+    # photos keep requests in the gateway (decoding) for a while before Triton.
+    with Traffic(stack.gateway.http, name, LARGE_PHOTO) as traffic:
+        wait_until(lambda: traffic.count() >= 3, "requests answered before the retirement")
+        retired = stack.http.delete(f"/admin/models/{name}", headers=ADMIN)
+        assert retired.status_code == 200, retired.text
+        seen = traffic.count()
+        wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
+    outcomes = set(traffic.answers)
+    assert outcomes <= {(200, ""), (422, "unknown_model")}, outcomes
+    assert (200, "") in outcomes and (422, "unknown_model") in outcomes
+    gone = detect(stack.http, name)
+    assert gone.status_code == 422 and gone.json()["error"]["code"] == "unknown_model"
+    assert name not in served(stack)
+    assert admin_states(stack)[name] == "retired"
+    wait_until(lambda: all("READY" not in v.values() for v in triton_versions(stack, name)),
+               "both Tritons to unload it")
+    unknown = stack.http.delete(f"/admin/models/{name}", headers=ADMIN)
+    assert unknown.json()["error"]["code"] == "unknown_model"
+
+
+def test_the_cli_lists_adds_and_retires(stack: Stack, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIERDET_ADMIN_KEY", ADMIN_KEY)
+    url = ["--url", stack.gateway.http]
+    path = tmp_path / "cli-yolox.yaml"
+    path.write_text(card("cli-yolox"))
+    assert cli.main(["admin", "models", "put", str(path), *url]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["cli-yolox", "serving",
+                                                               "cli-yolox"]
+    assert cli.main(["admin", "models", "list", *url]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["cli-yolox"] == ["serving", "cli-yolox"]
+    assert rows[TEST_MODEL] == ["serving", "-"]
+    assert detect(stack.http, "cli-yolox").status_code == 200
+    assert cli.main(["admin", "models", "delete", "cli-yolox", *url]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["cli-yolox", "retired",
+                                                               "cli-yolox"]
+    path.write_text(card("cli-yolox", **{"source.sha256": "1" * 64}))
+    assert cli.main(["admin", "models", "put", str(path), *url]) == 1
+    assert capsys.readouterr().err.startswith("error: digest_mismatch: ")
+    monkeypatch.setenv("TIERDET_ADMIN_KEY", CALLER_KEY)
+    assert cli.main(["admin", "models", "list", *url]) == 1
+    assert capsys.readouterr().err.startswith("error: admin_required: ")
