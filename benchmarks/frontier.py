@@ -206,20 +206,25 @@ class Row:
     refusal_p99_ms: float
     effective_ap: float
     models: dict[str, int]
+    late: dict[str, int] = field(default_factory=dict)  # model -> answers past the budget
 
 
 def summarize(load: float, name: str, plan: list[Arrival], answers: list[Answer],
               refusals: list[float], ap: float) -> Row:
     admitted = [a for a in answers if a.admitted]
     models: dict[str, int] = {}
+    late: dict[str, int] = {}
     for a in answers:
         if a.model:
             models[a.model] = models.get(a.model, 0) + 1
+            if not a.in_budget:
+                late[a.model] = late.get(a.model, 0) + 1
     return Row(load, name, len(answers),
                sum(a.in_budget for a in admitted) / len(admitted) if admitted else float("nan"),
                sum(a.code in ("sla_unattainable", "overloaded") for a in answers) / len(answers),
                float(np.percentile(refusals, 50)) if refusals else float("nan"),
-               float(np.percentile(refusals, 99)) if refusals else float("nan"), ap, models)
+               float(np.percentile(refusals, 99)) if refusals else float("nan"), ap, models,
+               late)
 
 
 def alone(base: str, photos: list[Photo], model: str) -> tuple[float, dict[int, list[dict]]]:
@@ -392,13 +397,14 @@ def run(args, gt: dict, photos: list[Photo], names: list[str], bases: list[str])
                                                    oracle(plan, photos, service, ap, found)),
                         {}))
     print("\n| load | deployment | requests | in-SLO of admitted | shed | refusal p50 / p99 ms "
-          "| effective AP | models |")
+          "| effective AP | models (late: answered past the budget) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.load:g}C | {r.deployment} | {r.requests} | {r.in_slo_admitted:.1%} | "
               f"{r.shed:.1%} | {r.refusal_p50_ms:.1f} / {r.refusal_p99_ms:.1f} | "
               f"{r.effective_ap:.1f} | "
-              + ", ".join(f"{m} {n}" for m, n in sorted(r.models.items())) + " |")
+              + ", ".join(f"{m} {n}" + (f" ({r.late[m]} late)" if r.late.get(m) else "")
+                          for m, n in sorted(r.models.items())) + " |")
     report: dict = {"seed": args.seed, "gateways": len(bases), "service_ms": service,
                     "labelled_ap": ap, "capacity": capacity, "budgets_ms": budgets,
                     "rows": [asdict(r) for r in rows]}
