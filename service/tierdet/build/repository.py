@@ -30,6 +30,7 @@ Target = Literal["cpu-local", "cpu", "gpu"]
 TARGETS: tuple[Target, ...] = ("cpu-local", "cpu", "gpu")
 MODEL_FILES: dict[str, str] = {"cpu-local": "model.onnx", "cpu": "model.onnx", "gpu": "model.plan"}
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
+COMMITTED_ROOT = Path(__file__).resolve().parents[3] / "model_repository"
 # On a CPU every model's execution takes all the cores (its own intra-op threads,
 # or the one shared pool): two executions at once only slow each other, and a
 # small model's request finishes behind a big one's half-done work, not before
@@ -42,7 +43,6 @@ CPU_RESOURCE = "tierdet-cpu"
 def rate_limit_args() -> list[str]:
     """tritonserver's flags that make the CPU configs' resource a single one."""
     return ["--rate-limit=execution_count", f"--rate-limit-resource={CPU_RESOURCE}:1"]
-COMMITTED_ROOT = Path(__file__).resolve().parents[3] / "model_repository"
 
 
 def _params(items: Mapping[str, str]) -> list[str]:
