@@ -73,6 +73,8 @@ class Answer:
     model: str | None = None
     code: str | None = None
     detections: list[dict] = field(default_factory=list)
+    predicted_ms: float = 0.0  # the router's prediction at admission (200s)
+    gateway_ms: float = 0.0  # the gateway's own clock (200s): the rest is the client's side
 
     @property
     def in_budget(self) -> bool:
@@ -102,7 +104,23 @@ async def _post(client: httpx.AsyncClient, photo: Photo, fields: dict[str, str],
     latency = (time.perf_counter() - start) * 1e3
     if r.status_code != 200:
         return Answer(r.status_code, latency, budget_ms, code=body["error"]["code"])
-    return Answer(200, latency, budget_ms, body["model"], detections=_detections(body))
+    return Answer(200, latency, budget_ms, body["model"], detections=_detections(body),
+                  predicted_ms=body["routing"]["predicted_ms"],
+                  gateway_ms=body["routing"]["actual_ms"])
+
+
+def lateness(answers: list[Answer]) -> str:
+    """Where late answers lost their time: past the budget on the gateway's own
+    clock (the prediction was short), or only on the client's (its side: HTTP,
+    the load generator sharing the cores)."""
+    late = [a for a in answers if a.status == 200 and not a.in_budget]
+    if not late:
+        return "no late answers"
+    gateway = [a for a in late if a.gateway_ms > a.budget_ms]
+    under = statistics.median(a.gateway_ms / a.predicted_ms for a in late if a.predicted_ms)
+    gap = statistics.median(a.latency_ms - a.gateway_ms for a in late)
+    return (f"{len(late)} late: {len(gateway)} past the budget at the gateway; median "
+            f"gateway/predicted {under:.2f}, client-side gap {gap:.1f} ms")
 
 
 @dataclass(frozen=True)
@@ -392,6 +410,8 @@ def run(args, gt: dict, photos: list[Photo], names: list[str], bases: list[str])
             effective = effective_ap(gt, plan, photos, [a.detections if a.in_budget else []
                                                         for a in answers])
             rows.append(summarize(load, name, plan, answers, probe.latencies, effective))
+            if name == "routed":
+                print(f"routed at {load:g}C: {lateness(answers)}", flush=True)
         rows.append(Row(load, "oracle", len(plan), float("nan"), 0.0, float("nan"),
                         float("nan"), effective_ap(gt, plan, photos,
                                                    oracle(plan, photos, service, ap, found)),
