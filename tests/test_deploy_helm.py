@@ -998,7 +998,8 @@ GATEWAY_TRITON_CALLS = {
     "is_server_live": "health", "is_model_ready": "health", "infer": "inference",
     "register_system_shared_memory": "shared-memory",
     "unregister_system_shared_memory": "shared-memory",
-    "get_model_repository_index": "model-repository",  # grouped with load and unload
+    "get_model_repository_index": "model-repository",
+    "load_model": "model-repository", "unload_model": "model-repository",  # model changes
     "get_inference_statistics": "statistics", "get_model_config": "model-config",
     "close": None,  # the client's own channel
 }

@@ -153,6 +153,10 @@ class LocalTriton:
         return f"{self.host}:{self.grpc_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
     def endpoint(self) -> str:
         """This server as a gateway's ``TIERDET_TRITON_URL`` entry (metrics port too)."""
         return f"{self.grpc_url}?metrics={self.metrics_port}"
@@ -175,8 +179,7 @@ class LocalTriton:
     def queue(self) -> QueueReport:
         """What this server reports of its queue on its metrics page (what gateways
         read): requests waiting and requests taken in, per model."""
-        url = f"http://{self.host}:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2.0) as resp:
+        with urllib.request.urlopen(self.metrics_url, timeout=2.0) as resp:
             return queue_report(resp.read().decode())
 
     def model_states(self) -> dict[str, str]:
