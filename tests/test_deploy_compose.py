@@ -403,22 +403,6 @@ def test_cpu_triton_runs_one_onnx_runtime_pool_of_a_chosen_size():
         assert f"--backend-config=onnxruntime,{setting}" in chart
 
 
-def test_cpu_tritons_run_one_model_execution_at_a_time():
-    """The cpu configs ask the rate limiter for the one CPU resource; the servers
-    that load them (compose's, the chart's, the local one) have exactly one."""
-    from tierdet.build.repository import CPU_RESOURCE, rate_limit_args, render_config
-    from tierdet.registry.specs import SPECS
-
-    assert all(flag in _services()["triton-cpu"]["command"] for flag in rate_limit_args())
-    assert not any(a.startswith("--rate-limit") for a in _services()["triton"]["command"])
-    chart = (CHART / "templates" / "triton-deployment.yaml").read_text()
-    assert all(f"- {flag}\n" in chart for flag in rate_limit_args())
-    for target in ("cpu", "cpu-local"):
-        config = render_config(SPECS["efficientdet-d0"], target)
-        assert f'resources [ {{ name: "{CPU_RESOURCE}" global: true count: 1 }} ]' in config
-    assert "rate_limiter" not in render_config(SPECS["efficientdet-d0"], "gpu")
-
-
 def test_stops_leave_time_for_the_drain():
     from tierdet.frontends.server import run_gateway
 

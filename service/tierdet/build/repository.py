@@ -31,18 +31,6 @@ TARGETS: tuple[Target, ...] = ("cpu-local", "cpu", "gpu")
 MODEL_FILES: dict[str, str] = {"cpu-local": "model.onnx", "cpu": "model.onnx", "gpu": "model.plan"}
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 COMMITTED_ROOT = Path(__file__).resolve().parents[3] / "model_repository"
-# On a CPU every model's execution takes all the cores (its own intra-op threads,
-# or the one shared pool): two executions at once only slow each other, and a
-# small model's request finishes behind a big one's half-done work, not before
-# it. So the CPU configs ask Triton's rate limiter for this one resource, of
-# which the server has one: one execution at a time, whatever the model, and the
-# device is the queue the router's latency model predicts.
-CPU_RESOURCE = "tierdet-cpu"
-
-
-def rate_limit_args() -> list[str]:
-    """tritonserver's flags that make the CPU configs' resource a single one."""
-    return ["--rate-limit=execution_count", f"--rate-limit-resource={CPU_RESOURCE}:1"]
 
 
 def _params(items: Mapping[str, str]) -> list[str]:
@@ -97,8 +85,7 @@ def render_config(spec: ModelSpec, target: Target, intra_op_threads: int = 0,
         *([] if target == "cpu-local" else _queue_policy(b)),
         "}",
         (f"instance_group [ {{ kind: KIND_GPU count: {spec.instances.gpu} }} ]" if target == "gpu"
-         else f"instance_group [ {{ kind: KIND_CPU count: {spec.instances.cpu} rate_limiter "
-              f'{{ resources [ {{ name: "{CPU_RESOURCE}" global: true count: 1 }} ] }} }} ]'),
+         else f"instance_group [ {{ kind: KIND_CPU count: {spec.instances.cpu} }} ]"),
         "model_warmup [ {",
         '  name: "zeros" batch_size: 1',
         f'  inputs {{ key: "{INPUT_NAME}" value {{ data_type: TYPE_UINT8 '

@@ -28,7 +28,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tierdet.build.repository import rate_limit_args
 from tierdet.serving.backend import QueueReport
 from tierdet.serving.triton import (
     API_KEY_HEADER,
@@ -128,7 +127,6 @@ class LocalTriton:
             "--log-verbose=0",
         ]
         cmd += [f"--load-model={m}" for m in self.models]
-        cmd += rate_limit_args()
         if self.api_key:
             cmd += restricted_api_args(self.api_key)
         return cmd + self.extra_args
