@@ -114,12 +114,14 @@ def lateness(answers: list[Answer]) -> str:
     clock (the prediction was short), or only on the client's (its side: HTTP,
     the load generator sharing the cores)."""
     late = [a for a in answers if a.status == 200 and not a.in_budget]
+    timeouts = sum(a.code == "deadline_exceeded" for a in answers)
     if not late:
-        return "no late answers"
+        return f"{timeouts} ended 504 at their deadline; no late answers"
     gateway = [a for a in late if a.gateway_ms > a.budget_ms]
     under = statistics.median(a.gateway_ms / a.predicted_ms for a in late if a.predicted_ms)
     gap = statistics.median(a.latency_ms - a.gateway_ms for a in late)
-    return (f"{len(late)} late: {len(gateway)} past the budget at the gateway; median "
+    return (f"{timeouts} ended 504 at their deadline; "
+            f"{len(late)} late: {len(gateway)} past the budget at the gateway; median "
             f"gateway/predicted {under:.2f}, client-side gap {gap:.1f} ms")
 
 
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hog-load", type=float, default=0.8)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model")
     p.add_argument("--home", type=Path, default=default_home())
+    p.add_argument("--gateway-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for the gateways (e.g. route_shared_device=true)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             for g in range(args.gateways):
                 gateways.append(GatewayProcess.start(
                     triton.endpoint, work / f"gateway-{g}.log", timeout_s=300.0,
-                    cards=",".join(map(str, cards)), models=",".join(names)))
+                    cards=",".join(map(str, cards)), models=",".join(names),
+                    **dict(kv.split("=", 1) for kv in args.gateway_setting)))
             run(args, gt, photos, names, [g.http for g in gateways])
         finally:
             for gateway in gateways:

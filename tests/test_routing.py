@@ -535,3 +535,24 @@ def test_the_default_tiers_give_the_shipped_ladder_three_models_on_an_idle_cpu()
         {n: ModelProfile({1: 1.6 * ms}) for n, ms in IDLE_LADDER_MS.items()}))
     r = Router(ap, tiers, slow, default_budget_ms=10_000)
     assert r.decide(RouteRequest(tier="realtime"), 3.0, list(ap)).model == "yolox-nano-320"
+
+
+def test_on_a_shared_cpu_other_models_work_stretches_a_prediction_not_its_own():
+    """On a CPU Triton runs each model's executions on the same cores at once:
+    work admitted for other models recently takes its share of the device while
+    this model's request runs; the model's own requests queue at its instance."""
+    shared = router()
+    shared.shared_device = True
+    alone = shared.decide(RouteRequest(model="mid", sla_ms=5000), 3.0, READY).predicted_ms
+    now = time.monotonic()
+    for _ in range(4):  # 4 x 110 ms of "slow" over a 2 s window: a fifth of the device
+        shared.governor.admitted(110.0, "slow", now)
+    beside = shared.decide(RouteRequest(model="mid", sla_ms=5000), 3.0, READY).predicted_ms
+    # The mid request decided first counts as its own model's work, not "other".
+    assert beside - 2.0 - 3.0 == pytest.approx((alone - 5.0) / (1 - 0.22), rel=0.05)
+    for _ in range(10):
+        shared.governor.admitted(50.0, "mid", now)
+    assert shared.decide(RouteRequest(model="mid", sla_ms=5000), 3.0, READY
+                         ).predicted_ms == pytest.approx(beside, rel=0.02)
+    assert router().decide(RouteRequest(model="mid", sla_ms=5000), 3.0, READY
+                           ).predicted_ms == pytest.approx(alone)  # off by default

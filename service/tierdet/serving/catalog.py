@@ -333,6 +333,7 @@ def build_router(settings: Settings) -> Router:
     return Router(initial_ap(settings.pin_published_ap), tiers, latency,
                   default_budget_ms=settings.request_timeout_s * 1e3,
                   margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms,
+                  shared_device=settings.route_shared_device,
                   calibrate_quantile=settings.route_calibrate_quantile,
                   label_sets={name: spec.labels.name for name, spec in known().items()},
                   default_label_set=settings.default_label_set)

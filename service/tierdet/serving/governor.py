@@ -32,6 +32,8 @@ class LoadGovernor:
     last: float | None = None
     # (arrival time, budget) of recent requests: who an upgrade could push out.
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=512))
+    # model -> (device ms admitted per second, decaying over ``window_s``; when last updated)
+    work: dict[str, tuple[float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def arrival(self, now: float | None = None) -> None:
@@ -56,6 +58,21 @@ class LoadGovernor:
         mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
         return self.rate * mixed / 1e3 <= self.target * max(1, devices)
 
-    def admitted(self, cost_ms: float) -> None:
+    def _work(self, model: str, now: float) -> float:
+        rate, at = self.work.get(model, (0.0, now))
+        return rate * math.exp(-(now - at) / self.window_s)
+
+    def admitted(self, cost_ms: float, model: str = "", now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         with self._lock:
             self.mean_cost_ms += self.weight * (cost_ms - self.mean_cost_ms)
+            self.work[model] = (self._work(model, now) + cost_ms / self.window_s, now)
+
+    def others_load(self, model: str, devices: int = 1, now: float | None = None) -> float:
+        """The share of the device(s) that the work admitted recently for other
+        models than ``model`` takes: on a CPU those run beside ``model``'s
+        executions (each model has its own instance), not before or after them."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            work = sum(self._work(m, now) for m in self.work if m != model)
+        return work / 1e3 / max(1, devices)

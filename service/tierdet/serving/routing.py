@@ -92,7 +92,7 @@ class Router:
                  margin_frac: float = 0.15, margin_ms: float = 5.0,
                  overhead_ms: float = 3.0, governor: LoadGovernor | None = None,
                  calibrate_quantile: float = 0.0, label_sets: Mapping[str, str] | None = None,
-                 default_label_set: str = "coco") -> None:
+                 default_label_set: str = "coco", shared_device: bool = False) -> None:
         self.ap = dict(ap)
         self.label_sets = dict(label_sets or {})
         self.default_label_set = default_label_set
@@ -103,6 +103,7 @@ class Router:
         self.margin_ms = margin_ms
         self.overhead_ms = overhead_ms
         self.governor = governor or LoadGovernor()
+        self.shared_device = shared_device
         self._picks = 0
         self._picked: dict[str, int] = {}  # endpoint -> when it was last chosen (pick count)
 
@@ -227,10 +228,22 @@ class Router:
         """Predicted completion of each candidate at its nearest endpoint, and that
         endpoint."""
         predicted, where = {}, {}
+        devices = len({e for m in candidates for e in ready.get(m, ())})
         for m in candidates:
             where[m], backlog = self._nearest(m, ready.get(m, ()))
-            predicted[m] = elapsed_ms + self.overhead_ms + backlog + self.latency.service_ms(m)
+            device_ms = (backlog + self.latency.service_ms(m)) * self._stretch(m, devices)
+            predicted[m] = elapsed_ms + self.overhead_ms + device_ms
         return predicted, where
+
+    def _stretch(self, model: str, devices: int) -> float:
+        """How much longer ``model``'s work takes while other models' arrive and
+        run beside it (``shared_device``: a CPU, where Triton runs each model's
+        executions on the same cores at once): with a share u of the device
+        taken by them, the work gets 1 - u of it (processor sharing). 1.0
+        without ``shared_device`` or other work."""
+        if not self.shared_device:
+            return 1.0
+        return 1.0 / (1.0 - min(0.75, self.governor.others_load(model, devices)))
 
     def _displacement(self, pool: list[str], candidates: list[str], backlog: float
                       ) -> dict[str, float]:
@@ -327,14 +340,14 @@ class Router:
             loss = self._displacement(pool, candidates, backlog)
             # A pinned model may not be ranked (yet): it is the only candidate anyway.
             best = max(pool, key=lambda m: (self.ap.get(m, 0.0) - loss[m], -predicted[m]))
-            self.governor.admitted(self.latency.cost_ms(best))
+            self.governor.admitted(self.latency.cost_ms(best), best)
             self.governor.saw_budget(budget)
             return self._pick(Decision(best, tier.name if tier else None, budget,
                                        predicted[best], False, priority, where[best]))
         self.governor.saw_budget(budget)
         fastest = min(candidates, key=lambda m: predicted[m])
         if tier is not None and self._degradable(req, tier):
-            self.governor.admitted(self.latency.cost_ms(fastest))
+            self.governor.admitted(self.latency.cost_ms(fastest), fastest)
             return self._pick(Decision(fastest, tier.name, budget, predicted[fastest], True,
                                        priority, where[fastest]))
         raise self._shed(budget, fastest, predicted[fastest])
@@ -348,8 +361,10 @@ class Router:
         if not endpoints:
             return None
         endpoint, backlog = self._nearest(decision.model, endpoints)
-        predicted = (elapsed_ms + self.overhead_ms + backlog
-                     + self.latency.service_ms(decision.model))
+        devices = len(ready.get(decision.model, ()))
+        predicted = elapsed_ms + self.overhead_ms + (
+            backlog + self.latency.service_ms(decision.model)
+        ) * self._stretch(decision.model, devices)
         if not decision.degraded and not self.fits(predicted, decision.budget_ms):
             return None
         return self._pick(replace(decision, endpoint=endpoint, predicted_ms=predicted))

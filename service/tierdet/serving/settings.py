@@ -75,6 +75,10 @@ class Settings(BaseModel):
     route_margin_frac: float = Field(0.15, ge=0.0, le=2.0, description=(
         "a model is chosen only if predicted * (1 + frac) + ms fits the budget"))
     route_margin_ms: float = Field(5.0, ge=0.0, description="see `TIERDET_ROUTE_MARGIN_FRAC`")
+    route_shared_device: bool = Field(False, description=(
+        "predict each model's device time stretched by the share of the device that "
+        "other models' recent work takes (they run beside it on a CPU): "
+        "(backlog + service) / (1 - share)"))
     route_calibrate_quantile: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "scale predictions by this quantile of actual / predicted time (at least 1.0) "
         "over the last 400 requests admitted near their budget (predicted at least half "
