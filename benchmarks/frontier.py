@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, default=default_home())
     p.add_argument("--gateway-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting for the gateways (e.g. route_shared_device=true)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:SETTING=VALUE,...",
+                   help="another routed row beside the default one, from its own gateways "
+                        "with these settings (side by side under the same arrivals)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -370,14 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tierdet-frontier-") as tmp:
         work = Path(tmp)
         triton = start_triton(built, args.home, work / "triton", threads=args.threads)
-        gateways = []
+        gateways: list[GatewayProcess] = []
+        variants: dict[str, list[str]] = {}
+        common = dict(kv.split("=", 1) for kv in args.gateway_setting)
         try:
-            for g in range(args.gateways):
-                gateways.append(GatewayProcess.start(
-                    triton.endpoint, work / f"gateway-{g}.log", timeout_s=300.0,
-                    cards=",".join(map(str, cards)), models=",".join(names),
-                    **dict(kv.split("=", 1) for kv in args.gateway_setting)))
-            run(args, gt, photos, names, [g.http for g in gateways])
+            for variant, settings in [("routed", {}), *map(_variant, args.variant)]:
+                for g in range(args.gateways):
+                    gateways.append(GatewayProcess.start(
+                        triton.endpoint, work / f"gateway-{variant}-{g}.log", timeout_s=300.0,
+                        cards=",".join(map(str, cards)), models=",".join(names),
+                        **{**common, **settings}))
+                    variants.setdefault(variant, []).append(gateways[-1].http)
+            run(args, gt, photos, names, variants)
         finally:
             for gateway in gateways:
                 gateway.stop()
@@ -385,7 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args, gt: dict, photos: list[Photo], names: list[str], bases: list[str]) -> None:
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:SETTING=VALUE,...``: another routed row, from gateways with these settings."""
+    name, _, settings = text.partition(":")
+    return "routed " + name, dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+
+
+def run(args, gt: dict, photos: list[Photo], names: list[str],
+        variants: dict[str, list[str]]) -> None:
+    bases = variants["routed"]
     service, ap, found = {}, {}, {}
     for name in names:
         service[name], found[name] = alone(bases[0], photos, name)
@@ -408,15 +423,16 @@ def run(args, gt: dict, photos: list[Photo], names: list[str], bases: list[str])
     for load in (float(x) for x in args.loads.split(",")):
         plan = arrivals(load * capacity, args.requests, args.max_seconds, len(photos), budgets,
                         args.seed)
-        deployments = [("routed", None)] + ([(m, m) for m in ladder] if args.static else [])
-        for name, pin in deployments:
-            with RefusalProbe(bases[0], jpeg) as probe:
-                answers = asyncio.run(open_loop(bases, photos, plan, pin))
+        deployments = [(v, None, variants[v]) for v in variants] + (
+            [(m, m, bases) for m in ladder] if args.static else [])
+        for name, pin, targets in deployments:
+            with RefusalProbe(targets[0], jpeg) as probe:
+                answers = asyncio.run(open_loop(targets, photos, plan, pin))
             effective = effective_ap(gt, plan, photos, [a.detections if a.in_budget else []
                                                         for a in answers])
             rows.append(summarize(load, name, plan, answers, probe.latencies, effective))
-            if name == "routed":
-                print(f"routed at {load:g}C: {lateness(answers)}", flush=True)
+            if name in variants:
+                print(f"{name} at {load:g}C: {lateness(answers)}", flush=True)
         rows.append(Row(load, "oracle", len(plan), float("nan"), 0.0, float("nan"),
                         float("nan"), effective_ap(gt, plan, photos,
                                                    oracle(plan, photos, service, ap, found)),
