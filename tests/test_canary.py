@@ -11,10 +11,11 @@ test_model_changes), and the rule set to decide after ``MIN_SAMPLES`` samples:
   rule once each side has ``MIN_SAMPLES`` scored samples;
 - the same card with ImageNet's normalisation (test_shadow's broken input,
   which scores near 0) is rolled back by the rule within the same count;
-- an operator promotes and rolls back a canary of PicoDet-S 416 while pinned
-  requests keep coming (the reference itself has nothing to be scored
-  against, so only the operator decides there): no request fails, and a
-  caller's key is refused.
+- an operator promotes, then rolls back (the CLI) a canary of PicoDet-S 416
+  while pinned requests keep coming (the reference itself has nothing to be
+  scored against, so only the operator decides there): no request fails, a
+  caller's key is refused, and while a canary runs no other change of the
+  model is taken.
 
 The rule's requests all carry one photograph: both sides then see the same
 image, and an identical rebuild's agreement is the old version's exactly (on
@@ -279,8 +280,7 @@ def test_a_broken_input_is_rolled_back_by_the_rule(stack: Stack):
     assert detect(stack.http, SMALL, PHOTO).status_code == 200
 
 
-def test_an_operator_promotes_and_rolls_back_while_requests_keep_coming(
-        stack: Stack, capsys, monkeypatch):
+def test_an_operator_promotes_while_requests_keep_coming(stack: Stack):
     verbs = [("POST", f"/admin/models/{REFERENCE}/canary/promote", None),
              ("POST", f"/admin/models/{REFERENCE}/canary/rollback", None),
              ("PUT", f"/admin/models/{REFERENCE}?canary=0.5", card(REFERENCE))]
@@ -297,19 +297,7 @@ def test_an_operator_promotes_and_rolls_back_while_requests_keep_coming(
     assert bad_share.status_code == 422
     assert bad_share.json()["error"]["code"] == "invalid_option"
 
-    monkeypatch.setenv("TIERDET_ADMIN_KEY", ADMIN_KEY)
-    url = ["--url", stack.gateway.http]
-    with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=2) as traffic:
-        # Rolled back through the CLI, once both sides have answered.
-        _stage(stack, REFERENCE, card(REFERENCE))
-        wait_until(lambda: _canary(stack, REFERENCE)["p99_ms"] is not None,
-                   "an answer of the canary")
-        capsys.readouterr()
-        assert cli.main(["admin", "models", "rollback", REFERENCE, *url]) == 0
-        out = capsys.readouterr().out
-        assert f"canary of {REFERENCE}: {side_name(REFERENCE)} at 0.5, rolled_back by the " \
-               "operator" in out, out
-        # Promoted through the API.
+    with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=1) as traffic:
         _stage(stack, REFERENCE, card(REFERENCE))
         wait_until(lambda: _canary(stack, REFERENCE)["p99_ms"] is not None,
                    "an answer of the canary")
@@ -322,29 +310,42 @@ def test_an_operator_promotes_and_rolls_back_while_requests_keep_coming(
     info = _canary(stack, REFERENCE)
     assert (info["state"], info["decided_by"]) == ("promoted", "operator")
     assert info["old_samples"] == 0  # the reference is never scored: the rule waits
-    decisions = _decisions(stack)
-    assert decisions[(REFERENCE, "rollback", "operator")] == 1.0
-    assert decisions[(REFERENCE, "promote", "operator")] == 1.0
+    assert _decisions(stack)[(REFERENCE, "promote", "operator")] == 1.0
+    assert all(v.get("2") == "READY" and v.get("1") != "READY"
+               for v in _triton_versions(stack, REFERENCE))
     assert "READY" not in _triton_versions(stack, side_name(REFERENCE))[0].values()
     again = stack.http.post(f"/admin/models/{REFERENCE}/canary/promote", headers=ADMIN)
     assert again.status_code == 409 and again.json()["error"]["code"] == "no_canary"
 
 
-def test_a_canary_needs_a_served_model_and_one_at_a_time(stack: Stack):
+def test_one_canary_at_a_time_rolled_back_through_the_cli_while_requests_keep_coming(
+        stack: Stack, capsys, monkeypatch):
     unknown = stack.http.put("/admin/models/not-served", params={"canary": 0.5},
                              headers=ADMIN,
                              content=card(SMALL).replace(f"name: {SMALL}", "name: not-served"))
     assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "unknown_model"
-    _stage(stack, SMALL, card(SMALL), share=0.1)
-    for method, params in (("PUT", {"canary": 0.5}), ("PUT", {}), ("DELETE", {})):
-        busy = stack.http.request(method, f"/admin/models/{SMALL}", params=params,
-                                  headers=ADMIN, content=card(SMALL) if method == "PUT"
-                                  else None)
-        assert busy.status_code == 409, (method, params, busy.text)
-        assert busy.json()["error"]["code"] == "change_in_progress"
-    rolled = stack.http.post(f"/admin/models/{SMALL}/canary/rollback", headers=ADMIN)
-    assert rolled.status_code == 200, rolled.text
-
+    monkeypatch.setenv("TIERDET_ADMIN_KEY", ADMIN_KEY)
+    with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=1) as traffic:
+        _stage(stack, REFERENCE, card(REFERENCE))
+        for method, params in (("PUT", {"canary": 0.5}), ("PUT", {}), ("DELETE", {})):
+            busy = stack.http.request(method, f"/admin/models/{REFERENCE}", params=params,
+                                      headers=ADMIN, content=card(REFERENCE)
+                                      if method == "PUT" else None)
+            assert busy.status_code == 409, (method, params, busy.text)
+            assert busy.json()["error"]["code"] == "change_in_progress"
+        wait_until(lambda: _canary(stack, REFERENCE)["p99_ms"] is not None,
+                   "an answer of the canary")
+        capsys.readouterr()
+        assert cli.main(["admin", "models", "rollback", REFERENCE,
+                         "--url", stack.gateway.http]) == 0
+        out = capsys.readouterr().out
+        assert f"canary of {REFERENCE}: {side_name(REFERENCE)} at 0.5, rolled_back by the " \
+               "operator" in out, out
+        seen = traffic.count()
+        wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
+    assert {status for status, _ in traffic.answers} == {200}, traffic.answers
+    assert _decisions(stack)[(REFERENCE, "rollback", "operator")] == 1.0
+    assert _admin_models(stack)[side_name(REFERENCE)]["state"] == "retired"
 
 
 def test_a_canary_travels_over_grpc_as_over_http():
