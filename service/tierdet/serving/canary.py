@@ -82,9 +82,9 @@ def judge(old: Figures, new: Figures, rule: Rule) -> tuple[Verdict, str] | None:
         return None  # a sample follows an answer: both are known once there are samples
     assert old.agreement is not None and new.agreement is not None
     assert old.p99_ms is not None and new.p99_ms is not None
-    figures = (f"agreement {new.agreement:.3f} vs {old.agreement:.3f}, p99 "
-               f"{new.p99_ms:.1f} vs {old.p99_ms:.1f} ms after {new.samples} / "
-               f"{old.samples} samples")
+    figures = (f"canary vs model: agreement {new.agreement:.3f} vs {old.agreement:.3f}, "
+               f"p99 {new.p99_ms:.1f} vs {old.p99_ms:.1f} ms, samples {new.samples} vs "
+               f"{old.samples}")
     if new.agreement < old.agreement - rule.max_agreement_drop:
         return "rollback", f"agreement dropped by more than {rule.max_agreement_drop}: {figures}"
     if new.p99_ms > old.p99_ms * rule.max_p99_ratio:
