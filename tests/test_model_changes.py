@@ -225,7 +225,7 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
     added = stack.http.put(f"/admin/models/{name}", headers=ADMIN, content=card(name))
     assert added.status_code == 200, added.text
     assert added.json()["models"] == [{"name": name, "state": "serving", "reason": "",
-                                       "card": name}]
+                                       "card": name, "canary": None}]
     assert served(stack)[name] is True
     answer = detect(stack.http, name)
     assert answer.status_code == 200, answer.text

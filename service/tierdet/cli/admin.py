@@ -1,5 +1,6 @@
-"""``tierdet admin models list|put|delete``: models that change while serving,
-through a running gateway's admin API (``/admin/models``, ``X-Admin-Key``)."""
+"""``tierdet admin models list|put|delete|promote|rollback``: models that change
+while serving, through a running gateway's admin API (``/admin/models``,
+``X-Admin-Key``); ``put --canary SHARE`` stages a replacement as a canary."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def _call(args: argparse.Namespace, method: str, path: str, body: bytes | None =
     print(f"{'model':<28}{'state':<10}{'card':<20}reason")
     for m in reply["models"]:
         print(f"{m['name']:<28}{m['state']:<10}{m['card'] or '-':<20}{m['reason']}")
+    for m in reply["models"]:
+        if (c := m.get("canary")) is not None:
+            print(f"canary of {m['name']}: {c['model']} at {c['share']:g}, {c['state']}"
+                  f"{' by the ' + c['decided_by'] if c['decided_by'] else ''}; samples "
+                  f"{c['samples']} / {c['old_samples']}, agreement {c['agreement']} / "
+                  f"{c['old_agreement']}, p99 {c['p99_ms']} / {c['old_p99_ms']} ms")
     return 0
 
 
@@ -58,11 +65,20 @@ def cmd_put(args: argparse.Namespace) -> int:
     if not name:
         print(f"error: {args.card} names no model: --name NAME", file=sys.stderr)
         return 2
-    return _call(args, "PUT", f"/admin/models/{name}", text)
+    query = f"?canary={args.canary}" if args.canary is not None else ""
+    return _call(args, "PUT", f"/admin/models/{name}{query}", text)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     return _call(args, "DELETE", f"/admin/models/{args.name}")
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    return _call(args, "POST", f"/admin/models/{args.name}/canary/promote")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _call(args, "POST", f"/admin/models/{args.name}/canary/rollback")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,12 +97,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "relative to it. Answers once the models serve.")
     put.add_argument("card", type=Path, help="the model card (YAML)")
     put.add_argument("--name", help="the card's name (default: its name field)")
+    put.add_argument("--canary", type=float, metavar="SHARE",
+                     help="stage the replacement as a canary on this share (0..1) of the "
+                          "model's requests, judged by the gateway's rule")
     put.set_defaults(func=cmd_put)
     rm = verbs.add_parser("delete", help="retire a card's models (or one model)",
                           description="Stop routing to them, wait for their requests, unload.")
     rm.add_argument("name", help="a card the admin API added, or a served model")
     rm.set_defaults(func=cmd_delete)
-    for verb in (ls, put, rm):
+    promote = verbs.add_parser("promote", help="promote a model's running canary",
+                               description="The canary's card replaces the model; the "
+                                           "canary drains and is unloaded.")
+    promote.set_defaults(func=cmd_promote)
+    rollback = verbs.add_parser("rollback", help="roll a model's running canary back",
+                                description="The canary drains and is unloaded.")
+    rollback.set_defaults(func=cmd_rollback)
+    for verb in (promote, rollback):
+        verb.add_argument("name", help="the model the canary would replace")
+    for verb in (ls, put, rm, promote, rollback):
         verb.add_argument("--url", default=os.environ.get("TIERDET_URL",
                                                           "http://127.0.0.1:8080"),
                           help="the gateway's HTTP address (env TIERDET_URL)")

@@ -49,6 +49,7 @@ class ErrorCode(str, Enum):
     DIGEST_MISMATCH = "digest_mismatch"
     CHANGE_IN_PROGRESS = "change_in_progress"
     MODEL_CONFLICT = "model_conflict"
+    NO_CANARY = "no_canary"
     BUILD_FAILED = "build_failed"
     LOAD_FAILED = "load_failed"
 
@@ -153,6 +154,9 @@ KINDS: dict[ErrorCode, ErrorKind] = {
         409, "FAILED_PRECONDITION", "bad_input",
         "a replacement that changes what the gateway prepares (input size, resize, classes, "
         "detections), or a card that takes a shipped model's name: add it under a new name"),
+    ErrorCode.NO_CANARY: ErrorKind(
+        409, "FAILED_PRECONDITION", "bad_input",
+        "a canary promoted or rolled back where none is running for that model"),
     ErrorCode.BUILD_FAILED: ErrorKind(500, "INTERNAL", "error",
                                       "the build of a card failed (the admin sees why)"),
     ErrorCode.LOAD_FAILED: ErrorKind(502, "INTERNAL", "error",

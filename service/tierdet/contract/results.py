@@ -115,6 +115,28 @@ class FrameResult:
 
 
 @dataclass(frozen=True)
+class CanaryInfo:
+    """A model's latest canary: a replacement served beside it on a share of its
+    requests, judged on live figures (see the admin API's canaries)."""
+
+    model: Annotated[str, Field(description="The name the canary is served under "
+                                "(`<model>.canary`).")]
+    share: Annotated[float, Field(description="Share of the model's requests it takes.")]
+    state: Annotated[str, Field(description="running, promoting, rolling_back, promoted, "
+                                "rolled_back or failed.")]
+    decided_by: Annotated[str, Field(description="rule or operator; empty while running.")]
+    reason: Annotated[str, Field(description="Why it was decided: the figures of the rule.")]
+    samples: Annotated[int, Field(description="The canary's scored shadow samples.")]
+    old_samples: Annotated[int, Field(description="The model's own, meanwhile.")]
+    agreement: Annotated[float | None, Field(description="The canary's mean shadow agreement "
+                                             "(0..1).")]
+    old_agreement: Annotated[float | None, Field(description="The model's, meanwhile.")]
+    p99_ms: Annotated[float | None, Field(description="p99 of the canary's answers' total "
+                                          "time, as the gateway saw it.")]
+    old_p99_ms: Annotated[float | None, Field(description="The model's, meanwhile.")]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     family: str
@@ -141,6 +163,8 @@ class ModelInfo:
         description="AP (0..1) measured through the gateway, keyed by dataset (or "
                     "dataset/tier): the model's own evaluation record and `tierdet eval` "
                     "reports.")] = field(default_factory=dict)
+    canary: Annotated[CanaryInfo | None, Field(
+        description="Its latest canary, running or decided; null if it never had one.")] = None
 
 
 @dataclass(frozen=True)

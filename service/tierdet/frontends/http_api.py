@@ -8,7 +8,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -223,10 +223,30 @@ def create_app(detector: Detector) -> FastAPI:
 
     @app.put("/admin/models/{name}", response_model=AdminModels, responses=_ADMIN_ERRORS,
              summary="Admin: add or replace the models of a card (YAML or JSON body)",
-             description="Answers once they serve: built, loaded, measured, ranked.")
-    async def admin_put(name: str, request: Request) -> AdminModels:
+             description="Answers once they serve: built, loaded, measured, ranked. With "
+                         "`canary`, the replacement of model `name` is staged: served as "
+                         "`<name>.canary` on that share of its requests, then promoted or "
+                         "rolled back by the rule (TIERDET_CANARY_*) or the admin.")
+    async def admin_put(
+        name: str, request: Request,
+        canary: float | None = Query(None, gt=0.0, lt=1.0, description=(
+            "Stage the replacement as a canary taking this share of the model's requests.")),
+    ) -> AdminModels:
         _admin_only(request)
-        return AdminModels(await detector.changes.put(name, await request.body()))
+        body = await request.body()
+        if canary is not None:
+            return AdminModels(await detector.changes.put_canary(name, body, canary))
+        return AdminModels(await detector.changes.put(name, body))
+
+    @app.post("/admin/models/{name}/canary/{verdict}", response_model=AdminModels,
+              responses=_ADMIN_ERRORS,
+              summary="Admin: promote a model's running canary, or roll it back",
+              description="Answers once it is carried out: promote replaces the model by the "
+                          "canary's card; either way the canary drains and is unloaded.")
+    async def admin_canary(name: str, verdict: Literal["promote", "rollback"],
+                           request: Request) -> AdminModels:
+        _admin_only(request)
+        return AdminModels(await detector.changes.decide(name, verdict))
 
     @app.delete("/admin/models/{name}", response_model=AdminModels, responses=_ADMIN_ERRORS,
                 summary="Admin: retire a card's models (or one model)",

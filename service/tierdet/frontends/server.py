@@ -203,6 +203,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         watch_task.cancel()
         queue_task.cancel()
         await detector.shadow.close()
+        await detector.canaries.close()
         await triton.close()
         detector.access.close()
         tracing.shutdown()

@@ -95,7 +95,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason", "latency_ms", "routing_ap", "label_set")
+    __slots__ = ("name", "family", "input_size", "preprocessing", "published_coco_ap", "params_m", "ready", "weights", "measured_ap", "status", "reason", "latency_ms", "routing_ap", "label_set", "canary")
     class MeasuredApEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class ModelInfo(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_AP_FIELD_NUMBER: _ClassVar[int]
     LABEL_SET_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     input_size: int
@@ -131,7 +132,34 @@ class ModelInfo(_message.Message):
     latency_ms: float
     routing_ap: float
     label_set: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ..., routing_ap: _Optional[float] = ..., label_set: _Optional[str] = ...) -> None: ...
+    canary: CanaryInfo
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ..., routing_ap: _Optional[float] = ..., label_set: _Optional[str] = ..., canary: _Optional[_Union[CanaryInfo, _Mapping]] = ...) -> None: ...
+
+class CanaryInfo(_message.Message):
+    __slots__ = ("model", "share", "state", "decided_by", "reason", "samples", "old_samples", "agreement", "old_agreement", "p99_ms", "old_p99_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    OLD_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    OLD_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    OLD_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    share: float
+    state: str
+    decided_by: str
+    reason: str
+    samples: int
+    old_samples: int
+    agreement: float
+    old_agreement: float
+    p99_ms: float
+    old_p99_ms: float
+    def __init__(self, model: _Optional[str] = ..., share: _Optional[float] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., samples: _Optional[int] = ..., old_samples: _Optional[int] = ..., agreement: _Optional[float] = ..., old_agreement: _Optional[float] = ..., p99_ms: _Optional[float] = ..., old_p99_ms: _Optional[float] = ...) -> None: ...
 
 class TierInfo(_message.Message):
     __slots__ = ("name", "budget_ms", "models", "degrade", "default")

@@ -120,6 +120,9 @@ class Catalog:
         # configured ones, or retired (never routed to, whatever Triton says).
         self.added: set[str] = set()
         self.retired: set[str] = set()
+        # Served only when asked for by name or diverted to (a canary's side):
+        # never ranked, so neither the router nor shadow scoring chooses them.
+        self.unranked: set[str] = set()
         self._in_use: dict[str, int] = {}  # model -> requests routed to it, not answered
         self._idle: dict[str, asyncio.Event] = {}  # model -> set when none is
         self._refreshing = asyncio.Lock()  # the watcher's and a change's refresh
@@ -293,7 +296,8 @@ class Catalog:
             state.measured_on = prov.get("measured_on", "")
             self.recorded[state.spec.name] = recorded_record(state, prov)
             self.refresh_accuracy()
-        self.router.rank(state.spec.name, state.routing_ap)
+        if state.spec.name not in self.unranked:
+            self.router.rank(state.spec.name, state.routing_ap)
         if state.weights.startswith("random"):
             log.warning("model %s serves RANDOM weights: %s", state.spec.name, state.weights)
         else:

@@ -23,6 +23,11 @@ and the serving set stays as it was. A replacement may not change what the
 gateway prepares for the model (input size, resize, classes, detections):
 requests prepared for the old version may still be on their way.
 
+A replacement may be staged as a canary (``put_canary``; the rule and its
+state are ``canary``'s): the card is added under a side name, judged on live
+figures, then promoted (the replace path above, then the side retired) or
+rolled back (the side retired), by the rule or by the admin (``decide``).
+
 Changes last as long as the gateway and Triton run: a card meant to stay
 belongs in ``TIERDET_CARDS`` (``tierdet up --card``) as well. Each gateway
 process keeps its own catalog, so changes need a gateway of one worker.
@@ -41,9 +46,11 @@ from typing import Any, Literal
 import yaml
 
 from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.contract.results import CanaryInfo
 from tierdet.registry.cards import CardError, OnnxSource, card_mapping, expand, spec_of, validated
 from tierdet.registry.cards import ModelCard as Card
 from tierdet.registry.specs import CARD_SPECS, SPECS, ModelSpec, lookup
+from tierdet.serving.canary import Canaries, Verdict, side_name
 from tierdet.serving.catalog import Catalog
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.settings import Settings
@@ -62,6 +69,7 @@ class ModelChange:
     state: State
     reason: str = ""  # why it failed (the build's or Triton's words)
     card: str = ""  # the card it came from through the admin API, if it did
+    canary: CanaryInfo | None = None  # its latest canary, running or decided
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,13 @@ class AdminModels:
 
 
 class ModelChanges:
-    def __init__(self, settings: Settings, pool: EndpointPool, catalog: Catalog) -> None:
+    def __init__(self, settings: Settings, pool: EndpointPool, catalog: Catalog,
+                 canaries: Canaries) -> None:
         self.settings = settings
         self.pool = pool
         self.catalog = catalog
+        self.canaries = canaries
+        canaries.act = self._carry_out_logged  # the rule's decisions
         self._cards: dict[str, tuple[str, ...]] = {}  # card -> its models (admin-added)
         self._records: dict[str, ModelChange] = {}  # model -> its last change
         self._busy: set[str] = set()  # cards and models being changed now
@@ -90,7 +101,7 @@ class ModelChanges:
                 out[name] = rec
             elif rec.reason:  # serving, after a replacement that failed
                 out[name] = replace(out[name], reason=rec.reason)
-        return tuple(out[name] for name in sorted(out))
+        return tuple(replace(out[name], canary=self.canaries.info(name)) for name in sorted(out))
 
     def _from_catalog(self, name: str) -> ModelChange:
         state = self.catalog.states[name]
@@ -114,6 +125,7 @@ class ModelChanges:
         replaced = [n for n in names if self.catalog.serves(n)]
         for model in models:
             self._check_replaceable(model)
+        self._check_no_canary(*names)
         with self._holding(name, *names):
             for n in names:
                 self._record(n, "building", card=name)
@@ -239,6 +251,7 @@ class ModelChanges:
         if not names:
             raise ApiError(ErrorCode.UNKNOWN_MODEL, f"{name!r} is neither a served model nor "
                            "a card the admin added")
+        self._check_no_canary(*names)
         with self._holding(name, *names):
             for n in names:
                 self._record(n, "draining", card=self._card_of(n))
@@ -254,6 +267,77 @@ class ModelChanges:
             self._cards.pop(name, None)
         log.info("retired %s", ", ".join(names))
         return tuple(self._records[n] for n in names)
+
+    # -- canaries --------------------------------------------------------------
+
+    async def put_canary(self, name: str, body: bytes, share: float
+                         ) -> tuple[ModelChange, ...]:
+        """Add the card ``body`` (a replacement of the served model ``name``) under
+        its side name, then divert ``share`` of ``name``'s requests to it; answers
+        once the side serves."""
+        self._where()
+        raw, card = parse_card(name, body)
+        models = expand(card)
+        if [m.name for m in models] != [name]:
+            raise ApiError(ErrorCode.INVALID_CARD, "a canary replaces one model: its card "
+                           "serves one input size, under the model's name")
+        if not self.catalog.serves(name):
+            raise ApiError(ErrorCode.UNKNOWN_MODEL, f"{name!r} is not a served model: a "
+                           "canary replaces one (add a new model without canary)")
+        self._check_replaceable(models[0])
+        self._check_no_canary(name)
+        side = side_name(name)
+        # Never ranked: the router does not choose it, shadow scoring does not take it
+        # for a reference; it answers only the requests diverted to it.
+        self.catalog.unranked.add(side)
+        try:
+            await self.put(side, yaml.safe_dump({**raw, "name": side}).encode())
+        except BaseException:
+            self.catalog.unranked.discard(side)
+            raise
+        self.canaries.start(name, share, body)
+        return tuple(m for m in self.models() if m.name in (name, side))
+
+    async def decide(self, name: str, verdict: Verdict) -> tuple[ModelChange, ...]:
+        """The admin's decision on ``name``'s running canary, carried out."""
+        canary = self.canaries.running(name)
+        if canary is None or canary.name != name:
+            raise ApiError(ErrorCode.NO_CANARY, f"no canary of {name!r} is running")
+        self.canaries.decide(name, verdict, "operator", "the admin's command")
+        await self._carry_out(name, verdict)
+        return tuple(m for m in self.models() if m.name in (name, canary.side))
+
+    async def _carry_out(self, name: str, verdict: Verdict) -> None:
+        """Promote (``name`` replaced by the canary's card) or roll back; either
+        way the side is retired (drained first)."""
+        canary = self.canaries.latest[name]
+        try:
+            if verdict == "promote":
+                await self.put(name, canary.card)
+            await self.delete(canary.side)
+        except BaseException as exc:
+            self.canaries.finished(name, exc.message if isinstance(exc, ApiError)
+                                   else type(exc).__name__)
+            if verdict == "promote" and self.catalog.serves(canary.side):
+                await self.delete(canary.side)  # the old version serves on, alone
+            raise
+        finally:
+            self.catalog.unranked.discard(canary.side)
+        self.canaries.finished(name)
+
+    async def _carry_out_logged(self, name: str, verdict: Verdict) -> None:
+        """``_carry_out`` for the rule's decisions (nobody waits: a failure is
+        logged, and shown in the canary's state)."""
+        try:
+            await self._carry_out(name, verdict)
+        except Exception:
+            log.exception("canary of %s: the %s failed", name, verdict)
+
+    def _check_no_canary(self, *names: str) -> None:
+        running = [n for n in names if self.canaries.running(n) is not None]
+        if running:
+            raise ApiError(ErrorCode.CHANGE_IN_PROGRESS, f"{', '.join(running)}: a canary is "
+                           "running; promote it or roll it back first")
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -286,8 +370,11 @@ class _Holding:
 
 def _prepared(spec: ModelSpec) -> tuple[object, ...]:
     """What the gateway does for a model outside its graph: a request prepared for
-    one version must suit the next."""
-    return spec.input_size, spec.preprocessing, spec.labels, spec.max_detections
+    one version must suit the next. Normalisation and channel order happen inside
+    the graph (the gateway always sends uint8 RGB): a version may change them."""
+    outside = replace(spec.preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                      channels="RGB")
+    return spec.input_size, outside, spec.labels, spec.max_detections
 
 
 def parse_card(name: str, body: bytes) -> tuple[dict[str, Any], Card]:

@@ -158,6 +158,9 @@ class Metrics:
             "tierdet_shadow_samples", "Answered requests sampled for shadow scoring, and "
             "what became of each sample (scored, or why not).", ["tier", "model", "outcome"],
             registry=r)
+        self.canary_decisions = Counter(
+            "tierdet_canary_decisions", "Decisions on canaries (serving.canary): promote or "
+            "rollback, by the rule or an operator.", ["model", "decision", "by"], registry=r)
 
     def exposition(self, alias_key: bytes | None = None) -> bytes:
         """The text a scrape gets: this process's registry, or with workers every

@@ -19,7 +19,9 @@ decodes the image again itself (one image at a time, outside the callers'
 image slots: ``memory`` counts it), and sends it to the reference only where
 the reference's device is idle (nothing of this gateway's in flight there and
 Triton's queue empty, checked before decoding and again before sending; else
-dropped), at Triton's lowest priority level. While it runs, the router counts
+dropped), at Triton's lowest priority level. While a canary runs (``canary``),
+every answer of it and of the model it would replace is sampled, and each
+score goes to its rule as well. While it runs, the router counts
 it as work on that device like any other, so callers are routed around it.
 """
 
@@ -39,6 +41,7 @@ from tierdet.contract.results import Detection
 from tierdet.registry.specs import get_spec
 from tierdet.serving import decoding, imaging, memory, postprocess, tiling
 from tierdet.serving.apscore import coco_ap
+from tierdet.serving.canary import Canaries
 from tierdet.serving.catalog import Catalog
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
@@ -102,8 +105,10 @@ def score(sample: Sample, reference_rows: np.ndarray, geometry: imaging.Geometry
 
 class Shadow:
     def __init__(self, settings: Settings, pool: EndpointPool, router: Router,
-                 catalog: Catalog, metrics: Metrics, rng: random.Random | None = None) -> None:
+                 catalog: Catalog, metrics: Metrics, canaries: Canaries | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
+        self.canaries = canaries
         self.pool = pool
         self.router = router
         self.catalog = catalog
@@ -131,7 +136,10 @@ class Shadow:
     def offer(self, decision: Decision, image: bytes | Pixels, rows: np.ndarray,
               geometry: imaging.Geometry) -> None:
         """An answered request: sampled or not, queued or dropped; no waiting."""
-        if self.settings.shadow_sample <= 0 or self.rng.random() >= self.settings.shadow_sample:
+        # Both sides of a running canary: every answer (the side's at its share).
+        watched = self.canaries is not None and self.canaries.watched(decision.model)
+        share = 1.0 if watched else self.settings.shadow_sample
+        if share <= 0 or self.rng.random() >= share:
             return
         reference = self.reference(decision.model)
         if reference is None:
@@ -227,3 +235,5 @@ class Shadow:
                                          deque(maxlen=self.settings.shadow_window))
         window.append(ap)
         self.metrics.set_agreement(tier, model, sum(window) / len(window), len(window))
+        if self.canaries is not None:
+            self.canaries.scored(model, ap)

@@ -38,6 +38,7 @@ from tierdet.registry.specs import get_spec, lookup
 from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
+from tierdet.serving.canary import Canaries, Rule
 from tierdet.serving.catalog import Catalog, build_router, public
 from tierdet.serving.changes import ModelChanges
 from tierdet.serving.infer import Infer
@@ -87,7 +88,8 @@ class Detector:
             register_card(card)
         self.router = router or build_router(settings)
         self.catalog = Catalog(settings, self.pool, self.router, metrics)
-        self.changes = ModelChanges(settings, self.pool, self.catalog)
+        self.canaries = Canaries(Rule.of(settings), metrics)
+        self.changes = ModelChanges(settings, self.pool, self.catalog, self.canaries)
         self.keys = KeyRing.load(settings.api_keys_file)
         self.failed_keys = FailedAttempts(settings.failed_key_limit)
         self.admin = AdminKey(settings.admin_key_sha256)
@@ -106,7 +108,8 @@ class Detector:
         self.infer = Infer(self.pool, self.router, self.catalog, metrics,
                            settings.request_timeout_s)
         self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
-        self.shadow = Shadow(settings, self.pool, self.router, self.catalog, metrics)
+        self.shadow = Shadow(settings, self.pool, self.router, self.catalog, metrics,
+                             self.canaries)
 
     @contextmanager
     def _counted(self, protocol: str, seen: _Outcome | None = None) -> Iterator[None]:
@@ -159,7 +162,8 @@ class Detector:
     def models(self, admin: bool = False) -> ModelsInfo:
         """What is served; server paths and Triton's load errors only for ``admin``."""
         tiers = self.router.tiers
-        infos = self.catalog.infos()
+        infos = tuple(replace(info, canary=self.canaries.info(info.name))
+                      for info in self.catalog.infos())
         return ModelsInfo(
             default_tier=tiers.default,
             tiers=tuple(TierInfo(t.name, t.budget_ms, t.models, t.degrade,
@@ -238,6 +242,7 @@ class Detector:
         assert result is not None and decision is not None  # answered: both are known
         self.metrics.route_factor.set(self.router.learn(decision, result.timing.total_ms))
         self.metrics.observe_result(caller.protocol, result)
+        self.canaries.answered(decision.model, result.timing.total_ms)
         if seen.view is not None:  # answered: a sample of it is scored in the background
             self.shadow.offer(decision, image, *seen.view)
         return result
@@ -260,13 +265,31 @@ class Detector:
             with tracing.span("route", candidates=",".join(reachable)):
                 decision = self.router.decide(valid.route, _ms_since(start),
                                               self.catalog.placement(reachable))
+                decision, valid = self._canary(decision, valid, _ms_since(start))
                 tiles, decision = (self._tiles(decision, slot.take(), _ms_since(start))
                                    if valid.tiled else ([], decision))
             seen.decision = decision
-            # The decision of the endpoint that answered, and the whole view's rows.
-            result, seen.decision, seen.view = await self._run(decision, slot, valid, start,
-                                                               decode_s, tiles)
+            # A request diverted to a canary counts as using it from the diversion on
+            # (no await between): its rollback waits for it.
+            with self.catalog.using(*{decision.model} - set(valid.candidates)):
+                # The decision of the endpoint that answered, and the whole view's rows.
+                result, seen.decision, seen.view = await self._run(decision, slot, valid,
+                                                                   start, decode_s, tiles)
         return result
+
+    def _canary(self, decision: Decision, valid: ValidRequest, elapsed_ms: float
+                ) -> tuple[Decision, ValidRequest]:
+        """A share of the requests routed to a model with a running canary go to the
+        canary instead (where it is ready and would answer in time); it is prepared
+        for like the model it would replace."""
+        side = self.canaries.divert(decision.model)
+        if side is None:
+            return decision, valid
+        diverted = self.router.reroute(replace(decision, model=side), elapsed_ms,
+                                       self.catalog.placement([side]), ())
+        if diverted is None:
+            return decision, valid
+        return diverted, replace(valid, keep={**valid.keep, side: valid.keep[decision.model]})
 
     def log_refused(self, caller: Caller, options: DetectOptions, exc: ApiError) -> None:
         """The access-log line of an image refused before it reached ``detect``."""
