@@ -361,7 +361,7 @@ class Router:
         if not endpoints:
             return None
         endpoint, backlog = self._nearest(decision.model, endpoints)
-        devices = len(ready.get(decision.model, ()))
+        devices = len(set(ready.get(decision.model, ())))
         predicted = elapsed_ms + self.overhead_ms + (
             backlog + self.latency.service_ms(decision.model)
         ) * self._stretch(decision.model, devices)
