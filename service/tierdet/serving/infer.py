@@ -16,6 +16,7 @@ from tierdet.serving.catalog import Catalog
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, Router
+from tierdet.serving.turns import DeviceTurns
 
 # Errors after which the same call may go to another endpoint: the endpoint is
 # gone (or lost the model); nothing was computed, detection is idempotent.
@@ -24,8 +25,9 @@ FAILOVER = {ErrorCode.TRITON_UNAVAILABLE, ErrorCode.MODEL_NOT_READY}
 
 class Infer:
     def __init__(self, pool: EndpointPool, router: Router, catalog: Catalog, metrics: Metrics,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, turns: DeviceTurns | None = None) -> None:
         self.pool = pool
+        self.turns = turns or DeviceTurns(enabled=False)
         self.router = router
         self.catalog = catalog
         self.metrics = metrics
@@ -50,15 +52,19 @@ class Infer:
             with self.router.dispatch(decision.model, decision.endpoint) as run, \
                     tracing.span("triton", model=decision.model, endpoint=decision.endpoint,
                                  timeout_ms=round(timeout_s * 1e3, 1)):
-                t0 = time.perf_counter()
                 try:
-                    rows = await self.backend(decision).infer(
-                        decision.model, batch, timeout_s=timeout_s, priority=decision.priority)
+                    async with self.turns.turn(decision.endpoint, decision.model,
+                                               timeout_s) as waited_s:
+                        t0 = time.perf_counter()  # Triton's time: the turn's wait is not
+                        rows = await self.backend(decision).infer(
+                            decision.model, batch, timeout_s=timeout_s - waited_s,
+                            priority=decision.priority)
+                        took_ms = (time.perf_counter() - t0) * 1e3
                 except ApiError as exc:
                     failure = exc
                 else:
                     if len(batch) == 1:  # the latency model learns single images only
-                        run.observe((time.perf_counter() - t0) * 1e3)
+                        run.observe(took_ms)
                     self.metrics.triton_requests.labels(decision.endpoint, "ok").inc()
                     return rows, decision
             if failure.code not in FAILOVER:

@@ -75,6 +75,9 @@ class Settings(BaseModel):
     route_margin_frac: float = Field(0.15, ge=0.0, le=2.0, description=(
         "a model is chosen only if predicted * (1 + frac) + ms fits the budget"))
     route_margin_ms: float = Field(5.0, ge=0.0, description="see `TIERDET_ROUTE_MARGIN_FRAC`")
+    device_turns: bool = Field(False, description=(
+        "send each Triton one model's work at a time (a CPU device: two models' "
+        "executions at once share its cores and both run late); others wait in the gateway"))
     route_shared_device: bool = Field(False, description=(
         "predict each model's device time stretched by the share of the device that "
         "other models' recent work takes (they run beside it on a CPU): "

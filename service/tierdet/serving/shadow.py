@@ -47,6 +47,7 @@ from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, Router
 from tierdet.serving.settings import Settings
+from tierdet.serving.turns import DeviceTurns
 
 log = logging.getLogger("tierdet")
 
@@ -106,8 +107,9 @@ def score(sample: Sample, reference_rows: np.ndarray, geometry: imaging.Geometry
 class Shadow:
     def __init__(self, settings: Settings, pool: EndpointPool, router: Router,
                  catalog: Catalog, metrics: Metrics, canaries: Canaries | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, turns: DeviceTurns | None = None) -> None:
         self.settings = settings
+        self.turns = turns or DeviceTurns(enabled=False)
         self.canaries = canaries
         self.pool = pool
         self.router = router
@@ -213,10 +215,12 @@ class Shadow:
             endpoint = self._idle_endpoint(sample.reference)  # the device may be busy now
             if endpoint is None:
                 return "dropped_busy"
+            timeout_s = self.settings.request_timeout_s
             with self.router.dispatch(sample.reference, endpoint):
-                rows = await self.pool.backend(endpoint).infer(
-                    sample.reference, batch, timeout_s=self.settings.request_timeout_s,
-                    priority=spec.batching.priority_levels)  # the lowest level
+                async with self.turns.turn(endpoint, sample.reference, timeout_s) as waited_s:
+                    rows = await self.pool.backend(endpoint).infer(
+                        sample.reference, batch, timeout_s=timeout_s - waited_s,
+                        priority=spec.batching.priority_levels)  # the lowest level
         except ApiError as exc:
             if exc.code in TOO_LARGE:
                 return "too_large"

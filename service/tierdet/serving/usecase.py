@@ -49,6 +49,7 @@ from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts
 from tierdet.serving.settings import Settings
 from tierdet.serving.shadow import Shadow
 from tierdet.serving.slots import FairSlots, ImageSlot
+from tierdet.serving.turns import DeviceTurns
 from tierdet.serving.validation import Validator, ValidRequest
 
 T = TypeVar("T")
@@ -105,11 +106,12 @@ class Detector:
         self.image_slots = FairSlots(memory.image_slots(settings), len(self.keys.keys))
         self.validator = Validator(self.keys, self.router, self.catalog,
                                    settings.default_score_threshold)
+        turns = DeviceTurns(settings.device_turns)
         self.infer = Infer(self.pool, self.router, self.catalog, metrics,
-                           settings.request_timeout_s)
+                           settings.request_timeout_s, turns)
         self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
         self.shadow = Shadow(settings, self.pool, self.router, self.catalog, metrics,
-                             self.canaries)
+                             self.canaries, turns=turns)
 
     @contextmanager
     def _counted(self, protocol: str, seen: _Outcome | None = None) -> Iterator[None]:
@@ -136,8 +138,10 @@ class Detector:
                 call.key = key.name  # known now, even if the rate refuses it
             self.keys.take(key)
         self.last_request_at = time.monotonic()
-        return Caller(key, protocol, time.perf_counter() if received is None else received,
-                      deadline_ms)
+        if received is None:  # the budget counts from the request's first sight (its
+            call = access.current()  # headers), not from the end of its body's parsing
+            received = call.started if call is not None else time.perf_counter()
+        return Caller(key, protocol, received, deadline_ms)
 
     def _authenticate(self, credentials: str | None, source: str | None) -> ApiKey | None:
         """The caller's key; a wrong key counts against its source address."""
