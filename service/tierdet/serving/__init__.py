@@ -7,15 +7,18 @@ an image slot (``slots``: shared between keys, the wait bounded by the
 budget), decodes (``decoding``; ``headers`` reads each format's size, depth and
 decoder buffers first), routes (``routing``, the decision rule; ``tiers``,
 ``latency`` the latency model, ``governor`` and ``calibration`` what it
-weighs), prepares the tensor (``imaging``, ``tiling``), infers (``infer``:
-deadline, priority and failover; ``backend`` is the protocol, ``triton`` the
-real one, ``shm`` its shared-memory regions, ``pool`` the Triton endpoints
-and their queues) and maps the rows back (``postprocess``). After the answer,
+weighs), prepares the tensor (``imaging``, ``tiling``; ``tile_budget`` how many tiles
+the budget leaves room for), infers (``infer``: deadline, priority and
+failover; ``turns`` one model's work at a time on a CPU device; ``backend`` is
+the protocol, ``triton`` the real one, ``shm`` its shared-memory regions,
+``pool`` the Triton endpoints and their queues) and maps the rows back
+(``postprocess``); ``outcome`` is how each image went. After the answer,
 ``shadow`` re-runs a sample on the most accurate model of the same label set,
 when its device is idle, and scores the answer against it (``apscore``: COCO
 AP, the same code as ``tierdet eval``). ``catalog``
 keeps what the gateway knows of each model, ``changes`` adds, replaces and
-retires models while serving (the admin API); ``access`` the request ids and
+retires models while serving (the admin API; ``card_intake`` checks the cards
+it is sent, ``canary`` stages replacements and judges them); ``access`` the request ids and
 the access log, ``tracing`` the OpenTelemetry spans, ``memory`` the bound on
 what a gateway holds; ``metrics``, ``security``, ``settings`` and ``render``
 are what their names say.

@@ -36,21 +36,21 @@ process keeps its own catalog, so changes need a gateway of one worker.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.results import CanaryInfo
-from tierdet.registry.cards import CardError, OnnxSource, card_mapping, expand, spec_of, validated
 from tierdet.registry.cards import ModelCard as Card
+from tierdet.registry.cards import expand, spec_of
 from tierdet.registry.specs import CARD_SPECS, SPECS, ModelSpec, lookup
 from tierdet.serving.canary import Canaries, Verdict, side_name
+from tierdet.serving.card_intake import checked_graphs, parse_card, write_card
 from tierdet.serving.catalog import Catalog
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.settings import Settings
@@ -130,7 +130,7 @@ class ModelChanges:
             for n in names:
                 self._record(n, "building", card=name)
             try:
-                card_file = _write_card(home, raw, graphs)
+                card_file = write_card(home, raw, graphs)
                 await self._build(card_file, home)
                 for model in models:  # the gateway's view of them, from now on
                     CARD_SPECS[model.name] = spec_of(model)
@@ -375,77 +375,3 @@ def _prepared(spec: ModelSpec) -> tuple[object, ...]:
     outside = replace(spec.preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                       channels="RGB")
     return spec.input_size, outside, spec.labels, spec.max_detections
-
-
-def parse_card(name: str, body: bytes) -> tuple[dict[str, Any], Card]:
-    """The card in ``body`` (YAML, or JSON: YAML reads it), validated, for ``name``."""
-    try:
-        raw = card_mapping(body.decode("utf-8"), "card")
-        card = validated(raw, "card")
-    except UnicodeDecodeError:
-        raise ApiError(ErrorCode.INVALID_CARD, "card: not UTF-8 text") from None
-    except CardError as exc:
-        raise ApiError(ErrorCode.INVALID_CARD, str(exc)) from None
-    if card.name != name:
-        raise ApiError(ErrorCode.INVALID_CARD, f"name: the card is {card.name!r}, the URL "
-                       f"names {name!r}")
-    if not isinstance(card.source, OnnxSource) or card.source.sha256 is None:
-        raise ApiError(ErrorCode.INVALID_CARD, "source: the admin API takes an ONNX graph with "
-                       "its sha256 (source: {onnx: FILE, sha256: DIGEST})")
-    return raw, card
-
-
-def checked_graphs(card: Card, cards_dir: Path) -> dict[int, Path]:
-    """Input size -> the graph's file in ``cards_dir``, checked against its digest
-    (blocking: it reads the files)."""
-    out = {}
-    for model in expand(card):
-        source = model.source
-        assert isinstance(source, OnnxSource)
-        assert isinstance(source.onnx, Path) and isinstance(source.sha256, str)  # expanded
-        path = graph_path(cards_dir, source.onnx)
-        if _sha256(path) != source.sha256:
-            raise ApiError(ErrorCode.DIGEST_MISMATCH, f"source: {source.onnx} does not have "
-                           f"the sha256 {source.sha256}")
-        size = model.input.size
-        assert isinstance(size, int)
-        out[size] = path
-    return out
-
-
-def graph_path(cards_dir: Path, path: Path) -> Path:
-    """``path`` inside ``cards_dir``: relative, no ``..``, not out through a link."""
-    if path.is_absolute() or ".." in path.parts:
-        raise ApiError(ErrorCode.CARD_PATH_REFUSED, f"source: {path}: a graph is named by "
-                       "its path in the cards folder (relative, without '..')")
-    root = cards_dir.resolve()
-    full = (root / path).resolve()
-    if not full.is_relative_to(root):
-        raise ApiError(ErrorCode.CARD_PATH_REFUSED, f"source: {path} leads out of the cards "
-                       "folder")
-    if not full.is_file():
-        raise ApiError(ErrorCode.GRAPH_NOT_FOUND, f"source: {path}: no such file in the "
-                       "cards folder")
-    return full
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_card(home: Path, raw: dict[str, Any], graphs: dict[int, Path]) -> Path:
-    """The card as the build reads it: its graphs named by the checked paths."""
-    source = dict(raw["source"])
-    onnx = source["onnx"]
-    source["onnx"] = ({int(k): str(graphs[int(k)]) for k in onnx} if isinstance(onnx, dict)
-                      else str(next(iter(graphs.values()))))
-    path = home / "admin-cards" / f"{raw['name']}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump({**raw, "source": source}, sort_keys=False))
-    tmp.replace(path)
-    return path

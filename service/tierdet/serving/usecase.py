@@ -34,7 +34,7 @@ from tierdet.contract.images import Pixels
 from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
-from tierdet.registry.specs import get_spec, lookup
+from tierdet.registry.specs import get_spec
 from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
@@ -43,12 +43,14 @@ from tierdet.serving.catalog import Catalog, build_router, public
 from tierdet.serving.changes import ModelChanges
 from tierdet.serving.infer import Infer
 from tierdet.serving.metrics import Metrics
+from tierdet.serving.outcome import Outcome, code_of
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Decision, Router
 from tierdet.serving.security import AdminKey, Allowance, ApiKey, FailedAttempts, KeyRing
 from tierdet.serving.settings import Settings
 from tierdet.serving.shadow import Shadow
 from tierdet.serving.slots import FairSlots, ImageSlot
+from tierdet.serving.tile_budget import TileBudget
 from tierdet.serving.turns import DeviceTurns
 from tierdet.serving.validation import Validator, ValidRequest
 
@@ -109,12 +111,12 @@ class Detector:
         turns = DeviceTurns(settings.device_turns)
         self.infer = Infer(self.pool, self.router, self.catalog, metrics,
                            settings.request_timeout_s, turns)
-        self._tile_prep_ms = 2.0  # letterbox of one tile, learnt from tiled requests
+        self.tile_budget = TileBudget(self.router)
         self.shadow = Shadow(settings, self.pool, self.router, self.catalog, metrics,
                              self.canaries, turns=turns)
 
     @contextmanager
-    def _counted(self, protocol: str, seen: _Outcome | None = None) -> Iterator[None]:
+    def _counted(self, protocol: str, seen: Outcome | None = None) -> Iterator[None]:
         """The one failure path: every refusal or error of the block is counted,
         under the tier and model decided so far (``seen``), if any."""
         try:
@@ -158,7 +160,7 @@ class Detector:
     def authorize(self, caller: Caller, options: DetectOptions) -> None:
         """403 unless the caller's key may ask for these options at all (a whole
         call's check, e.g. a batch's; ``detect`` confines every image anyway)."""
-        with self._counted(caller.protocol, _Outcome(options)):
+        with self._counted(caller.protocol, Outcome(options)):
             self.validator.confine(caller.key, options, caller.deadline_ms)
 
     # -- what is served ----------------------------------------------------
@@ -212,7 +214,7 @@ class Detector:
         far (HTTP: the query string's budget, tier or model) already say that not
         even the fastest model could answer in time. Options the body adds can only
         narrow the choice, so a request this lets through may still be shed later."""
-        with self._counted(caller.protocol, _Outcome(options)):
+        with self._counted(caller.protocol, Outcome(options)):
             valid = self.validator.validate(caller.key, options, caller.deadline_ms)
             self.router.precheck(valid.route, _ms_since(caller.received),
                                  self.catalog.placement(list(valid.candidates)))
@@ -221,7 +223,7 @@ class Detector:
                      options: DetectOptions) -> DetectResult:
         """validate -> decode -> route -> infer -> postprocess, counted and logged.
         ``image``: encoded bytes, or raw ``Pixels`` (decoding is then only the limits)."""
-        seen = _Outcome(options)
+        seen = Outcome(options)
         self.metrics.inflight.inc()
         try:
             with tracing.span("detect"), self._counted(caller.protocol, seen):
@@ -233,7 +235,7 @@ class Detector:
                     with self.catalog.using(*valid.candidates):
                         seen.result = await self._detect(caller, image, valid, seen)
                 except BaseException as exc:
-                    seen.code = _code(exc)
+                    seen.code = code_of(exc)
                     if seen.decision is not None and seen.code is ErrorCode.DEADLINE_EXCEEDED:
                         self.metrics.route_factor.set(
                             self.router.learn(seen.decision, _ms_since(caller.received)))
@@ -252,7 +254,7 @@ class Detector:
         return result
 
     async def _detect(self, caller: Caller, image: bytes | Pixels, valid: ValidRequest,
-                      seen: _Outcome) -> DetectResult:
+                      seen: Outcome) -> DetectResult:
         start = caller.received
         reachable = self.router.precheck(valid.route, _ms_since(start),
                                          self.catalog.placement(list(valid.candidates)))
@@ -270,7 +272,7 @@ class Detector:
                 decision = self.router.decide(valid.route, _ms_since(start),
                                               self.catalog.placement(reachable))
                 decision, valid = self._canary(decision, valid, _ms_since(start))
-                tiles, decision = (self._tiles(decision, slot.take(), _ms_since(start))
+                tiles, decision = (self.tile_budget.plan(decision, slot.take(), _ms_since(start))
                                    if valid.tiled else ([], decision))
             seen.decision = decision
             # A request diverted to a canary counts as using it from the diversion on
@@ -297,32 +299,18 @@ class Detector:
 
     def log_refused(self, caller: Caller, options: DetectOptions, exc: ApiError) -> None:
         """The access-log line of an image refused before it reached ``detect``."""
-        self._log_access(caller, options, 0, _Outcome(options, code=exc.code))
+        self._log_access(caller, options, 0, Outcome(options, code=exc.code))
 
     def _log_access(self, caller: Caller, options: DetectOptions, image_bytes: int,
-                    seen: _Outcome) -> None:
+                    seen: Outcome) -> None:
         """The access-log line of one image (see access)."""
         call = access.current()
         if call is not None:
             call.images += 1
         if call is None or not (self.access.enabled or tracing.enabled()):
             return
-        code, decision, result = seen.code, seen.decision, seen.result
-        http = access.TRANSPORTS[caller.protocol] == "http"
-        if code is None:
-            status: int | str = 200 if http else "OK"
-        else:
-            status = code.kind.http_status if http else code.kind.grpc_status
-        fields = dict(
-            item=caller.item, code=code.value if code else "ok", status=status,
-            tier=decision.tier if decision else options.tier,
-            budget_ms=decision.budget_ms if decision else options.sla_ms,
-            model=decision.model if decision else options.model,
-            endpoint=decision.endpoint if decision else None,
-            predicted_ms=round(decision.predicted_ms, 1) if decision else None,
-            latency_ms=round(_ms_since(caller.received), 1), image_bytes=image_bytes,
-            width=result.width if result else None, height=result.height if result else None,
-            tiles=result.routing.tiles if result else None)
+        fields = seen.access_fields(access.TRANSPORTS[caller.protocol] == "http", caller.item,
+                                    _ms_since(caller.received), image_bytes)
         tracing.annotate(**fields)  # on this image's span
         self.access.write(call, **fields)
 
@@ -339,26 +327,6 @@ class Detector:
         if not caller.allowance.use():
             self.keys.take(caller.key)
 
-    def _tiles(self, decision: Decision, image: decoding.Decoded, elapsed_ms: float
-               ) -> tuple[list[tiling.Tile], Decision]:
-        """The tiles the budget leaves room for beside the whole view (one batch:
-        at most the model's batch size), and the decision with their cost in its
-        prediction. Each tile costs the model's marginal device time and its
-        letterbox (measured, see ``_learn_tile_prep``)."""
-        if decision.degraded:
-            return [], decision
-        spec = get_spec(decision.model)
-        room, per_tile = self.router.room_for_views(decision, elapsed_ms, self._tile_prep_ms)
-        height, width = image.pixels.shape[:2]
-        tiles = tiling.plan(width, height, spec.input_size,
-                            min(spec.batching.max_batch_size - 1, room))
-        return tiles, replace(decision,
-                              predicted_ms=decision.predicted_ms + len(tiles) * per_tile)
-
-    def _learn_tile_prep(self, prep_s: float, views: int) -> None:
-        if views > 1:
-            self._tile_prep_ms += 0.2 * (prep_s * 1e3 / views - self._tile_prep_ms)
-
     async def _run(self, decision: Decision, slot: ImageSlot, valid: ValidRequest,
                    start: float, decode_s: float, tiles: list[tiling.Tile]
                    ) -> tuple[DetectResult, Decision, tuple[np.ndarray, imaging.Geometry]]:
@@ -374,7 +342,7 @@ class Detector:
                 geometries, prep_s = await _in_thread(
                     tiling.prepare_views, slot.take(), size, spec.preprocessing, tiles, batch)
             slot.release()  # letterboxed: the pixels are not needed while Triton runs
-            self._learn_tile_prep(prep_s, len(batch))
+            self.tile_budget.learn(prep_s, len(batch))
             t_infer = time.perf_counter()
             rows, decision = await self.infer.run(decision, batch, start)
             t_post = time.perf_counter()
@@ -395,31 +363,6 @@ class Detector:
                           timing.total_ms, decision.degraded, len(tiles))
         return DetectResult(spec.name, whole.width, whole.height, detections, timing,
                             routing), decision, (rows[0], whole)
-
-@dataclass
-class _Outcome:
-    """How one image went, for its access-log line and its metrics."""
-
-    options: DetectOptions
-    decision: Decision | None = None
-    result: DetectResult | None = None
-    code: ErrorCode | None = None
-    view: tuple[np.ndarray, imaging.Geometry] | None = None  # the whole view's rows
-
-    def labels(self) -> tuple[str | None, str]:
-        """(tier, model) to count a failure under: the decision's, else what was
-        asked (a model only if it exists: callers do not make metric labels)."""
-        if self.decision is not None:
-            return self.decision.tier, self.decision.model
-        model = self.options.model
-        return self.options.tier, model if model and lookup(model) else "none"
-
-
-def _code(exc: BaseException) -> ErrorCode:
-    if isinstance(exc, ApiError):
-        return exc.code
-    return ErrorCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else ErrorCode.INTERNAL
-
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a worker thread (the decoders release the GIL). If the

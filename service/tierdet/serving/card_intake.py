@@ -1,0 +1,90 @@
+"""A card sent through the admin API: parsed and validated, its graph found
+only inside the cards folder (``TIERDET_CARDS_DIR``: a relative path, no
+``..``, no link out) with the sha256 the card states, and written as the build
+reads it. Every refusal is an ``ApiError`` with its own code."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tierdet.contract.errors import ApiError, ErrorCode
+from tierdet.registry.cards import CardError, OnnxSource, card_mapping, expand, validated
+from tierdet.registry.cards import ModelCard as Card
+
+
+def parse_card(name: str, body: bytes) -> tuple[dict[str, Any], Card]:
+    """The card in ``body`` (YAML, or JSON: YAML reads it), validated, for ``name``."""
+    try:
+        raw = card_mapping(body.decode("utf-8"), "card")
+        card = validated(raw, "card")
+    except UnicodeDecodeError:
+        raise ApiError(ErrorCode.INVALID_CARD, "card: not UTF-8 text") from None
+    except CardError as exc:
+        raise ApiError(ErrorCode.INVALID_CARD, str(exc)) from None
+    if card.name != name:
+        raise ApiError(ErrorCode.INVALID_CARD, f"name: the card is {card.name!r}, the URL "
+                       f"names {name!r}")
+    if not isinstance(card.source, OnnxSource) or card.source.sha256 is None:
+        raise ApiError(ErrorCode.INVALID_CARD, "source: the admin API takes an ONNX graph with "
+                       "its sha256 (source: {onnx: FILE, sha256: DIGEST})")
+    return raw, card
+
+
+def checked_graphs(card: Card, cards_dir: Path) -> dict[int, Path]:
+    """Input size -> the graph's file in ``cards_dir``, checked against its digest
+    (blocking: it reads the files)."""
+    out = {}
+    for model in expand(card):
+        source = model.source
+        assert isinstance(source, OnnxSource)
+        assert isinstance(source.onnx, Path) and isinstance(source.sha256, str)  # expanded
+        path = graph_path(cards_dir, source.onnx)
+        if _sha256(path) != source.sha256:
+            raise ApiError(ErrorCode.DIGEST_MISMATCH, f"source: {source.onnx} does not have "
+                           f"the sha256 {source.sha256}")
+        size = model.input.size
+        assert isinstance(size, int)
+        out[size] = path
+    return out
+
+
+def graph_path(cards_dir: Path, path: Path) -> Path:
+    """``path`` inside ``cards_dir``: relative, no ``..``, not out through a link."""
+    if path.is_absolute() or ".." in path.parts:
+        raise ApiError(ErrorCode.CARD_PATH_REFUSED, f"source: {path}: a graph is named by "
+                       "its path in the cards folder (relative, without '..')")
+    root = cards_dir.resolve()
+    full = (root / path).resolve()
+    if not full.is_relative_to(root):
+        raise ApiError(ErrorCode.CARD_PATH_REFUSED, f"source: {path} leads out of the cards "
+                       "folder")
+    if not full.is_file():
+        raise ApiError(ErrorCode.GRAPH_NOT_FOUND, f"source: {path}: no such file in the "
+                       "cards folder")
+    return full
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_card(home: Path, raw: dict[str, Any], graphs: dict[int, Path]) -> Path:
+    """The card as the build reads it: its graphs named by the checked paths."""
+    source = dict(raw["source"])
+    onnx = source["onnx"]
+    source["onnx"] = ({int(k): str(graphs[int(k)]) for k in onnx} if isinstance(onnx, dict)
+                      else str(next(iter(graphs.values()))))
+    path = home / "admin-cards" / f"{raw['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({**raw, "source": source}, sort_keys=False))
+    tmp.replace(path)
+    return path
