@@ -556,3 +556,18 @@ def test_on_a_shared_cpu_other_models_work_stretches_a_prediction_not_its_own():
                          ).predicted_ms == pytest.approx(beside, rel=0.02)
     assert router().decide(RouteRequest(model="mid", sla_ms=5000), 3.0, READY
                            ).predicted_ms == pytest.approx(alone)  # off by default
+
+
+def test_a_queue_report_older_than_our_last_answer_does_not_make_the_device_busy():
+    """Triton's report may count our own request queued; once it came back the
+    device is idle until a newer report says otherwise."""
+    r = router()
+    asked = time.monotonic()
+    ticket = r.latency.admit("mid", "a")
+    r.latency.observe_queues({"a": (asked, QueueReport({"mid": 1}, {"mid": 1}))})
+    assert not r.idle("a")  # ours, in flight
+    r.latency.finish(ticket, 50.0)
+    assert r.idle("a")  # the report counted it; it is back
+    r.latency.observe_queues({"a": (time.monotonic(), QueueReport({"slow": 2}, {"mid": 1,
+                                                                             "slow": 2}))})
+    assert not r.idle("a")  # another client's, reported after ours came back

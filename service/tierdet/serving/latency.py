@@ -106,6 +106,8 @@ class LatencyModel:
     windows: dict[tuple[str, str], DeviceWindow] = field(default_factory=dict)
     # (endpoint, model) -> answers (observed ms, time.monotonic()) not yet counted
     _answers: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)
+    # endpoint -> time.monotonic() this gateway's last request there came back
+    _returned: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _load(self, model: str) -> _ModelLoad:
@@ -279,7 +281,11 @@ class LatencyModel:
         if self._at(endpoint):
             return False
         report = self._report(endpoint)
-        return report is None or not any(report[1].values())
+        # A report asked before our last request came back may count that request
+        # queued: it says nothing of the device now.
+        if report is None or report[0] <= self._returned.get(endpoint, 0.0):
+            return True
+        return not any(report[1].values())
 
     def admit(self, model: str, endpoint: str = LOCAL) -> Ticket:
         """Count a request as in flight at ``endpoint``."""
@@ -300,6 +306,7 @@ class LatencyModel:
             self.flight.discard(ticket)
             left = sum(self.cost_ms(t.model) for t in self._at(ticket.endpoint))
             self.busy_until[ticket.endpoint] = time.monotonic() + left / 1e3
+            self._returned[ticket.endpoint] = time.monotonic()
             load = self._load(ticket.model)
             if observed_ms is None or ticket.predicted_ms <= 0:
                 return
