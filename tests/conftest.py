@@ -159,6 +159,21 @@ def photos() -> dict[str, np.ndarray]:
             "chelsea": skimage.data.chelsea(), "rocket": skimage.data.rocket()}
 
 
+def with_changes(raw: dict, changes: dict) -> dict:
+    """``raw`` (a card's mapping) with ``changes`` set in place: dotted keys
+    (``input.size``), None deletes the key."""
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    return raw
+
+
 def encode(image: np.ndarray, ext: str = ".jpg") -> bytes:
     import cv2
 

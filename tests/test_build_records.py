@@ -20,7 +20,8 @@ from conftest import CARDS, REPO, TEST_MODEL, TEST_WEIGHTS
 from deploy_support import DOCKER, run_tool
 from tierdet.build.export import EXPORT_FORMAT
 from tierdet.build.models import BuiltModel, ensure_built, ensure_cards, load_built, stale
-from tierdet.build.weights import WeightsSource, sha256_file
+from tierdet.build.weights import WeightsSource
+from tierdet.registry.cards import sha256_file
 from tierdet.registry.tensors import MODEL_METADATA_KEY
 
 SOURCE = WeightsSource.parse(TEST_WEIGHTS)

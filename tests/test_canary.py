@@ -35,7 +35,7 @@ import httpx
 import pytest
 import yaml
 from conftest import LADDER, REPO
-from test_model_changes import ADMIN, ADMIN_KEY, CALLER, CALLER_KEY, Traffic, detect
+from test_model_changes import ADMIN, ADMIN_KEY, CALLER, CALLER_KEY, Traffic, caller_keys, detect
 from test_model_changes import triton_versions as _triton_versions
 from test_shadow import COCO, _series
 from tierdet import cli
@@ -140,9 +140,7 @@ def stack(cards_built, tmp_path_factory) -> Iterator[Stack]:
     cards.mkdir()
     for graph in GRAPHS.values():
         shutil.copy(graph, cards / graph.name)
-    keys = work / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [
-        {"name": "caller", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}]}))
+    keys = caller_keys(work)
     models = [m for m in cards_built if m.spec.name in (SMALL, REFERENCE)]
     triton = start_triton(models, work / "home", work, threads=2)
     try:

@@ -12,16 +12,16 @@ figure of its folder in ../shared/models and the figure its card records.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from conftest import CARDS, LADDER, LADDER_MODELS, REPO, TEST_MODEL
+from conftest import CARDS, LADDER, LADDER_MODELS, REPO, TEST_MODEL, with_changes
 from tierdet import cli
 from tierdet.registry.cards import CardError, expand, load_card, register
 from tierdet.training.evaluation import run_evaluation
+from waiting import wait_until
 
 YOLOX, PICODET, NANODET, SHAPES = CARDS
 COCO = REPO.parent / "shared" / "data" / "coco-val2017-128"
@@ -57,16 +57,7 @@ def _card(tmp_path: Path, **changes) -> Path:
 
 def _written(raw: dict, changes: dict, path: Path) -> Path:
     """``raw`` with ``changes`` (dotted keys; None deletes the key), as YAML at ``path``."""
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        if value is None:
-            del node[last]
-        else:
-            node[last] = value
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(with_changes(raw, changes)))
     return path
 
 
@@ -277,14 +268,6 @@ def test_ladder_ap_on_real_coco_photographs(ladder_ap, card_stack, model):
     assert abs(routing_ap - 100 * gateway.ap) <= 0.2
 
 
-def wait_for(holds, timeout_s: float, what: str) -> None:
-    """Poll ``holds`` (a scrape) until it is true, failing after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not holds():
-        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
-        time.sleep(0.2)  # the poll's pace, not a wait for the event
-
-
 def test_the_ap_gauges_hold_the_recorded_figures_and_follow_a_new_eval(card_stack,
                                                                          card_evals):
     """From the first scrape, each ladder model's recorded AP, labelled with its image
@@ -308,8 +291,8 @@ def test_the_ap_gauges_hold_the_recorded_figures_and_follow_a_new_eval(card_stac
                      "yolox-nano-320", "--limit", "8", "--out", str(out)]) == 0
     fresh = json.loads(out.read_text())["records"][0]["ap"]
     assert fresh != pytest.approx(recorded["yolox-nano-320"])  # 8 images: another figure
-    wait_for(lambda: gauges()["yolox-nano-320"] == pytest.approx(fresh), 30,
-             "the gauge to take the new evaluation")
+    wait_until(lambda: gauges()["yolox-nano-320"] == pytest.approx(fresh),
+               "the gauge to take the new evaluation", timeout_s=30, poll_s=0.2)
 
 
 def test_eval_cli_takes_the_coco_folder_and_a_card(card_stack, cards_built, tmp_path, capsys):

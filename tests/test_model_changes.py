@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
-from conftest import REPO, TEST_MODEL, encode, photos, triton_key
+from conftest import REPO, TEST_MODEL, encode, photos, triton_key, with_changes
 from tierdet import cli
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.devstack.triton import LocalTriton
@@ -48,6 +48,14 @@ class Stack:
     http: httpx.Client
 
 
+def caller_keys(work: Path) -> Path:
+    """The gateway's API keys file: one caller, ``CALLER_KEY``."""
+    keys = work / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [
+        {"name": "caller", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}]}))
+    return keys
+
+
 @pytest.fixture(scope="module")
 def stack(built_d0, tmp_path_factory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("changes")
@@ -55,9 +63,7 @@ def stack(built_d0, tmp_path_factory) -> Iterator[Stack]:
     cards.mkdir()
     shutil.copy(GRAPH, cards / "yolox_nano.onnx")
     os.symlink(GRAPH, cards / "outside.onnx")  # a link out of the folder
-    keys = work / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [
-        {"name": "caller", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}]}))
+    keys = caller_keys(work)
     tritons: list[LocalTriton] = []
     try:
         for server in ("a", "b"):  # a pool of two: every change reaches both
@@ -88,13 +94,7 @@ def card(name: str, **changes) -> str:
         "output": {"format": "yolox", "strides": [8, 16, 32]},
         "classes": "coco80", "nms_iou": 0.6, "pre_nms_top_k": 1000,
         "licence": "Apache-2.0", "provenance": "tests/test_model_changes.py"}
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return yaml.safe_dump(raw)
+    return yaml.safe_dump(with_changes(raw, changes))
 
 
 def served(stack: Stack) -> dict[str, bool]:

@@ -32,8 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from tierdet.build.weights import sha256_file
-from tierdet.registry.cards import CardError, CheckpointSource, ModelCard, single_size
+from tierdet.registry.cards import (
+    CardError,
+    CheckpointSource,
+    ModelCard,
+    sha256_file,
+    single_size,
+)
 from tierdet.registry.specs import Batching, ModelSpec
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME
 

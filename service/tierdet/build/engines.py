@@ -229,6 +229,8 @@ def provenance_params(provenance: dict[str, str]) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """A copy of ``tierdet.registry.cards.sha256_file``: this module imports only the
+    standard library (it runs where tierdet is not installed)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

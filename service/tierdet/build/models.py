@@ -26,8 +26,8 @@ from tqdm import tqdm
 from tierdet import __version__
 from tierdet.build.export import EXPORT_FORMAT
 from tierdet.build.repository import Target, install_model
-from tierdet.build.weights import WeightsSource, resolve_checkpoint, sha256_file
-from tierdet.registry.cards import ModelCard
+from tierdet.build.weights import WeightsSource, resolve_checkpoint
+from tierdet.registry.cards import ModelCard, sha256_file
 from tierdet.registry.profile import LatencyProfile, tuned_batching
 from tierdet.registry.specs import Batching, ModelSpec, get_spec
 from tierdet.registry.tensors import INPUT_NAME, MODEL_METADATA_KEY

@@ -20,6 +20,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from tierdet.registry.cards import sha256_file
 from tierdet.registry.specs import ModelSpec
 
 CHUNK = 1 << 20
@@ -61,14 +62,6 @@ class WeightsSource:
         if self.kind == "file":
             return f"file {self.path}"
         return "official"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def digest_matches(actual: str, expected: str) -> bool:

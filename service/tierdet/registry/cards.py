@@ -25,6 +25,7 @@ at build time, by running it once.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -319,3 +320,12 @@ SHIPPED_TIERS = SHIPPED.parent / "tiers" / "ladder.yaml"
 def shipped_tiers() -> Path | None:
     """The shipped ladder's tiers file, if this is a checkout."""
     return SHIPPED_TIERS if SHIPPED_TIERS.is_file() else None
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 a card names a file by (its graph, its weights), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

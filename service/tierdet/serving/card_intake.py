@@ -5,14 +5,20 @@ reads it. Every refusal is an ``ApiError`` with its own code."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.registry.cards import CardError, OnnxSource, card_mapping, expand, validated
+from tierdet.registry.cards import (
+    CardError,
+    OnnxSource,
+    card_mapping,
+    expand,
+    sha256_file,
+    validated,
+)
 from tierdet.registry.cards import ModelCard as Card
 
 
@@ -43,7 +49,7 @@ def checked_graphs(card: Card, cards_dir: Path) -> dict[int, Path]:
         assert isinstance(source, OnnxSource)
         assert isinstance(source.onnx, Path) and isinstance(source.sha256, str)  # expanded
         path = graph_path(cards_dir, source.onnx)
-        if _sha256(path) != source.sha256:
+        if sha256_file(path) != source.sha256:
             raise ApiError(ErrorCode.DIGEST_MISMATCH, f"source: {source.onnx} does not have "
                            f"the sha256 {source.sha256}")
         size = model.input.size
@@ -66,14 +72,6 @@ def graph_path(cards_dir: Path, path: Path) -> Path:
         raise ApiError(ErrorCode.GRAPH_NOT_FOUND, f"source: {path}: no such file in the "
                        "cards folder")
     return full
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_card(home: Path, raw: dict[str, Any], graphs: dict[int, Path]) -> Path:

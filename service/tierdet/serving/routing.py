@@ -228,14 +228,19 @@ class Router:
         """Predicted completion of each candidate at its nearest endpoint, and that
         endpoint."""
         predicted, where = {}, {}
-        devices = len({e for m in candidates for e in ready.get(m, ())})
         for m in candidates:
             where[m], backlog = self._nearest(m, ready.get(m, ()))
-            device_ms = (backlog + self.latency.service_ms(m)) * self._stretch(m, devices)
+            device_ms = (backlog + self.latency.service_ms(m)) * self._stretch(m, candidates,
+                                                                              ready)
             predicted[m] = elapsed_ms + self.overhead_ms + device_ms
         return predicted, where
 
-    def _stretch(self, model: str, devices: int) -> float:
+    @staticmethod
+    def _devices(models: Iterable[str], ready: Placement) -> int:
+        """How many endpoints' devices ``models`` share."""
+        return len({e for m in models for e in ready.get(m, ())})
+
+    def _stretch(self, model: str, candidates: Iterable[str], ready: Placement) -> float:
         """How much longer ``model``'s work takes while other models' arrive and
         run beside it (``shared_device``: a CPU, where Triton runs each model's
         executions on the same cores at once): with a share u of the device
@@ -243,7 +248,8 @@ class Router:
         without ``shared_device`` or other work."""
         if not self.shared_device:
             return 1.0
-        return 1.0 / (1.0 - min(0.75, self.governor.others_load(model, devices)))
+        others = self.governor.others_load(model, self._devices(candidates, ready))
+        return 1.0 / (1.0 - min(0.75, others))
 
     def _displacement(self, pool: list[str], candidates: list[str], backlog: float
                       ) -> dict[str, float]:
@@ -331,7 +337,7 @@ class Router:
         self.governor.arrival()
         fitting = [m for m in candidates if self.fits(predicted[m], budget)]
         if fitting:
-            devices = len({e for m in candidates for e in ready.get(m, ())})
+            devices = self._devices(candidates, ready)
             affordable = ([m for m in fitting
                            if self.governor.affordable(self.latency.cost_ms(m), devices)]
                           if req.model is None else fitting)
@@ -361,10 +367,9 @@ class Router:
         if not endpoints:
             return None
         endpoint, backlog = self._nearest(decision.model, endpoints)
-        devices = len(set(ready.get(decision.model, ())))
         predicted = elapsed_ms + self.overhead_ms + (
             backlog + self.latency.service_ms(decision.model)
-        ) * self._stretch(decision.model, devices)
+        ) * self._stretch(decision.model, [decision.model], ready)
         if not decision.degraded and not self.fits(predicted, decision.budget_ms):
             return None
         return self._pick(replace(decision, endpoint=endpoint, predicted_ms=predicted))
