@@ -106,8 +106,10 @@ def largest(variant: Variant, settings: Settings) -> tuple[bytes, str]:
     """The largest image of ``variant`` the gateway's header check accepts."""
     pixels = settings.max_image_pixels
     for _ in range(8):
-        ok, data = cv2.imencode(variant.ext, picture(pixels, variant), list(variant.params))
-        data = data.tobytes()
+        ok, encoded = cv2.imencode(variant.ext, picture(pixels, variant), list(variant.params))
+        if not ok:
+            raise RuntimeError(f"OpenCV could not write {variant.name}")
+        data = encoded.tobytes()
         try:
             decoding._check(data, settings.max_image_bytes, settings.max_image_pixels)
         except ApiError as error:
