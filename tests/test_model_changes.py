@@ -12,6 +12,7 @@ codes, and the serving set stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
@@ -30,6 +32,7 @@ from conftest import REPO, TEST_MODEL, encode, photos, triton_key, with_changes
 from tierdet import cli
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.devstack.triton import LocalTriton
+from tierdet.serving.changes import BUILD_NICENESS
 from waiting import wait_until
 
 ADMIN_KEY = "admin-key-of-the-model-changes-test"
@@ -117,6 +120,15 @@ def triton_versions(stack: Stack, model: str) -> list[dict[str, str]]:
         out.append({m.get("version", ""): m.get("state", "") for m in index.get("models", [])
                     if m["name"] == model})
     return out
+
+
+def build_child(stack: Stack) -> psutil.Process | None:
+    """The gateway's ``tierdet build`` child, while there is one."""
+    for child in psutil.Process(stack.gateway.process.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "build" in child.cmdline():
+                return child
+    return None
 
 
 def detect(http: httpx.Client, model: str, photo: bytes | None = None) -> httpx.Response:
@@ -257,6 +269,9 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
             put = admin.submit(httpx.put, f"{stack.gateway.http}/admin/models/{name}",
                                headers=ADMIN, content=card(name, nms_iou=0.5), timeout=300.0)
             wait_until(lambda: admin_states(stack)[name] == "building", "the build")
+            # The build yields the cores to serving: a child of lower priority.
+            build = wait_until(lambda: build_child(stack), "the build's process")
+            assert build.nice() == BUILD_NICENESS
             replaced = put.result()
         assert replaced.status_code == 200, replaced.text
         assert admin_states(stack)[name] == "serving"

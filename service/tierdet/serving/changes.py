@@ -36,7 +36,9 @@ process keeps its own catalog, so changes need a gateway of one worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,6 +61,9 @@ log = logging.getLogger("tierdet.changes")
 
 State = Literal["serving", "building", "loading", "draining", "retired", "failed"]
 BUILD_TIMEOUT_S = 900.0  # a card's export: seconds here, minutes for a big graph
+# A build shares the gateway's cores with serving: it runs at a lower priority,
+# so the cores go to admitted requests first (a build takes a core for seconds).
+BUILD_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,10 @@ class ModelChanges:
                    "--new-version"]
         child = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        # Set from here rather than in the child (preexec_fn is unsafe beside threads);
+        # the threads it starts later inherit it.
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, child.pid, BUILD_NICENESS)
         try:
             output, _ = await asyncio.wait_for(child.communicate(), BUILD_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
