@@ -13,7 +13,8 @@ tritonserver, the gateway with a freshly measured latency profile), then:
    gateway vs Triton driven directly by tritonclient with the same tensor;
 4. dynamic batching on vs off for one model, straight at Triton.
 
-Every row is measured in this one run. Example:
+Every row is measured in this one run. The other benchmarks share its request
+helpers, the real ladder's stack (``ladder_stack``) and RSS sampling. Example:
 
     python benchmarks/load.py --models damoyolo-ns,efficientdet-d0,damoyolo-t,efficientdet-d1
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -29,18 +31,21 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
-from tierdet.build.models import assemble, default_home, ensure_built
+import psutil
+from tierdet.build.models import assemble, default_home, ensure_built, ensure_cards
 from tierdet.build.repository import install_model
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.profiling import measure
-from tierdet.devstack.stack import GatewayProcess, free_port, start_triton
+from tierdet.devstack.stack import GatewayProcess, free_port, running_stack, start_triton
 from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
+from tierdet.registry.cards import shipped_cards, shipped_tiers
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import SPECS, Batching
 from tierdet.serving.latency import LatencyModel
@@ -61,6 +66,58 @@ class Outcome:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
+
+
+@contextlib.contextmanager
+def ladder_stack(home: Path, work: Path, threads: int = 0, **settings: str
+                 ) -> Iterator[tuple[LocalTriton, GatewayProcess]]:
+    """The real COCO ladder served as `tierdet up` serves it by default: the
+    shipped cards (built into ``home`` if missing) and the shipped tiers;
+    ``settings`` as for ``GatewayProcess.start``."""
+    cards, tiers = shipped_cards(), shipped_tiers()
+    if not cards or tiers is None:
+        raise SystemExit("the shipped ladder (examples/cards, examples/tiers) is not here")
+    built = ensure_cards(cards, home)
+    with running_stack(built, home, work, threads=threads, cards=",".join(map(str, cards)),
+                       models=",".join(b.spec.name for b in built), tiers_file=str(tiers),
+                       **settings) as stack:
+        yield stack
+
+
+def rss_mb(pid: int) -> float:
+    """RSS of a process and its children (Triton's python stubs), in MiB."""
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += child.memory_info().rss
+    return total / 2**20
+
+
+# (seconds into the run, RSS MiB by process name)
+Sample = tuple[float, dict[str, float]]
+
+
+def sample(start: float, pids: dict[str, int], samples: list[Sample], counts: str) -> None:
+    """Append one RSS sample of each process (``pids`` by name) and print it with
+    ``counts`` (the outcomes so far)."""
+    now, mem = time.perf_counter() - start, {name: rss_mb(pid) for name, pid in pids.items()}
+    samples.append((now, mem))
+    print(f"  t={now:6.0f}s " + " ".join(f"{k}={v:7.1f}MiB" for k, v in mem.items())
+          + f" {counts}", flush=True)
+
+
+def report_rss(samples: list[Sample], warm_s: float) -> float:
+    """Print each process's RSS after warm-up, at the end and min/max over the
+    run; return the gateway's end vs after warm-up (a fraction)."""
+    warm = next((m for t, m in samples if t >= warm_s), samples[-1][1])
+    end = samples[-1][1]
+    for name in end:
+        run = [m[name] for _, m in samples]
+        change = (end[name] - warm[name]) / warm[name]
+        print(f"  {name}: RSS after warm-up {warm[name]:.1f} MiB, end {end[name]:.1f} MiB "
+              f"({change:+.1%}), min {min(run):.1f}, max {max(run):.1f} MiB over the run")
+    return (end["gateway"] - warm["gateway"]) / warm["gateway"]
 
 
 def photo_jpeg() -> bytes:
