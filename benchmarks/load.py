@@ -108,15 +108,21 @@ def sample(start: float, pids: dict[str, int], samples: list[Sample], counts: st
 
 
 def report_rss(samples: list[Sample], warm_s: float) -> float:
-    """Print each process's RSS after warm-up, at the end and min/max over the
-    run; return the gateway's end vs after warm-up (a fraction)."""
+    """Print each process's RSS after warm-up, at the end, min/max over the run
+    and the trend after warm-up (a least-squares line through those samples:
+    growth, told apart from one sample's noise); return the gateway's end vs
+    after warm-up (a fraction)."""
     warm = next((m for t, m in samples if t >= warm_s), samples[-1][1])
     end = samples[-1][1]
+    after = [(t, m) for t, m in samples if t >= warm_s] or samples[-1:]
     for name in end:
         run = [m[name] for _, m in samples]
         change = (end[name] - warm[name]) / warm[name]
+        slope = (np.polyfit([t / 60 for t, _ in after], [m[name] for _, m in after], 1)[0]
+                 if len(after) > 1 else 0.0)
         print(f"  {name}: RSS after warm-up {warm[name]:.1f} MiB, end {end[name]:.1f} MiB "
-              f"({change:+.1%}), min {min(run):.1f}, max {max(run):.1f} MiB over the run")
+              f"({change:+.1%}), min {min(run):.1f}, max {max(run):.1f} MiB over the run; "
+              f"trend after warm-up {slope:+.2f} MiB/min")
     return (end["gateway"] - warm["gateway"]) / warm["gateway"]
 
 
