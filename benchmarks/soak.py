@@ -124,10 +124,14 @@ class Mix:
     async def photo(self, rng: random.Random) -> str:
         tier, sla_ms = rng.choice(self.routes)
         fields = {k: str(v) for k, v in (("tier", tier), ("sla_ms", sla_ms)) if v is not None}
-        return await self.post(rng.choice(self.photos), fields)
+        return answer(await self.http.post("/v1/detect", data=fields, files={
+            "image": ("a.jpg", rng.choice(self.photos), "image/jpeg")}))
 
     async def tiled(self, rng: random.Random) -> str:
-        return await self.post(self.large, {"tile": "auto", "tier": "accurate"})
+        r = await self.http.post("/v1/detect", data={"tile": "auto", "tier": "accurate"},
+                                 files={"image": ("big.jpg", self.large, "image/jpeg")})
+        tiles = r.json()["routing"]["tiles"] if r.status_code == 200 else None
+        return answer(r) + ("" if tiles is None else f" ({tiles} tiles)")
 
     async def bad(self, rng: random.Random) -> str:
         case, kwargs, status, code = rng.choice(BAD_REQUESTS)
@@ -149,10 +153,6 @@ class Mix:
                 raise NoAnswerError(exc.code().name) from exc
             return f"{exc.code().name} {code}"
         return "OK"
-
-    async def post(self, jpeg: bytes, fields: dict[str, str]) -> str:
-        return answer(await self.http.post(
-            "/v1/detect", files={"image": ("a.jpg", jpeg, "image/jpeg")}, data=fields))
 
     def no_answer(self) -> int:
         return sum(n for c in self.outcomes.values() for k, n in c.items()
