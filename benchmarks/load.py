@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import os
@@ -107,12 +108,13 @@ def sample(start: float, pids: dict[str, int], samples: list[Sample], counts: st
           + f" {counts}", flush=True)
 
 
-def report_rss(samples: list[Sample], warm_s: float) -> float:
-    """Print each process's RSS after warm-up, at the end, min/max over the run
-    and the trend after warm-up (a least-squares line through those samples:
-    growth, told apart from one sample's noise); return the gateway's end vs
-    after warm-up (a fraction)."""
-    warm = next((m for t, m in samples if t >= warm_s), samples[-1][1])
+def report_rss(samples: list[Sample], warm_s: float, warm: dict[str, float] | None = None
+               ) -> float:
+    """Print each process's RSS after warm-up (``warm``, or the first sample at
+    ``warm_s`` or later), at the end, min/max over the run and the trend after
+    warm-up (a least-squares line through those samples: growth, told apart
+    from one sample's noise); return the gateway's end vs after warm-up."""
+    warm = warm or next((m for t, m in samples if t >= warm_s), samples[-1][1])
     end = samples[-1][1]
     after = [(t, m) for t, m in samples if t >= warm_s] or samples[-1:]
     for name in end:
@@ -124,6 +126,29 @@ def report_rss(samples: list[Sample], warm_s: float) -> float:
               f"({change:+.1%}), min {min(run):.1f}, max {max(run):.1f} MiB over the run; "
               f"trend after warm-up {slope:+.2f} MiB/min")
     return (end["gateway"] - warm["gateway"]) / warm["gateway"]
+
+
+def answer(r: httpx.Response) -> str:
+    """'200', or the status and the error code of a refusal."""
+    if r.status_code == 200:
+        return "200"
+    try:
+        return f"{r.status_code} {r.json()['error']['code']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code} (not the gateway's error JSON)"
+
+
+async def health(base: str, stop: asyncio.Event, counts: collections.Counter[str]) -> None:
+    """Poll ``/healthz`` every second until ``stop``, counting each answer (or
+    transport error) in ``counts``."""
+    async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+        while not stop.is_set():
+            try:
+                counts[str((await client.get("/healthz")).status_code)] += 1
+            except httpx.HTTPError as exc:
+                counts[type(exc).__name__] += 1
+            with contextlib.suppress(TimeoutError):  # the poll's pace
+                await asyncio.wait_for(stop.wait(), 1.0)
 
 
 def photo_jpeg() -> bytes:

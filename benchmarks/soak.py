@@ -16,10 +16,11 @@ no tier, each named tier or an sla_ms; 10% a case of the v1 bad-input corpus
 (tests/corpus.py), which must get its own 4xx and error code; 5% a 4000x3000
 photograph with tile=auto; 5% a photograph over gRPC (Detector.Detect);
 /healthz polled every second. It prints the outcomes per kind, transport
-errors, and the RSS after warm-up (the first sample past --warmup-fraction),
-at the end, min/max, end vs warm-up; exit 1 if a request got no answer or a
-wrong one, a health poll failed, or the gateway ends more than 5% from its RSS
-after warm-up. The 30-minute run (figures: docs/performance.md, from the run):
+errors, and the RSS at rest after warm-up (at --warmup-fraction of the run the
+clients hold until none is in flight) and at the end, min/max and the trend;
+exit 1 if a request got no answer or a wrong one, a health poll failed, or the
+gateway's RSS at the end is more than 5% from its RSS after warm-up. The
+30-minute run (figures: docs/performance.md, from the run):
 
     python benchmarks/soak.py --mix --minutes 30
 """
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus import BAD_REQUESTS, MAX_IMAGE_BYTES
 from decode_scale import COCO
-from load import Sample, closed_loop, ladder_stack, photo_jpeg, report_rss, sample
+from load import Sample, answer, closed_loop, health, ladder_stack, photo_jpeg, report_rss, sample
 
 KINDS = {"photo": 0.80, "bad": 0.10, "tiled": 0.05, "grpc": 0.05}  # shares of --mix
 CLIENTS = 4
@@ -163,16 +164,6 @@ class Mix:
             f" no-answer={self.no_answer()} wrong={sum(self.wrong.values())}"
 
 
-def answer(r: httpx.Response) -> str:
-    """'200', or the status and the error code of a refusal."""
-    if r.status_code == 200:
-        return "200"
-    try:
-        return f"{r.status_code} {r.json()['error']['code']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{r.status_code} (not the gateway's error JSON)"
-
-
 def large_photo(jpeg: bytes) -> bytes:
     """A 4000x3000 JPEG of a COCO photograph (upscaled: tiling's input size)."""
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
@@ -182,19 +173,8 @@ def large_photo(jpeg: bytes) -> bytes:
     return data
 
 
-async def health(base: str, stop: asyncio.Event, counts: collections.Counter[str]) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
-        while not stop.is_set():
-            try:
-                counts[str((await client.get("/healthz")).status_code)] += 1
-            except httpx.HTTPError as exc:
-                counts[type(exc).__name__] += 1
-            with contextlib.suppress(TimeoutError):  # the poll's pace
-                await asyncio.wait_for(stop.wait(), 1.0)
-
-
 async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Namespace
-                ) -> tuple[Mix, collections.Counter[str], list[Sample], float]:
+                ) -> tuple[Mix, collections.Counter[str], list[Sample], dict[str, float], float]:
     photos = [path.read_bytes() for path in sorted((COCO / "images").glob("*.jpg"))]
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     async with httpx.AsyncClient(base_url=gateway.http, timeout=120.0, limits=limits) as http, \
@@ -208,12 +188,33 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
         samples: list[Sample] = []
         start = time.perf_counter()
         deadline, left = time.monotonic() + args.minutes * 60, [args.requests]
+        # The RSS after warm-up is taken at rest, as the end's is (after the last
+        # answer): the clients hold until none is in flight, then go on. A sample
+        # under load moves by a 12 MP image's buffers (~10%) from one to the next.
+        go, idle, busy, rest = asyncio.Event(), asyncio.Event(), [0], []
+        go.set()
+        idle.set()
 
         async def client(n: int) -> None:
             rng = random.Random(args.seed * 100 + n)
             while time.monotonic() < deadline and left[0] > 0:
-                left[0] -= 1
+                await go.wait()
+                left[0], busy[0] = left[0] - 1, busy[0] + 1
+                idle.clear()
                 await mix.one(rng)
+                busy[0] -= 1
+                if not busy[0]:
+                    idle.set()
+
+        async def at_rest_after_warmup() -> None:
+            with contextlib.suppress(TimeoutError):  # until the warm-up's end
+                await asyncio.wait_for(stop.wait(), args.minutes * 60 * args.warmup_fraction)
+            if not stop.is_set():
+                go.clear()
+                await idle.wait()
+                sample(start, pids, samples, "at rest after warm-up: " + mix.summary())
+                rest.append(samples[-1][1])
+                go.set()
 
         async def sampler() -> None:
             while not stop.is_set():
@@ -221,14 +222,14 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
                 with contextlib.suppress(TimeoutError):  # the sampling pace
                     await asyncio.wait_for(stop.wait(), args.sample_s)
 
-        watchers = [asyncio.create_task(sampler()), asyncio.create_task(
-            health(gateway.http, stop, polls))]
+        watchers = [asyncio.create_task(task) for task in (
+            sampler(), health(gateway.http, stop, polls), at_rest_after_warmup())]
         await asyncio.gather(*(client(n) for n in range(CLIENTS)))
         wall = time.perf_counter() - start
         stop.set()
         await asyncio.gather(*watchers)
-        sample(start, pids, samples, mix.summary())
-    return mix, polls, samples, wall
+        sample(start, pids, samples, "at rest at the end: " + mix.summary())
+    return mix, polls, samples, (rest or [samples[-1][1]])[0], wall
 
 
 def run_mix(args: argparse.Namespace) -> int:
@@ -236,7 +237,7 @@ def run_mix(args: argparse.Namespace) -> int:
     with ladder_stack(args.home, work, threads=args.threads,
                       max_image_bytes=str(MAX_IMAGE_BYTES)) as (triton, gateway):
         pids = {"gateway": gateway.process.pid, "triton": triton.process.pid}
-        mix, polls, samples, wall = asyncio.run(mixed(gateway, pids, args))
+        mix, polls, samples, warm, wall = asyncio.run(mixed(gateway, pids, args))
     total = sum(sum(c.values()) for c in mix.outcomes.values())
     print(f"\n== mixed soak result ({wall / 60:.1f} min, {total} requests, "
           f"{total / wall:.1f}/s) ==")
@@ -246,9 +247,9 @@ def run_mix(args: argparse.Namespace) -> int:
     print(f"  no answer (transport errors): {mix.no_answer()}; bad inputs answered otherwise "
           f"than the corpus says: {sum(mix.wrong.values())} {dict(mix.wrong)}")
     print(f"  /healthz polls: {dict(polls)}")
-    change = report_rss(samples, args.minutes * 60 * args.warmup_fraction)
+    change = report_rss(samples, args.minutes * 60 * args.warmup_fraction, warm)
     flat = abs(change) <= RSS_TARGET
-    print(f"  gateway end vs after warm-up {change:+.1%}: target within {RSS_TARGET:.0%} "
+    print(f"  gateway at rest, end vs after warm-up {change:+.1%}: target within {RSS_TARGET:.0%} "
           f"{'met' if flat else 'MISSED'}; every request answered: {mix.no_answer() == 0}")
     healthy = set(polls) == {"200"}
     return 0 if flat and healthy and mix.no_answer() == 0 and not mix.wrong else 1
