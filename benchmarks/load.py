@@ -13,7 +13,8 @@ tritonserver, the gateway with a freshly measured latency profile), then:
    gateway vs Triton driven directly by tritonclient with the same tensor;
 4. dynamic batching on vs off for one model, straight at Triton.
 
-Every row is measured in this one run. Example:
+Every row is measured in this one run. The other benchmarks share its request
+helpers, the real ladder's stack (``ladder_stack``) and RSS sampling. Example:
 
     python benchmarks/load.py --models damoyolo-ns,efficientdet-d0,damoyolo-t,efficientdet-d1
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import os
 import random
@@ -29,18 +32,21 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
-from tierdet.build.models import assemble, default_home, ensure_built
+import psutil
+from tierdet.build.models import assemble, default_home, ensure_built, ensure_cards
 from tierdet.build.repository import install_model
 from tierdet.build.weights import WeightsSource
 from tierdet.devstack.profiling import measure
-from tierdet.devstack.stack import GatewayProcess, free_port, start_triton
+from tierdet.devstack.stack import GatewayProcess, free_port, running_stack, start_triton
 from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
+from tierdet.registry.cards import shipped_cards, shipped_tiers
 from tierdet.registry.profile import LatencyProfile
 from tierdet.registry.specs import SPECS, Batching
 from tierdet.serving.latency import LatencyModel
@@ -61,6 +67,88 @@ class Outcome:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
+
+
+@contextlib.contextmanager
+def ladder_stack(home: Path, work: Path, threads: int = 0, **settings: str
+                 ) -> Iterator[tuple[LocalTriton, GatewayProcess]]:
+    """The real COCO ladder served as `tierdet up` serves it by default: the
+    shipped cards (built into ``home`` if missing) and the shipped tiers;
+    ``settings`` as for ``GatewayProcess.start``."""
+    cards, tiers = shipped_cards(), shipped_tiers()
+    if not cards or tiers is None:
+        raise SystemExit("the shipped ladder (examples/cards, examples/tiers) is not here")
+    built = ensure_cards(cards, home)
+    with running_stack(built, home, work, threads=threads, cards=",".join(map(str, cards)),
+                       models=",".join(b.spec.name for b in built), tiers_file=str(tiers),
+                       **settings) as stack:
+        yield stack
+
+
+def rss_mb(pid: int) -> float:
+    """RSS of a process and its children (Triton's python stubs), in MiB."""
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += child.memory_info().rss
+    return total / 2**20
+
+
+# (seconds into the run, RSS MiB by process name)
+Sample = tuple[float, dict[str, float]]
+
+
+def sample(start: float, pids: dict[str, int], samples: list[Sample], counts: str) -> None:
+    """Append one RSS sample of each process (``pids`` by name) and print it with
+    ``counts`` (the outcomes so far)."""
+    now, mem = time.perf_counter() - start, {name: rss_mb(pid) for name, pid in pids.items()}
+    samples.append((now, mem))
+    print(f"  t={now:6.0f}s " + " ".join(f"{k}={v:7.1f}MiB" for k, v in mem.items())
+          + f" {counts}", flush=True)
+
+
+def report_rss(samples: list[Sample], warm_s: float, warm: dict[str, float] | None = None
+               ) -> float:
+    """Print each process's RSS after warm-up (``warm``, or the first sample at
+    ``warm_s`` or later), at the end, min/max over the run and the trend after
+    warm-up (a least-squares line through those samples: growth, told apart
+    from one sample's noise); return the gateway's end vs after warm-up."""
+    warm = warm or next((m for t, m in samples if t >= warm_s), samples[-1][1])
+    end = samples[-1][1]
+    after = [(t, m) for t, m in samples if t >= warm_s] or samples[-1:]
+    for name in end:
+        run = [m[name] for _, m in samples]
+        change = (end[name] - warm[name]) / warm[name]
+        slope = (np.polyfit([t / 60 for t, _ in after], [m[name] for _, m in after], 1)[0]
+                 if len(after) > 1 else 0.0)
+        print(f"  {name}: RSS after warm-up {warm[name]:.1f} MiB, end {end[name]:.1f} MiB "
+              f"({change:+.1%}), min {min(run):.1f}, max {max(run):.1f} MiB over the run; "
+              f"trend after warm-up {slope:+.2f} MiB/min")
+    return (end["gateway"] - warm["gateway"]) / warm["gateway"]
+
+
+def answer(r: httpx.Response) -> str:
+    """'200', or the status and the error code of a refusal."""
+    if r.status_code == 200:
+        return "200"
+    try:
+        return f"{r.status_code} {r.json()['error']['code']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code} (not the gateway's error JSON)"
+
+
+async def health(base: str, stop: asyncio.Event, counts: collections.Counter[str]) -> None:
+    """Poll ``/healthz`` every second until ``stop``, counting each answer (or
+    transport error) in ``counts``."""
+    async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+        while not stop.is_set():
+            try:
+                counts[str((await client.get("/healthz")).status_code)] += 1
+            except httpx.HTTPError as exc:
+                counts[type(exc).__name__] += 1
+            with contextlib.suppress(TimeoutError):  # the poll's pace
+                await asyncio.wait_for(stop.wait(), 1.0)
 
 
 def photo_jpeg() -> bytes:

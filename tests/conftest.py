@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
+from corpus import MAX_IMAGE_BYTES
+from corpus import encode as encode  # re-exported (tests import both from here)
+from corpus import photos as photos
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
 
@@ -101,8 +103,8 @@ def triton(home: Path, built_d0, tmp_path_factory) -> Iterator[Triton]:
 @pytest.fixture(scope="session")
 def gateway(triton: Triton, tmp_path_factory) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    # A small byte limit keeps the 413 test cheap.
-    gw = GatewayProcess.start(triton.endpoint, log, max_image_bytes=str(8 * 1024 * 1024))
+    # A small byte limit keeps the 413 test cheap (the bad-input corpus is sized to it).
+    gw = GatewayProcess.start(triton.endpoint, log, max_image_bytes=str(MAX_IMAGE_BYTES))
     try:
         yield gw
     finally:
@@ -121,7 +123,7 @@ def busy_gateway(triton: Triton, tmp_path_factory) -> Iterator[GatewayProcess]:
     streams. Its router learns latencies under that load; kept apart, what it
     learns cannot shed other tests' requests on the default 500 ms tier."""
     log = tmp_path_factory.mktemp("busy-gateway") / "gateway.log"
-    gw = GatewayProcess.start(triton.endpoint, log, max_image_bytes=str(8 * 1024 * 1024))
+    gw = GatewayProcess.start(triton.endpoint, log, max_image_bytes=str(MAX_IMAGE_BYTES))
     try:
         yield gw
     finally:
@@ -151,14 +153,6 @@ def regions_of(triton_url: str, gateway: GatewayProcess) -> list[str]:
     return [name for name in status.get("regions", {}) if name.startswith(prefix)]
 
 
-def photos() -> dict[str, np.ndarray]:
-    """Real photographs shipped with scikit-image (RGB uint8)."""
-    import skimage.data
-
-    return {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(),
-            "chelsea": skimage.data.chelsea(), "rocket": skimage.data.rocket()}
-
-
 def with_changes(raw: dict, changes: dict) -> dict:
     """``raw`` (a card's mapping) with ``changes`` set in place: dotted keys
     (``input.size``), None deletes the key."""
@@ -172,14 +166,6 @@ def with_changes(raw: dict, changes: dict) -> dict:
         else:
             node[last] = value
     return raw
-
-
-def encode(image: np.ndarray, ext: str = ".jpg") -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(ext, image[..., ::-1] if image.ndim == 3 else image)
-    assert ok
-    return buf.tobytes()
 
 
 ZOO = ("efficientdet-d0", "efficientdet-d1", "damoyolo-ns", "damoyolo-t")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 
 import onnxruntime as ort
 import oracle
 import pytest
-from conftest import TEST_MODEL, encode, photos
+from conftest import TEST_MODEL
+from corpus import BAD_REQUESTS, JPEG, encode, photos
 from tierdet.registry.specs import SPECS
 
 
@@ -63,55 +62,6 @@ def test_gateway_equals_onnxruntime_on_the_same_photo(client, triton):
                           data={"score_threshold": "0.05", "sla_ms": "60000"}
                           ).json()["detections"]
         assert want and oracle.same(got, want), name
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG that declares a huge image (a decompression bomb's header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-            + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64)
-
-
-JPEG = encode(photos()["coffee"])
-BAD_REQUESTS = [
-    ("empty file", dict(files={"image": ("a.jpg", b"", "image/jpeg")}), 400, "empty_image"),
-    ("truncated jpeg", dict(files={"image": ("a.jpg", JPEG[:200], "image/jpeg")}), 400,
-     "unreadable_image"),
-    ("header then garbage", dict(files={"image": ("a.jpg", JPEG[:20] + b"\x00" * 5000,
-                                                  "image/jpeg")}), 400, "unreadable_image"),
-    ("not an image", dict(files={"image": ("a.txt", b"hello world", "text/plain")}), 415,
-     "unsupported_media_type"),
-    ("wrong content type", dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
-     "unsupported_media_type"),
-    ("too many bytes", dict(content=b"\xff\xd8\xff" + b"\x00" * (9 * 1024 * 1024),
-                            headers={"content-type": "image/jpeg"}), 413, "image_too_large"),
-    ("bomb header", dict(content=_png_header_only(50_000, 50_000),
-                         headers={"content-type": "image/png"}), 413, "too_many_pixels"),
-    ("threshold above 1", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
-                               data={"score_threshold": "2"}), 422, "invalid_option"),
-    ("zero detections", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
-                             data={"max_detections": "0"}), 422, "invalid_option"),
-    ("threshold not a number", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
-                                    data={"score_threshold": "high"}), 422, "invalid_option"),
-    ("unknown model", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
-                           data={"model": "yolo-9000"}), 422, "unknown_model"),
-    ("path as model", dict(files={"image": ("a.jpg", JPEG, "image/jpeg")},
-                           data={"model": "../../etc/passwd"}), 422, "invalid_option"),
-    ("no image field", dict(files={"picture": ("a.jpg", JPEG, "image/jpeg")}), 400,
-     "empty_image"),
-    ("malformed json", dict(content=b"{not json", headers={"content-type": "application/json"}),
-     400, "invalid_json"),
-    ("json array", dict(json=[1, 2]), 400, "invalid_json"),
-    ("bad base64", dict(json={"image": "@@@"}), 400, "invalid_base64"),
-    ("unknown json field", dict(json={"image": "", "colour": "red"}), 422, "invalid_option"),
-    ("option in query and form", dict(params={"max_detections": "2"},
-                                      files={"image": ("a.jpg", JPEG, "image/jpeg")},
-                                      data={"max_detections": "1"}), 422, "invalid_option"),
-    ("option in query and json", dict(params={"score_threshold": "0.5"},
-                                      json={"image": "", "score_threshold": 0.4}), 422,
-     "invalid_option"),
-]
 
 
 def test_query_options_apply_to_a_json_body(client):

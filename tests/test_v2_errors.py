@@ -1,5 +1,5 @@
 """Every refusal on the Open Inference Protocol: the v1 bad-input corpus's v2
-twin (tests/test_gateway_http.py's BAD_REQUESTS, case by case), the protocol's
+twin (tests/corpus.py's BAD_REQUESTS, case by case), the protocol's
 own bad inputs, and each error class (auth, rate, shed), through tritonclient
 over REST and gRPC: the protocol's error status and body, tierdet's stable
 code leading the message, and the same gRPC status as Detector."""
@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from conftest import TEST_MODEL, encode, photos
-from test_gateway_http import BAD_REQUESTS, JPEG, _png_header_only
+from corpus import BAD_REQUESTS, JPEG, png_header_only
 from tierdet.contract.errors import ErrorCode
 from tierdet.devstack.stack import GatewayProcess
 from tierdet.serving.security import hash_key
@@ -62,7 +62,7 @@ CASES: list[Case] = [
      lambda m: [_bytes_input(m, [b"\xff\xd8\xff" + b"\x00" * (9 * 1024 * 1024)])], {}, None,
      "image_too_large"),
     ("bomb header", "bomb header", TEST_MODEL,
-     lambda m: [_bytes_input(m, [_png_header_only(50_000, 50_000)])], {}, None,
+     lambda m: [_bytes_input(m, [png_header_only(50_000, 50_000)])], {}, None,
      "too_many_pixels"),
     ("threshold above 1", "threshold above 1", TEST_MODEL,
      lambda m: [_bytes_input(m, [JPEG])], {"score_threshold": 2.0}, None, "invalid_option"),
