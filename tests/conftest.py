@@ -23,6 +23,14 @@ from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.devstack.triton import API_KEY_ENV, LocalTriton
 
 REPO = Path(__file__).resolve().parents[1]
+# Torch's OpenMP threads (libgomp) spin while they wait for each other. On 2 cores
+# shared with anything else (the tests' own Triton and gateways, another job on
+# the host), a spinning thread holds the core the thread it waits for needs, and
+# each of thousands of small ops waits a scheduler slice: DAMO-YOLO's 25 loss
+# steps in test_synthetic_training took 112 s beside a load of 4, 7.5 s with the
+# threads sleeping instead. libgomp reads this once, when torch loads, so it is
+# set before any import of torch; the processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Triton's control plane is closed by default (devstack.triton): every Triton and
 # every gateway this test run starts share one key, as a `tierdet up` stack does.
 os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))

@@ -5,18 +5,22 @@ the recorded seed (a split does not depend on the size of the others),
 build the ONNX with the exporter, serve it with tritonserver + gateway,
 and check the gateway's AP against the AP recorded at training time and
 against the bare ONNX model's; and check that the AP its sidecar records
-travels through the build into the router's table. About half a minute per
-model, so CI runs it: it is the proof that the serving path keeps a trained
-model's accuracy.
+travels through the build into the router's table. One stack serves every
+shipped model (a split is generated once per manifest): about half a minute
+per model, so CI runs it: it is the proof that the serving path keeps a
+trained model's accuracy.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from tierdet.build.models import BuiltModel
 from tierdet.registry.specs import SPECS
 from tierdet.registry.trained import CHECKPOINTS, sidecar_ap
 from tierdet.training.datasets.synthetic import SynthConfig, generate
@@ -25,6 +29,36 @@ from tierdet.training.stack_eval import build_checkpoints, serve
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = sorted(WEIGHTS.glob("*.fp16.pt"))
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    built: dict[str, BuiltModel]  # by checkpoint file name
+    data: dict[str, Path]  # each checkpoint's regenerated split, by file name
+
+
+def _meta(checkpoint: Path) -> dict:
+    return json.loads(checkpoint.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Every shipped checkpoint built and served by one Triton + gateway (a stack
+    start and a split generation per model saved); each test evaluates its own."""
+    root = tmp_path_factory.mktemp("eval-trained")
+    splits: dict[str, Path] = {}  # by manifest: the checkpoints share their val split
+    data: dict[str, Path] = {}
+    for checkpoint in SHIPPED:
+        manifest = _meta(checkpoint)["dataset"]["manifest"]
+        key = json.dumps([manifest["config"], manifest["seed"], manifest["splits"]["val"]])
+        if key not in splits:
+            splits[key] = generate(root / f"data{len(splits)}", {"val": manifest["splits"]["val"]},
+                                   SynthConfig(**manifest["config"]), manifest["seed"])
+        data[checkpoint.name] = splits[key]
+    built = build_checkpoints({_meta(c)["model"]: c for c in SHIPPED}, root / "home")
+    with serve(built, root / "home", root) as url:
+        yield Served(url, {c.name: b for c, b in zip(SHIPPED, built, strict=True)}, data)
 
 
 def test_every_trained_model_ships_with_its_measured_ap():
@@ -44,19 +78,17 @@ def test_every_trained_model_ships_with_its_measured_ap():
 
 
 @pytest.mark.parametrize("checkpoint", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_weights_keep_their_ap_through_the_gateway(checkpoint: Path, tmp_path: Path):
-    meta = json.loads(checkpoint.with_suffix(".json").read_text())
-    manifest = meta["dataset"]["manifest"]
-    config = SynthConfig(**manifest["config"])
-    data = generate(tmp_path / "data", {"val": manifest["splits"]["val"]}, config,
-                    manifest["seed"])
-    (built,) = build_checkpoints({meta["model"]: checkpoint}, tmp_path / "home")
+def test_shipped_weights_keep_their_ap_through_the_gateway(checkpoint: Path, served: Served):
+    meta = _meta(checkpoint)
+    built = served.built[checkpoint.name]
     recorded = sidecar_ap(checkpoint)
     assert recorded is not None
+    assert built.spec.name == meta["model"]
     assert built.provenance["measured_ap"] == f"{recorded.ap:.4f}"
-    with serve([built], tmp_path / "home", tmp_path) as url:
-        (info,) = httpx.get(url + "/v1/models").json()["models"]
-        gateway, onnx = run_evaluation(data, url=url, model=built.spec.name, onnx=built.onnx)
+    models = httpx.get(served.url + "/v1/models").json()["models"]
+    (info,) = [m for m in models if m["name"] == built.spec.name]
+    gateway, onnx = run_evaluation(served.data[checkpoint.name], url=served.url,
+                                   model=built.spec.name, onnx=built.onnx)
     # The router ranks the model by the AP its weights measured, in percent.
     assert info["routing_ap"] == round(100 * recorded.ap, 1)
     assert info["measured_ap"][recorded.dataset] == pytest.approx(recorded.ap)
