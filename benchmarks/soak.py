@@ -17,7 +17,7 @@ no tier, each named tier or an sla_ms; 10% a case of the v1 bad-input corpus
 photograph with tile=auto; 5% a photograph over gRPC (Detector.Detect);
 /healthz polled every second. It prints the outcomes per kind, transport
 errors, and the RSS at rest after warm-up (at --warmup-fraction of the run the
-clients hold until none is in flight) and at the end, min/max and the trend;
+clients hold until none has been in flight for 2 s) and at the end, min/max and the trend;
 exit 1 if a request got no answer or a wrong one, a health poll failed, or the
 gateway's RSS at the end is more than 5% from its RSS after warm-up. The
 30-minute run (figures: docs/performance.md, from the run):
@@ -57,6 +57,9 @@ from load import Sample, answer, closed_loop, health, ladder_stack, photo_jpeg, 
 KINDS = {"photo": 0.80, "bad": 0.10, "tiled": 0.05, "grpc": 0.05}  # shares of --mix
 CLIENTS = 4
 RSS_TARGET = 0.05  # the gateway ends within 5% of its RSS after warm-up
+# "At rest": no request in flight for this long (the gateway hands what its
+# allocator kept back to the kernel after a second without requests).
+REST_S = 2.0
 async def soak(base: str, image: bytes, rate: float, seconds: float, sample_s: float,
                pids: dict[str, int], fields: dict[str, str]) -> dict:
     """Open-loop Poisson arrivals of one image at ``rate``/s for ``seconds``."""
@@ -212,6 +215,7 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
             if not stop.is_set():
                 go.clear()
                 await idle.wait()
+                await asyncio.sleep(REST_S)  # the rest's length, by definition
                 sample(start, pids, samples, "at rest after warm-up: " + mix.summary())
                 rest.append(samples[-1][1])
                 go.set()
@@ -228,6 +232,7 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
         wall = time.perf_counter() - start
         stop.set()
         await asyncio.gather(*watchers)
+        await asyncio.sleep(REST_S)
         sample(start, pids, samples, "at rest at the end: " + mix.summary())
     return mix, polls, samples, (rest or [samples[-1][1]])[0], wall
 

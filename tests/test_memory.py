@@ -6,6 +6,7 @@ concurrency bound requests are refused at once, and probes still answer."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from pathlib import Path
 
@@ -136,3 +137,28 @@ def test_a_batch_counts_the_images_its_size_can_hold():
     assert units(scope("/v1/detect/batch", 3 * per_image + 1)) == 4
     assert units(scope("/v1/detect/batch", None)) == 16  # undeclared: all it may hold
     assert units(scope("/v1/detect/batch", 10**9)) == 16
+
+
+def test_the_allocator_is_trimmed_once_the_gateway_is_idle_and_not_while_busy():
+    async def run() -> None:
+        trim = memory.IdleTrim(after_s=0.05)
+        trim.begin()
+        trim.begin()
+        trim.end()  # one request still in flight: nothing scheduled
+        assert trim._timer is None
+        trim.end()
+        for _ in range(3000):  # idle: trimmed after after_s (polled, 30 s at most)
+            if trim.trims:
+                break
+            await asyncio.sleep(0.01)
+        assert trim.trims == 1
+        slow = memory.IdleTrim(after_s=3600)
+        slow.begin()
+        slow.end()
+        assert slow._timer is not None
+        slow.begin()  # a request before the idle time is up: the trim is called off
+        assert slow._timer is None
+        slow.end()
+        slow._timer.cancel()
+
+    asyncio.run(run())

@@ -106,6 +106,7 @@ class Detector:
         # Decoded images held at once: what bounds the gateway's memory (see memory),
         # shared fairly between keys (see slots).
         self.image_slots = FairSlots(memory.image_slots(settings), len(self.keys.keys))
+        self._idle_trim = memory.IdleTrim()
         self.validator = Validator(self.keys, self.router, self.catalog,
                                    settings.default_score_threshold)
         turns = DeviceTurns(settings.device_turns)
@@ -225,6 +226,7 @@ class Detector:
         ``image``: encoded bytes, or raw ``Pixels`` (decoding is then only the limits)."""
         seen = Outcome(options)
         self.metrics.inflight.inc()
+        self._idle_trim.begin()
         try:
             with tracing.span("detect"), self._counted(caller.protocol, seen):
                 try:
@@ -244,6 +246,7 @@ class Detector:
                     self._log_access(caller, options, len(image), seen)
         finally:
             self.metrics.inflight.dec()
+            self._idle_trim.end()
         result, decision = seen.result, seen.decision
         assert result is not None and decision is not None  # answered: both are known
         self.metrics.route_factor.set(self.router.learn(decision, result.timing.total_ms))
