@@ -156,6 +156,14 @@ def release_freed() -> None:
     the gateway 1 GB resident after they ended, 180 MB once trimmed."""
     if _TRIM is not None:
         gc.collect()  # what cycles hold (a failed frame's traceback holds its frame)
+        trim_allocator()
+
+
+def trim_allocator() -> None:
+    """Only the allocator's half of ``release_freed``: no garbage collection,
+    which holds the GIL (~25 ms for an idle gateway's objects) and would delay
+    a request that arrives meanwhile. ctypes lets go of the GIL for the trim."""
+    if _TRIM is not None:
         _TRIM(0)
 
 
@@ -170,7 +178,7 @@ def release_freed_soon(again_after_s: float = 1.0) -> None:
 
 
 class IdleTrim:
-    """``release_freed`` once the gateway has had no detect request for
+    """``trim_allocator`` once the gateway has had no detect request for
     ``after_s``, after it served some: what the last burst left in glibc's
     arenas (a tiled 12 MP image's buffers, freed in a thread pool's arena) goes
     back to the kernel while nothing needs it, so the resident size at rest is
@@ -196,11 +204,9 @@ class IdleTrim:
             self._timer = loop.call_later(self.after_s, self._fire, loop)
 
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        if self._busy == 0:
-            loop.run_in_executor(None, self._trim)
+        self._timer = None  # only fires while idle: ``begin`` cancels it
+        loop.run_in_executor(None, self._trim)
 
     def _trim(self) -> None:
-        release_freed()
+        trim_allocator()
         self.trims += 1
-
