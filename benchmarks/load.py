@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,15 @@ def rss_mb(pid: int) -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += child.memory_info().rss
     return total / 2**20
+
+
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A memory field of ``/proc/PID/status`` (VmRSS, VmHWM, ...), in bytes."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    if match is None:
+        raise RuntimeError(f"no {field} in /proc/{pid}/status")
+    return int(match.group(1)) * 1024
 
 
 # (seconds into the run, RSS MiB by process name)

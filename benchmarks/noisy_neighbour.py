@@ -48,7 +48,7 @@ from tierdet.serving.security import hash_key
 from tierdet.serving.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import photo_jpeg
+from load import photo_jpeg, proc_status_bytes
 
 KEYS = {"noisy": "noisy-0b7e4c2a9d", "quiet": "quiet-6f1a3d8e5c"}
 CONNECTIONS = 4
@@ -119,11 +119,6 @@ async def run(base: str, heavy: bytes, photo: bytes, model: str, requests: int,
     return answers, counts, wall
 
 
-def peak_rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="efficientdet-d0")
@@ -153,7 +148,7 @@ def main() -> int:
     try:
         answers, counts, wall = asyncio.run(run(gateway.http, heavy, photo, args.model,
                                                 args.requests, args.budget_ms))
-        peak = peak_rss(gateway.process.pid)
+        peak = proc_status_bytes(gateway.process.pid, "VmHWM")
     finally:
         gateway.stop()
         triton.stop()

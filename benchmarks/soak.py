@@ -60,6 +60,8 @@ RSS_TARGET = 0.05  # the gateway ends within 5% of its RSS after warm-up
 # "At rest": no request in flight for this long (the gateway hands what its
 # allocator kept back to the kernel after a second without requests).
 REST_S = 2.0
+
+
 async def soak(base: str, image: bytes, rate: float, seconds: float, sample_s: float,
                pids: dict[str, int], fields: dict[str, str]) -> dict:
     """Open-loop Poisson arrivals of one image at ``rate``/s for ``seconds``."""

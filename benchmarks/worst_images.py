@@ -45,6 +45,9 @@ from tierdet.serving import decoding, memory
 from tierdet.serving.headers import read_header, sniff_format
 from tierdet.serving.settings import Settings
 
+sys.path.insert(0, str(Path(__file__).parent))
+from load import proc_status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 VALUES = ROOT / "deploy/helm/tierdet/values.yaml"
 CARD = ROOT / "examples/cards/yolox-nano.yaml"
@@ -111,7 +114,7 @@ def largest(variant: Variant, settings: Settings) -> tuple[bytes, str]:
             raise RuntimeError(f"OpenCV could not write {variant.name}")
         data = encoded.tobytes()
         try:
-            decoding._check(data, settings.max_image_bytes, settings.max_image_pixels)
+            decoding.checked_header(data, settings.max_image_bytes, settings.max_image_pixels)
         except ApiError as error:
             if error.code == ErrorCode.IMAGE_TOO_LARGE:
                 pixels = int(pixels * settings.max_image_bytes / len(data) * 0.97)
@@ -124,11 +127,6 @@ def largest(variant: Variant, settings: Settings) -> tuple[bytes, str]:
         header = read_header(data, sniff_format(data) or "")
         return data, f"{header.width}x{header.height}, {header.bits}-bit"
     raise RuntimeError(f"{variant.name}: no accepted size found")
-
-
-def status_kb(pid: int, field: str) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024  # type: ignore[union-attr]
 
 
 def post(base: str, model: str, name: str, data: bytes) -> int:
@@ -144,9 +142,9 @@ def alone(gateway: GatewayProcess, model: str, images: dict[str, bytes]) -> dict
     pid, grew = gateway.process.pid, {}
     for name, data in images.items():
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak, from now
-        before = status_kb(pid, "VmRSS")
+        before = proc_status_bytes(pid, "VmRSS")
         assert post(gateway.http, model, name, data) == 200, name
-        grew[name] = status_kb(pid, "VmHWM") - before
+        grew[name] = proc_status_bytes(pid, "VmHWM") - before
     return grew
 
 
@@ -158,7 +156,7 @@ def at_once(gateway: GatewayProcess, model: str, batch: list[tuple[str, bytes]]
     with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
         statuses = collections.Counter(pool.map(
             lambda item: post(gateway.http, model, *item), batch))
-    return status_kb(pid, "VmHWM"), statuses
+    return proc_status_bytes(pid, "VmHWM"), statuses
 
 
 def main() -> int:
@@ -179,7 +177,7 @@ def main() -> int:
                                    models=",".join(b.spec.name for b in built),
                                    **chart_settings)
     try:
-        idle = status_kb(gateway.process.pid, "VmRSS")
+        idle = proc_status_bytes(gateway.process.pid, "VmRSS")
         grew = alone(gateway, model, images)
         heaviest = max(grew, key=grew.__getitem__)
         same_peak, same = at_once(gateway, model, [(heaviest, images[heaviest])] * AT_ONCE)

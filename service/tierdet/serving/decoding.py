@@ -99,7 +99,7 @@ def decode(data: bytes, max_bytes: int, max_pixels: int,
     """Encoded bytes -> pixels, or an ApiError saying why not. With ``fits``
     (whether a decoded width x height still serves every model that may run), a
     JPEG is decoded at the smallest DCT scale that does."""
-    header = _check(data, max_bytes, max_pixels)
+    header = checked_header(data, max_bytes, max_pixels)
     decoded = _decode_jpeg(data, fits) if header.format == "jpeg" else None
     if decoded is None:
         image = _decode_opencv(data, header)
@@ -111,8 +111,9 @@ def decode(data: bytes, max_bytes: int, max_pixels: int,
     return decoded
 
 
-def _check(data: bytes, max_bytes: int, max_pixels: int) -> Header:
-    """The limits that need no decoding; the image's header."""
+def checked_header(data: bytes, max_bytes: int, max_pixels: int) -> Header:
+    """The limits that need no decoding; the image's header (an ApiError where a
+    limit refuses it: what ``decode`` refuses before it allocates anything)."""
     if not data:
         raise ApiError(ErrorCode.EMPTY_IMAGE, "the image is empty")
     if len(data) > max_bytes:
