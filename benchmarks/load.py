@@ -105,6 +105,23 @@ def proc_status_bytes(pid: int, field: str) -> int:
     return int(match.group(1)) * 1024
 
 
+def rss_by_mapping(pid: int) -> dict[str, float]:
+    """A process's resident MiB by kind of mapping (``/proc/PID/smaps``): the
+    main heap, anonymous mappings (other allocator arenas, large ``mmap``
+    allocations, thread stacks), shared memory and files: where a growth is."""
+    kinds: collections.Counter[str] = collections.Counter()
+    kind = "anonymous"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+            path = head[5] if len(head) > 5 else ""
+            kind = ("heap" if path == "[heap]" else "anonymous" if not path or path == "[stack]"
+                    else "shared memory" if path.startswith("/dev/shm") else "files")
+        elif head[0] == "Rss:":
+            kinds[kind] += int(head[1]) / 1024
+    return dict(kinds)
+
+
 # (seconds into the run, RSS MiB by process name)
 Sample = tuple[float, dict[str, float]]
 

@@ -52,7 +52,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus import BAD_REQUESTS, MAX_IMAGE_BYTES
 from decode_scale import COCO
-from load import Sample, answer, closed_loop, health, ladder_stack, photo_jpeg, report_rss, sample
+from load import (
+    Sample,
+    answer,
+    closed_loop,
+    health,
+    ladder_stack,
+    photo_jpeg,
+    report_rss,
+    rss_by_mapping,
+    sample,
+)
 
 KINDS = {"photo": 0.80, "bad": 0.10, "tiled": 0.05, "grpc": 0.05}  # shares of --mix
 CLIENTS = 4
@@ -197,6 +207,7 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
         # answer): the clients hold until none is in flight, then go on. A sample
         # under load moves by a 12 MP image's buffers (~10%) from one to the next.
         go, idle, busy, rest = asyncio.Event(), asyncio.Event(), [0], []
+        mappings: list[dict[str, float]] = []  # the gateway's at rest (load.rss_by_mapping)
         go.set()
         idle.set()
 
@@ -220,6 +231,7 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
                 await asyncio.sleep(REST_S)  # the rest's length, by definition
                 sample(start, pids, samples, "at rest after warm-up: " + mix.summary())
                 rest.append(samples[-1][1])
+                mappings.append(rss_by_mapping(pids["gateway"]))
                 go.set()
 
         async def sampler() -> None:
@@ -236,6 +248,10 @@ async def mixed(gateway: GatewayProcess, pids: dict[str, int], args: argparse.Na
         await asyncio.gather(*watchers)
         await asyncio.sleep(REST_S)
         sample(start, pids, samples, "at rest at the end: " + mix.summary())
+        mappings.append(rss_by_mapping(pids["gateway"]))
+    print("  gateway at rest by mapping (MiB, after warm-up -> end): " + ", ".join(
+        f"{kind} {mappings[0].get(kind, 0):.1f} -> {mappings[-1].get(kind, 0):.1f}"
+        for kind in sorted(set(mappings[0]) | set(mappings[-1]))), flush=True)
     return mix, polls, samples, (rest or [samples[-1][1]])[0], wall
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -162,3 +165,36 @@ def test_the_allocator_is_trimmed_once_the_gateway_is_idle_and_not_while_busy():
         slow._timer.cancel()
 
     asyncio.run(run())
+
+
+ARENAS_PROBE = """
+import ctypes, sys, threading
+from tierdet.serving import memory
+if sys.argv[1] == "capped":
+    assert memory.limit_arenas()
+keep, ready = [], threading.Barrier(9)
+def work():
+    keep.append(bytearray(4096))  # from malloc, in this thread's arena
+    ready.wait()  # all alive at once: an ended thread's arena is reused
+    ready.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+ready.wait()
+ctypes.CDLL(None).malloc_stats()  # to stderr, one "Arena N:" per arena
+ready.wait()
+"""
+
+
+@pytest.mark.parametrize("mode", ["capped", "default"])
+def test_a_gateway_process_allocates_from_at_most_two_arenas(mode):
+    """Eight threads allocating at once: with glibc's default each gets an
+    arena of its own (up to 8 per core), with the gateway's cap they share two."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = subprocess.run([sys.executable, "-c", ARENAS_PROBE, mode], capture_output=True,
+                         text=True, timeout=60, check=True, env=env)
+    arenas = run.stderr.count("Arena ")
+    if mode == "capped":
+        assert arenas == memory.ARENAS, run.stderr
+    else:  # the control: without the cap the probe sees one arena per thread
+        assert arenas > memory.ARENAS, run.stderr

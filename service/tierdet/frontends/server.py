@@ -140,6 +140,8 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: float = 10.0,
                 job: Job | None = None) -> None:
     """The gateway in this process; as one of several workers with ``job``."""
+    if "MALLOC_ARENA_MAX" not in os.environ:  # the operator's choice stands
+        memory.limit_arenas()
     configure_decoders(settings.max_image_pixels)
     # httpx logs each request at INFO: a line per queue poll, 20 a second.
     logging.getLogger("httpx").setLevel(logging.WARNING)
