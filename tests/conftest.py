@@ -1,8 +1,8 @@
 """Shared fixtures: the real stack (built model, tritonserver, gateway), started once.
 
 Everything listens on 127.0.0.1 on free ports. Built models are cached in
-``TIERDET_TEST_HOME`` (default: <repo>/.cache/test-home) so local reruns
-skip the export; CI starts from a clean clone and builds once.
+``TIERDET_TEST_HOME`` (default: <repo>/.cache/test-home; one per xdist worker)
+so local reruns skip the export; CI starts from a clean clone and builds once.
 """
 
 from __future__ import annotations
@@ -67,7 +67,13 @@ def no_process_outlives_the_session() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def home() -> Path:
+    """The built models' cache. Each pytest-xdist worker past the first has its
+    own (``test-home-gw1``, ...): a build and a repository's install write files
+    in place, and another worker's Triton could load one half written."""
     path = Path(os.environ.get("TIERDET_TEST_HOME", REPO / ".cache" / "test-home"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    if worker != "gw0":
+        path = path.with_name(f"{path.name}-{worker}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

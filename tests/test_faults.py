@@ -68,18 +68,25 @@ def own_stack(home, built_d0, tmp_path):
 
 def test_triton_killed_under_load_fails_fast_then_recovers(own_stack):
     triton, gateway = own_stack
+    # Triton frozen first: what the gateway admits stays in flight until the kill,
+    # however fast this host answers (unfrozen, six requests to D0 did not always
+    # overlap: the first was answered before the last arrived).
+    os.kill(triton.process.pid, signal.SIGSTOP)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         # Budgets of a minute: a request that waited for its deadline would end
         # 504 (or not at all here); triton_unavailable says the gateway saw the
         # connection die and answered then.
         futures = [pool.submit(_detect, gateway.http, timeout=120.0, model=TEST_MODEL,
                                sla_ms=60_000) for _ in range(6)]
-        wait_until(lambda: _inflight(gateway.http) == 6, "all six requests in the gateway")
+
+        def all_in() -> bool:  # each in flight, or refused once the frozen Triton was seen
+            inflight = _inflight(gateway.http)
+            return inflight >= 1 and inflight + sum(f.done() for f in futures) == 6
+
+        wait_until(all_in, "the six requests in the gateway")
         triton.process.send_signal(signal.SIGKILL)
         results = [f.result(timeout=120) for f in futures]
-    failed = [(s, b) for s, b in results if s != 200]
-    assert failed, "some requests must have been in flight when Triton died"
-    for status, body in failed:
+    for status, body in results:  # none could be answered: Triton never ran again
         assert status == 503 and body["error"]["code"] == "triton_unavailable", body
     _wait_status(gateway.http + "/readyz", 503, 60)
     assert _detect(gateway.http)[0] == 503
