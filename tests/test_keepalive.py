@@ -53,21 +53,25 @@ asyncio.run(main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv
 """
 
 
-def _probe(url: str, args: list[tuple[str, int]]) -> str:
+def _probe(url: str, args: list[tuple[str, int]], calls_must_succeed: bool = True) -> str:
     """What gRPC core logged for a client with channel ``args``: calls, idle, a call."""
     size = str(SPECS[TEST_MODEL].input_size)
     run = subprocess.run([sys.executable, "-c", PROBE, url, json.dumps(args), TEST_MODEL, size],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, **GRPC_LOGS})
-    assert run.returncode == 0, run.stderr[-2000:]
+    if calls_must_succeed:
+        assert run.returncode == 0, run.stderr[-2000:]
     return run.stderr
 
 
 def test_a_client_that_pings_its_idle_channel_is_cut_off(triton):
+    """The control. Where the cut-off lands depends on the host's pace: while the
+    channel idles (the next call reconnects), or while calls wait in Triton's queue
+    with no data flowing back (that call fails UNAVAILABLE): either is the cut-off."""
     idle_pinger = [("grpc.keepalive_time_ms", 100), ("grpc.keepalive_timeout_ms", 2000),
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.max_pings_without_data", 0)]
-    assert CUT_OFF in _probe(triton.grpc_url, idle_pinger)
+    assert CUT_OFF in _probe(triton.grpc_url, idle_pinger, calls_must_succeed=False)
 
 
 def test_the_gateways_channel_options_are_never_cut_off(triton):
