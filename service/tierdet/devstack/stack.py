@@ -30,10 +30,20 @@ from tierdet.registry.profile import LatencyProfile
 log = logging.getLogger("tierdet.stack")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, never one this process handed out
+    before: the kernel may give the same free port to two binds in a row (a
+    Triton asked for HTTP and gRPC on one port fails to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
