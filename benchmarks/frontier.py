@@ -358,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:SETTING=VALUE,...",
                    help="another routed row beside the default one, from its own gateways "
                         "with these settings (side by side under the same arrivals)")
+    p.add_argument("--plan-from", type=Path, metavar="REPORT",
+                   help="take C and the budgets from an earlier run's --json report (its "
+                        "models' service times), not from this run's: two runs of one seed "
+                        "then send the same arrivals with the same budgets")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -408,15 +412,18 @@ def run(args, gt: dict, photos: list[Photo], names: list[str],
         ap[name] = coco_ap(gt, results).ap * 100
     ladder = sorted(names, key=service.__getitem__)
     best = max(names, key=ap.__getitem__)
-    capacity = 1e3 / service[best]
-    budgets = [1.5 * service[m] + 10 for m in (ladder[0], ladder[len(ladder) // 2], best)]
+    planned = json.loads(args.plan_from.read_text())["service_ms"] if args.plan_from else service
+    capacity = 1e3 / planned[best]
+    by_speed = sorted(names, key=planned.__getitem__)
+    budgets = [1.5 * planned[m] + 10 for m in (by_speed[0], by_speed[len(by_speed) // 2], best)]
     print(f"# frontier: {len(photos)} COCO photographs, seed {args.seed}, "
           f"{len(bases)} gateway(s), {sys.platform}")
     print("| model | service ms (alone, median) | labelled AP |")
     print("|---|---|---|")
     for m in ladder:
         print(f"| {m} | {service[m]:.1f} | {ap[m]:.1f} |")
-    print(f"C = {capacity:.2f} images/s ({best} alone); budgets (ms): "
+    print(f"C = {capacity:.2f} images/s ({best} alone"
+          + (f", as in {args.plan_from}" if args.plan_from else "") + "); budgets (ms): "
           + ", ".join(f"{b:.0f}" for b in budgets))
     rows: list[Row] = []
     jpeg = photos[0].jpeg
