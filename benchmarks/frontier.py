@@ -125,6 +125,17 @@ def lateness(answers: list[Answer]) -> str:
             f"gateway/predicted {under:.2f}, client-side gap {gap:.1f} ms")
 
 
+def shed_by_budget(answers: list[Answer]) -> str:
+    """Refused at admission, per budget of the mix: which requests a deployment
+    turns away (a router's bigger models can push the tight ones out)."""
+    budgets = sorted({round(a.budget_ms) for a in answers})
+    parts = []
+    for b in budgets:
+        these = [a for a in answers if round(a.budget_ms) == b]
+        parts.append(f"{b} ms {sum(not a.admitted for a in these)}/{len(these)}")
+    return "shed by budget: " + ", ".join(parts)
+
+
 @dataclass(frozen=True)
 class Arrival:
     at_s: float
@@ -440,6 +451,7 @@ def run(args, gt: dict, photos: list[Photo], names: list[str],
             rows.append(summarize(load, name, plan, answers, probe.latencies, effective))
             if name in variants:
                 print(f"{name} at {load:g}C: {lateness(answers)}", flush=True)
+            print(f"{name} at {load:g}C: {shed_by_budget(answers)}", flush=True)
         rows.append(Row(load, "oracle", len(plan), float("nan"), 0.0, float("nan"),
                         float("nan"), effective_ap(gt, plan, photos,
                                                    oracle(plan, photos, service, ap, found)),
