@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import inspect
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from deploy_support import (
     run_tool,
     tool,
 )
+from tierdet.devstack.stack import free_port
 
 Instruction = dockerfile.Command
 
@@ -152,19 +152,13 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies(name):
         assert (REPO / path).exists(), path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gateway_healthcheck_command_probes_a_running_tierdet_serve():
     """The image's HEALTHCHECK, run as written against the image's entrypoint command."""
     health = _last(_stages("gateway")[-1], "HEALTHCHECK").value
     argv = [sys.executable if a == "python" else a for a in health[1:]]  # CMD python -c ...
-    port = _free_port()
-    env = {**os.environ, "TIERDET_HTTP_PORT": str(port), "TIERDET_GRPC_PORT": str(_free_port()),
-           "TIERDET_TRITON_URL": f"127.0.0.1:{_free_port()}"}  # no Triton: still alive
+    port = free_port()
+    env = {**os.environ, "TIERDET_HTTP_PORT": str(port), "TIERDET_GRPC_PORT": str(free_port()),
+           "TIERDET_TRITON_URL": f"127.0.0.1:{free_port()}"}  # no Triton: still alive
     gateway = subprocess.Popen([sys.executable, "-m", "tierdet.cli", "serve"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
