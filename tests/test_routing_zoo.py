@@ -24,9 +24,9 @@ pytestmark = pytest.mark.alone
 @pytest.fixture(scope="module")
 def zoo(zoo_gateway):
     with httpx.Client(base_url=zoo_gateway.http, timeout=120.0) as client:
-        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        models = _current(client)
         assert all(m["ready"] for m in models.values()), models
-        yield client, models
+        yield client
 
 
 def _post(client, **fields):
@@ -60,7 +60,7 @@ def test_a_tight_budget_gets_the_fastest_model(zoo):
     router's current estimates (/v1/models), and every try must be decided for
     the fastest model: answered by it, late on it (a 504 names it), or refused
     with it named as the fastest; one of five must answer."""
-    client, _ = zoo
+    client = zoo
     answered = None
     for _ in range(5):
         models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
@@ -86,7 +86,7 @@ def test_a_tight_budget_gets_the_fastest_model(zoo):
 
 
 def test_a_loose_budget_gets_the_most_accurate_model(zoo):
-    client, _ = zoo
+    client = zoo
     best = max(_current(client).values(), key=lambda m: m["routing_ap"])
     r = _post(client, sla_ms=round(best["latency_ms"] * 4 + 500))
     assert r.status_code == 200 and r.json()["model"] == best["name"]
@@ -101,7 +101,7 @@ def _triton_requests(triton) -> float:
 
 def test_an_impossible_budget_is_refused_at_once(zoo, zoo_triton):
     """Refused at admission: no model is tried, nothing reaches the device."""
-    client, _ = zoo
+    client = zoo
     before = _triton_requests(zoo_triton)
     r = _post(client, sla_ms=2)
     assert r.status_code == 503 and r.json()["error"]["code"] == "sla_unattainable"
@@ -116,7 +116,7 @@ def _inflight(client) -> float:
 def test_a_busy_device_moves_the_router_to_a_faster_model(zoo, zoo_gateway):
     """Work queued on the big model delays everything on the shared device: a
     budget that fits the big model when idle goes to a faster one while busy."""
-    client, _ = zoo
+    client = zoo
     best = max(_current(client).values(), key=lambda m: m["routing_ap"])
     budget = round(best["latency_ms"] * 1.6 + 40)
     idle = _post(client, sla_ms=budget)
