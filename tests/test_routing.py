@@ -489,6 +489,20 @@ def test_a_learned_factor_decides_what_fits():
     assert not r.fits(100.0, 120.0) and r.fits(100.0, 140.0)
 
 
+def test_a_model_that_only_just_fits_loses_to_one_with_room_when_answers_run_late():
+    # 140 ms: "slow" (predicted 115 ms) fits the configured margin, "mid" with room.
+    on_time = router()
+    assert on_time.decide(RouteRequest(sla_ms=140), 3.0, READY).model == "slow"
+    late = router()
+    for _ in range(100):  # answers have been running 20% over their predictions
+        late.calibration.observe(100.0, 120.0, 150.0)
+    assert late.calibration.factor == pytest.approx(1.1)  # admission is unchanged
+    assert late.fits(115.0, 140.0)
+    assert late.decide(RouteRequest(sla_ms=140), 3.0, READY).model == "mid"
+    # A pinned model is what was asked for, however it runs.
+    assert late.decide(RouteRequest(sla_ms=140, model="slow"), 3.0, READY).model == "slow"
+
+
 def test_a_request_may_wait_for_an_image_slot_while_its_fastest_model_still_fits():
     r = router()
     wait = r.slot_wait_ms(RouteRequest(sla_ms=100), 3.0, READY)

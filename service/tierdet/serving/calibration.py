@@ -21,7 +21,8 @@ class Calibration:
     about a long queue's. Where predictions run pessimistic the router stops
     refusing what would have made it; where they run optimistic (other
     gateways' bursts, a loaded host) it stops admitting what will be late.
-    ``quantile`` 0: the prior only.
+    ``quantile`` 0: the prior only. The ratios are kept either way: they also
+    say how likely an answer is to make its budget (``chance_within``).
     """
 
     prior: float = 1.15
@@ -38,13 +39,21 @@ class Calibration:
         self.factor = self.prior
 
     def observe(self, predicted_ms: float, actual_ms: float, budget_ms: float) -> None:
-        if self.quantile <= 0 or predicted_ms <= 0 or predicted_ms < self.band * budget_ms:
+        if predicted_ms <= 0 or predicted_ms < self.band * budget_ms:
             return
         self.ratios.append(actual_ms / predicted_ms)
         if len(self.ratios) > self.window:
             self.ratios.popleft()
         self._seen += 1
-        if len(self.ratios) >= self.min_samples and self._seen % 10 == 0:
+        if self.quantile > 0 and len(self.ratios) >= self.min_samples and self._seen % 10 == 0:
             ranked = sorted(self.ratios)
             q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
             self.factor = min(self.ceiling, max(1.0, q))
+
+    def chance_within(self, predicted_ms: float, limit_ms: float) -> float:
+        """The share of recent answers that, predicted ``predicted_ms``, would
+        have come within ``limit_ms`` (1.0 until ``min_samples`` are seen)."""
+        if len(self.ratios) < self.min_samples or predicted_ms <= 0:
+            return 1.0
+        bound = limit_ms / predicted_ms
+        return sum(1 for r in self.ratios if r <= bound) / len(self.ratios)

@@ -21,7 +21,10 @@ nothing fits the request is shed at once (or, where its tier allows, served
 by the fastest model and marked degraded): work that cannot make its
 deadline is never queued.
 
-Among the models that fit, a bigger one is worth its accuracy only if its
+Among the models that fit, each is worth its AP times the chance that its
+answer comes in budget, read from how recent answers ran against their
+predictions: a model that only just fits is worth less than a slightly less
+accurate one with room to spare. A bigger one is worth its accuracy only if its
 extra device time does not push other requests out of their budgets: each
 candidate's AP is discounted by the AP expected to be lost to requests with
 tighter budgets that would arrive while its work is queued (from the budgets
@@ -283,6 +286,17 @@ class Router:
             loss[m] = chance * self.ap.get(fastest, 0.0)
         return loss
 
+    def _expected_ap(self, model: str, predicted_ms: float, budget_ms: float,
+                     req: RouteRequest) -> float:
+        """``model``'s AP times the chance its answer comes in budget, from how
+        recent answers ran against their predictions: a model that fits with
+        room to spare is worth more than a slightly more accurate one that
+        just fits (a late answer is worth nothing). A pinned model: its AP."""
+        if req.model is not None:
+            return self.ap.get(model, 0.0)
+        chance = self.calibration.chance_within(predicted_ms, budget_ms - self.margin_ms)
+        return self.ap.get(model, 0.0) * chance
+
     def _degradable(self, req: RouteRequest, tier: Tier | None) -> bool:
         return tier is not None and tier.degrade and req.sla_ms is None and req.deadline_ms is None
 
@@ -345,7 +359,8 @@ class Router:
             backlog = min(self.latency.backlog_ms(where[m]) for m in candidates)
             loss = self._displacement(pool, candidates, backlog)
             # A pinned model may not be ranked (yet): it is the only candidate anyway.
-            best = max(pool, key=lambda m: (self.ap.get(m, 0.0) - loss[m], -predicted[m]))
+            best = max(pool, key=lambda m: (self._expected_ap(m, predicted[m], budget, req)
+                                            - loss[m], -predicted[m]))
             self.governor.admitted(self.latency.cost_ms(best), best)
             self.governor.saw_budget(budget)
             return self._pick(Decision(best, tier.name if tier else None, budget,
