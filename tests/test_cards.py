@@ -15,12 +15,17 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from conftest import CARDS, LADDER, LADDER_MODELS, REPO, TEST_MODEL, with_changes
 from tierdet import cli
 from tierdet.registry.cards import CardError, expand, load_card, register
-from tierdet.training.evaluation import run_evaluation
+from tierdet.registry.specs import get_spec
+from tierdet.serving.apscore import coco_ap, matched_at_iou50
+from tierdet.serving.scores import calibrated, fit
+from tierdet.training.datasets.coco import CocoSplit
+from tierdet.training.evaluation import image_samples, onnx_runner, predict_rows, run_evaluation
 from waiting import wait_until
 
 YOLOX, PICODET, NANODET, SHAPES = CARDS
@@ -314,3 +319,69 @@ def test_the_shipped_files_are_the_ones_their_readme_and_licence_name(card, fold
         assert model.source.onnx.parent == REPO / "weights" / folder
     assert "Apache License" in (REPO / "weights" / folder / "LICENSE").read_text()
     assert load_card(card).licence.startswith("Apache-2.0")
+
+
+# -- calibrated scores ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_detections(cards_built) -> dict[str, list[dict]]:
+    """Each ladder model's detections on the 128 photographs, bare graph, its own scores."""
+
+    for card in LADDER:
+        register(card)
+    built = {b.spec.name: b for b in cards_built}
+    samples = image_samples(CocoSplit(COCO))
+    return {name: predict_rows(onnx_runner(built[name].onnx), samples, built[name].spec,
+                               calibrate=False) for name in LADDER_MODELS}
+
+
+@pytest.mark.parametrize("model", LADDER_MODELS)
+def test_each_cards_score_calibration_is_what_its_built_graph_measures(raw_detections, model):
+    """The curve a card records is the one `tierdet eval --calibrate` fits now."""
+
+    recorded = get_spec(model).score_calibration
+    fitted = fit(matched_at_iou50(CocoSplit(COCO).coco, raw_detections[model]))
+    xs, ys = np.array(fitted).T
+    drift = max(abs(float(np.interp(x, xs, ys)) - y) for x, y in recorded)
+    assert drift <= 0.02, f"{model}: rerun {get_spec(model).name}'s card command: {drift:.3f}"
+
+
+def test_answers_mixed_from_two_families_keep_their_ap_with_calibrated_scores(raw_detections):
+    """Half the photographs answered by YOLOX-Nano, half by PP-PicoDet-S (as a routed
+    gateway answers): on their own scales the pooled answers rank one model's misses
+    over the other's hits; as estimated precisions they do not."""
+
+    gt = CocoSplit(COCO).coco
+    ids = [i["id"] for i in gt["images"]]
+    pair = ("yolox-nano-320", "picodet-s-320")
+    answered_by = {image: pair[n % 2] for n, image in enumerate(ids)}
+    mixed = [d for m in pair for d in raw_detections[m] if answered_by[d["image_id"]] == m]
+
+    def scored(d: dict) -> dict:
+        knots = get_spec(answered_by[d["image_id"]]).score_calibration
+        return {**d, "score": float(calibrated(np.array([d["score"]]), knots)[0])}
+
+    alone = {m: coco_ap(gt, raw_detections[m]).ap * 100 for m in pair}
+    raw, calibrated_ap = (coco_ap(gt, mixed).ap * 100,
+                          coco_ap(gt, [scored(d) for d in mixed]).ap * 100)
+    print(f"\nhalf {pair[0]} ({alone[pair[0]]:.1f} alone), half {pair[1]} "
+          f"({alone[pair[1]]:.1f}): own scores {raw:.1f} AP, calibrated {calibrated_ap:.1f}")
+    assert calibrated_ap >= raw + 0.5
+    assert calibrated_ap >= min(alone.values())
+
+
+def test_the_gateway_answers_each_detections_estimated_precision(card_stack, raw_detections):
+
+    data = CocoSplit(COCO)
+    first = data.coco["images"][0]
+    own = max(d["score"] for d in raw_detections["yolox-nano-320"]
+              if d["image_id"] == first["id"])
+    r = httpx.post(card_stack.http + "/v1/detect", data={"model": "yolox-nano-320",
+                                                         "score_threshold": "0.001"},
+                   files={"image": ("a.jpg", (data.image_dir / first["file_name"]).read_bytes())},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    top = r.json()["detections"][0]["score"]
+    expected = float(calibrated(np.array([own]), get_spec("yolox-nano-320").score_calibration)[0])
+    assert top == pytest.approx(expected, abs=2e-3) and top != pytest.approx(own, abs=2e-3)

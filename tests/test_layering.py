@@ -41,7 +41,8 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "devstack": ({"devstack", "build", "frontends", "serving", "registry"},
                  {"numpy", "pytriton"}),
     "training": ({"training", "registry", "build", "devstack", "serving.imaging",
-                  "serving.triton", "serving.backend", "serving.apscore"},
+                  "serving.triton", "serving.backend", "serving.apscore",
+                  "serving.scores"},
                  {"numpy", "cv2", "httpx", "onnxruntime", "pycocotools", "torch", "effdet"}),
     # The command line may start anything, lazily inside its commands.
     "cli": (ALL, set()),

@@ -46,6 +46,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         register_card(card)
     if args.url is None and args.onnx is None:
         raise SystemExit("nothing to evaluate: give --url (the gateway) and/or --onnx PATH")
+    if args.calibrate:
+        return _calibrate(args)
     records = run_evaluation(args.dataset, args.split, url=args.url, model=args.model,
                              tier=args.tier, onnx=args.onnx, limit=args.limit,
                              concurrency=args.concurrency)
@@ -55,6 +57,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.records.extend(records)
     report.save(out)
     print(f"results: {out}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Print the bare model's score calibration, as a card's ``knots`` entry."""
+    from tierdet.training.evaluation import fit_calibration
+
+    if args.onnx is None:
+        raise SystemExit("--calibrate fits the bare model's scores: give --onnx PATH")
+    knots = fit_calibration(args.dataset, args.onnx, args.split)
+    print("knots: [" + ", ".join(f"[{x:g}, {y:g}]" for x, y in knots) + "]")
     return 0
 
 
@@ -115,4 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     e.add_argument("--out", type=Path, help="results JSON (default HOME/eval/results.json)")
     e.add_argument("--append", action="store_true", help="add to the results file")
+    e.add_argument("--calibrate", action="store_true",
+                   help="instead: fit the --onnx model's score calibration on the split "
+                        "(each score's precision at IoU 0.5) and print it for its card")
     e.set_defaults(func=cmd_eval)

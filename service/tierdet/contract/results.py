@@ -22,7 +22,11 @@ class Detection:
     y1: float
     x2: float
     y2: float
-    score: float
+    score: Annotated[float, Field(description=(
+        "The detection's estimated precision (the share of the model's detections at "
+        "this score that matched an object on its card's labelled set), the same scale "
+        "whichever model answered; the model's own score where its card records no "
+        "calibration or the server answers own scores."))]
     class_id: Annotated[int, Field(description="Dataset category id (COCO: 1..90), the same "
                                    "whichever model answered.")]
     class_name: str

@@ -26,6 +26,7 @@ at build time, by running it once.
 from __future__ import annotations
 
 import hashlib
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,34 @@ class MeasuredAP(_Strict):
     command: str = Field(min_length=1, description="How it was measured (to measure again).")
 
 
+class ScoreCalibration(_Strict):
+    knots: list[tuple[float, float]] | dict[int, list[tuple[float, float]]] = Field(
+        description="(model score, share of its detections at that score that matched an "
+                    "object at IoU 0.5) pairs, per size for a card of several sizes")
+    dataset: str = Field(min_length=1, description="The images it was measured on.")
+    command: str = Field(min_length=1, description="How it was measured (to measure again).")
+
+    @model_validator(mode="after")
+    def _curves(self) -> ScoreCalibration:
+        curves = self.knots.values() if isinstance(self.knots, dict) else [self.knots]
+        for curve in curves:
+            _check_knots(curve)
+        return self
+
+
+def _check_knots(knots: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """``knots`` as a calibration curve, or ValueError: at least two, in 0..1,
+    scores increasing, precisions non-decreasing."""
+    pairs = tuple((float(x), float(y)) for x, y in knots)
+    if len(pairs) < 2:
+        raise ValueError("a score calibration needs at least two knots")
+    if not all(0 <= v <= 1 for pair in pairs for v in pair):
+        raise ValueError("knots: scores and precisions lie in 0..1")
+    if any(not (x1 > x0 and y1 >= y0) for (x0, y0), (x1, y1) in pairwise(pairs)):
+        raise ValueError("knots: scores increasing, precisions non-decreasing")
+    return pairs
+
+
 class ModelCard(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
     source: OnnxSource | CheckpointSource
@@ -145,6 +174,9 @@ class ModelCard(_Strict):
             "else the card's name; cards fine-tuned on the same classes share one."))
     published_ap: PublishedAP | None = None
     measured_ap: MeasuredAP | None = None
+    score_calibration: ScoreCalibration | None = Field(None, description=(
+        "What the gateway maps the model's scores through, so that a score is the "
+        "detection's estimated precision on every model (`tierdet eval --calibrate`)."))
     nms_iou: float = Field(0.5, gt=0, lt=1)
     pre_nms_top_k: int = Field(3840, ge=1, le=3840, description=(
         "(box, class) candidates kept for NMS, best first (TensorRT's TopK allows 3840)"))
@@ -166,7 +198,9 @@ class ModelCard(_Strict):
             raise ValueError("input.size: each size once, at least one")
         sizes = set(sizes_of(self))
         per_size: list[tuple[str, object]] = [
-            ("measured_ap.ap", self.measured_ap.ap if self.measured_ap else None)]
+            ("measured_ap.ap", self.measured_ap.ap if self.measured_ap else None),
+            ("score_calibration.knots",
+             self.score_calibration.knots if self.score_calibration else None)]
         if isinstance(self.source, OnnxSource):
             per_size += [("source.onnx", self.source.onnx), ("source.sha256", self.source.sha256)]
         for field, value in per_size:
@@ -207,15 +241,23 @@ def expand(card: ModelCard) -> tuple[ModelCard, ...]:
         measured = card.measured_ap
         if measured is not None:
             measured = measured.model_copy(update={"ap": _at(measured.ap, size)})
+        calibration = card.score_calibration
+        if calibration is not None:
+            calibration = calibration.model_copy(update={"knots": _at(calibration.knots, size)})
         out.append(card.model_copy(update={
             "name": f"{card.name}-{size}" if listed else card.name, "source": source,
-            "measured_ap": measured,
+            "measured_ap": measured, "score_calibration": calibration,
             "input": card.input.model_copy(update={"size": size})}))
     return tuple(out)
 
 
 def _at(value, size: int):
     return value[size] if isinstance(value, dict) else value
+
+
+def _one(value):
+    assert not isinstance(value, dict), "expand() the card first"
+    return value
 
 
 def single_size(card: ModelCard) -> int:
@@ -246,7 +288,9 @@ def spec_of(card: ModelCard) -> ModelSpec:
                      preprocessing=prep, labels=labels_of(card),
                      published_ap=card.published_ap.ap if card.published_ap else None,
                      params_m=0.0, official_weights=None, nms_iou=card.nms_iou,
-                     max_detections=card.max_detections)
+                     max_detections=card.max_detections,
+                     score_calibration=_check_knots(_one(card.score_calibration.knots))
+                     if card.score_calibration else ())
 
 
 def card_mapping(text: str, where: object) -> dict[str, Any]:

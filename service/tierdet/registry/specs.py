@@ -152,6 +152,9 @@ class ModelSpec:
     nms_iou: float = 0.5
     batching: Batching = field(default_factory=Batching)
     instances: Instances = field(default_factory=Instances)
+    # (model score, precision at IoU 0.5) knots measured on a labelled set: the
+    # gateway answers a detection's estimated precision (``serving.scores``).
+    score_calibration: tuple[tuple[float, float], ...] = ()
 
 
 _EFFDET_RELEASE = "https://github.com/rwightman/efficientdet-pytorch/releases/download/v0.1/"

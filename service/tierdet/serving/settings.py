@@ -89,6 +89,10 @@ class Settings(BaseModel):
         "0: the fixed margin only"))
     default_score_threshold: float = Field(0.25, ge=0.0, le=1.0, description=(
         "score threshold of requests that give none"))
+    calibrated_scores: bool = Field(True, description=(
+        "answer each detection's estimated precision as its score (from its card's "
+        "`score_calibration`; thresholds apply to it), so scores mean the same on every "
+        "model; false: the model's own scores"))
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description=(
         "largest image accepted, in bytes (refused before decoding)"))
     max_image_pixels: int = Field(40_000_000, gt=0, description=(

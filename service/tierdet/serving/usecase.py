@@ -35,7 +35,7 @@ from tierdet.contract.options import DetectOptions
 from tierdet.contract.results import DetectResult, ModelsInfo, Routing, TierInfo, Timing
 from tierdet.registry.cards import register as register_card
 from tierdet.registry.specs import get_spec
-from tierdet.serving import access, decoding, imaging, memory, postprocess, tiling, tracing
+from tierdet.serving import access, decoding, imaging, memory, postprocess, scores, tiling, tracing
 from tierdet.serving.access import AccessLog
 from tierdet.serving.backend import Backend
 from tierdet.serving.canary import Canaries, Rule
@@ -352,12 +352,15 @@ class Detector:
         threshold, limit = valid.threshold, valid.limit(spec)
         whole = geometries[0]
         with tracing.span("postprocess"):
+            # Thresholds apply to the score the client gets; shadow scoring reads raw rows.
+            views = (scores.calibrated_rows(rows, spec.score_calibration)
+                     if self.settings.calibrated_scores else rows)
             if not tiles:  # one view: nothing to merge, the limit applies at once
-                detections = postprocess.detections_from_rows(rows[0], spec.labels, whole,
+                detections = postprocess.detections_from_rows(views[0], spec.labels, whole,
                                                               threshold, limit, keep)
             else:
                 detections = tiling.detections_from_views(
-                    rows, spec.labels, geometries, tiles, step, threshold, limit,
+                    views, spec.labels, geometries, tiles, step, threshold, limit,
                     spec.max_detections, keep)
         end = time.perf_counter()
         timing = Timing(decode_s * 1e3, prep_s * 1e3, (t_post - t_infer) * 1e3,

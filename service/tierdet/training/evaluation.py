@@ -28,8 +28,8 @@ from tierdet.registry.accuracy import EvalRecord
 from tierdet.registry.labels import LabelSet
 from tierdet.registry.specs import ModelSpec, get_spec
 from tierdet.registry.tensors import MODEL_METADATA_KEY
-from tierdet.serving import imaging
-from tierdet.serving.apscore import coco_ap
+from tierdet.serving import imaging, scores
+from tierdet.serving.apscore import coco_ap, matched_at_iou50
 from tierdet.training.datasets.coco import CocoSplit, Sample, read_rgb
 
 SCORE_THRESHOLD = 0.001  # COCO practice: rank everything, let AP weigh it
@@ -64,14 +64,17 @@ RowsFn = Callable[[np.ndarray], np.ndarray]  # uint8 [B, S, S, 3] -> rows [B, K,
 
 
 def predict_rows(run: RowsFn, samples: Iterable[Sample], spec: ModelSpec,
-                 batch_size: int = 8, input_size: int | None = None) -> list[dict]:
-    """Detections of a bare model function over ``samples``, COCO results."""
+                 batch_size: int = 8, input_size: int | None = None,
+                 calibrate: bool = True) -> list[dict]:
+    """Detections of a bare model function over ``samples``, COCO results, scored
+    as the gateway scores them (``calibrate``: through the spec's calibration)."""
     size = input_size or spec.input_size
+    knots = spec.score_calibration if calibrate else ()
     out: list[dict] = []
     batch: list[tuple[int, np.ndarray, imaging.Geometry]] = []
 
     def flush() -> None:
-        rows = run(np.stack([tensor for _, tensor, _ in batch]))
+        rows = scores.calibrated_rows(run(np.stack([tensor for _, tensor, _ in batch])), knots)
         for (image_id, _, geometry), image_rows in zip(batch, rows, strict=True):
             out.extend(rows_to_coco(image_rows, geometry, spec.labels, image_id))
         batch.clear()
@@ -199,6 +202,15 @@ def run_evaluation(dataset: Path, split: str = "val", *, url: str | None = None,
                                      source="onnx", dataset=data.label, split=split,
                                      images=len(samples), onnx=str(onnx)))
     return records
+
+
+def fit_calibration(dataset: Path, onnx: Path, split: str = "val") -> scores.Knots:
+    """The score calibration of the bare ``onnx`` model on a labelled split: its
+    own scores against whether each detection matched an object (IoU 0.5)."""
+    data = CocoSplit(dataset, split)
+    spec = get_spec(onnx_model_name(onnx))
+    raw = predict_rows(onnx_runner(onnx), image_samples(data), spec, calibrate=False)
+    return scores.fit(matched_at_iou50(data.coco, raw))
 
 
 def image_samples(data: CocoSplit, limit: int | None = None) -> list[Sample]:
