@@ -171,6 +171,7 @@ def card(model: str, broken: bool = False) -> str:
                                    "sha256": hashlib.sha256(graph.read_bytes()).hexdigest()})
     raw["input"]["size"] = size
     raw["measured_ap"]["ap"] = raw["measured_ap"]["ap"][size]
+    raw["score_calibration"]["knots"] = raw["score_calibration"]["knots"][size]
     if broken:
         raw["input"]["mean"] = [123.675, 116.28, 103.53]
         raw["input"]["std"] = [58.395, 57.12, 57.375]

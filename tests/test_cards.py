@@ -56,7 +56,7 @@ def _card(tmp_path: Path, **changes) -> Path:
     raw["name"] = "".join(c for c in raw["name"].lower() if c.isalnum() or c in "-._")
     raw["source"]["onnx"] = str(load_card(YOLOX).source.onnx)
     raw["input"]["size"] = 416
-    del raw["measured_ap"]
+    del raw["measured_ap"], raw["score_calibration"]
     return _written(raw, changes, tmp_path / "card.yaml")
 
 
@@ -109,7 +109,7 @@ def _picodet_card(tmp_path: Path, **changes) -> Path:
     name = "".join(c for c in f"picodet-{tmp_path.name[-12:]}".lower() if c.isalnum() or c in "-")
     raw.update(name=name, source={"onnx": str(card.source.onnx)})
     raw["input"]["size"] = 320
-    del raw["measured_ap"]
+    del raw["measured_ap"], raw["score_calibration"]
     return _written(raw, changes, tmp_path / "picodet.yaml")
 
 

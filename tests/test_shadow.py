@@ -215,6 +215,7 @@ def _broken_card(path: Path) -> Path:
     raw["input"]["mean"] = [123.675, 116.28, 103.53]
     raw["input"]["std"] = [58.395, 57.12, 57.375]
     raw["measured_ap"]["ap"] = raw["measured_ap"]["ap"][320]
+    raw["score_calibration"]["knots"] = raw["score_calibration"]["knots"][320]
     path.write_text(yaml.safe_dump(raw))
     return path
 
