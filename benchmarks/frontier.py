@@ -284,6 +284,28 @@ def oracle(plan: list[Arrival], photos: list[Photo], service: dict[str, float],
     return out
 
 
+def where_ap_went(gt: dict, plan: list[Arrival], photos: list[Photo], answers: list[Answer],
+                  fastest: str, found: dict[int, list[dict]]) -> str:
+    """What a row's effective AP would have been: the same requests answered in
+    budget by the fastest model instead of the row's choices (did the choices
+    add accuracy?), with its late answers kept, and with every refused one
+    answered by the fastest model too (what its refusals cost)."""
+    def ap(pick) -> float:
+        return effective_ap(gt, plan, photos, [pick(arrival, a) for arrival, a
+                                               in zip(plan, answers, strict=True)])
+
+    def fast(arrival: Arrival) -> list[dict]:
+        return found[photos[arrival.photo].image_id]
+
+    same_by_fastest = ap(lambda x, a: fast(x) if a.in_budget else [])
+    late_kept = ap(lambda x, a: a.detections if a.status == 200 else [])
+    none_refused = ap(lambda x, a: a.detections if a.status == 200
+                      else [] if a.admitted else fast(x))
+    return (f"its in-budget requests answered by {fastest} instead {same_by_fastest:.1f}; "
+            f"late answers kept {late_kept:.1f}; and refusals answered by {fastest} "
+            f"{none_refused:.1f}")
+
+
 def in_slo_by_second(plan: list[Arrival], answers: list[Answer]) -> list[tuple[int, float]]:
     bins: dict[int, list[bool]] = {}
     for arrival, answer in zip(plan, answers, strict=True):
@@ -451,6 +473,9 @@ def run(args, gt: dict, photos: list[Photo], names: list[str],
             rows.append(summarize(load, name, plan, answers, probe.latencies, effective))
             if name in variants:
                 print(f"{name} at {load:g}C: {lateness(answers)}", flush=True)
+                print(f"{name} at {load:g}C: effective AP {effective:.1f}; "
+                      + where_ap_went(gt, plan, photos, answers, ladder[0], found[ladder[0]]),
+                      flush=True)
             print(f"{name} at {load:g}C: {shed_by_budget(answers)}", flush=True)
         rows.append(Row(load, "oracle", len(plan), float("nan"), 0.0, float("nan"),
                         float("nan"), effective_ap(gt, plan, photos,
