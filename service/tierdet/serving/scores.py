@@ -6,8 +6,9 @@ class scores put the same median at 0.14). A routed service answers one
 request with one model and the next with another, so a client's threshold,
 or any ranking across answers, means something else on each. And COCO AP
 over answers from several models pools their detections by score: on the
-128 photographs, half the images answered by YOLOX-Nano 320 and half by
-PP-PicoDet-S 320 scored 30.9 AP against the 32.8 mean of the two halves.
+128 photographs, half answered by YOLOX-Nano 320 (26.1 AP alone) and half by
+PP-PicoDet-S 320 (32.0) score 25.7 AP on their own scores, 28.7 calibrated
+(``tests/test_cards.py``).
 
 A card may record a score calibration: for a few knots of the model's own
 score, the share of its detections at that score that matched an object
