@@ -20,12 +20,19 @@ import pytest
 import yaml
 from conftest import CARDS, LADDER, LADDER_MODELS, REPO, TEST_MODEL, with_changes
 from tierdet import cli
+from tierdet.registry.accuracy import EvalRecord
 from tierdet.registry.cards import CardError, expand, load_card, register
 from tierdet.registry.specs import get_spec
 from tierdet.serving.apscore import coco_ap, matched_at_iou50
 from tierdet.serving.scores import calibrated, fit
 from tierdet.training.datasets.coco import CocoSplit
-from tierdet.training.evaluation import image_samples, onnx_runner, predict_rows, run_evaluation
+from tierdet.training.evaluation import (
+    SCORE_THRESHOLD,
+    image_samples,
+    onnx_runner,
+    predict_rows,
+    run_evaluation,
+)
 from waiting import wait_until
 
 YOLOX, PICODET, NANODET, SHAPES = CARDS
@@ -245,15 +252,24 @@ def test_a_fine_tuned_card_finds_its_own_classes(card_stack, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ladder_ap(card_stack, cards_built) -> dict[str, tuple]:
+def ladder_ap(card_stack, raw_detections) -> dict[str, tuple]:
     """Each ladder model's AP on the 128 photographs: through the gateway (each image
-    once) and on its bare built graph."""
-    for card in LADDER:
-        register(card)
-    built = {b.spec.name: b for b in cards_built}
-    return {name: run_evaluation(COCO, url=card_stack.http, model=name,
-                                 onnx=built[name].onnx)
+    once) and on its bare built graph, scored as the gateway scores."""
+    gt = CocoSplit(COCO).coco
+    return {name: (*run_evaluation(COCO, url=card_stack.http, model=name),
+                   EvalRecord.of(coco_ap(gt, _as_served(name, raw_detections[name])),
+                                 model=name, tier=None, source="onnx", dataset="coco",
+                                 split="val", images=len(gt["images"])))
             for name in LADDER_MODELS}
+
+
+def _as_served(model: str, detections: list[dict]) -> list[dict]:
+    """Bare detections with the scores the gateway answers (calibrated, then the
+    evaluation's threshold)."""
+    knots = get_spec(model).score_calibration
+    scored = calibrated(np.array([d["score"] for d in detections]), knots)
+    return [{**d, "score": float(v)} for d, v in zip(detections, scored, strict=True)
+            if v >= SCORE_THRESHOLD]
 
 
 @pytest.mark.parametrize("model", LADDER_MODELS)
