@@ -289,7 +289,7 @@ def spec_of(card: ModelCard) -> ModelSpec:
                      published_ap=card.published_ap.ap if card.published_ap else None,
                      params_m=0.0, official_weights=None, nms_iou=card.nms_iou,
                      max_detections=card.max_detections,
-                     score_calibration=_check_knots(_one(card.score_calibration.knots))
+                     score_calibration=tuple(_one(card.score_calibration.knots))
                      if card.score_calibration else ())
 
 

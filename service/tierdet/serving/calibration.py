@@ -3,6 +3,7 @@ from the answers, so the router admits what will make its budget."""
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,7 +33,8 @@ class Calibration:
     band: float = 0.5
     ceiling: float = 3.0
     factor: float = 0.0  # set from prior in __post_init__
-    ratios: deque[float] = field(default_factory=deque)
+    ratios: deque[float] = field(default_factory=deque)  # in arrival order
+    _ranked: list[float] = field(default_factory=list)  # the same, sorted
     _seen: int = 0
 
     def __post_init__(self) -> None:
@@ -41,12 +43,14 @@ class Calibration:
     def observe(self, predicted_ms: float, actual_ms: float, budget_ms: float) -> None:
         if predicted_ms <= 0 or predicted_ms < self.band * budget_ms:
             return
-        self.ratios.append(actual_ms / predicted_ms)
+        ratio = actual_ms / predicted_ms
+        self.ratios.append(ratio)
+        bisect.insort(self._ranked, ratio)
         if len(self.ratios) > self.window:
-            self.ratios.popleft()
+            self._ranked.pop(bisect.bisect_left(self._ranked, self.ratios.popleft()))
         self._seen += 1
         if self.quantile > 0 and len(self.ratios) >= self.min_samples and self._seen % 10 == 0:
-            ranked = sorted(self.ratios)
+            ranked = self._ranked
             q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
             self.factor = min(self.ceiling, max(1.0, q))
 
@@ -55,5 +59,4 @@ class Calibration:
         have come within ``limit_ms`` (1.0 until ``min_samples`` are seen)."""
         if len(self.ratios) < self.min_samples or predicted_ms <= 0:
             return 1.0
-        bound = limit_ms / predicted_ms
-        return sum(1 for r in self.ratios if r <= bound) / len(self.ratios)
+        return bisect.bisect_right(self._ranked, limit_ms / predicted_ms) / len(self._ranked)

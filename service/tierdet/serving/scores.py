@@ -21,6 +21,7 @@ unchanged.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -36,9 +37,16 @@ def calibrated(scores: np.ndarray, knots: Knots) -> np.ndarray:
     """``scores`` mapped through ``knots`` (unchanged without knots)."""
     if not knots:
         return scores
-    xs, ys = np.array(knots, dtype=np.float64).T
+    xs, ys = _curve(knots)
     mapped = np.interp(scores, xs, ys) * (1 - _TIE_BREAK) + _TIE_BREAK * scores
     return mapped.astype(scores.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _curve(knots: Knots) -> tuple[np.ndarray, np.ndarray]:
+    """The knots as arrays, once per curve (a served model's is read per request)."""
+    xs, ys = np.array(knots, dtype=np.float64).T
+    return xs, ys
 
 
 def calibrated_rows(rows: np.ndarray, knots: Knots) -> np.ndarray:
