@@ -75,6 +75,7 @@ class Answer:
     detections: list[dict] = field(default_factory=list)
     predicted_ms: float = 0.0  # the router's prediction at admission (200s)
     gateway_ms: float = 0.0  # the gateway's own clock (200s): the rest is the client's side
+    message: str = ""  # the error's (a refusal says what was predicted)
 
     @property
     def in_budget(self) -> bool:
@@ -103,7 +104,8 @@ async def _post(client: httpx.AsyncClient, photo: Photo, fields: dict[str, str],
         return Answer(599, (time.perf_counter() - start) * 1e3, budget_ms, code="no answer")
     latency = (time.perf_counter() - start) * 1e3
     if r.status_code != 200:
-        return Answer(r.status_code, latency, budget_ms, code=body["error"]["code"])
+        return Answer(r.status_code, latency, budget_ms, code=body["error"]["code"],
+                      message=body["error"]["message"])
     return Answer(200, latency, budget_ms, body["model"], detections=_detections(body),
                   predicted_ms=body["routing"]["predicted_ms"],
                   gateway_ms=body["routing"]["actual_ms"])
@@ -123,6 +125,15 @@ def lateness(answers: list[Answer]) -> str:
     return (f"{timeouts} ended 504 at their deadline; "
             f"{len(late)} late: {len(gateway)} past the budget at the gateway; median "
             f"gateway/predicted {under:.2f}, client-side gap {gap:.1f} ms")
+
+
+def dump_answers(path: Path, load: float, deployment: str, plan: list[Arrival],
+                 answers: list[Answer]) -> None:
+    with path.open("a") as out:
+        for arrival, answer in zip(plan, answers, strict=True):
+            record = {k: v for k, v in asdict(answer).items() if k != "detections"}
+            out.write(json.dumps({"load": load, "deployment": deployment,
+                                  "at_s": arrival.at_s, **record}) + "\n")
 
 
 def shed_by_budget(answers: list[Answer]) -> str:
@@ -396,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                         "models' service times), not from this run's: two runs of one seed "
                         "then send the same arrivals with the same budgets")
     p.add_argument("--json", type=Path)
+    p.add_argument("--answers", type=Path, metavar="JSONL",
+                   help="every request of every row, one JSON line each (to read refusals)")
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
     if args.hog:
@@ -471,6 +484,8 @@ def run(args, gt: dict, photos: list[Photo], names: list[str],
             effective = effective_ap(gt, plan, photos, [a.detections if a.in_budget else []
                                                         for a in answers])
             rows.append(summarize(load, name, plan, answers, probe.latencies, effective))
+            if args.answers:
+                dump_answers(args.answers, load, name, plan, answers)
             if name in variants:
                 print(f"{name} at {load:g}C: {lateness(answers)}", flush=True)
                 print(f"{name} at {load:g}C: effective AP {effective:.1f}; "

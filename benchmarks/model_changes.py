@@ -164,7 +164,11 @@ def main() -> int:
     if len(log) < len(OPERATIONS):
         print(f"only {len(log)} of {len(OPERATIONS)} operations ran; see {work}/gateway.log")
         return 1
-    return 1 if failed else 0
+    if failed:
+        print(f"requests failed: see {work}/gateway.log")
+        return 1
+    shutil.rmtree(work)
+    return 0
 
 
 if __name__ == "__main__":

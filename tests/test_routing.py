@@ -309,10 +309,22 @@ def test_batching_settings_come_from_the_profile():
 def test_under_load_the_governor_shifts_the_mix_to_cheaper_models():
     r = router()
     assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"
-    r.governor.rate = 20.0  # 20 req/s: "slow" (110 ms) would need 2.2 devices
+    r.governor.rate = 10.0  # 10 req/s: "slow" (110 ms) would need 1.1 devices
     r.governor.mean_cost_ms = 40.0  # recent requests averaged 40 ms of device time
     assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "mid"
     r.governor.rate = 60.0  # only the cheapest keeps the device under its target
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "fast"
+
+
+def test_requests_refused_before_decoding_count_as_load():
+    """The governor counts demand, not only what was let in: one that saw only
+    admitted requests would see less load the more it refused, and upgrade more."""
+    r = router()
+    r.governor.mean_cost_ms = 40.0
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"
+    for _ in range(60):  # about 30 requests a second over the governor's window
+        with pytest.raises(ApiError):
+            r.precheck(RouteRequest(sla_ms=10), 3.0, READY)
     assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "fast"
 
 

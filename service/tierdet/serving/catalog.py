@@ -34,7 +34,8 @@ from tierdet.registry.accuracy import APResult, EvalRecord, latest_and_previous,
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
-from tierdet.serving.latency import LatencyModel
+from tierdet.serving.governor import LoadGovernor
+from tierdet.serving.latency import UNKNOWN_SERVICE_MS, LatencyModel
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Router
@@ -87,8 +88,12 @@ def verified_weights(spec: ModelSpec, provenance: dict[str, str]) -> bool:
 
 # When a build record says nothing of its own time: older than any evaluation.
 _LONG_AGO = "1970-01-01T00:00:00+00:00"
-# The larger batch of the profile measured at start for a model without one.
-PROBE_BATCH = 4
+# The larger batch of the profile measured for a model without one: two images
+# tell a device that batches for free (a GPU) from one that runs them one after
+# another (a CPU); more would only hold the device longer beside live traffic.
+PROBE_BATCH = 2
+# How long each probe call waits for the device to fall idle before going anyway.
+PROBE_IDLE_WAIT_S = 1.0
 
 
 def recorded_record(state: ModelState, provenance: dict[str, str]) -> EvalRecord:
@@ -308,27 +313,50 @@ class Catalog:
         for: batch 1 and a larger batch. Without the second point the router
         could not tell a device that batches for free (a GPU) from one that runs
         the images one after another (a CPU), and would read every batched
-        answer against the wrong one."""
+        answer against the wrong one. A model added while serving is probed
+        beside live traffic: each call waits for an idle device, and is counted
+        in the device's backlog as the slowest known model until timed (the
+        router's prior for an unknown model, a second, would refuse every
+        budgeted request for the probe's length)."""
         if self.router.profiled(spec.name) and not again:
             return
         url = self.pool.placement().get(spec.name, [""])[0]
         if url not in self.pool.endpoints:
             return
+        known = self.router.profiled(spec.name)
+        if not known:
+            self.router.latency.measured(spec.name, ModelProfile({1: self._slowest_ms()}))
         batch = min(PROBE_BATCH, spec.batching.max_batch_size)
         timings: dict[int, float] = {}
-        with self.router.dispatch(spec.name, url):
-            try:
-                for size in (1, 1, batch):  # the first call may pay one-off costs
-                    image = np.full((size, spec.input_size, spec.input_size, 3), 114, np.uint8)
-                    start = time.perf_counter()
-                    await self.pool.backend(url).infer(spec.name, image, timeout_s=60.0)
-                    timings[size] = (time.perf_counter() - start) * 1e3
-            except ApiError:
-                return
+        try:
+            for size in (1, 1, batch):  # the first call may pay one-off costs
+                timings[size] = await self._timed_call(spec, url, size)
+                if not known and size == 1:
+                    self.router.latency.measured(spec.name, ModelProfile({1: timings[1]}))
+        except ApiError:
+            if not known:
+                self.router.latency.forget(spec.name)
+            return
         self.router.latency.measured(spec.name, ModelProfile(timings))
         log.info("model %s: %s; measured %s", spec.name,
                  "a new version" if again else "no latency profile",
                  ", ".join(f"{ms:.1f} ms at batch {b}" for b, ms in timings.items()))
+
+    async def _timed_call(self, spec: ModelSpec, url: str, size: int) -> float:
+        """One probe call of ``size`` images once ``url``'s device is idle (or
+        ``PROBE_IDLE_WAIT_S`` has passed), counted as work on it; its time, ms."""
+        deadline = time.monotonic() + PROBE_IDLE_WAIT_S
+        while not self.router.idle(url) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        image = np.full((size, spec.input_size, spec.input_size, 3), 114, np.uint8)
+        with self.router.dispatch(spec.name, url):
+            start = time.perf_counter()
+            await self.pool.backend(url).infer(spec.name, image, timeout_s=60.0)
+            return (time.perf_counter() - start) * 1e3
+
+    def _slowest_ms(self) -> float:
+        known = [self.router.service_ms(m) for m in self.router.latency.profile.models]
+        return max(known, default=UNKNOWN_SERVICE_MS)
 
 
 def build_router(settings: Settings) -> Router:
@@ -338,6 +366,7 @@ def build_router(settings: Settings) -> Router:
                   default_budget_ms=settings.request_timeout_s * 1e3,
                   margin_frac=settings.route_margin_frac, margin_ms=settings.route_margin_ms,
                   shared_device=settings.route_shared_device,
+                  governor=LoadGovernor(target=settings.route_utilization_target),
                   calibrate_quantile=settings.route_calibrate_quantile,
                   label_sets={name: spec.labels.name for name, spec in known().items()},
                   default_label_set=settings.default_label_set)

@@ -322,7 +322,11 @@ class Router:
         predicted, _ = self._predict(candidates, elapsed_ms, ready)
         fastest = min(predicted, key=predicted.__getitem__)
         if not self.fits(predicted[fastest], budget):
-            self.governor.saw_budget(budget)  # requests that reach decide() are seen there
+            # Demand, not only what was let in: a governor blind to what is refused
+            # here would see less load the more it refuses, and upgrade the more.
+            # (Requests that reach decide() are counted there.)
+            self.governor.arrival()
+            self.governor.saw_budget(budget)
             raise self._shed(budget, fastest, predicted[fastest])
         return [m for m in candidates if m == fastest or self.fits(predicted[m], budget)]
 
