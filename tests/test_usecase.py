@@ -20,6 +20,7 @@ from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.options import DetectOptions
 from tierdet.registry.labels import COCO90
 from tierdet.registry.specs import SPECS
+from tierdet.serving.catalog import PROBE_BATCH
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.security import hash_key
 from tierdet.serving.settings import Settings
@@ -315,8 +316,8 @@ def test_a_box_in_the_overlap_of_tiles_comes_back_once_at_its_place():
 
     def answer(view: int, count: int) -> np.ndarray:
         # One batch: the whole view, then every tile (or the latency probe's
-        # batches of 1 and 4 when the model is first seen).
-        assert count in (1, 4, 1 + len(tiles))
+        # batches when the model is first seen).
+        assert count in (1, PROBE_BATCH, 1 + len(tiles))
         if view not in holders:
             return _rows()
         geometry, (x, y) = views[view], corners[view]

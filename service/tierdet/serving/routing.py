@@ -322,9 +322,7 @@ class Router:
         predicted, _ = self._predict(candidates, elapsed_ms, ready)
         fastest = min(predicted, key=predicted.__getitem__)
         if not self.fits(predicted[fastest], budget):
-            # Demand, not only what was let in: a governor blind to what is refused
-            # here would see less load the more it refuses, and upgrade the more.
-            # (Requests that reach decide() are counted there.)
+            # Demand counts (decide() counts the rest): else refusing more reads as less load.
             self.governor.arrival()
             self.governor.saw_budget(budget)
             raise self._shed(budget, fastest, predicted[fastest])
