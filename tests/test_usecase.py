@@ -21,6 +21,7 @@ from tierdet.contract.options import DetectOptions
 from tierdet.registry.labels import COCO90
 from tierdet.registry.specs import SPECS
 from tierdet.serving.catalog import PROBE_BATCH
+from tierdet.serving.latency import UNKNOWN_SERVICE_MS
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.security import hash_key
 from tierdet.serving.settings import Settings
@@ -275,6 +276,30 @@ def test_the_published_ap_counts_only_for_the_published_weights(provenance, pinn
     backend = FakeBackend({D0: D0_ROWS}, {D0: provenance})
     detector, _ = _detector(backend=backend, pin_published_ap=pinned)
     assert detector.router.ap[D0] == expected
+
+
+def test_a_model_being_measured_counts_as_the_slowest_known_model_not_a_second():
+    """The catalog measures each model it has no profile for before ranking it. The
+    calls count as work on the device, at the slowest known model's time until
+    timed: the unknown model's prior (a second) would refuse every budgeted
+    request for the measurement's length."""
+    backlogs: dict[str, list[float]] = {}
+
+    class Watched(FakeBackend):
+        async def infer(self, model, images, timeout_s, priority=0):
+            latency = detector.router.latency
+            backlogs.setdefault(model, []).append(max(latency.own_ms(e)
+                                                      for e in latency.busy_until))
+            return await super().infer(model, images, timeout_s, priority)
+
+    backend = Watched({D0: D0_ROWS, SHAPES: _rows((0, 0, 128, 128, 0.9, 1))})
+    detector = Detector(Settings(models=(D0, SHAPES)), backend, Metrics())
+    asyncio.run(detector.catalog.refresh())
+    first, second = backlogs  # the first is measured with nothing known: the prior
+    assert len(backlogs[second]) == 3 and max(backlogs[second]) < UNKNOWN_SERVICE_MS / 10
+    assert [images[0] for model, images in backend.calls if model == second] == [
+        1, 1, PROBE_BATCH]
+    assert detector.router.profiled(first) and detector.router.profiled(second)
 
 
 def test_the_models_answer_lists_tiers_with_the_default_marked():
