@@ -35,7 +35,7 @@ from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import ModelSpec, known, lookup
 from tierdet.serving.backend import Backend
 from tierdet.serving.governor import LoadGovernor
-from tierdet.serving.latency import UNKNOWN_SERVICE_MS, LatencyModel
+from tierdet.serving.latency import LatencyModel
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.routing import Router
@@ -318,14 +318,15 @@ class Catalog:
         in the device's backlog as the slowest known model until timed (the
         router's prior for an unknown model, a second, would refuse every
         budgeted request for the probe's length)."""
-        if self.router.profiled(spec.name) and not again:
+        known = self.router.profiled(spec.name)
+        if known and not again:
             return
         url = self.pool.placement().get(spec.name, [""])[0]
         if url not in self.pool.endpoints:
             return
-        known = self.router.profiled(spec.name)
         if not known:
-            self.router.latency.measured(spec.name, ModelProfile({1: self._slowest_ms()}))
+            latency = self.router.latency
+            latency.measured(spec.name, ModelProfile({1: latency.slowest_ms()}))
         batch = min(PROBE_BATCH, spec.batching.max_batch_size)
         timings: dict[int, float] = {}
         try:
@@ -353,10 +354,6 @@ class Catalog:
             start = time.perf_counter()
             await self.pool.backend(url).infer(spec.name, image, timeout_s=60.0)
             return (time.perf_counter() - start) * 1e3
-
-    def _slowest_ms(self) -> float:
-        known = [self.router.service_ms(m) for m in self.router.latency.profile.models]
-        return max(known, default=UNKNOWN_SERVICE_MS)
 
 
 def build_router(settings: Settings) -> Router:

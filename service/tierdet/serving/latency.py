@@ -142,6 +142,11 @@ class LatencyModel:
         load = self.loads.get(model)
         return load.observed_ms if load and load.observed_ms else UNKNOWN_SERVICE_MS
 
+    def slowest_ms(self) -> float:
+        """The slowest profiled model's current service time (the prior without one)."""
+        return max((self.service_ms(m) for m in list(self.profile.models)),
+                   default=UNKNOWN_SERVICE_MS)
+
     def marginal_ms(self, model: str) -> float:
         prof = self.profile.models.get(model)
         return prof.marginal_ms() if prof is not None else self.base_ms(model)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from tierdet.serving.governor import LoadGovernor
 from tierdet.serving.pool import parse_targets
 
 ENV_PREFIX = "TIERDET_"
@@ -82,7 +83,7 @@ class Settings(BaseModel):
         "predict each model's device time stretched by the share of the device that "
         "other models' recent work takes (they run beside it on a CPU): "
         "(backlog + service) / (1 - share)"))
-    route_utilization_target: float = Field(0.45, gt=0.0, le=1.0, description=(
+    route_utilization_target: float = Field(LoadGovernor.target, gt=0.0, le=1.0, description=(
         "the share of the device the router lets upgrades fill: a bigger model is chosen "
         "only while the arrival rate x the mean device time per request stays under it"))
     route_calibrate_quantile: float = Field(0.0, ge=0.0, lt=1.0, description=(
