@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from tierdet.build.detection_head import OPSET
 from tierdet.registry.cards import (
     CardError,
     CheckpointSource,
@@ -43,7 +44,6 @@ from tierdet.registry.specs import Batching, ModelSpec
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
-OPSET = 18
 
 
 @dataclass(frozen=True)
@@ -250,189 +250,29 @@ def _copy_batch_in_reshapes(model) -> bool:
 # -- the graphs around it ----------------------------------------------------------
 
 
-def _front(card: ModelCard):
-    """uint8 RGB NHWC -> the card graph's input."""
-    import torch
-    from torch import nn
-
-    prep = card.input
-
-    class Front(nn.Module):
-        order: torch.Tensor  # buffers
-        mean: torch.Tensor
-        inv_std: torch.Tensor
-
-        def __init__(self) -> None:
-            super().__init__()
-            axis = 1 if prep.layout == "NCHW" else 3
-            shape = [1, 1, 1, 1]
-            shape[axis] = 3
-            order = [2, 1, 0] if prep.channels == "BGR" else [0, 1, 2]
-            self.axis = axis
-            self.flip = prep.channels == "BGR"
-            # Pixels already in the graph's units (YOLOX: 0..255) skip the arithmetic:
-            # on a 416 px input each full-tensor op costs ~3 ms on ONNX Runtime's CPU.
-            self.normalise = (prep.mean, prep.std) != ((0.0,) * 3, (1.0,) * 3)
-            self.register_buffer("order", torch.tensor(order), persistent=False)
-            self.register_buffer("mean", torch.tensor(prep.mean).view(shape),
-                                 persistent=False)
-            self.register_buffer("inv_std", 1.0 / torch.tensor(prep.std).view(shape),
-                                 persistent=False)
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            x = images.float()  # TensorRT takes a uint8 input only straight into a Cast
-            if prep.layout == "NCHW":
-                x = x.permute(0, 3, 1, 2)
-            if self.flip:  # whole planes in NCHW: a Gather, not a reversed Slice per pixel
-                x = x.index_select(self.axis, self.order)
-            if self.normalise:
-                x = (x - self.mean) * self.inv_std
-            return x if prep.dtype == "float32" else x.round().clamp(0, 255).to(torch.uint8)
-
-    return Front().eval()
-
-
-def _back(card: ModelCard, anchors: int):
-    """The card graph's outputs -> [B, K, 6] through the zoo's detection head."""
-    import torch
-    from torch import nn
-
-    from tierdet.build.export.postprocess import DetectionHead
-
-    out = card.output
-    head = DetectionHead(pre_nms_top_k=min(card.pre_nms_top_k, anchors * _num_classes(card)),
-                         max_detections=card.max_detections, iou_threshold=card.nms_iou,
-                         scores_are_logits=out.scores == "logits",
-                         input_size=single_size(card))
-
-    size = single_size(card)
-
-    class Back(nn.Module):
-        cells: torch.Tensor  # buffers (a yolox grid; a gfl head's cell points)
-        strides: torch.Tensor
-        bins: torch.Tensor
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.head = head
-            cells, strides = [], []
-            for s in out.strides:
-                # YOLOX's grid floors; a GFL head's (PicoDet's) pads the last cell.
-                n = size // s if out.format == "yolox" else -(-size // s)
-                ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-                cells.append(torch.stack([xs, ys], -1).reshape(-1, 2))
-                strides.append(torch.full((n * n, 1), float(s)))
-            grid = torch.cat(cells).float()[None] if cells else torch.zeros(1, 0, 2)
-            step = torch.cat(strides)[None] if strides else torch.zeros(1, 0, 1)
-            if out.format == "gfl":
-                grid = _cell_points(grid, step, out.cell_centre)
-            self.register_buffer("cells", grid, persistent=False)
-            self.register_buffer("strides", step, persistent=False)
-            self.register_buffer("bins", torch.arange(out.bins, dtype=torch.float32),
-                                 persistent=False)
-
-        def forward(self, first: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-            if out.format == "gfl":
-                return self.gfl(first, *rest)
-            second = rest[0] if rest else None
-            if out.format == "yolox":
-                centre = (first[..., :2] + self.cells) * self.strides
-                half = torch.exp(first[..., 2:4]) * self.strides / 2
-                boxes = torch.cat([centre - half, centre + half], -1)
-                return self.rank(boxes, first[..., 4:5] * first[..., 5:])
-            if out.format == "boxes_scores":
-                assert second is not None
-                return self.rank(first, second)
-            return first  # end2end: the graph's own NMS already ran
-
-        def gfl(self, *maps: torch.Tensor) -> torch.Tensor:
-            """Class maps, then distance distributions, per level -> ranked boxes: each
-            side's distance is the softmax-weighted mean of 0..bins-1, times the stride,
-            from the cell's point."""
-            levels = len(out.strides)
-            scores = torch.cat(maps[:levels], 1)
-            logits = torch.cat(maps[levels:], 1).unflatten(-1, (4, out.bins))
-            distances = (logits.softmax(-1) * self.bins).sum(-1) * self.strides
-            boxes = torch.cat([self.cells - distances[..., :2],
-                               self.cells + distances[..., 2:]], -1)
-            return self.rank(boxes, scores)
-
-        def rank(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if out.multi_label:
-                return self.head(boxes, scores)
-            return self.head.forward_best_class(boxes, scores)
-
-    return Back().eval()
-
-
-def _cell_points(cells, strides, convention: str):
-    """Cell indices [1, N, 2] -> the points a GFL head measures distances from."""
-    if convention == "(x+0.5)*s":
-        return (cells + 0.5) * strides
-    if convention == "x*s+(s-1)/2":
-        return cells * strides + (strides - 1) / 2
-    return cells * strides
-
-
-def _export(module, example: tuple, inputs: list[str], outputs: list[str]):
-    import inspect
-    import warnings
-
-    import onnx
-    import torch
-
-    from tierdet.build.export.nms import CUSTOM_TRANSLATIONS, drop_default_reduction
-
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    params = list(inspect.signature(module.forward).parameters.values())
-    # Shapes per argument: a name each, or for ``*rest`` the one tuple of the rest.
-    shapes: dict[str, object] = {}
-    for i, param in enumerate(params[:len(example)]):
-        if param.kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[param.name] = tuple({0: batch} for _ in example[i:])
-            break
-        shapes[param.name] = {0: batch}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, example, input_names=inputs, output_names=outputs,
-            dynamic_shapes=shapes, opset_version=OPSET,
-            dynamo=True, external_data=False, custom_translation_table=CUSTOM_TRANSLATIONS,
-            verbose=False)
-    assert program is not None  # dynamo=True returns the program
-    model = onnx.load_from_string(program.model_proto.SerializeToString())
-    drop_default_reduction(model)
-    return model
-
-
 def wrap(card: ModelCard, graph: CardGraph):
     """The one served graph: front + the card's graph + back, merged."""
     import onnx
-    import torch
     from onnx import compose, version_converter
 
-    size = single_size(card)
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
-    front = _export(_front(card), (example,), [INPUT_NAME], ["card_input"])
+    from tierdet.build.card_ends import CARD_INPUT, back, front
+
+    head = front(card)
     user = version_converter.convert_version(graph.model, OPSET)
-    user.ir_version = front.ir_version
-    # Exported for any batch from a batch of 2 (a batch of 1 would fix the dimension);
-    # only the outputs' shapes and dtypes matter, as the graph's check found them.
-    examples = tuple(torch.from_numpy(np.zeros((2, *shape[1:]), dtype))
-                     for shape, dtype in graph.outputs)
-    back = _export(_back(card, graph.anchors), examples,
-                   [f"card_out{i}" for i in range(len(examples))], [OUTPUT_NAME])
-    back.ir_version = front.ir_version
-    merged = compose.merge_models(front, user, io_map=[("card_input", graph.input_name)],
-                                  prefix2="card/")
+    user.ir_version = head.ir_version
+    tail = back(card, graph.outputs, graph.anchors)
+    merged = compose.merge_models(head, user, io_map=[(CARD_INPUT, graph.input_name)],
+                                  prefix1="front/", prefix2="card/")
     merged = compose.merge_models(
-        merged, back, prefix2="head/",
+        merged, tail, prefix2="head/",
         io_map=[(f"card/{name}", f"card_out{i}") for i, name in enumerate(graph.output_names)])
     # Each merge appends the parts' opset imports: keep one per domain (all are 18).
     opsets = {o.domain: o.version for o in merged.opset_import}
     del merged.opset_import[:]
     merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     # The merge keeps the parts' names for the ends; give them the contract's.
+    merged.graph.input[0].name = INPUT_NAME
+    _rename(merged, f"front/{INPUT_NAME}", INPUT_NAME)
     merged.graph.output[0].name = OUTPUT_NAME
     _rename(merged, f"head/{OUTPUT_NAME}", OUTPUT_NAME)
     onnx.checker.check_model(merged)
