@@ -110,6 +110,44 @@ def test_nms_op_matches_torchvision():
     assert nms_keep(boxes, scores, torch.zeros_like(classes), 3, 0.5, 0.2).sum() < want.sum()
 
 
+@pytest.mark.parametrize(("multi_label", "logits", "top_k"), [
+    (True, True, 1000),  # every pair ranked: k >= anchors
+    (True, False, 200),  # in two steps: k < anchors
+    (False, False, 300),  # each box's best class
+])
+def test_the_onnx_head_answers_as_the_torch_head(multi_label, logits, top_k):
+    """Cards are served with the head written in ONNX (tierdet.build.detection_head),
+    the zoo with the one traced from torch: the same rows for the same candidates."""
+    from onnx import TensorProto, helper
+    from tierdet.build.detection_head import Head, Nodes
+    from tierdet.build.export.postprocess import DetectionHead
+
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(2, 500, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + torch.rand(2, 500, 2, generator=g) * 80 + 1], dim=2)
+    scores = torch.randn(2, 500, 5, generator=g) * 3
+    if not logits:
+        scores = scores.sigmoid()
+    settings = {"pre_nms_top_k": top_k, "max_detections": 100, "iou_threshold": 0.5,
+                "scores_are_logits": logits, "input_size": 320}
+    torch_head = DetectionHead(**settings)
+    want = (torch_head(boxes, scores) if multi_label
+            else torch_head.forward_best_class(boxes, scores)).numpy()
+    nodes = Nodes()
+    Head(num_classes=5, multi_label=multi_label, **settings).detections(
+        nodes, "boxes", "scores", anchors=500, out="rows")
+    model = nodes.model([helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["b", 500, 4]),
+                         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b", 500, 5])],
+                        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["b", 100, 6])],
+                        "head")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"boxes": boxes.numpy(), "scores": scores.numpy()})[0]
+    assert (want[..., 4] > 0).sum() > 50
+    # The same candidates, kept and ordered alike; a sigmoid may differ in its last bit.
+    np.testing.assert_array_equal(got[..., [0, 1, 2, 3, 5]], want[..., [0, 1, 2, 3, 5]])
+    np.testing.assert_allclose(got[..., 4], want[..., 4], rtol=1e-6, atol=0)
+
+
 def test_a_cached_build_is_reused_only_for_the_same_weights(zoo_built, tmp_path):
     import shutil
 

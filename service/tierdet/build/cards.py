@@ -1,7 +1,8 @@
 """``tierdet build --card FILE``: a model card's graph, wrapped to serve like the zoo.
 
 The card's own graph (any exporter's ONNX) is put between two graphs tierdet
-exports itself (torch, opset 18):
+writes itself with onnx alone (``tierdet.build.card_ends``, opset 18; no torch,
+so a card builds in about a second, also beside serving):
 
     uint8 RGB NHWC [B, S, S, 3]  (what the gateway sends every model)
       -> input: the card's dtype, layout, channel order, mean/std

@@ -5,9 +5,10 @@ is read only from the cards folder (``TIERDET_CARDS_DIR``: a relative path
 that stays inside it, links resolved) and must have the sha256 the card
 states. Then, each step only once the one before succeeded:
 
-    building   ``tierdet build --card --new-version`` in a child process (the
-               gateway never imports torch; the event loop keeps serving): the
-               model goes into a new version folder of Triton's repository
+    building   ``tierdet build --card --new-version`` in a child process at a
+               lower priority (onnx and ONNX Runtime, no torch: about a second
+               a size; the event loop keeps serving): the model goes into a
+               new version folder of Triton's repository
     loading    Triton loads it on every endpoint (explicit model control, with
                the restricted-API key); a replaced model keeps answering on its
                old version until the new one is ready, and Triton unloads the
@@ -181,7 +182,7 @@ class ModelChanges:
                 "then retire the old one"))
 
     async def _build(self, card_file: Path, home: Path) -> None:
-        """``tierdet build`` in a child process: its own interpreter imports torch."""
+        """``tierdet build`` in a child process: its own interpreter, its own GIL."""
         command = [sys.executable, "-m", "tierdet.cli", "--home", str(home), "build",
                    "--card", str(card_file), "--target", self.settings.model_target,
                    "--new-version"]
@@ -191,6 +192,8 @@ class ModelChanges:
         # the threads it starts later inherit it.
         with contextlib.suppress(ProcessLookupError):
             os.setpriority(os.PRIO_PROCESS, child.pid, BUILD_NICENESS)
+            log.info("building %s: pid %d at niceness %d", card_file.name, child.pid,
+                     os.getpriority(os.PRIO_PROCESS, child.pid))
         try:
             output, _ = await asyncio.wait_for(child.communicate(), BUILD_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
