@@ -11,6 +11,16 @@ device busy). Printed per model: the label-free estimate
 same photographs with their labels.
 
     python benchmarks/shadow_order.py --home .cache/test-home
+
+``--fault channels``: instead, YOLOX-Nano 320 and the same card with its channel
+order reversed (a wrong preprocessing flag), served beside it, each sent
+``--samples`` photographs (the 128 in turn, again from the first), every answer
+scored. Printed: both agreements, their ratio, and whether the shadow alert's
+condition (``TierdetShadowAgreementDrop``: the level under its share of the
+level before, on enough scored images) holds for a model that went from the
+first to the second, as a rebuild with that flag would.
+
+    python benchmarks/shadow_order.py --home .cache/test-home --fault channels --samples 200
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from tierdet.artifacts.rules import SHADOW_DROP_RATIO, SHADOW_MIN_SAMPLES
 from tierdet.build.models import default_home, ensure_cards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +42,8 @@ COCO = REPO.parent / "shared" / "data" / "coco-val2017-128"
 CARDS = (REPO / "examples" / "cards" / "yolox-nano.yaml",
          REPO / "examples" / "cards" / "picodet-s.yaml",
          REPO / "examples" / "cards" / "more" / "nanodet-m.yaml")
+HEALTHY = "yolox-nano-320"
+FLIPPED = "yolox-nano-flipped"
 ENDED = ("scored", "empty", "dropped_queue", "dropped_busy", "too_large", "failed")
 
 
@@ -60,17 +74,75 @@ def settled(base: str, model: str, sampled: int, timeout_s: float = 120.0) -> di
         time.sleep(0.01)
 
 
+def flipped_card(folder: Path) -> Path:
+    """YOLOX-Nano's card at 320 px with the channel order reversed, and no recorded
+    AP (the router does not rank it: it answers only requests pinned to it)."""
+    raw = yaml.safe_load(CARDS[0].read_text())
+    graph = (CARDS[0].parent / raw["source"]["onnx"]).resolve()
+    channels = "RGB" if raw["input"]["channels"] == "BGR" else "BGR"
+    for key in ("measured_ap", "published_ap", "score_calibration"):
+        raw.pop(key, None)
+    raw.update(name=FLIPPED, source={**raw["source"], "onnx": str(graph)},
+               input={**raw["input"], "size": 320, "channels": channels})
+    path = folder / f"{FLIPPED}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def send(client: httpx.Client, base: str, name: str, photos: list[Path], count: int,
+         scored: bool) -> None:
+    """``count`` requests pinned to ``name`` (the photographs in turn), each sample
+    ended before the next request when ``scored``."""
+    for n in range(1, count + 1):
+        photo = photos[(n - 1) % len(photos)]
+        r = client.post("/v1/detect", data={"model": name},
+                        files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+        r.raise_for_status()
+        if scored:
+            settled(base, name, n)
+
+
+def channel_fault(args: argparse.Namespace, photos: list[Path]) -> int:
+    from tierdet.devstack.stack import running_stack
+
+    with tempfile.TemporaryDirectory(prefix="tierdet-shadow-") as tmp:
+        cards = (*CARDS, flipped_card(Path(tmp)))
+        built = ensure_cards(cards, args.home)
+        with running_stack(built, args.home, Path(tmp), threads=2,
+                           cards=",".join(map(str, cards)), shadow_sample="1",
+                           shadow_window=str(args.samples)) as (_, gateway), \
+                httpx.Client(base_url=gateway.http, timeout=60) as client:
+            agreement = {}
+            for name in (HEALTHY, FLIPPED):
+                send(client, gateway.http, name, photos, args.samples, scored=True)
+                series = shadow_series(gateway.http, name)
+                agreement[name] = series["tierdet_shadow_agreement"]
+                print(f"{name}: agreement {agreement[name]:.3f} over {args.samples} samples "
+                      f"({series.get('scored', 0):.0f} scored, {series.get('empty', 0):.0f} "
+                      "empty)")
+    ratio = agreement[FLIPPED] / agreement[HEALTHY]
+    holds = ratio < SHADOW_DROP_RATIO and args.samples >= SHADOW_MIN_SAMPLES
+    print(f"reversed / healthy: {ratio:.3f}; the alert's condition (under "
+          f"{SHADOW_DROP_RATIO} of the level before, >= {SHADOW_MIN_SAMPLES} scored): "
+          f"{'holds' if holds else 'does not hold'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--home", type=Path, default=default_home())
     p.add_argument("--dataset", type=Path, default=COCO)
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    p.add_argument("--fault", choices=["channels"], help="a broken model beside a healthy one")
+    p.add_argument("--samples", type=int, default=200, help="with --fault: samples per model")
     args = p.parse_args(argv)
     from tierdet.devstack.stack import running_stack
 
-    built = ensure_cards(CARDS, args.home)
     photos = sorted((args.dataset / "images").glob("*.jpg"))
     photos = photos[:args.limit] if args.limit else photos
+    if args.fault:
+        return channel_fault(args, photos)
+    built = ensure_cards(CARDS, args.home)
     with tempfile.TemporaryDirectory(prefix="tierdet-shadow-") as tmp, \
             running_stack(built, args.home, Path(tmp), threads=2,
                           cards=",".join(map(str, CARDS)), shadow_sample="1",
@@ -82,14 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| model | labelled AP (card, gateway) | shadow agreement | scored | empty |")
         print("|---|---|---|---|---|")
         with httpx.Client(base_url=gateway.http, timeout=60) as client:
-            for name in names:
-                for n, photo in enumerate(photos, start=1):
-                    r = client.post("/v1/detect", data={"model": name},
-                                    files={"image": (photo.name, photo.read_bytes(),
-                                                     "image/jpeg")})
-                    r.raise_for_status()
-                    if name != names[0]:
-                        settled(gateway.http, name, n)
+            for name in names:  # the reference's own answers are not sampled
+                send(client, gateway.http, name, photos, len(photos), name != names[0])
                 series = shadow_series(gateway.http, name)
                 labelled = infos[name]["measured_ap"].get("coco-val2017-128")
                 agreement = series.get("tierdet_shadow_agreement")

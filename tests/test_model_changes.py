@@ -75,6 +75,8 @@ def stack(built_d0, tmp_path_factory) -> Iterator[Stack]:
             api_keys_file=str(keys),
             admin_key_sha256=hashlib.sha256(ADMIN_KEY.encode()).hexdigest(),
             cards_dir=str(cards), home=str(work / "home"),
+            # A folder of cards served while they are there, read every 0.2 s.
+            cards_watch=str(cards / "live"), cards_watch_s="0.2",
             # Every pixel decoded: a request spends a while in the gateway before it
             # reaches Triton, the time a retirement must wait for.
             decode_scale="full")
@@ -293,6 +295,53 @@ def test_add_replace_and_retire_while_requests_keep_coming(stack: Stack):
                "both Tritons to unload it")
     unknown = stack.http.delete(f"/admin/models/{name}", headers=ADMIN)
     assert unknown.json()["error"]["code"] == "unknown_model"
+
+
+def drop(folder: Path, name: str, text: str) -> None:
+    """Write a card file as a copy tool should: whole, then renamed in place."""
+    folder.mkdir(exist_ok=True)
+    (folder / f".{name}").write_text(text)
+    (folder / f".{name}").replace(folder / name)
+
+
+def admin_reason(stack: Stack, name: str) -> str:
+    answer = stack.http.get("/admin/models", headers=ADMIN).json()["models"]
+    return next((m["reason"] for m in answer if m["name"] == name and m["state"] == "failed"),
+                "")
+
+
+def test_cards_in_the_watched_folder_are_served_replaced_and_retired(stack: Stack):
+    live = stack.cards / "live"
+    drop(live, "folder-hot.yaml", card("folder-hot"))
+    wait_until(lambda: served(stack).get("folder-hot"), "the folder's card to serve")
+    assert detect(stack.http, "folder-hot").status_code == 200
+
+    # A file that is no card, and a card whose graph is not there yet: each shown as
+    # failed, with its file named; nothing else changes.
+    drop(live, "broken.yaml", "name: broken\nsource: [not, a, source]\n")
+    late = yaml.safe_load(card("late"))
+    late["source"]["onnx"] = "late.onnx"
+    drop(live, "late.yaml", yaml.safe_dump(late))
+    assert "broken.yaml" in wait_until(lambda: admin_reason(stack, "broken"), "broken's failure")
+    assert "late.onnx" in wait_until(lambda: admin_reason(stack, "late"), "late's failure")
+    assert detect(stack.http, "folder-hot").status_code == 200
+    # The graph arrives after its card: tried again without the card changing.
+    shutil.copy(GRAPH, stack.cards / "late.onnx")
+    wait_until(lambda: served(stack).get("late"), "the late card to serve once its graph is in")
+
+    # A changed file replaces its model: a new version, on both Tritons.
+    drop(live, "folder-hot.yaml", card("folder-hot", nms_iou=0.5))
+    wait_until(lambda: all(v.get("2") == "READY" for v in triton_versions(stack, "folder-hot")),
+               "version 2 of the folder's card")
+    assert detect(stack.http, "folder-hot").status_code == 200
+
+    # Files that go retire their models; the failed one leaves nothing behind.
+    for name in ("folder-hot.yaml", "late.yaml", "broken.yaml"):
+        (live / name).unlink()
+    wait_until(lambda: not {"folder-hot", "late"} & set(served(stack)), "the cards retired")
+    wait_until(lambda: "broken" not in admin_states(stack), "broken's failure forgotten")
+    gone = detect(stack.http, "folder-hot")
+    assert gone.status_code == 422 and gone.json()["error"]["code"] == "unknown_model"
 
 
 def test_the_cli_lists_adds_and_retires(stack: Stack, tmp_path, capsys, monkeypatch):

@@ -25,6 +25,7 @@ from tierdet.frontends.grpc_api import create_grpc_server, set_health
 from tierdet.frontends.http_api import create_app
 from tierdet.frontends.workers import Job, listen_shared, run_workers
 from tierdet.serving import access, memory, tracing
+from tierdet.serving.card_folder import CardFolder
 from tierdet.serving.decoding import configure_decoders
 from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool, Target
@@ -108,10 +109,24 @@ def _grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
 
 
+def _check_card_folder(settings: Settings) -> None:
+    """A folder of cards changes models as the admin API does: refuse to start
+    where that cannot work rather than fail each card."""
+    if settings.cards_watch is None:
+        return
+    if settings.cards_dir is None or settings.home is None:
+        raise ValueError("TIERDET_CARDS_WATCH needs TIERDET_CARDS_DIR (where its cards' "
+                         "graphs are) and TIERDET_HOME (where they are built)")
+    if settings.workers > 1:
+        raise ValueError("TIERDET_CARDS_WATCH needs a gateway of one worker "
+                         "(TIERDET_WORKERS=1): each worker keeps its own catalog")
+
+
 async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
                       grace_s: float = 10.0) -> None:
     """Serve until SIGTERM/SIGINT or ``stop``: in this process, or with
     ``TIERDET_WORKERS`` > 1 in that many worker processes sharing the ports."""
+    _check_card_folder(settings)
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     log.info("gateway memory: %s (%d workers, %d image slots each; see serving/memory.py)",
@@ -184,6 +199,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
     watch_task = asyncio.create_task(_watch_models(detector, health_servicer, stop))
     queue_task = asyncio.create_task(
         _watch_queues(detector, settings.triton_queue_poll_ms / 1e3, stop))
+    cards_task = asyncio.create_task(
+        CardFolder(settings.cards_watch, detector.changes).watch(settings.cards_watch_s, stop)
+        if settings.cards_watch else stop.wait())
     log.info("gateway listening: %s://%s:%d grpc%s %s:%d, triton %s, API keys %s",
              "https" if tls else "http", settings.http_host, settings.http_port,
              "+tls" if tls else "", settings.grpc_host, grpc_port, settings.triton_url,
@@ -204,6 +222,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         await asyncio.gather(grpc_server.stop(grace_s), http_task, return_exceptions=True)
         watch_task.cancel()
         queue_task.cancel()
+        cards_task.cancel()
         await detector.shadow.close()
         await detector.canaries.close()
         await triton.close()

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -157,6 +158,8 @@ class ModelChanges:
                 raise
             for n in names:
                 self._record(n, "serving", card=name)
+            if name not in names:  # what a card of several sizes failed as before
+                self.clear_failure(name)
         log.info("card %s: %s %s", name, "replaced" if replaced else "added", ", ".join(names))
         return tuple(self._from_catalog(n) for n in names)
 
@@ -353,31 +356,37 @@ class ModelChanges:
 
     # -- bookkeeping ------------------------------------------------------------
 
-    def _holding(self, *names: str) -> _Holding:
+    @contextlib.contextmanager
+    def _holding(self, *names: str) -> Iterator[None]:
+        """Marks ``names`` as being changed for a ``with`` block."""
         busy = self._busy.intersection(names)
         if busy:
             raise ApiError(ErrorCode.CHANGE_IN_PROGRESS,
                            f"{', '.join(sorted(busy))}: another change is under way")
-        return _Holding(self._busy, set(names))
+        self._busy.update(names)
+        try:
+            yield
+        finally:
+            self._busy.difference_update(names)
 
     def _record(self, name: str, state: State, reason: str = "", card: str = "") -> None:
         self._records[name] = ModelChange(name, state, reason, card)
 
+    def failed(self, name: str, reason: str) -> None:
+        """A card that failed before any change began (the cards folder's: it did
+        not parse, its graph is not there): shown under its name until a change of
+        it succeeds. A model that serves keeps its own record."""
+        before = self._records.get(name)
+        if not self.catalog.serves(name) and (before is None or before.state == "failed"):
+            self._record(name, "failed", reason)
+
+    def clear_failure(self, name: str) -> None:
+        """Forget a card's failure (its file went, or it serves now)."""
+        if name in self._records and self._records[name].state == "failed":
+            del self._records[name]
+
     def _card_of(self, name: str) -> str:
         return next((c for c, models in self._cards.items() if name in models), "")
-
-
-class _Holding:
-    """Marks names as being changed for a ``with`` block."""
-
-    def __init__(self, busy: set[str], names: set[str]) -> None:
-        self.busy, self.names = busy, names
-
-    def __enter__(self) -> None:
-        self.busy.update(self.names)
-
-    def __exit__(self, *exc: object) -> None:
-        self.busy.difference_update(self.names)
 
 
 def _prepared(spec: ModelSpec) -> tuple[object, ...]:

@@ -54,6 +54,12 @@ class Settings(BaseModel):
     cards_dir: Path | None = Field(None, description=(
         "the cards folder: the admin API (`PUT /admin/models/NAME`) reads a card's graph only "
         "from here (paths relative to it); unset: models cannot be added while serving"))
+    cards_watch: Path | None = Field(None, description=(
+        "a folder of cards served while they are in it (usually inside the cards folder): "
+        "a card file that appears is added, one that changes replaced, one that goes retired, "
+        "as through the admin API; needs `TIERDET_CARDS_DIR`, `TIERDET_HOME` and one worker"))
+    cards_watch_s: float = Field(5.0, gt=0, description=(
+        "how often the `TIERDET_CARDS_WATCH` folder is read"))
     home: Path | None = Field(None, description=(
         "the model home (`tierdet build --home`): the admin API builds cards into it and "
         "installs them into `HOME/repository/TARGET`, the folder Triton serves"))
