@@ -174,6 +174,23 @@ def test_cards_build_into_the_one_contract(cards_built):
     assert shapes.spec.labels.num_classes == 6 and shapes.provenance["measured_ap"] == "0.8480"
 
 
+def test_a_card_builds_without_torch(tmp_path):
+    """The gateway builds cards added while it serves, in its slim image: onnx and
+    ONNX Runtime, no torch (nor torchvision, onnxscript)."""
+    import subprocess
+    import sys
+
+    hide = ("import runpy, sys; sys.modules.update(torch=None, torchvision=None, "
+            "onnxscript=None); runpy.run_module('tierdet.cli', run_name='__main__')")
+    done = subprocess.run(
+        [sys.executable, "-c", hide, "--home", str(tmp_path), "build",
+         "--card", str(REPO / "examples" / "cards" / "picodet-s.yaml"), "--target", "cpu"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "repository" / "cpu").iterdir()} >= {
+        "picodet-s-320", "picodet-s-416"}
+
+
 def photo_with_people() -> tuple[bytes, dict]:
     """A real COCO photograph with a person in it and many other objects: of the
     photographs with a large person, the one with the most kinds of large objects."""

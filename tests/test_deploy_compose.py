@@ -224,6 +224,31 @@ def test_gateway_environment_is_valid_settings_and_matches_the_ports():
     assert (settings.http_port, settings.grpc_port) == (8080, 50051)  # README's ports
 
 
+def test_the_gateway_serves_a_cards_folder_only_when_asked():
+    """TIERDET_CARDS_WATCH: the gateway builds each card of the folder into the
+    repository the cpu Triton serves, which loads it (explicit model control).
+    Unset, the folder is off and the gateway cannot write the models volume."""
+    s = _services()
+    home = s["model-builder"]["environment"]["TIERDET_HOME"]
+    flags = _command_flags(s["triton-cpu"])
+    assert (flags["model-control-mode"], flags["load-model"]) == ("explicit", "*")
+
+    def gateway(env: dict[str, str]) -> tuple[Settings, str]:
+        service = yaml.safe_load(_as_compose_reads(COMPOSE_FILE.read_text(), env))["services"][
+            "gateway"]
+        (models,) = [v for v in service["volumes"] if v.startswith("models:")]
+        return Settings.from_env({k: str(v) for k, v in service["environment"].items()}), models
+
+    off, models = gateway({})
+    assert off.cards_watch is None and models == f"models:{home}:ro"
+    on, models = gateway({"TIERDET_CARDS_WATCH": "/cards/live", "TIERDET_WORKERS": "1",
+                          "GATEWAY_MODELS_ACCESS": "rw"})
+    assert on.cards_watch == Path("/cards/live") and on.cards_dir == Path("/cards")
+    assert models == f"models:{home}:rw" and on.workers == 1
+    assert (on.home, on.model_target) == (Path(home), "cpu")
+    assert flags["model-repository"] == f"{on.home}/repository/{on.model_target}"
+
+
 def test_prometheus_scrapes_the_gateway_and_triton_where_they_listen():
     s = _services()
     config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())

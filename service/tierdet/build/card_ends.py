@@ -44,8 +44,8 @@ def front(card: ModelCard) -> Any:
     else:
         clipped = g.op("Clip", g.op("Round", x), g.const(0.0), g.const(255.0))
         g.op("Cast", clipped, to=TensorProto.UINT8, out=CARD_INPUT)
-    dims = ["batch", size, size, 3]
-    card_dims = ["batch", 3, size, size] if prep.layout == "NCHW" else dims
+    dims: list[str | int] = ["batch", size, size, 3]
+    card_dims: list[str | int] = ["batch", 3, size, size] if prep.layout == "NCHW" else dims
     card_type = TensorProto.FLOAT if prep.dtype == "float32" else TensorProto.UINT8
     return g.model([helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, dims)],
                    [helper.make_tensor_value_info(CARD_INPUT, card_type, card_dims)],
@@ -87,7 +87,7 @@ def back(card: ModelCard, outputs: tuple[tuple[tuple[int, ...], Any], ...],
     inputs = [helper.make_tensor_value_info(
         n, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch", *shape[1:]])
         for n, (shape, dtype) in zip(names, outputs, strict=True)]
-    rows = ["batch", card.max_detections, 6]
+    rows: list[str | int] = ["batch", card.max_detections, 6]
     return g.model(inputs, [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT,
                                                           rows)], "back")
 

@@ -214,8 +214,8 @@ class Settings(BaseModel):
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             raw = env.get(ENV_PREFIX + name.upper())
-            if raw is None:
-                continue
+            if raw is None or (raw == "" and cls.model_fields[name].default is None):
+                continue  # an empty variable leaves a setting that may be unset unset
             listed = name in ("models", "cards")
             values[name] = tuple(m for m in raw.split(",") if m) if listed else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
