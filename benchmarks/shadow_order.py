@@ -18,7 +18,10 @@ order reversed (a wrong preprocessing flag), served beside it, each sent
 scored. Printed: both agreements, their ratio, and whether the shadow alert's
 condition (``TierdetShadowAgreementDrop``: the level under its share of the
 level before, on enough scored images) holds for a model that went from the
-first to the second, as a rebuild with that flag would.
+first to the second, as a rebuild with that flag would. Then canaries of
+YOLOX-Nano 320, each at half its requests, judged by the rule on ``--samples``
+pairs: the reversed card, then an identical rebuild; printed: each decision,
+its pairs, the mean agreement drop, and the requests it took.
 
     python benchmarks/shadow_order.py --home .cache/test-home --fault channels --samples 200
 """
@@ -26,6 +29,9 @@ first to the second, as a rebuild with that flag would.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +49,9 @@ CARDS = (REPO / "examples" / "cards" / "yolox-nano.yaml",
          REPO / "examples" / "cards" / "picodet-s.yaml",
          REPO / "examples" / "cards" / "more" / "nanodet-m.yaml")
 HEALTHY = "yolox-nano-320"
+ADMIN_KEY = "admin-key-of-the-shadow-benchmark"
+ADMIN = {"X-Admin-Key": ADMIN_KEY}
+ADMIN_SHA = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
 FLIPPED = "yolox-nano-flipped"
 ENDED = ("scored", "empty", "dropped_queue", "dropped_busy", "too_large", "failed")
 
@@ -74,19 +83,18 @@ def settled(base: str, model: str, sampled: int, timeout_s: float = 120.0) -> di
         time.sleep(0.01)
 
 
-def flipped_card(folder: Path) -> Path:
-    """YOLOX-Nano's card at 320 px with the channel order reversed, and no recorded
-    AP (the router does not rank it: it answers only requests pinned to it)."""
+def yolox_card(name: str, onnx: str, flipped: bool) -> dict:
+    """YOLOX-Nano's card at 320 px as ``name``, its graph at ``onnx``; ``flipped``:
+    the channel order reversed. No recorded AP: the router does not rank it."""
     raw = yaml.safe_load(CARDS[0].read_text())
-    graph = (CARDS[0].parent / raw["source"]["onnx"]).resolve()
-    channels = "RGB" if raw["input"]["channels"] == "BGR" else "BGR"
+    channels = raw["input"]["channels"]
+    if flipped:
+        channels = "RGB" if channels == "BGR" else "BGR"
     for key in ("measured_ap", "published_ap", "score_calibration"):
         raw.pop(key, None)
-    raw.update(name=FLIPPED, source={**raw["source"], "onnx": str(graph)},
+    raw.update(name=name, source={**raw["source"], "onnx": onnx},
                input={**raw["input"], "size": 320, "channels": channels})
-    path = folder / f"{FLIPPED}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return raw
 
 
 def send(client: httpx.Client, base: str, name: str, photos: list[Path], count: int,
@@ -102,16 +110,64 @@ def send(client: httpx.Client, base: str, name: str, photos: list[Path], count: 
             settled(base, name, n)
 
 
+def all_ended(base: str) -> None:
+    """Until every shadow sample taken so far, of any model, has ended."""
+    while True:
+        counts: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+            for sample in family.samples:
+                if sample.name == "tierdet_shadow_samples_total":
+                    outcome = sample.labels["outcome"]
+                    counts[outcome] = counts.get(outcome, 0.0) + sample.value
+        if sum(counts.get(k, 0.0) for k in ENDED) == counts.get("sampled", 0.0):
+            return
+        time.sleep(0.01)
+
+
+def canary(client: httpx.Client, base: str, body: str, photos: list[Path]) -> dict:
+    """Stage ``body`` as a canary of YOLOX-Nano 320 at half its requests, send it
+    the photographs in turn, each one's samples ended before the next, until the
+    rule decides; then wait until the decision is carried out: the canary's state."""
+    staged = client.put(f"/admin/models/{HEALTHY}", params={"canary": 0.5}, headers=ADMIN,
+                        content=body)
+    staged.raise_for_status()
+    requests = 0
+    while True:
+        photo = photos[requests % len(photos)]
+        client.post("/v1/detect", data={"model": HEALTHY},
+                    files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+                    ).raise_for_status()
+        requests += 1
+        all_ended(base)
+        models = client.get("/admin/models", headers=ADMIN).json()["models"]
+        info = next(m for m in models if m["name"] == HEALTHY)["canary"]
+        if info["state"] in ("promoted", "rolled_back", "failed"):
+            return {**info, "requests": requests}
+
+
 def channel_fault(args: argparse.Namespace, photos: list[Path]) -> int:
-    from tierdet.devstack.stack import running_stack
+    from tierdet.devstack.stack import GatewayProcess, start_triton
 
     with tempfile.TemporaryDirectory(prefix="tierdet-shadow-") as tmp:
-        cards = (*CARDS, flipped_card(Path(tmp)))
+        work = Path(tmp)
+        (work / "cards").mkdir()
+        graph = (CARDS[0].parent / yaml.safe_load(CARDS[0].read_text())["source"]["onnx"])
+        shutil.copy(graph, work / "cards" / graph.name)
+        flipped = work / f"{FLIPPED}.yaml"
+        flipped.write_text(yaml.safe_dump(yolox_card(FLIPPED, str(graph.resolve()), True)))
+        cards = (*CARDS, flipped)
         built = ensure_cards(cards, args.home)
-        with running_stack(built, args.home, Path(tmp), threads=2,
-                           cards=",".join(map(str, cards)), shadow_sample="1",
-                           shadow_window=str(args.samples)) as (_, gateway), \
-                httpx.Client(base_url=gateway.http, timeout=60) as client:
+        with contextlib.ExitStack() as stop:
+            # The gateway builds the canaries into the home Triton serves.
+            triton = start_triton(built, work / "home", work, threads=2)
+            stop.callback(triton.stop)
+            gateway = GatewayProcess.start(
+                triton.endpoint, work / "gateway.log", cards=",".join(map(str, cards)),
+                shadow_sample="1", shadow_window=str(args.samples),
+                cards_dir=str(work / "cards"), home=str(work / "home"),
+                admin_key_sha256=ADMIN_SHA, canary_min_samples=str(args.samples))
+            stop.callback(gateway.stop)
+            client = stop.enter_context(httpx.Client(base_url=gateway.http, timeout=300))
             agreement = {}
             for name in (HEALTHY, FLIPPED):
                 send(client, gateway.http, name, photos, args.samples, scored=True)
@@ -120,11 +176,21 @@ def channel_fault(args: argparse.Namespace, photos: list[Path]) -> int:
                 print(f"{name}: agreement {agreement[name]:.3f} over {args.samples} samples "
                       f"({series.get('scored', 0):.0f} scored, {series.get('empty', 0):.0f} "
                       "empty)")
-    ratio = agreement[FLIPPED] / agreement[HEALTHY]
-    holds = ratio < SHADOW_DROP_RATIO and args.samples >= SHADOW_MIN_SAMPLES
-    print(f"reversed / healthy: {ratio:.3f}; the alert's condition (under "
-          f"{SHADOW_DROP_RATIO} of the level before, >= {SHADOW_MIN_SAMPLES} scored): "
-          f"{'holds' if holds else 'does not hold'}")
+            ratio = agreement[FLIPPED] / agreement[HEALTHY]
+            holds = ratio < SHADOW_DROP_RATIO and args.samples >= SHADOW_MIN_SAMPLES
+            print(f"reversed / healthy: {ratio:.3f}; the alert's condition (under "
+                  f"{SHADOW_DROP_RATIO} of the level before, >= {SHADOW_MIN_SAMPLES} scored): "
+                  f"{'holds' if holds else 'does not hold'}")
+            print(f"canaries of {HEALTHY} (half its requests; the rule: "
+                  f"{args.samples} pairs):")
+            print("| canary | decided | by | pairs | agreement drop | requests | reason |")
+            print("|---|---|---|---|---|---|---|")
+            for label, flip in (("channels reversed", True), ("identical rebuild", False)):
+                body = yaml.safe_dump(yolox_card(HEALTHY, graph.name, flip))
+                info = canary(client, gateway.http, body, photos)
+                print(f"| {label} | {info['state']} | {info['decided_by']} | {info['pairs']} | "
+                      f"{info['agreement_drop']} | {info['requests']} | {info['reason']} |")
+                sys.stdout.flush()
     return 0
 
 

@@ -41,12 +41,13 @@ from test_shadow import COCO, _series
 from tierdet import cli
 from tierdet.devstack.stack import GatewayProcess, start_triton
 from tierdet.devstack.triton import LocalTriton
-from tierdet.serving.canary import Canaries, Figures, Rule, judge, side_name
+from tierdet.serving.canary import Canaries, Figures, Pairs, Rule, judge, side_name
 from tierdet.serving.metrics import Metrics
 from waiting import wait_until
 
 SMALL, REFERENCE = "yolox-nano-320", "picodet-s-416"
 MIN_SAMPLES = 12
+SMALL_SHARE = 0.05  # of the requests: a canary the operator decides on before the rule
 # Latency on a shared 2-core host varies far more than between identical graphs:
 # the test's ratio is wide (the unit tests hold the bound itself).
 P99_RATIO = 3.0
@@ -57,35 +58,36 @@ PHOTO = (COCO / "images" / "000000000139.jpg").read_bytes()  # people in a livin
 
 # -- the rule ----------------------------------------------------------------------
 
-RULE = Rule(min_samples=10, max_agreement_drop=0.05, max_p99_ratio=1.2)
+RULE = Rule(min_samples=10, max_agreement_drop=0.01, max_p99_ratio=1.2)
 OLD = Figures(10, 0.60, 100.0)
+NEW = Figures(10, 0.60, 100.0)
 
 
-def test_the_rule_waits_for_min_samples_on_each_side():
-    assert judge(Figures(9, 0.6, 100.0), OLD, RULE) is None
-    assert judge(OLD, Figures(9, 0.0, 100.0), RULE) is None
-    verdict = judge(OLD, Figures(10, 0.6, 100.0), RULE)
+def test_the_rule_waits_for_min_samples_pairs():
+    assert judge(OLD, NEW, Pairs(9, 0.0), RULE) is None
+    assert judge(OLD, NEW, Pairs(9, 0.5), RULE) is None  # even a large drop
+    verdict = judge(OLD, NEW, Pairs(10, 0.0), RULE)
     assert verdict is not None and verdict[0] == "promote"
 
 
-@pytest.mark.parametrize("agreement, p99, expected", [
-    (0.60, 100.0, "promote"),  # identical
-    (0.56, 100.0, "promote"),  # within the margin
-    (0.54, 100.0, "rollback"),  # beyond it
-    (0.05, 100.0, "rollback"),  # a broken input
-    (0.90, 100.0, "promote"),  # better
-    (0.60, 119.0, "promote"),  # within the ratio
-    (0.60, 121.0, "rollback"),  # beyond it
-    (0.90, 500.0, "rollback"),  # better answers, far too slow
+@pytest.mark.parametrize("drop, p99, expected", [
+    (0.0, 100.0, "promote"),  # identical answers
+    (0.009, 100.0, "promote"),  # within the margin
+    (0.011, 100.0, "rollback"),  # beyond it
+    (0.4, 100.0, "rollback"),  # a broken input
+    (-0.2, 100.0, "promote"),  # better
+    (0.0, 119.0, "promote"),  # within the ratio
+    (0.0, 121.0, "rollback"),  # beyond it
+    (-0.2, 500.0, "rollback"),  # better answers, far too slow
 ])
-def test_the_rule_bounds_agreement_drop_and_p99_ratio(agreement, p99, expected):
-    verdict = judge(OLD, Figures(10, agreement, p99), RULE)
+def test_the_rule_bounds_the_paired_agreement_drop_and_p99_ratio(drop, p99, expected):
+    verdict = judge(OLD, Figures(10, 0.6 - drop, p99), Pairs(10, drop), RULE)
     assert verdict is not None
     assert verdict[0] == expected, verdict
 
 
 def _canaries() -> Canaries:
-    return Canaries(Rule(3, 0.05, 1.2), Metrics(), random.Random(7))
+    return Canaries(Rule(3, 0.01, 1.2), Metrics(), random.Random(7))
 
 
 def test_a_share_of_the_models_requests_is_diverted_and_nothing_else():
@@ -100,20 +102,24 @@ def test_a_share_of_the_models_requests_is_diverted_and_nothing_else():
     assert not canaries.watched("other")
 
 
-def test_the_rule_decides_when_the_later_side_reaches_min_samples():
+def test_the_rule_decides_on_pairs_not_on_either_sides_own_samples():
     canaries = _canaries()
     canaries.start("m", 0.5, b"card")
-    for _ in range(5):  # the old side well past the count, the canary short of it
+    for _ in range(5):  # each side's own samples, well past the count: no decision
         canaries.answered("m", 50.0)
         canaries.scored("m", 0.6)
-    for n in range(1, 4):
         canaries.answered(side_name("m"), 50.0)
         canaries.scored(side_name("m"), 0.1)
+    assert canaries.info("m").state == "running"  # type: ignore[union-attr]
+    for n in range(1, 4):  # the same images: the canary 0.03 below the model on each
+        canaries.paired("m", new=0.57, old=0.60)
         info = canaries.info("m")
         assert info is not None
         assert info.state == ("rolling_back" if n == 3 else "running"), (n, info)
-    assert info.samples == 3 and info.old_samples == 5 and info.decided_by == "rule"
+    assert (info.pairs, info.samples, info.old_samples) == (3, 5, 5)
+    assert info.agreement_drop == pytest.approx(0.03) and info.decided_by == "rule"
     # From the decision on nothing is diverted or recorded.
+    canaries.paired("m", new=0.9, old=0.1)
     canaries.scored(side_name("m"), 0.9)
     assert canaries.info("m") == info and canaries.divert("m") is None
     canaries.finished("m")
@@ -234,9 +240,9 @@ def _stage(stack: Stack, model: str, body: str, share: float = 0.5) -> None:
 
 
 def _within_the_count(info: dict[str, Any]) -> None:
-    """Decided by the rule as soon as the later side had MIN_SAMPLES samples."""
+    """Decided by the rule as soon as there were MIN_SAMPLES pairs."""
     assert info["decided_by"] == "rule", info
-    assert min(info["samples"], info["old_samples"]) == MIN_SAMPLES, info
+    assert info["pairs"] == MIN_SAMPLES, info
 
 
 def test_an_identical_rebuild_is_promoted_by_the_rule(stack: Stack):
@@ -246,8 +252,8 @@ def test_an_identical_rebuild_is_promoted_by_the_rule(stack: Stack):
     info = _until_decided(stack, SMALL)
     print("promoted on:", info)
     _within_the_count(info)
-    # One photograph, the same graph: the same answers.
-    assert info["agreement"] == pytest.approx(info["old_agreement"], abs=0.01), info
+    # The same graph: the same answer to each image of a pair.
+    assert info["agreement_drop"] == pytest.approx(0.0, abs=1e-6), info
     assert info["p99_ms"] is not None and info["old_p99_ms"] is not None
     wait_until(lambda: _canary(stack, SMALL)["state"] != "promoting", "the promotion")
     assert _canary(stack, SMALL)["state"] == "promoted"
@@ -269,7 +275,7 @@ def test_a_broken_input_is_rolled_back_by_the_rule(stack: Stack):
     print("rolled back on:", info)
     _within_the_count(info)
     assert info["state"] in ("rolling_back", "rolled_back")
-    assert info["agreement"] < info["old_agreement"] - 0.05, info
+    assert info["agreement_drop"] > 0.05, info
     wait_until(lambda: _canary(stack, SMALL)["state"] != "rolling_back", "the rollback")
     assert _canary(stack, SMALL)["state"] == "rolled_back"
     assert _decisions(stack)[(SMALL, "rollback", "rule")] == 1.0
@@ -296,8 +302,10 @@ def test_an_operator_promotes_while_requests_keep_coming(stack: Stack):
     assert bad_share.status_code == 422
     assert bad_share.json()["error"]["code"] == "invalid_option"
 
+    # A small share: the rule needs MIN_SAMPLES canary answers, hundreds of requests,
+    # to decide; the operator decides after its first.
     with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=1) as traffic:
-        _stage(stack, REFERENCE, card(REFERENCE))
+        _stage(stack, REFERENCE, card(REFERENCE), share=SMALL_SHARE)
         wait_until(lambda: _canary(stack, REFERENCE)["p99_ms"] is not None,
                    "an answer of the canary")
         promoted = stack.http.post(f"/admin/models/{REFERENCE}/canary/promote",
@@ -325,7 +333,7 @@ def test_one_canary_at_a_time_rolled_back_through_the_cli_while_requests_keep_co
     assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "unknown_model"
     monkeypatch.setenv("TIERDET_ADMIN_KEY", ADMIN_KEY)
     with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=1) as traffic:
-        _stage(stack, REFERENCE, card(REFERENCE))
+        _stage(stack, REFERENCE, card(REFERENCE), share=SMALL_SHARE)
         for method, params in (("PUT", {"canary": 0.5}), ("PUT", {}), ("DELETE", {})):
             busy = stack.http.request(method, f"/admin/models/{REFERENCE}", params=params,
                                       headers=ADMIN, content=card(REFERENCE)
@@ -338,8 +346,8 @@ def test_one_canary_at_a_time_rolled_back_through_the_cli_while_requests_keep_co
         assert cli.main(["admin", "models", "rollback", REFERENCE,
                          "--url", stack.gateway.http]) == 0
         out = capsys.readouterr().out
-        assert f"canary of {REFERENCE}: {side_name(REFERENCE)} at 0.5, rolled_back by the " \
-               "operator" in out, out
+        assert f"canary of {REFERENCE}: {side_name(REFERENCE)} at {SMALL_SHARE}, rolled_back " \
+               "by the operator" in out, out
         seen = traffic.count()
         wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
     assert {status for status, _ in traffic.answers} == {200}, traffic.answers
@@ -353,9 +361,9 @@ def test_a_canary_travels_over_grpc_as_over_http():
     from tierdet.proto import detection_pb2 as pb
 
     canary = CanaryInfo("m.canary", 0.25, "promoted", "rule", "within the rule", 12, 30,
-                        0.5, 0.5, 40.0, 41.5)
+                        0.5, 0.5, 40.0, 41.5, 12, 0.0)
     for running in (canary, CanaryInfo("m.canary", 0.25, "running", "", "", 0, 0, None,
-                                       None, None, None)):
+                                       None, None, None, 0, None)):
         info = ModelsInfo("t", (), (ModelInfo("m", "card", 320, "letterbox", None, 1.0, True,
                                               "READY", "", "card", 3.0, 26.2, "coco", {},
                                               running),))

@@ -43,7 +43,8 @@ def _call(args: argparse.Namespace, method: str, path: str, body: bytes | None =
     for m in reply["models"]:
         if (c := m.get("canary")) is not None:
             print(f"canary of {m['name']}: {c['model']} at {c['share']:g}, {c['state']}"
-                  f"{' by the ' + c['decided_by'] if c['decided_by'] else ''}; samples "
+                  f"{' by the ' + c['decided_by'] if c['decided_by'] else ''}; pairs "
+                  f"{c['pairs']}, agreement drop {c['agreement_drop']}; samples "
                   f"{c['samples']} / {c['old_samples']}, agreement {c['agreement']} / "
                   f"{c['old_agreement']}, p99 {c['p99_ms']} / {c['old_p99_ms']} ms")
     return 0

@@ -138,6 +138,11 @@ class CanaryInfo:
     p99_ms: Annotated[float | None, Field(description="p99 of the canary's answers' total "
                                           "time, as the gateway saw it.")]
     old_p99_ms: Annotated[float | None, Field(description="The model's, meanwhile.")]
+    pairs: Annotated[int, Field(description="Images both answered (the model in the shadow), "
+                                "each scored against the same reference detections.")]
+    agreement_drop: Annotated[float | None, Field(
+        description="The model's agreement minus the canary's on those images, averaged: "
+                    "what the rule judges.")]
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[str] = ..., published_coco_ap: _Optional[float] = ..., params_m: _Optional[float] = ..., ready: _Optional[bool] = ..., weights: _Optional[str] = ..., measured_ap: _Optional[_Mapping[str, float]] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., latency_ms: _Optional[float] = ..., routing_ap: _Optional[float] = ..., label_set: _Optional[str] = ..., canary: _Optional[_Union[CanaryInfo, _Mapping]] = ...) -> None: ...
 
 class CanaryInfo(_message.Message):
-    __slots__ = ("model", "share", "state", "decided_by", "reason", "samples", "old_samples", "agreement", "old_agreement", "p99_ms", "old_p99_ms")
+    __slots__ = ("model", "share", "state", "decided_by", "reason", "samples", "old_samples", "agreement", "old_agreement", "p99_ms", "old_p99_ms", "pairs", "agreement_drop")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class CanaryInfo(_message.Message):
     OLD_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     P99_MS_FIELD_NUMBER: _ClassVar[int]
     OLD_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_DROP_FIELD_NUMBER: _ClassVar[int]
     model: str
     share: float
     state: str
@@ -159,7 +161,9 @@ class CanaryInfo(_message.Message):
     old_agreement: float
     p99_ms: float
     old_p99_ms: float
-    def __init__(self, model: _Optional[str] = ..., share: _Optional[float] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., samples: _Optional[int] = ..., old_samples: _Optional[int] = ..., agreement: _Optional[float] = ..., old_agreement: _Optional[float] = ..., p99_ms: _Optional[float] = ..., old_p99_ms: _Optional[float] = ...) -> None: ...
+    pairs: int
+    agreement_drop: float
+    def __init__(self, model: _Optional[str] = ..., share: _Optional[float] = ..., state: _Optional[str] = ..., decided_by: _Optional[str] = ..., reason: _Optional[str] = ..., samples: _Optional[int] = ..., old_samples: _Optional[int] = ..., agreement: _Optional[float] = ..., old_agreement: _Optional[float] = ..., p99_ms: _Optional[float] = ..., old_p99_ms: _Optional[float] = ..., pairs: _Optional[int] = ..., agreement_drop: _Optional[float] = ...) -> None: ...
 
 class TierInfo(_message.Message):
     __slots__ = ("name", "budget_ms", "models", "degrade", "default")

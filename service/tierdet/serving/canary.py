@@ -10,14 +10,20 @@ sampling forced to 100%, still only where the reference's device is idle), so
 the side's samples come at the canary's share of the traffic; both keep the
 total time of their answers (``answered``: the gateway's own observations).
 
-The rule (``judge``, a pure function of the two windows; ``TIERDET_CANARY_*``):
-once each has ``min_samples`` scored samples, promote when the side's mean
-agreement is not below the old one's by more than ``max_agreement_drop`` and its
-p99 is not above the old one's by more than the ratio ``max_p99_ratio``; else roll
-back. An operator may decide at any time. From a decision on, nothing more is
-diverted or recorded: the figures shown are those it was taken on. Promotion
-replaces ``{name}`` by the card (the replace path) and retires the side;
-rollback retires the side; retiring drains first, so no request in flight fails.
+Each scored answer of the side is paired: the model it would replace answers
+the same image in the shadow too (``Shadow``: idle device, lowest priority),
+scored against the same reference detections, so what differs from image to
+image cancels and a small loss shows within a few hundred images.
+
+The rule (``judge``, a pure function of the figures; ``TIERDET_CANARY_*``):
+once there are ``min_samples`` pairs, promote when the old model's agreement
+exceeds the side's on them by no more than ``max_agreement_drop`` on average
+and the side's p99 is not above the old one's by more than the ratio
+``max_p99_ratio``; else roll back. An operator may decide at any time. From a
+decision on, nothing more is diverted or recorded: the figures shown are those
+it was taken on. Promotion replaces ``{name}`` by the card (the replace path)
+and retires the side; rollback retires the side; retiring drains first, so no
+request in flight fails.
 Every decision is logged and counted (``tierdet_canary_decisions_total``).
 """
 
@@ -65,6 +71,14 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Pairs:
+    """Images both sides answered, each scored against the same reference detections."""
+
+    count: int
+    drop: float | None  # mean of (old - new) agreement over them
+
+
+@dataclass(frozen=True)
 class Figures:
     """One side's window: scored samples, their mean agreement, its answers' p99."""
 
@@ -73,19 +87,17 @@ class Figures:
     p99_ms: float | None
 
 
-def judge(old: Figures, new: Figures, rule: Rule) -> tuple[Verdict, str] | None:
+def judge(old: Figures, new: Figures, pairs: Pairs, rule: Rule
+          ) -> tuple[Verdict, str] | None:
     """The rule's verdict on the canary (``new``) against the model it would
-    replace (``old``), with why; None until each has ``min_samples`` samples."""
-    if min(old.samples, new.samples) < rule.min_samples:
+    replace (``old``), with why; None until there are ``min_samples`` pairs."""
+    if pairs.count < rule.min_samples or pairs.drop is None:
         return None
-    if None in (old.agreement, new.agreement, old.p99_ms, new.p99_ms):
-        return None  # a sample follows an answer: both are known once there are samples
-    assert old.agreement is not None and new.agreement is not None
-    assert old.p99_ms is not None and new.p99_ms is not None
-    figures = (f"canary vs model: agreement {new.agreement:.3f} vs {old.agreement:.3f}, "
-               f"p99 {new.p99_ms:.1f} vs {old.p99_ms:.1f} ms, samples {new.samples} vs "
-               f"{old.samples}")
-    if new.agreement < old.agreement - rule.max_agreement_drop:
+    if old.p99_ms is None or new.p99_ms is None:
+        return None  # both answered the pairs' images: known once there are pairs
+    figures = (f"agreement {pairs.drop:+.3f} below the model's on the same {pairs.count} "
+               f"images; p99 {new.p99_ms:.1f} vs {old.p99_ms:.1f} ms")
+    if pairs.drop > rule.max_agreement_drop:
         return "rollback", f"agreement dropped by more than {rule.max_agreement_drop}: {figures}"
     if new.p99_ms > old.p99_ms * rule.max_p99_ratio:
         return "rollback", f"p99 above {rule.max_p99_ratio}x the old one's: {figures}"
@@ -113,6 +125,7 @@ class Canary:
     card: bytes  # the card, as sent: the promotion builds it under ``name``
     old: Side
     new: Side
+    drops: list[float] = field(default_factory=list)  # old - new agreement, per pair
     state: State = "running"
     by: str = ""  # who decided: rule or operator
     reason: str = ""
@@ -121,13 +134,17 @@ class Canary:
     def side(self) -> str:
         return self.new.model
 
+    def pairs(self) -> Pairs:
+        return Pairs(len(self.drops), sum(self.drops) / len(self.drops) if self.drops else None)
+
     def info(self) -> CanaryInfo:
-        old, new = self.old.figures(), self.new.figures()
+        old, new, pairs = self.old.figures(), self.new.figures(), self.pairs()
         return CanaryInfo(
             model=self.side, share=self.share, state=self.state, decided_by=self.by,
             reason=self.reason, samples=new.samples, old_samples=old.samples,
             agreement=_rounded(new.agreement), old_agreement=_rounded(old.agreement),
-            p99_ms=_rounded(new.p99_ms, 1), old_p99_ms=_rounded(old.p99_ms, 1))
+            p99_ms=_rounded(new.p99_ms, 1), old_p99_ms=_rounded(old.p99_ms, 1),
+            pairs=pairs.count, agreement_drop=_rounded(pairs.drop))
 
 
 def _rounded(value: float | None, digits: int = 4) -> float | None:
@@ -183,12 +200,18 @@ class Canaries:
             (canary.old if model == canary.name else canary.new).times_ms.append(total_ms)
 
     def scored(self, model: str, agreement: float) -> None:
-        """A shadow score of ``model``'s answer: the rule is applied on each."""
+        """A shadow score of ``model``'s answer (either side's: shown)."""
         canary = self.running(model)
+        if canary is not None:
+            (canary.old if model == canary.name else canary.new).scores.append(agreement)
+
+    def paired(self, name: str, new: float, old: float) -> None:
+        """The side's and ``name``'s agreement on one image: the rule is applied."""
+        canary = self.running(name)
         if canary is None:
             return
-        (canary.old if model == canary.name else canary.new).scores.append(agreement)
-        verdict = judge(canary.old.figures(), canary.new.figures(), self.rule)
+        canary.drops.append(old - new)
+        verdict = judge(canary.old.figures(), canary.new.figures(), canary.pairs(), self.rule)
         if verdict is None:
             return
         self.decide(canary.name, verdict[0], "rule", verdict[1])

@@ -177,11 +177,11 @@ class Settings(BaseModel):
         "sampled requests waiting for the shadow worker (each holds its encoded image); "
         "beyond it a sample is dropped"))
     canary_min_samples: int = Field(200, ge=1, le=100_000, description=(
-        "scored shadow samples each of a canary and the model it would replace needs "
-        "before the rule decides (see Canaries)"))
-    canary_max_agreement_drop: float = Field(0.05, ge=0.0, le=1.0, description=(
-        "a canary whose mean shadow agreement is below the old model's by more than this "
-        "is rolled back"))
+        "images a canary and the model it would replace must both have answered, each "
+        "scored against the same reference, before the rule decides (see Canaries)"))
+    canary_max_agreement_drop: float = Field(0.01, ge=0.0, le=1.0, description=(
+        "a canary whose shadow agreement is below the old model's on the same images by "
+        "more than this on average is rolled back"))
     canary_max_p99_ratio: float = Field(1.2, ge=1.0, le=100.0, description=(
         "a canary whose answers' p99 is above the old model's times this is rolled back"))
     log_level: str = Field("info", description="uvicorn's log level")

@@ -20,8 +20,9 @@ image slots: ``memory`` counts it), and sends it to the reference only where
 the reference's device is idle (nothing of this gateway's in flight there and
 Triton's queue empty, checked before decoding and again before sending; else
 dropped), at Triton's lowest priority level. While a canary runs (``canary``),
-every answer of it and of the model it would replace is sampled, and each
-score goes to its rule as well. While it runs, the router counts
+every answer of it and of the model it would replace is sampled; each scored
+answer of the canary is paired with that model's answer to the same image,
+run here too, and the pair goes to the canary's rule. While it runs, the router counts
 it as work on that device like any other, so callers are routed around it.
 """
 
@@ -201,38 +202,77 @@ class Shadow:
         """Run the reference on the sample's image and score it: its outcome."""
         if self._idle_endpoint(sample.reference) is None:
             return "dropped_busy"  # checked first: a busy device costs no decode
-        spec = get_spec(sample.reference)
-        size = spec.input_size
-        # Ordinary memory, not a shared-memory region: the shadow's input may wait
-        # while callers take every region.
-        batch = np.empty((1, size, size, 3), np.uint8)
         try:
-            decoded, _ = await asyncio.to_thread(decoding.decode_for, sample.image, [spec],
-                                                 self.decode_limits)
-            geometries, _ = await asyncio.to_thread(tiling.prepare_views, decoded, size,
-                                                    spec.preprocessing, [], batch)
-            del decoded
-            endpoint = self._idle_endpoint(sample.reference)  # the device may be busy now
-            if endpoint is None:
-                return "dropped_busy"
-            timeout_s = self.settings.request_timeout_s
-            with self.router.dispatch(sample.reference, endpoint):
-                async with self.turns.turn(endpoint, sample.reference, timeout_s) as waited_s:
-                    rows = await self.pool.backend(endpoint).infer(
-                        sample.reference, batch, timeout_s=timeout_s - waited_s,
-                        priority=spec.batching.priority_levels)  # the lowest level
+            answer = await self._answer(sample.reference, sample.image)
         except ApiError as exc:
             if exc.code in TOO_LARGE:
                 return "too_large"
             log.info("shadow run of %s on %s failed: %s", sample.model, sample.reference,
                      exc.message)
             return "failed"
-        ap = await asyncio.to_thread(score, sample, rows[0], geometries[0],
-                                     self.settings.shadow_score_threshold)
+        if answer is None:
+            return "dropped_busy"
+        rows, geometry = answer
+        threshold = self.settings.shadow_score_threshold
+        ap = await asyncio.to_thread(score, sample, rows, geometry, threshold)
         if ap is None:
             return "empty"
         self._keep(sample.tier, sample.model, ap)
+        await self._pair(sample, ap, rows, geometry)
         return "scored"
+
+    async def _answer(self, model: str, image: bytes | Pixels
+                      ) -> tuple[np.ndarray, imaging.Geometry] | None:
+        """``model``'s rows for ``image``, decoded and prepared here, sent at Triton's
+        lowest priority where its device is idle; None where it is not."""
+        spec = get_spec(model)
+        size = spec.input_size
+        # Ordinary memory, not a shared-memory region: the shadow's input may wait
+        # while callers take every region.
+        batch = np.empty((1, size, size, 3), np.uint8)
+        decoded, _ = await asyncio.to_thread(decoding.decode_for, image, [spec],
+                                             self.decode_limits)
+        geometries, _ = await asyncio.to_thread(tiling.prepare_views, decoded, size,
+                                                spec.preprocessing, [], batch)
+        del decoded
+        endpoint = self._idle_endpoint(model)  # the device may be busy now
+        if endpoint is None:
+            return None
+        timeout_s = self.settings.request_timeout_s
+        with self.router.dispatch(model, endpoint):
+            async with self.turns.turn(endpoint, model, timeout_s) as waited_s:
+                rows = await self.pool.backend(endpoint).infer(
+                    model, batch, timeout_s=timeout_s - waited_s,
+                    priority=spec.batching.priority_levels)  # the lowest level
+        return rows[0], geometries[0]
+
+    async def _pair(self, sample: Sample, ap: float, reference_rows: np.ndarray,
+                    geometry: imaging.Geometry) -> None:
+        """A canary's scored answer: the model it would replace answers the same image
+        here too, scored against the same reference detections; the pair goes to the
+        rule (what differs from image to image cancels). No pair where that model's
+        device is busy."""
+        canary = self.canaries.running(sample.model) if self.canaries is not None else None
+        if canary is None or sample.model != canary.side:
+            return
+        if canary.name == sample.reference:  # the model is the reference: its own rows
+            answer: tuple[np.ndarray, imaging.Geometry] | None = (reference_rows, geometry)
+        elif self._idle_endpoint(canary.name) is None:
+            return
+        else:
+            try:
+                answer = await self._answer(canary.name, sample.image)
+            except ApiError as exc:
+                log.info("shadow run of %s for its canary failed: %s", canary.name,
+                         exc.message)
+                return
+        if answer is None:
+            return
+        old = Sample(sample.tier, canary.name, sample.reference, sample.image, *answer)
+        old_ap = await asyncio.to_thread(score, old, reference_rows, geometry,
+                                         self.settings.shadow_score_threshold)
+        if old_ap is not None and self.canaries is not None:
+            self.canaries.paired(canary.name, ap, old_ap)
 
     def _keep(self, tier: str | None, model: str, ap: float) -> None:
         window = self.windows.setdefault((tier, model),
