@@ -342,6 +342,10 @@ def test_cards_in_the_watched_folder_are_served_replaced_and_retired(stack: Stac
     wait_until(lambda: "broken" not in admin_states(stack), "broken's failure forgotten")
     gone = detect(stack.http, "folder-hot")
     assert gone.status_code == 422 and gone.json()["error"]["code"] == "unknown_model"
+    # Built by the gateway, gone from the repository: a restarted Triton cannot load it.
+    repository = stack.cards.parent / "home" / "repository" / "cpu-local"
+    assert not (repository / "folder-hot").exists() and not (repository / "late").exists()
+    assert (repository / TEST_MODEL).is_dir()  # what the stack started with stays
 
 
 def test_the_cli_lists_adds_and_retires(stack: Stack, tmp_path, capsys, monkeypatch):

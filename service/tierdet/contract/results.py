@@ -9,7 +9,7 @@ maps them to protobuf; protos/detection.proto mirrors them field by field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -193,3 +193,25 @@ class ModelsInfo:
     default_tier: str
     tiers: tuple[TierInfo, ...]
     models: tuple[ModelInfo, ...]
+
+
+# A model as the admin API shows it (serving.changes).
+State = Literal["serving", "building", "loading", "draining", "retired", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """One model as the admin sees it (``GET /admin/models``)."""
+
+    name: str
+    state: State
+    reason: str = ""  # why it failed (the build's or Triton's words)
+    card: str = ""  # the card it came from through the admin API, if it did
+    canary: CanaryInfo | None = None  # its latest canary, running or decided
+
+
+@dataclass(frozen=True)
+class AdminModels:
+    """The admin API's answer: the models it shows or a change touched."""
+
+    models: tuple[ModelChange, ...]

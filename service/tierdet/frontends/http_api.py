@@ -20,7 +20,13 @@ from starlette.types import Scope
 
 from tierdet import __version__
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.contract.results import BatchResult, DetectResult, ErrorReply, ModelsInfo
+from tierdet.contract.results import (
+    AdminModels,
+    BatchResult,
+    DetectResult,
+    ErrorReply,
+    ModelsInfo,
+)
 from tierdet.frontends import v2_http
 from tierdet.frontends.batch import run_batch
 from tierdet.frontends.errors import error_body, http_response, invalid_option
@@ -35,7 +41,6 @@ from tierdet.frontends.http_requests import (
 )
 from tierdet.frontends.middleware import BodyLimit, ConcurrencyLimit, DrainBody, RequestContext
 from tierdet.serving import decoding, render
-from tierdet.serving.changes import AdminModels
 from tierdet.serving.security import AdminKey, bearer
 from tierdet.serving.settings import Settings
 from tierdet.serving.usecase import Caller, Detector

@@ -29,9 +29,9 @@ state are ``canary``'s): the card is added under a side name, judged on live
 figures, then promoted (the replace path above, then the side retired) or
 rolled back (the side retired), by the rule or by the admin (``decide``).
 
-Changes last as long as the gateway and Triton run: a card meant to stay
-belongs in ``TIERDET_CARDS`` (``tierdet up --card``) as well. Each gateway
-process keeps its own catalog, so changes need a gateway of one worker.
+Changes last while the gateway runs (a card meant to stay belongs in
+``TIERDET_CARDS`` too); each gateway process keeps its own catalog, so changes
+need one worker. A model added here and retired leaves Triton's repository.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import yaml
 
 from tierdet.contract.errors import ApiError, ErrorCode
-from tierdet.contract.results import CanaryInfo
+from tierdet.contract.results import ModelChange, State
 from tierdet.registry.cards import ModelCard as Card
 from tierdet.registry.cards import expand, spec_of
 from tierdet.registry.specs import CARD_SPECS, SPECS, ModelSpec, lookup
@@ -61,29 +61,10 @@ from tierdet.serving.settings import Settings
 
 log = logging.getLogger("tierdet.changes")
 
-State = Literal["serving", "building", "loading", "draining", "retired", "failed"]
 BUILD_TIMEOUT_S = 900.0  # a card's export: seconds here, minutes for a big graph
 # A build shares the gateway's cores with serving: it runs at a lower priority,
 # so the cores go to admitted requests first (a build takes a core for seconds).
 BUILD_NICENESS = 10
-
-
-@dataclass(frozen=True)
-class ModelChange:
-    """One model as the admin sees it (``GET /admin/models``)."""
-
-    name: str
-    state: State
-    reason: str = ""  # why it failed (the build's or Triton's words)
-    card: str = ""  # the card it came from through the admin API, if it did
-    canary: CanaryInfo | None = None  # its latest canary, running or decided
-
-
-@dataclass(frozen=True)
-class AdminModels:
-    """The admin API's answer: the models it shows or a change touched."""
-
-    models: tuple[ModelChange, ...]
 
 
 class ModelChanges:
@@ -278,10 +259,17 @@ class ModelChanges:
                                 n, drain_s)
                 await self._unload(n)
                 self.catalog.forget(n)
+                if self._card_of(n):  # built here: gone, or a restarted Triton loads it
+                    await asyncio.to_thread(self._remove_from_repository, n)
                 self._record(n, "retired", card=self._card_of(n))
             self._cards.pop(name, None)
         log.info("retired %s", ", ".join(names))
         return tuple(self._records[n] for n in names)
+
+    def _remove_from_repository(self, name: str) -> None:
+        _, home = self._where()
+        shutil.rmtree(home / "repository" / self.settings.model_target / name,
+                      ignore_errors=True)
 
     # -- canaries --------------------------------------------------------------
 
