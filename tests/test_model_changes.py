@@ -335,6 +335,15 @@ def test_cards_in_the_watched_folder_are_served_replaced_and_retired(stack: Stac
                "version 2 of the folder's card")
     assert detect(stack.http, "folder-hot").status_code == 200
 
+    # A Triton that restarts loads only what it was started with: the gateway loads
+    # the folder's models there again.
+    restarted = stack.tritons[1]
+    restarted.stop()
+    restarted.start()
+    restarted.wait_ready()
+    wait_until(lambda: triton_versions(stack, "folder-hot")[1].get("2") == "READY",
+               "the folder's card loaded again on the restarted Triton")
+
     # Files that go retire their models; the failed one leaves nothing behind.
     for name in ("folder-hot.yaml", "late.yaml", "broken.yaml"):
         (live / name).unlink()

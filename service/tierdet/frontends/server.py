@@ -68,6 +68,7 @@ async def _watch_models(detector: Detector, health_servicer: health.HealthServic
             if ticks % STATS_EVERY == 0:
                 await detector.catalog.refresh_statistics()
                 detector.catalog.refresh_accuracy()
+                await detector.changes.restore()
         except Exception:
             log.exception("model refresh failed")
         ticks += 1

@@ -29,9 +29,8 @@ state are ``canary``'s): the card is added under a side name, judged on live
 figures, then promoted (the replace path above, then the side retired) or
 rolled back (the side retired), by the rule or by the admin (``decide``).
 
-Changes last while the gateway runs (a card meant to stay belongs in
-``TIERDET_CARDS`` too); each gateway process keeps its own catalog, so changes
-need one worker. A model added here and retired leaves Triton's repository.
+Changes last while the gateway runs (a card meant to stay: ``TIERDET_CARDS``); each
+gateway process keeps its own catalog, so changes need one worker.
 """
 
 from __future__ import annotations
@@ -92,8 +91,7 @@ class ModelChanges:
         return tuple(replace(out[name], canary=self.canaries.info(name)) for name in sorted(out))
 
     def _from_catalog(self, name: str) -> ModelChange:
-        state = self.catalog.states[name]
-        card = next((c for c, models in self._cards.items() if name in models), "")
+        state, card = self.catalog.states[name], self._card_of(name)
         if state.ready:
             return ModelChange(name, "serving", card=card)
         if state.status in ("LOADING", "READY"):  # READY: being measured
@@ -265,6 +263,21 @@ class ModelChanges:
             self._cards.pop(name, None)
         log.info("retired %s", ", ".join(names))
         return tuple(self._records[n] for n in names)
+
+    async def restore(self) -> None:
+        """Load the models added here where an endpoint has them in its repository but
+        not loaded (a Triton restarted, or joined the pool, since: it loads its own)."""
+        names = [n for ms in self._cards.values() for n in ms if n not in self._busy
+                 and self.catalog.serves(n)]
+        for endpoint in [e for e in self.pool.endpoints.values() if e.up]:
+            for name in names:
+                if endpoint.index.get(name, ("READY", ""))[0] not in ("UNAVAILABLE", ""):
+                    continue  # loaded, loading, or not in that repository at all
+                log.info("model %s is not loaded at %s: loading it", name, endpoint.url)
+                try:
+                    await endpoint.backend.load_model(name)
+                except ApiError as exc:
+                    log.error("model %s at %s: %s", name, endpoint.url, exc.message)
 
     def _remove_from_repository(self, name: str) -> None:
         _, home = self._where()
