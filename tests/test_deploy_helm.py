@@ -230,6 +230,8 @@ def test_values_schema_is_valid_and_the_shipped_values_pass():
     {"triton": {"restrictedApis": {"grpc": ["model-repo"]}}},
     {"gateway": {"preStopSleepSeconds": -1}},
     {"triton": {"exitTimeoutSeconds": "30s"}},
+    {"cards": {"models": [], "volume": {}, "watch": "../elsewhere"}},
+    {"cards": {"models": [], "volume": {}, "watch": "/abs"}},
 ])
 def test_a_bad_value_is_rejected_by_the_schema_and_by_helm(bad):
     merged = chart().merge_values(bad)
@@ -257,6 +259,13 @@ def test_tiers_must_name_the_three_levels():
      "triton.resources.requests.cpu is empty: target cpu sizes ONNX Runtime's threads"),
     ({"target": "cpu", "triton": {"resources": {"requests": {"cpu": "two"}}}},
      "triton.resources.requests.cpu (two) must be a CPU count"),
+    ({"cards": {"watch": "live"}}, "cards.watch needs cards.volume"),
+    ({"cards": {"watch": "live", "volume": {"emptyDir": {}}}}, "cards.watch needs target cpu"),
+    ({"target": "cpu", "cards": {"watch": "live", "volume": {"emptyDir": {}}}},
+     "cards.watch needs one gateway pod of one worker"),
+    ({"target": "cpu", "cards": {"watch": "live", "volume": {"emptyDir": {}}},
+      "gateway": {"autoscaling": {"enabled": False}, "replicas": 1, "settings": {"workers": 2}}},
+     "cards.watch needs one gateway pod of one worker"),
 ])
 def test_cross_value_checks_stop_the_install(bad, message):
     with pytest.raises(HelmError, match=re.escape(message)):
@@ -458,6 +467,50 @@ def test_cpu_triton_loads_exactly_the_models_from_the_cpu_repository():
     wait = container("cpu", "triton", "wait-for-models")
     assert wait["command"][-2:] == ["engines", "wait"]
     assert flags(wait["args"])["repository"] == ["/var/lib/tierdet/repository/cpu"]
+
+
+WATCHING = {"cards": {"volume": {"persistentVolumeClaim": {"claimName": "tierdet-cards",
+                                                             "readOnly": True}},
+                       "watch": "live"},
+            "gateway": {"replicas": 1, "autoscaling": {"enabled": False}}}
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_a_cards_folder_is_served_by_one_gateway_building_into_tritons_repository(kube):
+    """cards.watch: the gateway gets the folder, builds each card into the model
+    volume's cpu repository (the one every CPU Triton pod serves, with explicit model
+    control) and has them load it; off, the gateway has no model volume at all."""
+    cpu = overlay("cpu")
+    assert cpu is not None
+    manifests = render({**cpu, **WATCHING})
+    deployments = {m["metadata"]["labels"]["app.kubernetes.io/component"]: m
+                   for m in manifests if m["kind"] == "Deployment"}
+    gateway_pod = deployments["gateway"]["spec"]["template"]["spec"]
+    triton_pod = deployments["triton"]["spec"]["template"]["spec"]
+    assert deployments["gateway"]["spec"]["replicas"] == 1
+    assert not any(m["kind"] == "HorizontalPodAutoscaler" and "gateway" in m["metadata"]["name"]
+                   for m in manifests)
+    (gateway,) = gateway_pod["containers"]
+    settings = Settings.from_env(env_of(gateway))
+    assert (settings.cards_watch, settings.cards_dir) == (Path("/cards/live"), Path("/cards"))
+    assert (settings.model_target, settings.workers) == ("cpu", 1)
+    triton = next(c for c in triton_pod["containers"] if c["name"] == "triton")
+    assert flags(triton["args"])["model-repository"] == [
+        f"{settings.home}/repository/{settings.model_target}"]
+    assert flags(triton["args"])["model-control-mode"] == ["explicit"]
+    mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == str(settings.home)
+    assert not mounts["models"].get("readOnly")  # it builds there
+    assert mounts["cards"]["readOnly"] and mounts["cards"]["mountPath"] == "/cards"
+    claims = [{v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]
+              ["claimName"] for pod in (gateway_pod, triton_pod)]
+    assert claims[0] == claims[1]
+    for manifest in manifests:
+        if manifest["kind"] not in CRDS:
+            kubernetes_validate.validate(manifest, kube, strict=True)
+    plain = {v["name"] for v in pod_spec("cpu", "gateway")["volumes"]}
+    assert "models" not in plain and "TIERDET_CARDS_WATCH" not in env_of(
+        container("cpu", "gateway"))
 
 
 def _backend_config(args: list[str]) -> dict[str, str]:

@@ -69,7 +69,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{/* The cards volume: read-only at /cards, the working folder of the containers
      that read cards (their relative paths resolve there, as in compose). */}}
 {{- define "tierdet.cardsMount" -}}
-{{- if .Values.cards.models }}
+{{- if or .Values.cards.models .Values.cards.watch }}
 - name: cards
   mountPath: /cards
   readOnly: true
@@ -77,7 +77,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
 {{- define "tierdet.cardsVolume" -}}
-{{- if .Values.cards.models }}
+{{- if or .Values.cards.models .Values.cards.watch }}
 - name: cards
   {{- toYaml .Values.cards.volume | nindent 2 }}
 {{- end }}
@@ -91,6 +91,19 @@ the install with its message.
 {{- $models := splitList "," (include "tierdet.servedModels" .) -}}
 {{- if and .Values.cards.models (empty .Values.cards.volume) -}}
 {{- fail "cards.models needs cards.volume: the volume holding the cards and the graphs they name" -}}
+{{- end -}}
+{{- with .Values.cards.watch -}}
+{{- /* The gateway builds the folder's cards (ONNX, not plans) and keeps the only
+       view of them: one pod of one worker. */ -}}
+{{- if empty $.Values.cards.volume -}}
+{{- fail "cards.watch needs cards.volume: the volume holding the folder and the graphs its cards name" -}}
+{{- end -}}
+{{- if ne $.Values.target "cpu" -}}
+{{- fail "cards.watch needs target cpu: the gateway builds ONNX models, not TensorRT plans" -}}
+{{- end -}}
+{{- if or $.Values.gateway.autoscaling.enabled (ne (int $.Values.gateway.replicas) 1) (ne (int (default 1 $.Values.gateway.settings.workers)) 1) -}}
+{{- fail "cards.watch needs one gateway pod of one worker (gateway.replicas 1, gateway.autoscaling.enabled false, gateway.settings.workers 1): each keeps its own view of the models" -}}
+{{- end -}}
 {{- end -}}
 {{- range .Values.cards.models -}}
 {{- if has .name $.Values.models -}}
