@@ -63,13 +63,22 @@ def dotenv(path: Path = REPO / ".env") -> dict[str, str]:
     return values
 
 
-_DEFAULT = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?-([^}]*))?\}")
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Z_][A-Z0-9_]*)(?::?([-+])([^}]*))?\}")
 
 
 def interpolate(text: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ${VAR:-default} with only the defaults (no host environment)."""
+    """Compose's interpolation (it comes before parsing) with ``env`` for the host's
+    environment (default: none): ${VAR:-default} its value or the default,
+    ${VAR:+value} the value when VAR is set and not empty, $$ a literal $."""
     env = env or {}
-    return _DEFAULT.sub(lambda m: env.get(m.group(1), m.group(2) or ""), text)
+
+    def value(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group(2) == "+":
+            return m.group(3) if env.get(m.group(1)) else ""
+        return env.get(m.group(1), m.group(3) or "")
+    return _VARIABLE.sub(value, text)
 
 
 def settings_env_names() -> set[str]:

@@ -47,7 +47,6 @@ from waiting import wait_until
 
 SMALL, REFERENCE = "yolox-nano-320", "picodet-s-416"
 MIN_SAMPLES = 12
-SMALL_SHARE = 0.05  # of the requests: a canary the operator decides on before the rule
 # Latency on a shared 2-core host varies far more than between identical graphs:
 # the test's ratio is wide (the unit tests hold the bound itself).
 P99_RATIO = 3.0
@@ -70,20 +69,29 @@ def test_the_rule_waits_for_min_samples_pairs():
     assert verdict is not None and verdict[0] == "promote"
 
 
-@pytest.mark.parametrize("drop, p99, expected", [
-    (0.0, 100.0, "promote"),  # identical answers
-    (0.009, 100.0, "promote"),  # within the margin
-    (0.011, 100.0, "rollback"),  # beyond it
-    (0.4, 100.0, "rollback"),  # a broken input
-    (-0.2, 100.0, "promote"),  # better
-    (0.0, 119.0, "promote"),  # within the ratio
-    (0.0, 121.0, "rollback"),  # beyond it
-    (-0.2, 500.0, "rollback"),  # better answers, far too slow
+@pytest.mark.parametrize("drop, error, p99, expected", [
+    (0.0, 0.0, 100.0, "promote"),  # identical answers
+    (0.009, 0.0, 100.0, "promote"),  # within the margin
+    (0.011, 0.0, 100.0, "rollback"),  # beyond it, and certain
+    (0.03, 0.005, 100.0, "rollback"),  # beyond it by more than two standard errors
+    (0.03, 0.015, 100.0, "promote"),  # as far, but within the pairs' noise
+    (0.4, 0.05, 100.0, "rollback"),  # a broken input
+    (-0.2, 0.01, 100.0, "promote"),  # better
+    (0.0, 0.0, 119.0, "promote"),  # within the ratio
+    (0.0, 0.0, 121.0, "rollback"),  # beyond it
+    (-0.2, 0.0, 500.0, "rollback"),  # better answers, far too slow
 ])
-def test_the_rule_bounds_the_paired_agreement_drop_and_p99_ratio(drop, p99, expected):
-    verdict = judge(OLD, Figures(10, 0.6 - drop, p99), Pairs(10, drop), RULE)
+def test_the_rule_bounds_the_paired_agreement_drop_and_p99_ratio(drop, error, p99, expected):
+    verdict = judge(OLD, Figures(10, 0.6 - drop, p99), Pairs(10, drop, error), RULE)
     assert verdict is not None
     assert verdict[0] == expected, verdict
+
+
+def test_pairs_give_the_mean_drop_and_its_standard_error():
+    pairs = Pairs.of([0.1, 0.0, 0.2, 0.1])
+    assert (pairs.count, pairs.drop) == (4, pytest.approx(0.1))
+    assert pairs.error == pytest.approx(0.0816497 / 2)
+    assert Pairs.of([]) == Pairs(0, None) and Pairs.of([0.3]) == Pairs(1, 0.3, 0.0)
 
 
 def _canaries() -> Canaries:
@@ -98,13 +106,14 @@ def test_a_share_of_the_models_requests_is_diverted_and_nothing_else():
     assert 800 < draws.count(side_name("m")) < 1200  # a seeded draw: about a quarter
     assert canaries.divert("other") is None
     assert canaries.divert(side_name("m")) is None  # the side is never diverted again
-    assert canaries.watched("m") and canaries.watched(side_name("m"))
+    # Every answer of the canary is scored; the model's own at the usual rate.
+    assert canaries.watched(side_name("m")) and not canaries.watched("m")
     assert not canaries.watched("other")
 
 
 def test_the_rule_decides_on_pairs_not_on_either_sides_own_samples():
     canaries = _canaries()
-    canaries.start("m", 0.5, b"card")
+    canary = canaries.start("m", 0.5, b"card")
     for _ in range(5):  # each side's own samples, well past the count: no decision
         canaries.answered("m", 50.0)
         canaries.scored("m", 0.6)
@@ -112,14 +121,14 @@ def test_the_rule_decides_on_pairs_not_on_either_sides_own_samples():
         canaries.scored(side_name("m"), 0.1)
     assert canaries.info("m").state == "running"  # type: ignore[union-attr]
     for n in range(1, 4):  # the same images: the canary 0.03 below the model on each
-        canaries.paired("m", new=0.57, old=0.60)
+        canaries.paired(canary, new=0.57, old=0.60)
         info = canaries.info("m")
         assert info is not None
         assert info.state == ("rolling_back" if n == 3 else "running"), (n, info)
     assert (info.pairs, info.samples, info.old_samples) == (3, 5, 5)
     assert info.agreement_drop == pytest.approx(0.03) and info.decided_by == "rule"
     # From the decision on nothing is diverted or recorded.
-    canaries.paired("m", new=0.9, old=0.1)
+    canaries.paired(canary, new=0.9, old=0.1)
     canaries.scored(side_name("m"), 0.9)
     assert canaries.info("m") == info and canaries.divert("m") is None
     canaries.finished("m")
@@ -127,6 +136,16 @@ def test_the_rule_decides_on_pairs_not_on_either_sides_own_samples():
     counted = {tuple(s.labels.values()): s.value for f in canaries.metrics.registry.collect()
                for s in f.samples if s.name == "tierdet_canary_decisions_total"}
     assert counted == {("m", "rollback", "rule"): 1.0}
+
+
+def test_a_pair_for_a_canary_decided_meanwhile_goes_nowhere():
+    canaries = _canaries()
+    first = canaries.start("m", 0.5, b"card")
+    canaries.decide("m", "rollback", "operator", "staged again")
+    canaries.finished("m")
+    canaries.start("m", 0.5, b"card, again")
+    canaries.paired(first, new=0.1, old=0.9)  # its shadow run ended after the decision
+    assert canaries.info("m").pairs == 0  # type: ignore[union-attr]
 
 
 # -- the real stack ------------------------------------------------------------------
@@ -302,10 +321,8 @@ def test_an_operator_promotes_while_requests_keep_coming(stack: Stack):
     assert bad_share.status_code == 422
     assert bad_share.json()["error"]["code"] == "invalid_option"
 
-    # A small share: the rule needs MIN_SAMPLES canary answers, hundreds of requests,
-    # to decide; the operator decides after its first.
     with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=1) as traffic:
-        _stage(stack, REFERENCE, card(REFERENCE), share=SMALL_SHARE)
+        _stage(stack, REFERENCE, card(REFERENCE))
         wait_until(lambda: _canary(stack, REFERENCE)["p99_ms"] is not None,
                    "an answer of the canary")
         promoted = stack.http.post(f"/admin/models/{REFERENCE}/canary/promote",
@@ -316,7 +333,8 @@ def test_an_operator_promotes_while_requests_keep_coming(stack: Stack):
     assert {status for status, _ in traffic.answers} == {200}, traffic.answers
     info = _canary(stack, REFERENCE)
     assert (info["state"], info["decided_by"]) == ("promoted", "operator")
-    assert info["old_samples"] == 0  # the reference is never scored: the rule waits
+    # The reference is never scored, and a canary of it is not paired: the rule waits.
+    assert info["old_samples"] == 0 and info["pairs"] == 0
     assert _decisions(stack)[(REFERENCE, "promote", "operator")] == 1.0
     assert all(v.get("2") == "READY" and v.get("1") != "READY"
                for v in _triton_versions(stack, REFERENCE))
@@ -333,7 +351,7 @@ def test_one_canary_at_a_time_rolled_back_through_the_cli_while_requests_keep_co
     assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "unknown_model"
     monkeypatch.setenv("TIERDET_ADMIN_KEY", ADMIN_KEY)
     with Traffic(stack.gateway.http, REFERENCE, PHOTO, threads=1) as traffic:
-        _stage(stack, REFERENCE, card(REFERENCE), share=SMALL_SHARE)
+        _stage(stack, REFERENCE, card(REFERENCE))
         for method, params in (("PUT", {"canary": 0.5}), ("PUT", {}), ("DELETE", {})):
             busy = stack.http.request(method, f"/admin/models/{REFERENCE}", params=params,
                                       headers=ADMIN, content=card(REFERENCE)
@@ -346,8 +364,8 @@ def test_one_canary_at_a_time_rolled_back_through_the_cli_while_requests_keep_co
         assert cli.main(["admin", "models", "rollback", REFERENCE,
                          "--url", stack.gateway.http]) == 0
         out = capsys.readouterr().out
-        assert f"canary of {REFERENCE}: {side_name(REFERENCE)} at {SMALL_SHARE}, rolled_back " \
-               "by the operator" in out, out
+        assert f"canary of {REFERENCE}: {side_name(REFERENCE)} at 0.5, rolled_back by the " \
+               "operator" in out, out
         seen = traffic.count()
         wait_until(lambda: traffic.count() >= seen + 3, "requests answered after it")
     assert {status for status, _ in traffic.answers} == {200}, traffic.answers

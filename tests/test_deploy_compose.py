@@ -67,17 +67,6 @@ def _container_ports(service: dict[str, Any]) -> set[int]:
     return {int(p.rsplit(":", 1)[-1]) for p in service.get("ports", [])}
 
 
-_VARIABLE = re.compile(r"\$\$|\$\{([A-Z_][A-Z0-9_]*)(?::?-([^}]*))?\}")
-
-
-def _as_compose_reads(text: str, env: dict[str, str] | None = None) -> str:
-    """The file after compose's interpolation (it comes before parsing): ${VAR:-default}
-    from ``env`` or the default, $$ a literal $."""
-    env = env or {}
-    return _VARIABLE.sub(lambda m: "$" if m.group(0) == "$$"
-                         else env.get(m.group(1), m.group(2) or ""), text)
-
-
 # --- the file is valid Compose ------------------------------------------------------------
 
 
@@ -90,7 +79,7 @@ def test_compose_file_matches_the_compose_spec_schema():
 
 def test_compose_file_parses_and_validates_with_the_compose_spec_crate():
     # Interpolated first, as compose does: a published port's host address is a variable.
-    text = _as_compose_reads(COMPOSE_FILE.read_text())
+    text = interpolate(COMPOSE_FILE.read_text())
     project = compose_spec.PyOptions(apply_merge=True).from_yaml(text)
     project.validate()
     assert sorted(project.service_names()) == sorted(_services())
@@ -234,13 +223,14 @@ def test_the_gateway_serves_a_cards_folder_only_when_asked():
     assert (flags["model-control-mode"], flags["load-model"]) == ("explicit", "*")
 
     def gateway(env: dict[str, str]) -> tuple[Settings, str]:
-        service = yaml.safe_load(_as_compose_reads(COMPOSE_FILE.read_text(), env))["services"][
+        service = yaml.safe_load(interpolate(COMPOSE_FILE.read_text(), env))["services"][
             "gateway"]
         (models,) = [v for v in service["volumes"] if v.startswith("models:")]
         return Settings.from_env({k: str(v) for k, v in service["environment"].items()}), models
 
     off, models = gateway({})
     assert off.cards_watch is None and models == f"models:{home}:ro"
+    assert off.cards_dir is None and off.home is None  # no model changes: nothing to build
     on, models = gateway({"TIERDET_CARDS_WATCH": "/cards/live", "TIERDET_WORKERS": "1",
                           "GATEWAY_MODELS_ACCESS": "rw"})
     assert on.cards_watch == Path("/cards/live") and on.cards_dir == Path("/cards")
@@ -346,8 +336,8 @@ def test_every_port_is_published_on_this_host_only_unless_told():
     # Without API keys the gateway serves anyone who reaches it.
     for name, service in _services().items():
         for port in service.get("ports", []):
-            assert _as_compose_reads(port).startswith("127.0.0.1:"), f"{name}: {port}"
-    wider = [_as_compose_reads(p, {"TIERDET_PUBLISH_ADDRESS": "0.0.0.0"})
+            assert interpolate(port).startswith("127.0.0.1:"), f"{name}: {port}"
+    wider = [interpolate(p, {"TIERDET_PUBLISH_ADDRESS": "0.0.0.0"})
              for p in _services()["gateway"]["ports"]]
     assert wider == ["0.0.0.0:8080:8080", "0.0.0.0:50051:50051"]
 
@@ -361,7 +351,7 @@ def _start_triton(service: dict[str, Any], tmp_path: Path, env: dict[str, str]) 
     stand_in.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     stand_in.chmod(0o755)
     out = tmp_path / "argv"
-    run_tool(["sh", "-c", _as_compose_reads(script), argv0, *flags],
+    run_tool(["sh", "-c", interpolate(script), argv0, *flags],
              env={"PATH": f"{stand_in.parent}:/usr/bin:/bin", "ARGS_OUT": str(out), **env})
     argv = out.read_text().splitlines()
     assert argv[:len(flags)] == flags  # the service's own flags come first, unchanged
@@ -390,7 +380,7 @@ def test_triton_restricts_the_api_groups_the_chart_restricts(name, tmp_path):
 
 def test_the_triton_start_script_passes_shellcheck(tmp_path):
     script = tmp_path / "triton-start.sh"
-    script.write_text("#!/bin/sh\n" + _as_compose_reads(_services()["triton"]["command"][2]))
+    script.write_text("#!/bin/sh\n" + interpolate(_services()["triton"]["command"][2]))
     result = run_tool([tool("shellcheck"), str(script)])
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -410,7 +400,7 @@ def test_cpu_triton_runs_one_onnx_runtime_pool_of_a_chosen_size():
     """The cpu repository's configs give each model a thread per host core; the
     global pool (as in the chart) replaces that with one pool for every model."""
     def pool(service: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
-        values = [_as_compose_reads(a, env)[len("--backend-config="):]
+        values = [interpolate(a, env)[len("--backend-config="):]
                   for a in service["command"] if a.startswith("--backend-config=")]
         assert all(v.startswith("onnxruntime,") for v in values), values
         return dict(v.removeprefix("onnxruntime,").split("=", 1) for v in values)

@@ -379,3 +379,24 @@ def test_the_cli_lists_adds_and_retires(stack: Stack, tmp_path, capsys, monkeypa
     monkeypatch.setenv("TIERDET_ADMIN_KEY", CALLER_KEY)
     assert cli.main(["admin", "models", "list", *url]) == 1
     assert capsys.readouterr().err.startswith("error: admin_required: ")
+
+
+def test_a_failed_change_puts_the_repository_back_as_it_was(tmp_path):
+    """What a failed add or replacement built is removed (a restarted Triton would
+    load it): a new model's folder, a replaced one's new version and config."""
+    from tierdet.serving import repository_files
+
+    served = tmp_path / "served"
+    (served / "1").mkdir(parents=True)
+    (served / "1" / "model.onnx").write_bytes(b"v1")
+    (served / "config.pbtxt").write_text("version 1's config")
+    was = repository_files.before(tmp_path, ["served", "new"])
+    (served / "2").mkdir()  # the failed replacement's build
+    (served / "2" / "model.onnx").write_bytes(b"v2")
+    (served / "config.pbtxt").write_text("version 2's config")
+    (tmp_path / "new" / "1").mkdir(parents=True)  # the failed add's build
+    repository_files.put_back(was)
+    assert sorted(p.name for p in served.iterdir()) == ["1", "config.pbtxt"]
+    assert (served / "config.pbtxt").read_text() == "version 1's config"
+    assert (served / "1" / "model.onnx").read_bytes() == b"v1"
+    assert not (tmp_path / "new").exists()

@@ -121,6 +121,10 @@ def _check_card_folder(settings: Settings) -> None:
     if settings.workers > 1:
         raise ValueError("TIERDET_CARDS_WATCH needs a gateway of one worker "
                          "(TIERDET_WORKERS=1): each worker keeps its own catalog")
+    if not os.access(settings.home, os.W_OK):
+        raise ValueError(f"TIERDET_CARDS_WATCH: the gateway builds cards into TIERDET_HOME "
+                         f"({settings.home}), which it cannot write (compose: "
+                         "GATEWAY_MODELS_ACCESS=rw)")
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event | None = None,
@@ -223,7 +227,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, grace_s: 
         await asyncio.gather(grpc_server.stop(grace_s), http_task, return_exceptions=True)
         watch_task.cancel()
         queue_task.cancel()
-        cards_task.cancel()
+        cards_task.cancel()  # a change it was making is undone before Triton's clients close
+        await asyncio.gather(cards_task, return_exceptions=True)
         await detector.shadow.close()
         await detector.canaries.close()
         await triton.close()

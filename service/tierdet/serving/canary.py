@@ -4,22 +4,21 @@
 (``side_name``: ``{name}.canary``) beside the model it would replace
 (``changes``). While the canary runs, ``SHARE`` of the requests routed to
 ``{name}`` go to the side instead (``divert``); the router never chooses the
-side on its own, nor does shadow scoring take it for a reference. Both are
-shadow-scored against the same reference at every eligible answer (``watched``:
-sampling forced to 100%, still only where the reference's device is idle), so
-the side's samples come at the canary's share of the traffic; both keep the
-total time of their answers (``answered``: the gateway's own observations).
-
-Each scored answer of the side is paired: the model it would replace answers
-the same image in the shadow too (``Shadow``: idle device, lowest priority),
+side on its own, nor does shadow scoring take it for a reference. Every answer
+of the side is shadow-scored (``watched``: sampling forced to 100%, still only
+where the reference's device is idle) and paired: the model it would replace
+answers the same image in the shadow too (idle device, lowest priority),
 scored against the same reference detections, so what differs from image to
-image cancels and a small loss shows within a few hundred images.
+image cancels and a small loss shows within a few hundred images. Both keep
+the total time of their answers (``answered``: the gateway's own observations).
+A canary of the reference itself has nothing to be judged against: no pairs,
+the admin decides.
 
 The rule (``judge``, a pure function of the figures; ``TIERDET_CANARY_*``):
-once there are ``min_samples`` pairs, promote when the old model's agreement
-exceeds the side's on them by no more than ``max_agreement_drop`` on average
-and the side's p99 is not above the old one's by more than the ratio
-``max_p99_ratio``; else roll back. An operator may decide at any time. From a
+once there are ``min_samples`` pairs, roll back when the old model's agreement
+exceeds the side's on them by more than ``max_agreement_drop`` on average, by
+``CONFIDENCE`` standard errors, or when the side's p99 is above the old one's
+by more than the ratio ``max_p99_ratio``; else promote. An operator may decide at any time. From a
 decision on, nothing more is diverted or recorded: the figures shown are those
 it was taken on. Promotion replaces ``{name}`` by the card (the replace path)
 and retires the side; rollback retires the side; retiring drains first, so no
@@ -31,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import statistics
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ State = Literal["running", "promoting", "rolling_back", "promoted", "rolled_back
 SUFFIX = ".canary"
 # Answers' times kept per side: the p99 of the latest ones.
 LATENCY_WINDOW = 2000
+# A drop counts once its mean is this many standard errors past the margin (one-sided
+# 97.7%): sampling noise alone rolls an equally good version back about 1 time in 44.
+CONFIDENCE = 2.0
 
 
 def side_name(name: str) -> str:
@@ -76,6 +80,14 @@ class Pairs:
 
     count: int
     drop: float | None  # mean of (old - new) agreement over them
+    error: float = 0.0  # its standard error
+
+    @classmethod
+    def of(cls, drops: list[float]) -> Pairs:
+        if not drops:
+            return cls(0, None)
+        error = statistics.stdev(drops) / math.sqrt(len(drops)) if len(drops) > 1 else 0.0
+        return cls(len(drops), statistics.fmean(drops), error)
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,13 @@ def judge(old: Figures, new: Figures, pairs: Pairs, rule: Rule
         return None
     if old.p99_ms is None or new.p99_ms is None:
         return None  # both answered the pairs' images: known once there are pairs
-    figures = (f"agreement {pairs.drop:+.3f} below the model's on the same {pairs.count} "
-               f"images; p99 {new.p99_ms:.1f} vs {old.p99_ms:.1f} ms")
-    if pairs.drop > rule.max_agreement_drop:
-        return "rollback", f"agreement dropped by more than {rule.max_agreement_drop}: {figures}"
+    figures = (f"agreement {pairs.drop:+.4f} (standard error {pairs.error:.4f}) below the "
+               f"model's on the same {pairs.count} images; p99 {new.p99_ms:.1f} vs "
+               f"{old.p99_ms:.1f} ms")
+    # Worse beyond the pairs' noise: an equally good version is not rolled back by chance.
+    if pairs.drop - CONFIDENCE * pairs.error > rule.max_agreement_drop:
+        return "rollback", (f"agreement dropped by more than {rule.max_agreement_drop} "
+                            f"(by {CONFIDENCE} standard errors): {figures}")
     if new.p99_ms > old.p99_ms * rule.max_p99_ratio:
         return "rollback", f"p99 above {rule.max_p99_ratio}x the old one's: {figures}"
     return "promote", f"within the rule: {figures}"
@@ -135,7 +150,7 @@ class Canary:
         return self.new.model
 
     def pairs(self) -> Pairs:
-        return Pairs(len(self.drops), sum(self.drops) / len(self.drops) if self.drops else None)
+        return Pairs.of(self.drops)
 
     def info(self) -> CanaryInfo:
         old, new, pairs = self.old.figures(), self.new.figures(), self.pairs()
@@ -190,8 +205,10 @@ class Canaries:
         return canary.side
 
     def watched(self, model: str) -> bool:
-        """``model`` is one side of a running canary: every answer is sampled."""
-        return self.running(model) is not None
+        """``model`` is the side of a running canary: every answer is sampled (the
+        model's own at the usual rate: the rule judges pairs)."""
+        canary = self.running(model)
+        return canary is not None and model == canary.side
 
     def answered(self, model: str, total_ms: float) -> None:
         """An answer of ``model`` (an ordinary one, or the side's)."""
@@ -205,10 +222,10 @@ class Canaries:
         if canary is not None:
             (canary.old if model == canary.name else canary.new).scores.append(agreement)
 
-    def paired(self, name: str, new: float, old: float) -> None:
-        """The side's and ``name``'s agreement on one image: the rule is applied."""
-        canary = self.running(name)
-        if canary is None:
+    def paired(self, canary: Canary, new: float, old: float) -> None:
+        """The side's and the model's agreement on one image: the rule is applied
+        (unless ``canary`` was decided, or replaced by another, meanwhile)."""
+        if self.running(canary.name) is not canary:
             return
         canary.drops.append(old - new)
         verdict = judge(canary.old.figures(), canary.new.figures(), canary.pairs(), self.rule)

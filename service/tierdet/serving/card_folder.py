@@ -8,9 +8,11 @@ added then. A volume mounted there (compose, Helm) is picked up the same way.
 
 A card that fails is logged with its reason and shown in ``GET /admin/models``
 (under its card's name, or its file's when it does not parse). It is tried
-again when its file changes, or at the next reading when what failed may pass
-by itself: a graph not there yet (copied after its card), a change under way,
-Triton unreachable. A failed replacement leaves the model serving as it was.
+again when its file changes, or, when what failed may pass by itself (a graph
+not there yet, copied after its card; a change or another file in the way;
+Triton unreachable), after 1 s, 2 s, 4 s ... at most 5 min. A failed
+replacement leaves the model serving as it was; a failed retirement is tried
+again. A folder that is not there changes nothing (an unmount is no removal).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +33,22 @@ from tierdet.serving.changes import ModelChanges
 log = logging.getLogger("tierdet.cards")
 
 SUFFIXES = (".yaml", ".yml", ".json")
-# Failures that may pass without the card changing.
+# Failures that may pass without the card changing (a graph being copied, another
+# change or file in the way, Triton away): tried again after 1 s, 2 s, ... 5 min.
 PASSING = frozenset({ErrorCode.GRAPH_NOT_FOUND, ErrorCode.DIGEST_MISMATCH,
-                     ErrorCode.CHANGE_IN_PROGRESS, ErrorCode.TRITON_UNAVAILABLE})
+                     ErrorCode.CHANGE_IN_PROGRESS, ErrorCode.TRITON_UNAVAILABLE,
+                     ErrorCode.MODEL_CONFLICT})
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 300.0
 
 
 @dataclass(frozen=True)
 class _Tried:
     digest: str  # the card file's sha256 when it was tried
-    again: bool  # try it again at the next reading, unchanged
     name: str = ""  # the card's name (its file's, when it did not parse)
     reason: str = ""  # why it failed ("" when it serves)
+    again_at: float | None = None  # when to try it again unchanged (None: once changed)
+    wait_s: float = 0.0  # the wait before that, doubled at each failure
 
 
 class CardFolder:
@@ -61,18 +69,25 @@ class CardFolder:
                 await asyncio.wait_for(stop.wait(), every_s)
 
     async def scan(self) -> None:
-        """One reading: retire the cards whose files went, then add or replace."""
+        """One reading: retire the cards whose files went, then add or replace. A
+        folder that is not there (unmounted, being swapped) changes nothing."""
         files = await asyncio.to_thread(_card_files, self.folder)
+        if files is None:
+            return
         for path in [p for p in self._tried if p not in files]:
+            if path in self._serving and not await self._retire(path):
+                continue  # still serving: tried again at the next reading
             tried = self._tried.pop(path)
-            if path in self._serving:
-                await self._retire(path)
-            elif tried.reason:  # it never served: its failure goes with it
+            if tried.reason:  # its failure goes with it
                 self.changes.clear_failure(tried.name)
+        now = time.monotonic()
         for path, body in sorted(files.items()):
+            if body is None:
+                continue  # unreadable now: as it was
             digest = hashlib.sha256(body).hexdigest()
             last = self._tried.get(path)
-            if last is None or last.digest != digest or last.again:
+            if last is None or last.digest != digest or (
+                    last.again_at is not None and now >= last.again_at):
                 await self._put(path, body, digest)
 
     async def _put(self, path: Path, body: bytes, digest: str) -> None:
@@ -85,47 +100,63 @@ class CardFolder:
             return self._failed(path, digest, name, ApiError(
                 ErrorCode.MODEL_CONFLICT, f"{path.name}: card {name!r} already comes from "
                 f"{other.name}"))
-        if path in self._serving and self._serving[path] != name:
-            await self._retire(path)  # the file now holds another card
+        if path in self._serving and self._serving[path] != name \
+                and not await self._retire(path):  # the file now holds another card
+            return None
         try:
             models = await self.changes.put(name, body)
         except ApiError as exc:
             return self._failed(path, digest, name, exc)
         except Exception:  # the gateway's fault, not the card's: once, with its trace
             log.exception("cards folder: %s: the change of %s failed", path.name, name)
-            self._tried[path] = _Tried(digest, False, name, "internal error")
+            self._tried[path] = _Tried(digest, name, "internal error")
             return None
         self._serving[path] = name
-        self._tried[path] = _Tried(digest, again=False, name=name)
+        self._tried[path] = _Tried(digest, name)
         log.info("cards folder: %s serves %s", path.name, ", ".join(m.name for m in models))
 
-    async def _retire(self, path: Path) -> None:
-        name = self._serving.pop(path)
+    async def _retire(self, path: Path) -> bool:
+        """Retire the card ``path`` served; False if that failed (it serves on)."""
+        name = self._serving[path]
         try:
             await self.changes.delete(name)
         except ApiError as exc:
-            log.error("cards folder: %s went, retiring %s failed: %s", path.name, name,
-                      exc.message)
-            return
+            log.warning("cards folder: %s went, retiring %s failed (trying again): %s",
+                        path.name, name, exc.message)
+            return False
+        del self._serving[path]
         log.info("cards folder: %s went, %s retired", path.name, name)
+        return True
 
     def _failed(self, path: Path, digest: str, name: str, exc: ApiError) -> None:
-        again = exc.code in PASSING
         before = self._tried.get(path)
+        again_at, wait_s = None, 0.0
+        if exc.code in PASSING:  # tried again unchanged, less and less often
+            last = before.wait_s if before is not None and before.digest == digest else 0.0
+            wait_s = min(MAX_RETRY_S, max(FIRST_RETRY_S, 2 * last))
+            again_at = time.monotonic() + wait_s
         if before is None or before.reason != exc.message:  # once, not every reading
             log.error("cards folder: %s: %s (%s)%s", path.name, exc.message, exc.code.value,
-                      "; trying again" if again else "; waiting for the file to change")
-        self._tried[path] = _Tried(digest, again, name, exc.message)
+                      "; trying again" if again_at else "; waiting for the file to change")
+        self._tried[path] = _Tried(digest, name, exc.message, again_at, wait_s)
         self.changes.failed(name, f"{path.name}: {exc.message}")
 
 
-def _card_files(folder: Path) -> dict[Path, bytes]:
+def _card_files(folder: Path) -> dict[Path, bytes | None] | None:
     """The card files directly in ``folder`` (hidden ones skipped: editors' and
-    Kubernetes' staging files) and their bytes."""
+    Kubernetes' staging files) and their bytes (None: unreadable now); None when
+    the folder is not there."""
     if not folder.is_dir():
-        return {}
-    return {p: p.read_bytes() for p in folder.iterdir()
-            if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()}
+        return None
+    out: dict[Path, bytes | None] = {}
+    for path in folder.iterdir():
+        if path.suffix in SUFFIXES and not path.name.startswith(".") and path.is_file():
+            try:
+                out[path] = path.read_bytes()
+            except OSError as exc:
+                log.warning("cards folder: %s: %s", path.name, exc)
+                out[path] = None
+    return out
 
 
 def _card_name(body: bytes) -> str:

@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -52,6 +51,7 @@ from tierdet.contract.results import ModelChange, State
 from tierdet.registry.cards import ModelCard as Card
 from tierdet.registry.cards import expand, spec_of
 from tierdet.registry.specs import CARD_SPECS, SPECS, ModelSpec, lookup
+from tierdet.serving import repository_files
 from tierdet.serving.canary import Canaries, Verdict, side_name
 from tierdet.serving.card_intake import checked_graphs, parse_card, write_card
 from tierdet.serving.catalog import Catalog
@@ -115,6 +115,8 @@ class ModelChanges:
         with self._holding(name, *names):
             for n in names:
                 self._record(n, "building", card=name)
+            root = home / "repository" / self.settings.model_target
+            was = await asyncio.to_thread(repository_files.before, root, names)
             try:
                 card_file = write_card(home, raw, graphs)
                 await self._build(card_file, home)
@@ -128,6 +130,7 @@ class ModelChanges:
                 why = exc.message if isinstance(exc, ApiError) else \
                     f"{type(exc).__name__} (see the gateway's log)"
                 await self._undo_add([n for n in names if n not in replaced])
+                await asyncio.to_thread(repository_files.put_back, was)
                 if not replaced:
                     self._cards.pop(name, None)
                 for n in names:  # a model replaced in vain serves its old version still
@@ -258,7 +261,9 @@ class ModelChanges:
                 await self._unload(n)
                 self.catalog.forget(n)
                 if self._card_of(n):  # built here: gone, or a restarted Triton loads it
-                    await asyncio.to_thread(self._remove_from_repository, n)
+                    _, home = self._where()
+                    await asyncio.to_thread(repository_files.remove, home / "repository"
+                                            / self.settings.model_target / n)
                 self._record(n, "retired", card=self._card_of(n))
             self._cards.pop(name, None)
         log.info("retired %s", ", ".join(names))
@@ -271,18 +276,14 @@ class ModelChanges:
                  and self.catalog.serves(n)]
         for endpoint in [e for e in self.pool.endpoints.values() if e.up]:
             for name in names:
-                if endpoint.index.get(name, ("READY", ""))[0] not in ("UNAVAILABLE", ""):
-                    continue  # loaded, loading, or not in that repository at all
+                if endpoint.index.get(name, ("READY", ""))[0] not in ("UNAVAILABLE", "") \
+                        or name in self._busy or not self.catalog.serves(name):
+                    continue  # loaded, loading, not in that repository; or being changed
                 log.info("model %s is not loaded at %s: loading it", name, endpoint.url)
                 try:
                     await endpoint.backend.load_model(name)
                 except ApiError as exc:
                     log.error("model %s at %s: %s", name, endpoint.url, exc.message)
-
-    def _remove_from_repository(self, name: str) -> None:
-        _, home = self._where()
-        shutil.rmtree(home / "repository" / self.settings.model_target / name,
-                      ignore_errors=True)
 
     # -- canaries --------------------------------------------------------------
 
@@ -374,11 +375,10 @@ class ModelChanges:
         self._records[name] = ModelChange(name, state, reason, card)
 
     def failed(self, name: str, reason: str) -> None:
-        """A card that failed before any change began (the cards folder's: it did
-        not parse, its graph is not there): shown under its name until a change of
-        it succeeds. A model that serves keeps its own record."""
-        before = self._records.get(name)
-        if not self.catalog.serves(name) and (before is None or before.state == "failed"):
+        """A card that failed before any change began (the cards folder's), shown
+        under its name until a change of it succeeds; a served model keeps its own."""
+        if not self.catalog.serves(name) and self._records.get(
+                name, ModelChange(name, "failed")).state in ("failed", "retired"):
             self._record(name, "failed", reason)
 
     def clear_failure(self, name: str) -> None:

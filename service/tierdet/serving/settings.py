@@ -179,9 +179,10 @@ class Settings(BaseModel):
     canary_min_samples: int = Field(200, ge=1, le=100_000, description=(
         "images a canary and the model it would replace must both have answered, each "
         "scored against the same reference, before the rule decides (see Canaries)"))
-    canary_max_agreement_drop: float = Field(0.01, ge=0.0, le=1.0, description=(
+    canary_max_agreement_drop: float = Field(0.0, ge=0.0, le=1.0, description=(
         "a canary whose shadow agreement is below the old model's on the same images by "
-        "more than this on average is rolled back"))
+        "more than this on average, beyond two standard errors of the pairs, is rolled "
+        "back (0: any drop the pairs can tell from noise)"))
     canary_max_p99_ratio: float = Field(1.2, ge=1.0, le=100.0, description=(
         "a canary whose answers' p99 is above the old model's times this is rolled back"))
     log_level: str = Field("info", description="uvicorn's log level")

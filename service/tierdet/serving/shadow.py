@@ -20,9 +20,9 @@ image slots: ``memory`` counts it), and sends it to the reference only where
 the reference's device is idle (nothing of this gateway's in flight there and
 Triton's queue empty, checked before decoding and again before sending; else
 dropped), at Triton's lowest priority level. While a canary runs (``canary``),
-every answer of it and of the model it would replace is sampled; each scored
-answer of the canary is paired with that model's answer to the same image,
-run here too, and the pair goes to the canary's rule. While it runs, the router counts
+every answer of it is sampled and, once scored, paired with the answer of the
+model it would replace to the same image, run here too; the pair goes to the
+canary's rule. While it runs, the router counts
 it as work on that device like any other, so callers are routed around it.
 """
 
@@ -252,27 +252,25 @@ class Shadow:
         here too, scored against the same reference detections; the pair goes to the
         rule (what differs from image to image cancels). No pair where that model's
         device is busy."""
-        canary = self.canaries.running(sample.model) if self.canaries is not None else None
-        if canary is None or sample.model != canary.side:
+        canaries = self.canaries
+        canary = canaries.running(sample.model) if canaries is not None else None
+        # A canary of the reference itself has nothing above it to be judged against:
+        # its agreement with the old version is not accuracy (the admin decides it).
+        if canaries is None or canary is None or sample.model != canary.side \
+                or canary.name == sample.reference or self._idle_endpoint(canary.name) is None:
             return
-        if canary.name == sample.reference:  # the model is the reference: its own rows
-            answer: tuple[np.ndarray, imaging.Geometry] | None = (reference_rows, geometry)
-        elif self._idle_endpoint(canary.name) is None:
+        try:
+            answer = await self._answer(canary.name, sample.image)
+        except ApiError as exc:
+            log.info("shadow run of %s for its canary failed: %s", canary.name, exc.message)
             return
-        else:
-            try:
-                answer = await self._answer(canary.name, sample.image)
-            except ApiError as exc:
-                log.info("shadow run of %s for its canary failed: %s", canary.name,
-                         exc.message)
-                return
         if answer is None:
             return
         old = Sample(sample.tier, canary.name, sample.reference, sample.image, *answer)
         old_ap = await asyncio.to_thread(score, old, reference_rows, geometry,
                                          self.settings.shadow_score_threshold)
-        if old_ap is not None and self.canaries is not None:
-            self.canaries.paired(canary.name, ap, old_ap)
+        if old_ap is not None:
+            canaries.paired(canary, ap, old_ap)
 
     def _keep(self, tier: str | None, model: str, ap: float) -> None:
         window = self.windows.setdefault((tier, model),
