@@ -90,6 +90,7 @@ def _written(raw: dict, changes: dict, path: Path) -> Path:
     ({"measured_ap": {"ap": {320: 26.0}, "dataset": "d", "command": "c"}}, "measured_ap.ap"),
     ({"output.format": "gfl", "output.strides": []}, "output"),
     ({"output.cell_centre": "x*s+1"}, "output.cell_centre"),
+    ({"pre_nms_top_k": 50, "max_detections": 100}, "pre_nms_top_k"),
 ])
 def test_a_malformed_card_is_refused_naming_the_field(tmp_path, changes, field):
     with pytest.raises(CardError) as info:

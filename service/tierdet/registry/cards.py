@@ -213,6 +213,14 @@ class ModelCard(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _nms_keeps_enough_candidates(self) -> ModelCard:
+        if self.output.format != "end2end" and self.pre_nms_top_k < self.max_detections:
+            raise ValueError(f"pre_nms_top_k ({self.pre_nms_top_k}) is below max_detections "
+                             f"({self.max_detections}): the detections are the best of the "
+                             "candidates")
+        return self
+
+    @model_validator(mode="after")
     def _checkpoint_sources_are_graphs_of_their_family(self) -> ModelCard:
         if isinstance(self.source, CheckpointSource):
             if self.output.format != "end2end":
