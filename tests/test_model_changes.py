@@ -400,3 +400,22 @@ def test_a_failed_change_puts_the_repository_back_as_it_was(tmp_path):
     assert (served / "config.pbtxt").read_text() == "version 1's config"
     assert (served / "1" / "model.onnx").read_bytes() == b"v1"
     assert not (tmp_path / "new").exists()
+
+
+def test_a_replacement_that_drops_a_size_is_refused(stack: Stack):
+    """A size left out of a card's replacement would serve on with no card: the
+    replacement is refused, the card serves as it was."""
+    put = stack.http.put("/admin/models/two-sizes", headers=ADMIN,
+                         content=card("two-sizes", **{"input.size": [320, 416]}))
+    assert put.status_code == 200, put.text
+    assert {"two-sizes-320", "two-sizes-416"} <= {n for n, ready in served(stack).items()
+                                                  if ready}
+    fewer = stack.http.put("/admin/models/two-sizes", headers=ADMIN,
+                           content=card("two-sizes", **{"input.size": [320]}))
+    assert fewer.status_code == 409, fewer.text
+    assert fewer.json()["error"]["code"] == "model_conflict"
+    assert "two-sizes-416" in fewer.json()["error"]["message"]
+    assert admin_states(stack)["two-sizes-416"] == "serving"
+    retired = stack.http.delete("/admin/models/two-sizes", headers=ADMIN)
+    assert retired.status_code == 200, retired.text
+    assert {m["name"] for m in retired.json()["models"]} == {"two-sizes-320", "two-sizes-416"}

@@ -5,6 +5,7 @@ reads it. Every refusal is an ``ApiError`` with its own code."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from tierdet.registry.cards import (
     card_mapping,
     expand,
     sha256_file,
+    spec_of,
     validated,
 )
 from tierdet.registry.cards import ModelCard as Card
+from tierdet.registry.specs import SPECS, ModelSpec
 
 
 def parse_card(name: str, body: bytes) -> tuple[dict[str, Any], Card]:
@@ -38,6 +41,28 @@ def parse_card(name: str, body: bytes) -> tuple[dict[str, Any], Card]:
         raise ApiError(ErrorCode.INVALID_CARD, "source: the admin API takes an ONNX graph with "
                        "its sha256 (source: {onnx: FILE, sha256: DIGEST})")
     return raw, card
+
+
+def check_replaceable(card: Card, serving: ModelSpec | None) -> None:
+    """``card`` may take its name: not a shipped model's and, where a model of that
+    name serves (``serving``: its spec), with what the gateway prepares for it
+    unchanged: requests prepared for the old version may still be on their way."""
+    if card.name in SPECS:
+        raise ApiError(ErrorCode.MODEL_CONFLICT, f"{card.name!r} is a shipped model's name")
+    if serving is not None and _prepared(serving) != _prepared(spec_of(card)):
+        raise ApiError(ErrorCode.MODEL_CONFLICT, (
+            f"{card.name}: the replacement changes what the gateway prepares for it "
+            "(input size, resize, classes or detections): add it under a new name, "
+            "then retire the old one"))
+
+
+def _prepared(spec: ModelSpec) -> tuple[object, ...]:
+    """What the gateway does for a model outside its graph. Normalisation and channel
+    order happen inside the graph (the gateway always sends uint8 RGB): a version may
+    change them."""
+    outside = replace(spec.preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                      channels="RGB")
+    return spec.input_size, outside, spec.labels, spec.max_detections
 
 
 def checked_graphs(card: Card, cards_dir: Path) -> dict[int, Path]:

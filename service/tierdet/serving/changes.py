@@ -50,10 +50,15 @@ from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.contract.results import ModelChange, State
 from tierdet.registry.cards import ModelCard as Card
 from tierdet.registry.cards import expand, spec_of
-from tierdet.registry.specs import CARD_SPECS, SPECS, ModelSpec, lookup
+from tierdet.registry.specs import CARD_SPECS, lookup
 from tierdet.serving import repository_files
 from tierdet.serving.canary import Canaries, Verdict, side_name
-from tierdet.serving.card_intake import checked_graphs, parse_card, write_card
+from tierdet.serving.card_intake import (
+    check_replaceable,
+    checked_graphs,
+    parse_card,
+    write_card,
+)
 from tierdet.serving.catalog import Catalog
 from tierdet.serving.pool import EndpointPool
 from tierdet.serving.settings import Settings
@@ -111,6 +116,10 @@ class ModelChanges:
         replaced = [n for n in names if self.catalog.serves(n)]
         for model in models:
             self._check_replaceable(model)
+        dropped = sorted(set(self._cards.get(name, ())) - set(names))
+        if dropped:  # they would serve on with no card; retired, they go with it
+            raise ApiError(ErrorCode.MODEL_CONFLICT, f"{name}: the card no longer has "
+                           f"{', '.join(dropped)}: retire the card first, or keep them")
         self._check_no_canary(*names)
         with self._holding(name, *names):
             for n in names:
@@ -153,18 +162,6 @@ class ModelChanges:
             raise ApiError(ErrorCode.CHANGES_DISABLED, "models cannot change on a gateway of "
                            "several workers (each keeps its own catalog): TIERDET_WORKERS=1")
         return self.settings.cards_dir, self.settings.home
-
-    def _check_replaceable(self, card: Card) -> None:
-        if card.name in SPECS:
-            raise ApiError(ErrorCode.MODEL_CONFLICT, f"{card.name!r} is a shipped model's name")
-        old = lookup(card.name)
-        if old is None or not self.catalog.serves(card.name):
-            return
-        if _prepared(old) != _prepared(spec_of(card)):
-            raise ApiError(ErrorCode.MODEL_CONFLICT, (
-                f"{card.name}: the replacement changes what the gateway prepares for it "
-                "(input size, resize, classes or detections): add it under a new name, "
-                "then retire the old one"))
 
     async def _build(self, card_file: Path, home: Path) -> None:
         """``tierdet build`` in a child process: its own interpreter, its own GIL."""
@@ -386,14 +383,8 @@ class ModelChanges:
         if name in self._records and self._records[name].state == "failed":
             del self._records[name]
 
+    def _check_replaceable(self, card: Card) -> None:
+        check_replaceable(card, lookup(card.name) if self.catalog.serves(card.name) else None)
+
     def _card_of(self, name: str) -> str:
         return next((c for c, models in self._cards.items() if name in models), "")
-
-
-def _prepared(spec: ModelSpec) -> tuple[object, ...]:
-    """What the gateway does for a model outside its graph: a request prepared for
-    one version must suit the next. Normalisation and channel order happen inside
-    the graph (the gateway always sends uint8 RGB): a version may change them."""
-    outside = replace(spec.preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                      channels="RGB")
-    return spec.input_size, outside, spec.labels, spec.max_detections
