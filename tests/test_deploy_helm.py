@@ -488,6 +488,8 @@ def test_a_cards_folder_is_served_by_one_gateway_building_into_tritons_repositor
     gateway_pod = deployments["gateway"]["spec"]["template"]["spec"]
     triton_pod = deployments["triton"]["spec"]["template"]["spec"]
     assert deployments["gateway"]["spec"]["replicas"] == 1
+    # Never two at once, not even during a rollout.
+    assert deployments["gateway"]["spec"]["strategy"] == {"type": "Recreate"}
     assert not any(m["kind"] == "HorizontalPodAutoscaler" and "gateway" in m["metadata"]["name"]
                    for m in manifests)
     (gateway,) = gateway_pod["containers"]

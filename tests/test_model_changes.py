@@ -419,3 +419,18 @@ def test_a_replacement_that_drops_a_size_is_refused(stack: Stack):
     retired = stack.http.delete("/admin/models/two-sizes", headers=ADMIN)
     assert retired.status_code == 200, retired.text
     assert {m["name"] for m in retired.json()["models"]} == {"two-sizes-320", "two-sizes-416"}
+
+
+def test_a_folder_card_retired_through_the_admin_api_frees_its_name(stack: Stack):
+    """Retired by the admin while its file stays: the file going later is no error,
+    and the same card from another file serves again."""
+    live = stack.cards / "live"
+    drop(live, "once.yaml", card("folder-once"))
+    wait_until(lambda: admin_states(stack).get("folder-once") == "serving",
+               "the folder's card to serve, its change over")
+    assert stack.http.delete("/admin/models/folder-once", headers=ADMIN).status_code == 200
+    (live / "once.yaml").unlink()
+    drop(live, "again.yaml", card("folder-once"))
+    wait_until(lambda: served(stack).get("folder-once"), "the card from its new file")
+    (live / "again.yaml").unlink()
+    wait_until(lambda: "folder-once" not in served(stack), "the card retired with its file")

@@ -66,9 +66,9 @@ async def _watch_models(detector: Detector, health_servicer: health.HealthServic
             ready, _, _ = await detector.readiness()
             await set_health(health_servicer, ready)
             if ticks % STATS_EVERY == 0:
+                await detector.changes.restore()  # first: statistics may fail
                 await detector.catalog.refresh_statistics()
                 detector.catalog.refresh_accuracy()
-                await detector.changes.restore()
         except Exception:
             log.exception("model refresh failed")
         ticks += 1

@@ -57,6 +57,7 @@ class CardFolder:
         self.changes = changes
         self._tried: dict[Path, _Tried] = {}
         self._serving: dict[Path, str] = {}  # file -> the card it serves
+        self._retiring: dict[Path, str] = {}  # file gone -> why its card serves on
 
     async def watch(self, every_s: float, stop: asyncio.Event) -> None:
         """Read the folder now and every ``every_s`` until ``stop``."""
@@ -121,9 +122,13 @@ class CardFolder:
         try:
             await self.changes.delete(name)
         except ApiError as exc:
-            log.warning("cards folder: %s went, retiring %s failed (trying again): %s",
-                        path.name, name, exc.message)
-            return False
+            if exc.code != ErrorCode.UNKNOWN_MODEL:  # else retired already (admin API)
+                if self._retiring.get(path) != exc.message:  # once, not every reading
+                    log.warning("cards folder: %s went, retiring %s failed (trying again): "
+                                "%s", path.name, name, exc.message)
+                self._retiring[path] = exc.message
+                return False
+        self._retiring.pop(path, None)
         del self._serving[path]
         log.info("cards folder: %s went, %s retired", path.name, name)
         return True

@@ -18,16 +18,14 @@ states. Then, each step only once the one before succeeded:
 
 Retiring stops routing to a model at once, waits until the requests already
 routed to it are answered (``Catalog.using``/``drained``), then unloads it.
-A malformed card, a path out of the folder, a missing graph, a digest that
-does not match, a failed build or load is an ``ApiError`` with its own code,
-and the serving set stays as it was. A replacement may not change what the
-gateway prepares for the model (input size, resize, classes, detections):
-requests prepared for the old version may still be on their way.
+A malformed card, a path out of the folder, a missing graph, a wrong digest, a
+failed build or load is an ``ApiError`` with its own code, and the serving set
+(and Triton's repository) stays as it was. A replacement may not change what the
+gateway prepares for the model (``card_intake.check_replaceable``).
 
-A replacement may be staged as a canary (``put_canary``; the rule and its
-state are ``canary``'s): the card is added under a side name, judged on live
-figures, then promoted (the replace path above, then the side retired) or
-rolled back (the side retired), by the rule or by the admin (``decide``).
+A replacement may be staged as a canary (``put_canary``; its rule and state are
+``canary``'s): added under a side name, judged on live figures, then promoted
+(replaced, the side retired) or rolled back (the side retired).
 
 Changes last while the gateway runs (a card meant to stay: ``TIERDET_CARDS``); each
 gateway process keeps its own catalog, so changes need one worker.
@@ -116,16 +114,18 @@ class ModelChanges:
         replaced = [n for n in names if self.catalog.serves(n)]
         for model in models:
             self._check_replaceable(model)
-        dropped = sorted(set(self._cards.get(name, ())) - set(names))
+        dropped = sorted(n for n in set(self._cards.get(name, ())) - set(names)
+                         if self.catalog.serves(n))
         if dropped:  # they would serve on with no card; retired, they go with it
             raise ApiError(ErrorCode.MODEL_CONFLICT, f"{name}: the card no longer has "
                            f"{', '.join(dropped)}: retire the card first, or keep them")
         self._check_no_canary(*names)
         with self._holding(name, *names):
-            for n in names:
-                self._record(n, "building", card=name)
             root = home / "repository" / self.settings.model_target
             was = await asyncio.to_thread(repository_files.before, root, names)
+            specs, models_before = {n: CARD_SPECS.get(n) for n in names}, self._cards.get(name)
+            for n in names:
+                self._record(n, "building", card=name)
             try:
                 card_file = write_card(home, raw, graphs)
                 await self._build(card_file, home)
@@ -140,8 +140,10 @@ class ModelChanges:
                     f"{type(exc).__name__} (see the gateway's log)"
                 await self._undo_add([n for n in names if n not in replaced])
                 await asyncio.to_thread(repository_files.put_back, was)
-                if not replaced:
-                    self._cards.pop(name, None)
+                await self._reload(replaced)  # a new version loaded meanwhile: the old again
+                CARD_SPECS.update({n: spec for n, spec in specs.items() if spec is not None})
+                self._cards.pop(name, None)
+                self._cards.update({name: models_before} if models_before else {})
                 for n in names:  # a model replaced in vain serves its old version still
                     self._record(n, "serving" if n in replaced else "failed",
                                  f"the replacement failed: {why}" if n in replaced else why,
@@ -217,6 +219,13 @@ class ModelChanges:
             if name in replaced:
                 state.spec = lookup(name) or state.spec
                 await self.catalog.renew(name)
+
+    async def _reload(self, names: list[str]) -> None:
+        """Load ``names`` again wherever they are: Triton takes what the folder holds."""
+        for endpoint in [e for e in self.pool.endpoints.values() if e.up]:
+            for name in names:
+                with contextlib.suppress(ApiError):  # that endpoint serves what it had
+                    await endpoint.backend.load_model(name)
 
     async def _undo_add(self, names: list[str]) -> None:
         """Models a failed change would have added: unknown again, unloaded."""
