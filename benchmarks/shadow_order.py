@@ -97,15 +97,19 @@ def yolox_card(name: str, onnx: str, flipped: bool) -> dict:
     return raw
 
 
+def detect(client: httpx.Client, name: str, photo: Path) -> None:
+    """One request pinned to ``name``, answered."""
+    client.post("/v1/detect", data={"model": name},
+                files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+                ).raise_for_status()
+
+
 def send(client: httpx.Client, base: str, name: str, photos: list[Path], count: int,
          scored: bool) -> None:
     """``count`` requests pinned to ``name`` (the photographs in turn), each sample
     ended before the next request when ``scored``."""
     for n in range(1, count + 1):
-        photo = photos[(n - 1) % len(photos)]
-        r = client.post("/v1/detect", data={"model": name},
-                        files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
-        r.raise_for_status()
+        detect(client, name, photos[(n - 1) % len(photos)])
         if scored:
             settled(base, name, n)
 
@@ -133,10 +137,7 @@ def canary(client: httpx.Client, base: str, body: str, photos: list[Path]) -> di
     staged.raise_for_status()
     requests = 0
     while True:
-        photo = photos[requests % len(photos)]
-        client.post("/v1/detect", data={"model": HEALTHY},
-                    files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}
-                    ).raise_for_status()
+        detect(client, HEALTHY, photos[requests % len(photos)])
         requests += 1
         all_ended(base)
         models = client.get("/admin/models", headers=ADMIN).json()["models"]

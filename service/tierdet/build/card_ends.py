@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tierdet.build.detection_head import Head, Nodes
-from tierdet.registry.cards import ModelCard, single_size
+from tierdet.registry.cards import ModelCard, labels_of, single_size
 from tierdet.registry.tensors import INPUT_NAME, OUTPUT_NAME
 
 CARD_INPUT = "card_input"
@@ -59,21 +59,19 @@ def back(card: ModelCard, outputs: tuple[tuple[tuple[int, ...], Any], ...],
     from onnx import TensorProto, helper
 
     out, size = card.output, single_size(card)
-    classes = 80 if card.classes == "coco80" else len(card.classes)
     g = Nodes()
     names = [f"card_out{i}" for i in range(len(outputs))]
     maps = [g.op("Cast", n, to=TensorProto.FLOAT) for n in names]
-    head = Head(num_classes=classes, pre_nms_top_k=card.pre_nms_top_k,
+    head = Head(num_classes=labels_of(card).num_classes, pre_nms_top_k=card.pre_nms_top_k,
                 max_detections=card.max_detections, iou_threshold=card.nms_iou,
                 scores_are_logits=out.scores == "logits", multi_label=out.multi_label,
                 input_size=size)
-    cells, strides = _grid(card)
     if out.format == "end2end":
         g.op("Identity", maps[0], out=OUTPUT_NAME)
     elif out.format == "boxes_scores":
         head.detections(g, maps[0], maps[1], anchors, out=OUTPUT_NAME)
     elif out.format == "yolox":
-        row = maps[0]
+        row, (cells, strides) = maps[0], _grid(card)
         centre = g.op("Mul", g.op("Add", _columns(g, row, 0, 2), g.const(cells)),
                       g.const(strides))
         half = g.op("Div", g.op("Mul", g.op("Exp", _columns(g, row, 2, 4)), g.const(strides)),
@@ -82,7 +80,7 @@ def back(card: ModelCard, outputs: tuple[tuple[tuple[int, ...], Any], ...],
         scores = g.op("Mul", _columns(g, row, 4, 5), _columns(g, row, 5, 2**62))
         head.detections(g, boxes, scores, anchors, out=OUTPUT_NAME)
     else:  # gfl
-        boxes, scores = _gfl(g, card, maps, cells, strides)
+        boxes, scores = _gfl(g, card, maps, *_grid(card))
         head.detections(g, boxes, scores, anchors, out=OUTPUT_NAME)
     inputs = [helper.make_tensor_value_info(
         n, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch", *shape[1:]])

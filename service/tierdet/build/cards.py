@@ -38,6 +38,7 @@ from tierdet.registry.cards import (
     CardError,
     CheckpointSource,
     ModelCard,
+    labels_of,
     sha256_file,
     single_size,
 )
@@ -144,7 +145,7 @@ def _run(card: ModelCard, graph: bytes, name: str, outputs: tuple[str, ...],
 
 def _check_outputs(card: ModelCard, outs: list[np.ndarray]) -> int:
     """The output shapes the card's format promises; returns N (rows per image)."""
-    fmt, classes = card.output.format, _num_classes(card)
+    fmt, classes = card.output.format, labels_of(card).num_classes
     shapes = [tuple(o.shape) for o in outs]
     if fmt == "end2end":
         if len(outs) != 1 or len(shapes[0]) != 3 or shapes[0][2] != 6:
@@ -182,10 +183,6 @@ def _check_gfl(card: ModelCard, shapes: list[tuple[int, ...]], classes: int) -> 
                         f"{[list(w) for w in want]} (B first), the graph gives "
                         f"{[list(s) for s in shapes]}")
     return sum(cells)
-
-
-def _num_classes(card: ModelCard) -> int:
-    return 80 if card.classes == "coco80" else len(card.classes)
 
 
 def _try_batch(card: ModelCard, model, name: str, outputs: tuple[str, ...],

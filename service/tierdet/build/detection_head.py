@@ -29,13 +29,14 @@ import numpy as np
 
 OPSET = 18
 IR_VERSION = 10  # what ONNX Runtime and TensorRT 10's parser both read
-# NMS considers only candidates scoring above these. Below them a candidate could
-# not be returned anyway: a logit under -104 has a float32 sigmoid of exactly 0, and
-# a score of 0 is the output's padding; and a candidate only suppresses lower ones.
+# NMS considers only candidates scoring above these (the zoo's torch head too, in
+# tierdet.build.export.postprocess). Below them a candidate could not be returned
+# anyway: a logit under -104 has a float32 sigmoid of exactly 0, and a score of 0 is
+# the output's padding; and a candidate only suppresses lower ones.
 LOGIT_FLOOR = -104.0
 PROBABILITY_FLOOR = 0.0
 # Rank of a suppressed candidate: below any kept score, and finite in fp16 (TensorRT's
-# --fp16 may run these layers in half precision; -inf would leave its range).
+# --fp16 may run these layers in half precision; -inf or -1e30 would leave its range).
 SUPPRESSED = -60000.0
 
 

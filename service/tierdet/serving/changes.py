@@ -121,8 +121,7 @@ class ModelChanges:
                            f"{', '.join(dropped)}: retire the card first, or keep them")
         self._check_no_canary(*names)
         with self._holding(name, *names):
-            root = home / "repository" / self.settings.model_target
-            was = await asyncio.to_thread(repository_files.before, root, names)
+            was = await asyncio.to_thread(repository_files.before, self._repository(), names)
             specs, models_before = {n: CARD_SPECS.get(n) for n in names}, self._cards.get(name)
             for n in names:
                 self._record(n, "building", card=name)
@@ -267,9 +266,7 @@ class ModelChanges:
                 await self._unload(n)
                 self.catalog.forget(n)
                 if self._card_of(n):  # built here: gone, or a restarted Triton loads it
-                    _, home = self._where()
-                    await asyncio.to_thread(repository_files.remove, home / "repository"
-                                            / self.settings.model_target / n)
+                    await asyncio.to_thread(repository_files.remove, self._repository() / n)
                 self._record(n, "retired", card=self._card_of(n))
             self._cards.pop(name, None)
         log.info("retired %s", ", ".join(names))
@@ -278,8 +275,7 @@ class ModelChanges:
     async def restore(self) -> None:
         """Load the models added here where an endpoint has them in its repository but
         not loaded (a Triton restarted, or joined the pool, since: it loads its own)."""
-        names = [n for ms in self._cards.values() for n in ms if n not in self._busy
-                 and self.catalog.serves(n)]
+        names = [n for models in self._cards.values() for n in models]
         for endpoint in [e for e in self.pool.endpoints.values() if e.up]:
             for name in names:
                 if endpoint.index.get(name, ("READY", ""))[0] not in ("UNAVAILABLE", "") \
@@ -391,6 +387,10 @@ class ModelChanges:
         """Forget a card's failure (its file went, or it serves now)."""
         if name in self._records and self._records[name].state == "failed":
             del self._records[name]
+
+    def _repository(self) -> Path:
+        """The folder Triton serves, where the builds go."""
+        return self._where()[1] / "repository" / self.settings.model_target
 
     def _check_replaceable(self, card: Card) -> None:
         check_replaceable(card, lookup(card.name) if self.catalog.serves(card.name) else None)

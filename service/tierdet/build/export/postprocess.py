@@ -11,19 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tierdet.build.detection_head import LOGIT_FLOOR, PROBABILITY_FLOOR, SUPPRESSED
 from tierdet.build.export.nms import nms_keep
-
-# NMS considers only candidates scoring above these (ONNX's NonMaxSuppression
-# and TensorRT's both take a threshold; TensorRT's default 0 would drop every
-# negative logit). Below them a candidate could not be returned anyway: a
-# logit under -104 has a float32 sigmoid of exactly 0, and a score of 0 is the
-# output's padding; and a candidate only suppresses lower-scored ones.
-LOGIT_FLOOR = -104.0
-PROBABILITY_FLOOR = 0.0
-# Rank of a suppressed candidate: below any kept score, and finite in fp16
-# (TensorRT's --fp16 may run these layers in half precision; -inf or -1e30
-# there would leave the range the compatibility check allows).
-SUPPRESSED = -60000.0
 
 
 class DetectionHead(nn.Module):
