@@ -1,7 +1,7 @@
 """The router follows the device it runs on: when the device slows down (a GPU
 clocking down, a neighbour taking the cores), the latency the router predicts
-follows within a few answers, read from what Triton reports of its own queue
-and batches, even while other clients keep the device busy.
+follows within a few answers, read from the time Triton reports its device
+ran the model, even while other clients keep the device busy.
 
 The device is emulated (benchmarks/instant/model.py: each execution sleeps a
 set time and uses no CPU), so its speed is known and changed on purpose, and
@@ -99,7 +99,7 @@ def test_a_busy_device_that_slows_down_twice_is_followed_in_a_few_answers(emulat
             _detect(gateway)
         before = _estimate(gateway)
         # Waiting behind the neighbour is not mistaken for a slow device.
-        assert before < 2.0 * BASE_MS, before
+        assert BASE_MS <= before < 1.5 * BASE_MS, before
         set_device(device, 2 * BASE_MS)
         answers = []
 
@@ -110,11 +110,12 @@ def test_a_busy_device_that_slows_down_twice_is_followed_in_a_few_answers(emulat
 
         wait_until(followed, "the router's estimate to follow the slower device")
         print(f"estimate {before:.1f} ms, then after each answer: {answers}")
-        assert len(answers) <= 12, answers
+        assert len(answers) <= 6, answers
         for _ in range(10):
             _detect(gateway)
         # ...and settles at the device's new speed, queue waits not counted in it.
-        assert _estimate(gateway) < 1.4 * 2 * before, (before, answers, _estimate(gateway))
+        assert 1.6 * before <= _estimate(gateway) < 1.4 * 2 * before, (
+            before, answers, _estimate(gateway))
     finally:
         stop.set()
         for thread in threads:

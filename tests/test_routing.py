@@ -208,12 +208,14 @@ def test_queueing_does_not_inflate_the_learned_service_time():
 
 
 def _device(r: Router, served: int, queue_ms_each: float, batch: int, model: str = "mid",
-            endpoint: str = "local") -> None:
+            endpoint: str = "local", run_ms: float = 0.0) -> None:
     """Triton's report after it answered ``served`` more requests of ``model``, each
-    after ``queue_ms_each`` in its queue, in executions of ``batch`` images."""
+    after ``queue_ms_each`` in its queue, in executions of ``batch`` images that
+    each ran ``run_ms`` on the device (0: a server that does not say)."""
     before = r.latency._served.get((endpoint, model), Served())
     now = Served(before.requests + served, before.queue_us + served * queue_ms_each * 1e3,
-                 before.images + served, before.executions + served // batch)
+                 before.images + served, before.executions + served // batch,
+                 before.compute_us + served * run_ms * 1e3)
     r.latency.observe_queues({endpoint: (time.monotonic(), QueueReport({}, {}, {model: now}))})
 
 
@@ -252,6 +254,45 @@ def test_a_batched_answer_is_compared_with_the_profiles_batch():
         r.latency.finish(r.latency.admit("mid"), observed_ms=400.0)  # the profile's batch 8
         _device(r, 8, 0.0, 8)
     assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.05)
+
+
+def test_a_device_twice_as_slow_is_followed_from_its_run_time_within_three_reports():
+    """Where Triton says how long the device ran the model, that time is the
+    device's speed: answers that queued behind another client are not read."""
+    r = router()
+    _device(r, 0, 0.0, 1)
+    r.latency.finish(r.latency.admit("mid"), observed_ms=50.0)  # idle: 45 run + 5 outside
+    _device(r, 1, 0.0, 1, run_ms=45.0)
+    assert r.latency.service_ms("mid") == pytest.approx(50.0)
+    r.latency.admit("fast")  # busy from here on: another client's queue ahead of ours
+    for _ in range(3):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=400.0)
+        _device(r, 4, 300.0, 1, run_ms=90.0)
+    assert r.latency.service_ms("mid") == pytest.approx(95.0, rel=0.15)
+    for _ in range(10):
+        _device(r, 4, 300.0, 1, run_ms=90.0)
+    assert r.latency.service_ms("mid") == pytest.approx(95.0, rel=0.01)
+
+
+def test_another_clients_batches_are_not_read_as_a_slow_device():
+    """A run of 8 images takes the profile's batch-8 time: the device is as fast
+    as profiled, however long the answers that waited for it took."""
+    r = router()
+    _device(r, 0, 0.0, 1)
+    r.latency.admit("fast")
+    for _ in range(10):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=900.0)
+        _device(r, 8, 400.0, 8, run_ms=400.0)
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
+
+
+def test_the_time_outside_the_device_is_read_where_triton_answered_only_ours():
+    r = router()
+    _device(r, 0, 0.0, 1)
+    for _ in range(20):  # the device runs as profiled; transfer now takes 30 ms more
+        r.latency.finish(r.latency.admit("mid"), observed_ms=80.0)
+        _device(r, 1, 0.0, 1, run_ms=45.0)
+    assert r.latency.service_ms("mid") == pytest.approx(80.0, rel=0.02)
 
 
 def test_a_model_without_profile_learns_its_speed_under_load_too():

@@ -28,12 +28,14 @@ class QueueReport:
 @dataclass(frozen=True)
 class Served:
     """A model's cumulative counts at one server: requests answered, the time
-    they waited in its queue, images inferred and executions (batches) run."""
+    they waited in its queue, images inferred, executions (batches) run, and
+    the time the device spent on them (each request counts its batch's run)."""
 
     requests: int = 0
     queue_us: float = 0.0
     images: int = 0
     executions: int = 0
+    compute_us: float = 0.0
 
 
 class Backend(Protocol):

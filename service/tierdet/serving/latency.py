@@ -5,10 +5,12 @@ service time. The backlog is the larger of this gateway's own work in flight
 there and what Triton last reported queued (every gateway's work,
 ``observe_queues``) plus the work sent there since: this gateway's, and the
 other gateways' at the rate Triton's counts show. Service times come from the
-measured profile, corrected online: each answer, read against Triton's own
-account of its queue wait and batch size (a ``DeviceWindow``), says how fast
-the device runs now, so a device that slows down is followed in a few
-answers, and waiting behind other clients is not mistaken for a slow device.
+measured profile, corrected online from Triton's own account of what the
+device did between two queue reports (a ``DeviceWindow``): the time it spent
+running the model says how fast the device runs now, so a device that slows
+down is followed within a report or two, and waiting behind other clients'
+work is not mistaken for a slow device. Where Triton reports no device time,
+each answer less Triton's mean queue wait is read instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ LOCAL = "local"
 MAX_PENDING_ANSWERS = 256
 # A queue report older than this is not used: the poll has stopped or fails.
 QUEUE_MAX_AGE_S = 1.0
+# Weight of each report's reading of the device's speed: a report averages every
+# request it counts, so two or three of them follow a change.
+DEVICE_ALPHA = 0.5
 
 
 @dataclass
@@ -42,12 +47,15 @@ class _ModelLoad:
 @dataclass(frozen=True)
 class DeviceWindow:
     """What one endpoint's Triton did with a model between two queue reports:
-    the mean time its answered requests waited in its queue, and the mean batch
-    (images per execution) they ran in."""
+    the requests it answered, the mean time they waited in its queue, the mean
+    batch (images per execution) they ran in, and the mean time the device ran
+    the batch each was in (None: the server does not report it)."""
 
     queue_ms: float
     batch: float
     at: float  # time.monotonic() of the report that closed the window
+    compute_ms: float | None = None
+    requests: int = 0
 
 
 @dataclass(frozen=True, eq=False)  # each ticket is its own: compared by identity
@@ -106,6 +114,9 @@ class LatencyModel:
     windows: dict[tuple[str, str], DeviceWindow] = field(default_factory=dict)
     # (endpoint, model) -> answers (observed ms, time.monotonic()) not yet counted
     _answers: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)
+    # (endpoint, model) -> ms of a batch-1 answer spent outside the device's run
+    # (transfer, Triton's input and output handling, the client)
+    _outside: dict[tuple[str, str], float] = field(default_factory=dict)
     # endpoint -> time.monotonic() this gateway's last request there came back
     _returned: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -123,9 +134,11 @@ class LatencyModel:
         load.observed_ms = batch1_ms if prev is None else prev + self.alpha * (batch1_ms - prev)
 
     def measured(self, model: str, profile: ModelProfile) -> None:
-        """A profile measured while serving (a model the profile file lacks)."""
+        """A profile measured while serving (a model the profile file lacks, or a
+        new version): what was read against the old one is read again."""
         with self._lock:
             self.profile.models[model] = profile
+            self._forget_device(model)
 
     def forget(self, model: str) -> None:
         """A model retired: what was measured and learnt of it no longer holds (a
@@ -133,6 +146,11 @@ class LatencyModel:
         with self._lock:
             self.profile.models.pop(model, None)
             self.loads.pop(model, None)
+            self._forget_device(model)
+
+    def _forget_device(self, model: str) -> None:
+        for key in [k for k in self._outside if k[1] == model]:
+            del self._outside[key]
 
     def base_ms(self, model: str) -> float:
         """Profiled (or observed) batch-1 latency, before online correction."""
@@ -254,24 +272,29 @@ class LatencyModel:
             requests = now.requests - before.requests
             executions = now.executions - before.executions
             batch = (now.images - before.images) / executions if executions > 0 else 1.0
+            compute_us = now.compute_us - before.compute_us
             window = DeviceWindow((now.queue_us - before.queue_us) / requests / 1e3,
-                                  max(1.0, batch), asked)
+                                  max(1.0, batch), asked,
+                                  compute_us / requests / 1e3 if compute_us > 0 else None,
+                                  requests)
             self.windows[url, model] = window
             self._read_answers(url, model, window)
 
     def _read_answers(self, url: str, model: str, window: DeviceWindow) -> None:
-        """The device's own account of the answers it counted in ``window``: of
-        each answer's time, Triton's mean queue wait over the window was not
-        service; the rest is one execution at the window's mean batch size. So
-        every answer, idle or busy, reads the device's speed: a slower device
-        is followed in a few answers, and waiting behind other clients' work is
-        not mistaken for a slower device. (An answer is read with the window
-        that closes after it, not the one before: at the start of a burst the
-        one before knows nothing of the queue the answer waited in.)"""
+        """The device's own account of the answers it counted in ``window``.
+        (An answer is read with the window that closes after it, not the one
+        before: at the start of a burst the one before knows nothing of the
+        queue the answer waited in.)"""
         pending = self._answers.get((url, model), [])
         counted = [observed for observed, at in pending if at <= window.at]
         self._answers[url, model] = [(o, at) for o, at in pending if at > window.at]
         load, prof = self._load(model), self.profile.models.get(model)
+        if prof is not None and window.compute_ms is not None:
+            self._read_device(url, model, window, counted)
+            return
+        # No device time reported: of each answer's time, Triton's mean queue wait
+        # over the window was not service; the rest is one execution at the
+        # window's mean batch. Every answer, idle or busy, reads the device.
         batch = max(1, round(window.batch))
         for observed in counted:
             served_ms = max(0.0, observed - window.queue_ms)
@@ -279,6 +302,30 @@ class LatencyModel:
                 self._learn(load, served_ms / prof.service_ms(batch), self.alpha, window.at)
             else:  # no profile: take batches as a CPU runs them, image after image
                 self._observe(load, served_ms / batch)
+
+    def _read_device(self, url: str, model: str, window: DeviceWindow,
+                     answers: list[float]) -> None:
+        """The device's speed from the time Triton says it ran the model: a
+        batch-1 answer is that run, scaled to batch 1 by the profile, plus the
+        time spent outside Triton's queue and the run. That outside part is
+        read from windows in which every request answered was this gateway's
+        (so Triton's mean queue wait is theirs); until there is one, it is what
+        the current estimate leaves beside the first run read. Answers among
+        other clients' are not read: their queue and batches bias nothing."""
+        load = self._load(model)
+        prof = self.profile.models[model]
+        one = prof.service_ms(1)
+        assert window.compute_ms is not None
+        run_1 = window.compute_ms * one / prof.service_ms(max(1, round(window.batch)))
+        outside = self._outside.get((url, model))
+        if outside is None:
+            outside = max(0.0, one * self._ratio(load, window.at) - run_1)
+        if answers and len(answers) == window.requests:
+            for observed in answers:
+                rest = observed - window.queue_ms - window.compute_ms
+                outside += self.alpha * (max(0.0, rest) - outside)
+        self._outside[url, model] = outside
+        self._learn(load, (outside + run_1) / one, DEVICE_ALPHA, window.at)
 
     def idle(self, endpoint: str = LOCAL) -> bool:
         """Nothing of this gateway's in flight at ``endpoint``, and nothing queued

@@ -75,7 +75,8 @@ _DONE = ("nv_inference_request_success{", "nv_inference_request_failure{")
 # What each answered request cost the device (cumulative counters).
 _SERVED = {"nv_inference_request_success{": "requests",
            "nv_inference_queue_duration_us{": "queue_us",
-           "nv_inference_count{": "images", "nv_inference_exec_count{": "executions"}
+           "nv_inference_count{": "images", "nv_inference_exec_count{": "executions",
+           "nv_inference_compute_infer_duration_us{": "compute_us"}
 
 
 def _by_model(line: str, prefix: str, out: dict[str, float]) -> None:
@@ -105,7 +106,8 @@ def queue_report(metrics_text: str) -> QueueReport:
     models = set().union(*served.values())
     return QueueReport({m: int(n) for m, n in pending.items()}, arrived, {
         m: Served(int(served["requests"].get(m, 0)), served["queue_us"].get(m, 0.0),
-                  int(served["images"].get(m, 0)), int(served["executions"].get(m, 0)))
+                  int(served["images"].get(m, 0)), int(served["executions"].get(m, 0)),
+                  served["compute_us"].get(m, 0.0))
         for m in models})
 
 
