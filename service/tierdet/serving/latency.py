@@ -290,7 +290,7 @@ class LatencyModel:
         self._answers[url, model] = [(o, at) for o, at in pending if at > window.at]
         load, prof = self._load(model), self.profile.models.get(model)
         if prof is not None and window.compute_ms is not None:
-            self._read_device(url, model, window, counted)
+            self._read_device(url, model, window, window.compute_ms, counted)
             return
         # No device time reported: of each answer's time, Triton's mean queue wait
         # over the window was not service; the rest is one execution at the
@@ -303,7 +303,7 @@ class LatencyModel:
             else:  # no profile: take batches as a CPU runs them, image after image
                 self._observe(load, served_ms / batch)
 
-    def _read_device(self, url: str, model: str, window: DeviceWindow,
+    def _read_device(self, url: str, model: str, window: DeviceWindow, run_ms: float,
                      answers: list[float]) -> None:
         """The device's speed from the time Triton says it ran the model: a
         batch-1 answer is that run, scaled to batch 1 by the profile, plus the
@@ -311,18 +311,18 @@ class LatencyModel:
         read from windows in which every request answered was this gateway's
         (so Triton's mean queue wait is theirs); until there is one, it is what
         the current estimate leaves beside the first run read. Answers among
-        other clients' are not read: their queue and batches bias nothing."""
+        other clients' are not read: their queue and batches bias nothing.
+        ``run_ms``: the window's mean run per request."""
         load = self._load(model)
         prof = self.profile.models[model]
         one = prof.service_ms(1)
-        assert window.compute_ms is not None
-        run_1 = window.compute_ms * one / prof.service_ms(max(1, round(window.batch)))
+        run_1 = run_ms * one / prof.service_ms(max(1, round(window.batch)))
         outside = self._outside.get((url, model))
         if outside is None:
             outside = max(0.0, one * self._ratio(load, window.at) - run_1)
         if answers and len(answers) == window.requests:
             for observed in answers:
-                rest = observed - window.queue_ms - window.compute_ms
+                rest = observed - window.queue_ms - run_ms
                 outside += self.alpha * (max(0.0, rest) - outside)
         self._outside[url, model] = outside
         self._learn(load, (outside + run_1) / one, DEVICE_ALPHA, window.at)
