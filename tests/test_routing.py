@@ -286,6 +286,21 @@ def test_another_clients_batches_are_not_read_as_a_slow_device():
     assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
 
 
+def test_a_window_of_singles_and_pairs_is_read_at_the_batch_its_requests_ran_in():
+    """Triton counts a pair's run once for each of its two requests: 8 singles
+    and a pair on a CPU (a pair takes twice a single) are a device at its
+    profiled speed, not one 8% slower."""
+    r = router()
+    _device(r, 0, 0.0, 1)
+    r.latency.admit("fast")
+    for _ in range(10):
+        before = r.latency._served["local", "mid"]
+        now = Served(before.requests + 10, before.queue_us, before.images + 10,
+                     before.executions + 9, before.compute_us + (8 * 50.0 + 2 * 100.0) * 1e3)
+        r.latency.observe_queues({"local": (time.monotonic(), QueueReport({}, {}, {"mid": now}))})
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
+
+
 def test_the_time_outside_the_device_is_read_where_triton_answered_only_ours():
     r = router()
     _device(r, 0, 0.0, 1)
