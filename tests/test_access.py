@@ -9,7 +9,6 @@ import base64
 import json
 import logging
 import re
-import time
 
 import grpc
 import httpx
@@ -20,6 +19,7 @@ from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
 from tierdet.serving import access
 from tierdet.serving.security import hash_key
+from waiting import wait_until
 
 JPEG = encode(photos()["coffee"])
 OPEN, LIMITED = "open-5c1e9d0b7a", "limited-8e2f4a6c13"
@@ -52,13 +52,12 @@ def post(gw: GatewayProcess, path: str = "/v1/detect", key: str | None = OPEN,
 def lines_of(log, rid: str, count: int = 1) -> list[dict]:
     """The lines of call ``rid``, once ``count`` are there (a call's line is
     written after its answer has gone)."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [line for line in map(json.loads, log.read_text().splitlines())
+    def lines() -> list[dict]:
+        found = [line for line in map(json.loads, log.read_text().splitlines())
                  if line["request_id"] == rid]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
+        return found if len(found) >= count else []
+
+    return wait_until(lines, f"{count} access log line(s) of {rid}")
 
 
 def test_a_given_id_comes_back_and_a_missing_or_insane_one_is_replaced(logged):

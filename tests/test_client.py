@@ -25,6 +25,7 @@ from tierdet.client import (
     TierdetError,
 )
 from tierdet.devstack.stack import free_port
+from waiting import wait_until
 
 # Served by the registry but not by the test stack: a real 503 with Retry-After.
 NOT_READY = "efficientdet-d1"
@@ -207,10 +208,8 @@ def test_grpc_client_streams_frames_with_per_frame_options(busy_gateway, astrona
         stream = g.detect_stream(iter(lambda: astronaut, None), timeout_s=60, tier=SLACK)
         assert next(stream).ok
         stream.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _gauge(busy_client, "tierdet_streams_open") != 0:
-        time.sleep(0.1)
-    assert _gauge(busy_client, "tierdet_streams_open") == 0
+    wait_until(lambda: _gauge(busy_client, "tierdet_streams_open") == 0,
+               "the closed stream to end on the server")
     assert _gauge(busy_client, "tierdet_stream_frames_held") == 0
 
 

@@ -14,6 +14,7 @@ from conftest import TEST_MODEL, encode, photos
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
 from tierdet.serving.settings import Settings
+from waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,5 @@ def test_a_slow_consumer_holds_the_server_at_the_bound(busy_gateway, busy_client
     assert [r.frame_id for r in rest] == list(range(1, count))
     errors = [r.error.code for r in rest if r.HasField("error")]
     assert errors == []
-    deadline = time.monotonic() + 5
-    while stream_metrics(busy_client)[:2] != (0, open0) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert stream_metrics(busy_client)[:2] == (0, open0)
+    wait_until(lambda: stream_metrics(busy_client)[:2] == (0, open0),
+               "the stream's held frames and the stream itself to be released")

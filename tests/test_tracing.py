@@ -23,6 +23,7 @@ from tierdet.devstack.triton import LocalTriton
 from tierdet.proto import detection_pb2 as pb
 from tierdet.proto import detection_pb2_grpc as pb_grpc
 from tierdet.serving import tracing
+from waiting import wait_until
 
 JPEG = encode(photos()["coffee"])
 TRACE, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -193,16 +194,13 @@ def test_without_a_traceparent_a_request_starts_its_own_trace(traced):
                    files={"image": ("a.jpg", JPEG, "image/jpeg")},
                    data={"model": TEST_MODEL, "sla_ms": "60000"})
     assert r.status_code == 200 and "x-trace-id" not in r.headers
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def mine() -> list:
         with receiver.lock:
-            mine = [s for s in receiver.spans if any(
+            return [s for s in receiver.spans if any(
                 a.key == "tierdet.request_id" and a.value.string_value == "own-trace"
                 for a in s.attributes)]
-        if mine:
-            break
-        time.sleep(0.05)
-    (server,) = mine
+
+    (server,) = wait_until(mine, "the span of the call that sent only a request id")
     assert server.parent_span_id == b"" and server.trace_id.hex() != TRACE
 
 
