@@ -47,8 +47,9 @@ def test_the_queue_report_sums_over_versions_and_failure_reasons():
 
 
 def test_the_queue_report_carries_what_the_device_did_on_a_real_triton(triton):
-    """Answered requests, their queue wait, images and executions, as the router
-    reads the device's speed from them (a real tritonserver's metrics page)."""
+    """Answered requests, their queue wait, images, executions and the device's
+    run time, as the router reads the device's speed from them (a real
+    tritonserver's metrics page)."""
     import numpy as np
     import tritonclient.grpc as grpcclient
     from conftest import TEST_MODEL
@@ -66,3 +67,4 @@ def test_the_queue_report_carries_what_the_device_did_on_a_real_triton(triton):
     assert (after.requests - before.requests, after.images - before.images) == (3, 6)
     assert after.executions - before.executions == 3  # one call, one execution here
     assert after.queue_us > before.queue_us
+    assert after.compute_us > before.compute_us  # the device's run, each request counted

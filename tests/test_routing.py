@@ -304,10 +304,111 @@ def test_a_window_of_singles_and_pairs_is_read_at_the_batch_its_requests_ran_in(
 def test_the_time_outside_the_device_is_read_where_triton_answered_only_ours():
     r = router()
     _device(r, 0, 0.0, 1)
-    for _ in range(20):  # the device runs as profiled; transfer now takes 30 ms more
+    for _ in range(40):  # the device runs as profiled; transfer now takes 30 ms more
         r.latency.finish(r.latency.admit("mid"), observed_ms=80.0)
         _device(r, 1, 0.0, 1, run_ms=45.0)
     assert r.latency.service_ms("mid") == pytest.approx(80.0, rel=0.02)
+
+
+def _outside_learned(r: Router) -> None:
+    """Answers of this gateway alone: 45 ms on the device, 5 outside it."""
+    _device(r, 0, 0.0, 1)
+    for _ in range(5):
+        r.latency.finish(r.latency.admit("mid"), observed_ms=50.0)
+        _device(r, 1, 0.0, 1, run_ms=45.0)
+
+
+def test_batched_windows_and_single_ones_read_the_same_device_alike():
+    """Runs of 8 (Triton counts each of them 8 times) and of 1, at the profile's
+    speed: the estimate does not move either way."""
+    r = router()
+    _outside_learned(r)
+    r.latency.admit("fast")
+    for _ in range(20):
+        _device(r, 8, 100.0, 8, run_ms=360.0)
+        _device(r, 1, 10.0, 1, run_ms=45.0)
+        assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
+
+
+def test_an_answer_held_up_once_outside_the_device_is_no_trend():
+    r = router()
+    _outside_learned(r)
+    r.latency.finish(r.latency.admit("mid"), observed_ms=2000.0)  # a pause, a retransmit
+    _device(r, 1, 0.0, 1, run_ms=45.0)
+    r.latency.admit("fast")
+    for _ in range(20):  # other clients' windows from here on: nothing corrects it
+        _device(r, 4, 100.0, 1, run_ms=45.0)
+    assert r.latency.service_ms("mid") < 50.0 * 1.5
+
+
+def test_a_window_other_clients_sent_to_is_not_read_as_ours():
+    """Our two answers, but another client's requests arrived too: Triton's mean
+    queue wait is not ours, so it says nothing of the time outside the device."""
+    r = router()
+    _outside_learned(r)
+    arrived = r.latency.sent.get(("local", "mid"), 0)
+    r.latency.observe_queues({"local": (time.monotonic(), QueueReport(  # all ours so far
+        {}, {"mid": arrived}, {"mid": r.latency._served["local", "mid"]}))})
+    for extra in (5, 10, 15, 20):
+        ours = [r.latency.admit("mid") for _ in range(2)]
+        for ticket in ours:
+            r.latency.finish(ticket, observed_ms=250.0)  # they waited 200 behind the others
+        arrived += 2
+        before = r.latency._served["local", "mid"]
+        now = Served(before.requests + 2, before.queue_us + 2 * 20.0 * 1e3, before.images + 2,
+                     before.executions + 2, before.compute_us + 2 * 45.0 * 1e3)
+        r.latency.observe_queues({"local": (time.monotonic(), QueueReport(
+            {}, {"mid": arrived + extra}, {"mid": now}))})
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.05)
+
+
+def test_counters_that_start_again_are_a_new_start_not_a_window():
+    r = router()
+    _outside_learned(r)
+    _device(r, 10, 100.0, 1, run_ms=45.0)
+    before = r.latency._served["local", "mid"]
+    # More answers than before, but less queue wait: counted again from zero.
+    reloaded = Served(before.requests + 5, 0.0, before.images + 5, before.executions + 5,
+                      before.compute_us + 5 * 500.0 * 1e3)
+    r.latency.observe_queues({"local": (time.monotonic(), QueueReport({}, {}, {"mid": reloaded}))})
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
+    _device(r, 1, 0.0, 1, run_ms=45.0)  # read from the new start
+    assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
+
+
+def test_batches_larger_than_any_profiled_are_not_read():
+    """A GPU measured at batch 1 and 2 says nothing of its batches of 8: the
+    profile's straight line through them would read these runs as fast."""
+    lm = LatencyModel(LatencyProfile({"g": ModelProfile({1: 8.0, 2: 9.0})}))
+    counts = Served()
+
+    def report(requests: int, images: int, executions: int, run_ms: float) -> None:
+        nonlocal counts
+        counts = Served(counts.requests + requests, counts.queue_us, counts.images + images,
+                        counts.executions + executions, counts.compute_us + run_ms * 1e3)
+        lm.observe_queues({"local": (time.monotonic(), QueueReport({}, {}, {"g": counts}))})
+
+    report(0, 0, 0, 0.0)
+    for _ in range(5):
+        lm.finish(lm.admit("g"), observed_ms=8.0)
+        report(1, 1, 1, 5.0)
+    for _ in range(10):  # another client's batches of 8, each run 10 ms
+        report(8, 8, 1, 8 * 10.0)
+    assert lm.service_ms("g") == pytest.approx(8.0)
+
+
+def test_a_new_profile_is_the_device_as_it_runs_now():
+    """What was learned against the old profile is not carried over to the new one."""
+    r = router()
+    _outside_learned(r)
+    for _ in range(10):
+        _device(r, 1, 0.0, 1, run_ms=95.0)
+    assert r.latency.service_ms("mid") > 80.0
+    r.latency.measured("mid", ModelProfile({1: 100.0, 8: 800.0}))
+    assert r.latency.service_ms("mid") == pytest.approx(100.0)
+    for _ in range(10):
+        _device(r, 1, 0.0, 1, run_ms=95.0)
+    assert r.latency.service_ms("mid") == pytest.approx(100.0, rel=0.01)
 
 
 def test_a_model_without_profile_learns_its_speed_under_load_too():

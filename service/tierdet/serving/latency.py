@@ -32,9 +32,6 @@ LOCAL = "local"
 MAX_PENDING_ANSWERS = 256
 # A queue report older than this is not used: the poll has stopped or fails.
 QUEUE_MAX_AGE_S = 1.0
-# Weight of each report's reading of the device's speed: a report averages every
-# request it counts, so two or three of them follow a change.
-DEVICE_ALPHA = 0.5
 
 
 @dataclass
@@ -56,6 +53,7 @@ class DeviceWindow:
     at: float  # time.monotonic() of the report that closed the window
     compute_ms: float | None = None
     requests: int = 0
+    foreign: bool = False  # other clients' requests arrived in it
 
 
 @dataclass(frozen=True, eq=False)  # each ticket is its own: compared by identity
@@ -151,6 +149,7 @@ class LatencyModel:
         new version): what was read against the old one is read again."""
         with self._lock:
             self.profile.models[model] = profile
+            self.loads.pop(model, None)  # the profile is the device as it runs now
             self._forget_device(model)
 
     def forget(self, model: str) -> None:
@@ -270,18 +269,25 @@ class LatencyModel:
                     rate = work / (asked - last[0])
                     prev = self.others_rate.get(url)
                     self.others_rate[url] = rate if prev is None else prev + 0.3 * (rate - prev)
+                    foreign = {m for m, n in high.items() if n > last[1].get(m, n)}
                     others = high
+                else:
+                    foreign = set(others)  # nothing to compare with: assume some
                 self._last[url] = (asked, others)
-                self._observe_device(url, asked, report.served)
+                self._observe_device(url, asked, report.served, foreign)
             self.queues = {url: (asked, dict(report.pending))
                            for url, (asked, report) in queues.items()}
 
-    def _observe_device(self, url: str, asked: float, served: Mapping[str, Served]) -> None:
+    def _observe_device(self, url: str, asked: float, served: Mapping[str, Served],
+                        foreign: set[str]) -> None:
         for model, now in served.items():
             before = self._served.get((url, model))
             self._served[url, model] = now
             if before is None or now.requests <= before.requests:
                 continue  # nothing answered since: the last window stands until it ages
+            if (now.queue_us < before.queue_us or now.images < before.images
+                    or now.executions < before.executions or now.compute_us < before.compute_us):
+                continue  # counters started again (the model was reloaded): a new start
             requests = now.requests - before.requests
             executions = now.executions - before.executions
             batch = (now.images - before.images) / executions if executions > 0 else 1.0
@@ -289,7 +295,7 @@ class LatencyModel:
             window = DeviceWindow((now.queue_us - before.queue_us) / requests / 1e3,
                                   max(1.0, batch), asked,
                                   compute_us / requests / 1e3 if compute_us > 0 else None,
-                                  requests)
+                                  requests, model in foreign)
             self.windows[url, model] = window
             self._read_answers(url, model, window)
 
@@ -303,7 +309,8 @@ class LatencyModel:
         self._answers[url, model] = [(o, at) for o, at in pending if at > window.at]
         load, prof = self._load(model), self.profile.models.get(model)
         if prof is not None and window.compute_ms is not None:
-            self._read_device(url, model, window, window.compute_ms, counted)
+            if window.batch <= max(prof.batch_ms):  # beyond it the profile is a guess
+                self._read_device(url, model, window, window.compute_ms, counted)
             return
         # No device time reported: of each answer's time, Triton's mean queue wait
         # over the window was not service; the rest is one execution at the
@@ -322,10 +329,12 @@ class LatencyModel:
         batch-1 answer is that run, scaled to batch 1 by the profile, plus the
         time spent outside Triton's queue and the run. That outside part is
         read from windows in which every request answered was this gateway's
-        (so Triton's mean queue wait is theirs); until there is one, it is what
-        the current estimate leaves beside the first run read. Answers among
-        other clients' are not read: their queue and batches bias nothing.
-        ``run_ms``: the window's mean run per request."""
+        and no other client's arrived (so Triton's mean queue wait is theirs);
+        until there is one, it is what the current estimate leaves beside the
+        first run read. Answers among other clients' are not read: their queue
+        and batches bias nothing. Each request the window counts moves the
+        estimate as one answer did (``alpha``). ``run_ms``: the window's mean
+        run per request."""
         load = self._load(model)
         prof = self.profile.models[model]
         one = prof.service_ms(1)
@@ -333,12 +342,14 @@ class LatencyModel:
         outside = self._outside.get((url, model))
         if outside is None:
             outside = max(0.0, one * self._ratio(load, window.at) - run_1)
-        if answers and len(answers) == window.requests:
+        if answers and len(answers) == window.requests and not window.foreign:
             for observed in answers:
-                rest = observed - window.queue_ms - run_ms
+                # Bounded: one answer held up outside (a pause, a retransmit) is no trend.
+                rest = min(observed - window.queue_ms - run_ms, one)
                 outside += self.alpha * (max(0.0, rest) - outside)
         self._outside[url, model] = outside
-        self._learn(load, (outside + run_1) / one, DEVICE_ALPHA, window.at)
+        weight = 1.0 - (1.0 - self.alpha) ** window.requests
+        self._learn(load, (outside + run_1) / one, weight, window.at)
 
     def idle(self, endpoint: str = LOCAL) -> bool:
         """Nothing of this gateway's in flight at ``endpoint``, and nothing queued
