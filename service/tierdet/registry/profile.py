@@ -36,6 +36,18 @@ class ModelProfile:
         t = (batch - below) / (above - below)
         return self.batch_ms[below] * (1 - t) + self.batch_ms[above] * t
 
+    def per_request_ms(self, batch: float) -> float:
+        """The time of the execution a request ran in, on average, where the
+        executions averaged ``batch`` images (Triton counts an execution's run
+        once per request in it, so a batch of n weighs n times). The sizes are
+        taken as the two whole numbers around the mean: 8 singles and a pair
+        average 1.11 images, and their requests 1.2."""
+        low = max(1, int(batch))
+        high_share = max(0.0, min(1.0, batch - low))  # of executions
+        images = (1 - high_share) * low + high_share * (low + 1)
+        return ((1 - high_share) * low * self.service_ms(low)
+                + high_share * (low + 1) * self.service_ms(low + 1)) / images
+
     def marginal_ms(self) -> float:
         """Cost one more queued image adds when the model is busy: the
         per-image time at the largest measured batch. On a CPU this is about

@@ -79,19 +79,6 @@ class Dispatch:
         self.observed_ms = ms
 
 
-def _per_request_ms(prof: ModelProfile, batch: float) -> float:
-    """The profile's time for the execution a request of a window ran in, on
-    average, where the window's executions averaged ``batch`` images. Triton
-    counts an execution's run once per request in it, so a batch of n weighs n
-    times: the sizes are taken as the two whole numbers around the mean (8
-    singles and a pair average 1.11 images, and their requests 1.2)."""
-    low = max(1, int(batch))
-    high_share = max(0.0, min(1.0, batch - low))  # of executions
-    images = (1 - high_share) * low + high_share * (low + 1)
-    return ((1 - high_share) * low * prof.service_ms(low)
-            + high_share * (low + 1) * prof.service_ms(low + 1)) / images
-
-
 @dataclass
 class LatencyModel:
     """Predicts service time per model; tracks admitted work (thread-safe).
@@ -338,7 +325,7 @@ class LatencyModel:
         load = self._load(model)
         prof = self.profile.models[model]
         one = prof.service_ms(1)
-        run_1 = run_ms * one / _per_request_ms(prof, window.batch)
+        run_1 = run_ms * one / prof.per_request_ms(window.batch)
         outside = self._outside.get((url, model))
         if outside is None:
             outside = max(0.0, one * self._ratio(load, window.at) - run_1)
