@@ -208,15 +208,21 @@ def test_queueing_does_not_inflate_the_learned_service_time():
 
 
 def _device(r: Router, served: int, queue_ms_each: float, batch: int, model: str = "mid",
-            endpoint: str = "local", run_ms: float = 0.0) -> None:
+            endpoint: str = "local", run_ms: float = 0.0, executions: int | None = None,
+            arrived: int | None = None) -> None:
     """Triton's report after it answered ``served`` more requests of ``model``, each
-    after ``queue_ms_each`` in its queue, in executions of ``batch`` images that
-    each ran ``run_ms`` on the device (0: a server that does not say)."""
+    after ``queue_ms_each`` in its queue, in executions of ``batch`` images (or
+    ``executions`` of them in all) where each request counts ``run_ms`` on the
+    device (0: a server that does not say); ``arrived``: every client's requests
+    so far (None: not reported)."""
     before = r.latency._served.get((endpoint, model), Served())
     now = Served(before.requests + served, before.queue_us + served * queue_ms_each * 1e3,
-                 before.images + served, before.executions + served // batch,
+                 before.images + served,
+                 before.executions + (served // batch if executions is None else executions),
                  before.compute_us + served * run_ms * 1e3)
-    r.latency.observe_queues({endpoint: (time.monotonic(), QueueReport({}, {}, {model: now}))})
+    counts = {} if arrived is None else {model: arrived}
+    r.latency.observe_queues({endpoint: (time.monotonic(),
+                                         QueueReport({}, counts, {model: now}))})
 
 
 def test_a_busy_device_twice_as_slow_is_followed_within_ten_answers():
@@ -293,11 +299,8 @@ def test_a_window_of_singles_and_pairs_is_read_at_the_batch_its_requests_ran_in(
     r = router()
     _device(r, 0, 0.0, 1)
     r.latency.admit("fast")
-    for _ in range(10):
-        before = r.latency._served["local", "mid"]
-        now = Served(before.requests + 10, before.queue_us, before.images + 10,
-                     before.executions + 9, before.compute_us + (8 * 50.0 + 2 * 100.0) * 1e3)
-        r.latency.observe_queues({"local": (time.monotonic(), QueueReport({}, {}, {"mid": now}))})
+    for _ in range(10):  # 10 requests, 9 executions: (8 x 50 + 2 x 100) / 10 ms each
+        _device(r, 10, 0.0, 1, executions=9, run_ms=60.0)
     assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.01)
 
 
@@ -347,18 +350,13 @@ def test_a_window_other_clients_sent_to_is_not_read_as_ours():
     r = router()
     _outside_learned(r)
     arrived = r.latency.sent.get(("local", "mid"), 0)
-    r.latency.observe_queues({"local": (time.monotonic(), QueueReport(  # all ours so far
-        {}, {"mid": arrived}, {"mid": r.latency._served["local", "mid"]}))})
+    _device(r, 0, 0.0, 1, arrived=arrived)  # all ours so far
     for extra in (5, 10, 15, 20):
         ours = [r.latency.admit("mid") for _ in range(2)]
         for ticket in ours:
             r.latency.finish(ticket, observed_ms=250.0)  # they waited 200 behind the others
         arrived += 2
-        before = r.latency._served["local", "mid"]
-        now = Served(before.requests + 2, before.queue_us + 2 * 20.0 * 1e3, before.images + 2,
-                     before.executions + 2, before.compute_us + 2 * 45.0 * 1e3)
-        r.latency.observe_queues({"local": (time.monotonic(), QueueReport(
-            {}, {"mid": arrived + extra}, {"mid": now}))})
+        _device(r, 2, 20.0, 1, run_ms=45.0, arrived=arrived + extra)
     assert r.latency.service_ms("mid") == pytest.approx(50.0, rel=0.05)
 
 
@@ -379,22 +377,15 @@ def test_counters_that_start_again_are_a_new_start_not_a_window():
 def test_batches_larger_than_any_profiled_are_not_read():
     """A GPU measured at batch 1 and 2 says nothing of its batches of 8: the
     profile's straight line through them would read these runs as fast."""
-    lm = LatencyModel(LatencyProfile({"g": ModelProfile({1: 8.0, 2: 9.0})}))
-    counts = Served()
-
-    def report(requests: int, images: int, executions: int, run_ms: float) -> None:
-        nonlocal counts
-        counts = Served(counts.requests + requests, counts.queue_us, counts.images + images,
-                        counts.executions + executions, counts.compute_us + run_ms * 1e3)
-        lm.observe_queues({"local": (time.monotonic(), QueueReport({}, {}, {"g": counts}))})
-
-    report(0, 0, 0, 0.0)
+    r = Router(AP_TABLE, TIERS, LatencyModel(LatencyProfile(
+        {"mid": ModelProfile({1: 8.0, 2: 9.0})})), default_budget_ms=10_000)
+    _device(r, 0, 0.0, 1)
     for _ in range(5):
-        lm.finish(lm.admit("g"), observed_ms=8.0)
-        report(1, 1, 1, 5.0)
+        r.latency.finish(r.latency.admit("mid"), observed_ms=8.0)
+        _device(r, 1, 0.0, 1, run_ms=5.0)
     for _ in range(10):  # another client's batches of 8, each run 10 ms
-        report(8, 8, 1, 8 * 10.0)
-    assert lm.service_ms("g") == pytest.approx(8.0)
+        _device(r, 8, 0.0, 8, run_ms=10.0)
+    assert r.latency.service_ms("mid") == pytest.approx(8.0)
 
 
 def test_a_new_profile_is_the_device_as_it_runs_now():

@@ -51,9 +51,9 @@ class DeviceWindow:
     queue_ms: float
     batch: float
     at: float  # time.monotonic() of the report that closed the window
-    compute_ms: float | None = None
-    requests: int = 0
-    foreign: bool = False  # other clients' requests arrived in it
+    compute_ms: float | None
+    requests: int
+    foreign: bool  # other clients' requests arrived in it
 
 
 @dataclass(frozen=True, eq=False)  # each ticket is its own: compared by identity
@@ -106,10 +106,8 @@ class LatencyModel:
     sent: dict[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, model) -> ours
     # endpoint -> (asked, the high of Triton's arrivals less ours, per model) at the last report
     _last: dict[str, tuple[float, dict[str, int]]] = field(default_factory=dict)
-    # (endpoint, model) -> Triton's cumulative counts at the last report, and the
-    # window between the last two reports that saw answers
+    # (endpoint, model) -> Triton's cumulative counts at the last report
     _served: dict[tuple[str, str], Served] = field(default_factory=dict)
-    windows: dict[tuple[str, str], DeviceWindow] = field(default_factory=dict)
     # (endpoint, model) -> answers (observed ms, time.monotonic()) not yet counted
     _answers: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)
     # (endpoint, model) -> ms of a batch-1 answer spent outside the device's run
@@ -271,7 +269,7 @@ class LatencyModel:
             before = self._served.get((url, model))
             self._served[url, model] = now
             if before is None or now.requests <= before.requests:
-                continue  # nothing answered since: the last window stands until it ages
+                continue  # nothing answered since: nothing to read
             if (now.queue_us < before.queue_us or now.images < before.images
                     or now.executions < before.executions or now.compute_us < before.compute_us):
                 continue  # counters started again (the model was reloaded): a new start
@@ -283,7 +281,6 @@ class LatencyModel:
                                   max(1.0, batch), asked,
                                   compute_us / requests / 1e3 if compute_us > 0 else None,
                                   requests, model in foreign)
-            self.windows[url, model] = window
             self._read_answers(url, model, window)
 
     def _read_answers(self, url: str, model: str, window: DeviceWindow) -> None:
