@@ -41,9 +41,9 @@ def set_device(path: Path, base_ms: float) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture(scope="module")
-def emulated(built_d0, tmp_path_factory) -> Iterator[tuple[LocalTriton, GatewayProcess, Path]]:
-    work = tmp_path_factory.mktemp("emulated-device")
+def _emulated_triton(built_d0, work: Path) -> tuple[LocalTriton, Path]:
+    """A tritonserver whose model runs on an emulated device of its own, started
+    at ``BASE_MS``; the device's file."""
     repository = assemble([built_d0], work / "home", "cpu-local", intra_op_threads=1)
     version = repository / TEST_MODEL / "1"
     shutil.copy(REPO / "benchmarks" / "instant" / "model.py", version / "model.py")
@@ -55,6 +55,17 @@ def emulated(built_d0, tmp_path_factory) -> Iterator[tuple[LocalTriton, GatewayP
     server.start()
     try:
         server.wait_ready(120)
+    except BaseException:
+        server.stop()
+        raise
+    return server, device
+
+
+@pytest.fixture(scope="module")
+def emulated(built_d0, tmp_path_factory) -> Iterator[tuple[LocalTriton, GatewayProcess, Path]]:
+    work = tmp_path_factory.mktemp("emulated-device")
+    server, device = _emulated_triton(built_d0, work)
+    try:
         gateway = GatewayProcess.start(server.endpoint, work / "gateway.log", models=TEST_MODEL)
         try:
             yield server, gateway, device
@@ -62,6 +73,26 @@ def emulated(built_d0, tmp_path_factory) -> Iterator[tuple[LocalTriton, GatewayP
             gateway.stop()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def emulated_pair(built_d0, tmp_path_factory) -> Iterator[tuple[dict, GatewayProcess]]:
+    """Two tritonservers, each with its own emulated device, behind one gateway:
+    name -> (server, device file)."""
+    work = tmp_path_factory.mktemp("emulated-pair")
+    pair: dict[str, tuple[LocalTriton, Path]] = {}
+    try:
+        for name in ("a", "b"):
+            pair[name] = _emulated_triton(built_d0, work / name)
+        gateway = GatewayProcess.start(",".join(s.endpoint for s, _ in pair.values()),
+                                       work / "gateway.log", models=TEST_MODEL)
+        try:
+            yield pair, gateway
+        finally:
+            gateway.stop()
+    finally:
+        for server, _ in pair.values():
+            server.stop()
 
 
 def _estimate(gateway: GatewayProcess) -> float:
@@ -120,3 +151,35 @@ def test_a_busy_device_that_slows_down_twice_is_followed_in_a_few_answers(emulat
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+
+
+def _served_by(gateway: GatewayProcess, pair: dict) -> str:
+    """Which of the pair's servers answered one request (their arrival counts)."""
+    def arrived() -> dict[str, int]:
+        return {n: s.queue().arrived.get(TEST_MODEL, 0) for n, (s, _) in pair.items()}
+
+    before = arrived()
+    _detect(gateway)
+
+    def counted() -> str | None:  # Triton counts a request just after it answers
+        grew = [n for n, count in arrived().items() if count > before[n]]
+        return grew[0] if len(grew) == 1 else None
+
+    return wait_until(counted, "one of the pair to count the request")
+
+
+def test_of_two_endpoints_the_one_whose_device_slowed_down_is_left_while_the_other_is_free(
+        emulated_pair):
+    """One model on two Tritons, one request at a time: while both devices run
+    alike the two take turns; when b's device slows to 3x (a neighbour on its
+    node), b is read slower than a, not the model as a whole, and requests go
+    to a, which is free each time."""
+    pair, gateway = emulated_pair
+    first = [_served_by(gateway, pair) for _ in range(6)]
+    assert sorted(first) == ["a"] * 3 + ["b"] * 3, first
+    set_device(pair["b"][1], 3 * BASE_MS)
+    went: list[str] = []
+    while len(went) < 40 and went[-8:] != ["a"] * 8:
+        went.append(_served_by(gateway, pair))
+    print(f"after b slowed down: {went}")
+    assert went[-8:] == ["a"] * 8 and went.count("b") <= 3, went

@@ -418,11 +418,12 @@ def test_corrections_decay_back_to_the_profile():
     lm = LatencyModel(LatencyProfile({"mid": ModelProfile({1: 50.0})}), decay_s=10.0)
     for _ in range(30):
         lm.finish(lm.admit("mid"), observed_ms=150.0)
-    load = lm.loads["mid"]
-    assert lm._ratio(load, now=load.ratio_at) > 2.5
-    assert lm._ratio(load, now=load.ratio_at + 10.0) == pytest.approx(
-        1 + (lm._ratio(load, now=load.ratio_at) - 1) / 2)
-    assert lm._ratio(load, now=load.ratio_at + 600.0) == pytest.approx(1.0, abs=1e-6)
+    at = lm.corrections.at("mid", "local").ratio_at
+    factor = lm.corrections.factor
+    assert factor("mid", "local", now=at) > 2.5
+    assert factor("mid", "local", now=at + 10.0) == pytest.approx(
+        1 + (factor("mid", "local", now=at) - 1) / 2)
+    assert factor("mid", "local", now=at + 600.0) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_tiers_file(tmp_path):
@@ -547,6 +548,48 @@ def test_idle_endpoints_take_turns():
     r = router()
     chosen = [r.decide(RouteRequest(sla_ms=5000), 3.0, TWO).endpoint for _ in range(6)]
     assert sorted(chosen) == ["a"] * 3 + ["b"] * 3
+
+
+def _device_speed(r: Router, endpoint: str, run_ms: float, reports: int = 1) -> None:
+    """``reports`` windows in which ``endpoint``'s device ran one ``mid`` in ``run_ms``
+    (plus 5 ms outside the run)."""
+    for _ in range(reports):
+        r.latency.finish(r.latency.admit("mid", endpoint), observed_ms=run_ms + 5.0)
+        _device(r, 1, 0.0, 1, endpoint=endpoint, run_ms=run_ms)
+
+
+def _started(r: Router, *endpoints: str) -> None:
+    """Each endpoint's first report (a start to count from) and one idle answer at
+    the profile's speed (45 ms run + 5 outside)."""
+    for e in endpoints:
+        _device(r, 0, 0.0, 1, endpoint=e)
+        _device_speed(r, e, 45.0)
+
+
+def test_each_endpoint_reads_its_own_device():
+    """Two Tritons serve ``mid``; b's device slows to nearly 3x (a neighbour on
+    its node). b is read slower, a keeps its speed, and requests go to a while
+    it is free; an endpoint not read yet is expected to run like the others."""
+    r = router()
+    _started(r, "a", "b")
+    _device_speed(r, "b", 135.0, reports=12)
+    assert r.latency.service_ms("mid", "a") == pytest.approx(50.0)
+    assert r.latency.service_ms("mid", "b") == pytest.approx(140.0, rel=0.1)
+    pinned = RouteRequest(model="mid", sla_ms=5000)
+    assert {r.decide(pinned, 3.0, TWO).endpoint for _ in range(6)} == {"a"}
+    assert r.latency.service_ms("mid", "c") == pytest.approx(
+        (r.latency.service_ms("mid", "a") + r.latency.service_ms("mid", "b")) / 2)
+
+
+def test_endpoints_read_a_little_apart_still_take_turns():
+    """Two reads of like devices differ by their noise: within a quarter of each
+    other they share the load (and both reads stay fresh)."""
+    r = router()
+    _started(r, "a", "b")
+    _device_speed(r, "b", 55.0, reports=12)
+    assert r.latency.service_ms("mid", "b") > 1.1 * r.latency.service_ms("mid", "a")
+    pinned = RouteRequest(model="mid", sla_ms=5000)
+    assert sorted(r.decide(pinned, 3.0, TWO).endpoint for _ in range(6)) == ["a"] * 3 + ["b"] * 3
 
 
 def test_tritons_queue_counts_work_other_gateways_sent():

@@ -5,7 +5,8 @@ service time. The backlog is the larger of this gateway's own work in flight
 there and what Triton last reported queued (every gateway's work,
 ``observe_queues``) plus the work sent there since: this gateway's, and the
 other gateways' at the rate Triton's counts show. Service times come from the
-measured profile, corrected online from Triton's own account of what the
+measured profile, corrected online per endpoint (devices behind one model
+differ: ``corrections``) from Triton's own account of what the
 device did between two queue reports (a ``DeviceWindow``): the time it spent
 running the model says how fast the device runs now, so a device that slows
 down is followed within a report or two, and waiting behind other clients'
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.serving.backend import QueueReport, Served
+from tierdet.serving.corrections import Corrections
 
 # Prior for a model with no profile and no observation yet: slow enough that
 # it is only chosen when nothing measured fits.
@@ -32,13 +34,6 @@ LOCAL = "local"
 MAX_PENDING_ANSWERS = 256
 # A queue report older than this is not used: the poll has stopped or fails.
 QUEUE_MAX_AGE_S = 1.0
-
-
-@dataclass
-class _ModelLoad:
-    ratio: float = 1.0  # observed / predicted Triton time, EWMA
-    ratio_at: float = 0.0  # monotonic time of the last ratio update
-    observed_ms: float | None = None  # EWMA of batch-1 latency (models without profile)
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ class Ticket:
     model: str
     predicted_ms: float  # Triton time (queue + service) predicted at admission
     idle: bool  # nothing was in flight on the device when it was admitted
-    ratio: float  # the model's correction used for that prediction
+    ratio: float  # the model's correction at the endpoint used for that prediction
     endpoint: str = LOCAL
     admitted_at: float = 0.0  # time.monotonic()
 
@@ -81,21 +76,23 @@ class Dispatch:
 
 @dataclass
 class LatencyModel:
-    """Predicts service time per model; tracks admitted work (thread-safe).
+    """Predicts service time per model and endpoint; tracks admitted work
+    (thread-safe).
 
-    Learning is guarded against queueing: a model's own service time is
-    learned only from requests admitted to an idle device, so a burst cannot
-    inflate the estimate (and an inflated estimate sheds the very requests
-    that would correct it). Requests admitted behind others refine the
-    profile's ratio slowly, and every correction decays back towards the
-    profile (half-life ``decay_s``) when no new evidence arrives.
+    Where Triton reports no device time, learning is guarded against
+    queueing: a model's own service time is learned at full weight only from
+    requests admitted to an idle device, so a burst cannot inflate the
+    estimate (and an inflated estimate sheds the very requests that would
+    correct it); requests admitted behind others refine it slowly. Every
+    correction decays back towards the profile (half-life ``decay_s``) when
+    no new evidence arrives.
     """
 
     profile: LatencyProfile
     alpha: float = 0.2
     busy_alpha: float = 0.05
     decay_s: float = 60.0
-    loads: dict[str, _ModelLoad] = field(default_factory=dict)
+    corrections: Corrections = field(init=False)  # per model and endpoint
     flight: set[Ticket] = field(default_factory=set)  # admitted, not finished
     # endpoint -> time.monotonic() its device finishes the work in flight there
     busy_until: dict[str, float] = field(default_factory=dict)
@@ -117,24 +114,15 @@ class LatencyModel:
     _returned: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _load(self, model: str) -> _ModelLoad:
-        return self.loads.setdefault(model, _ModelLoad())
-
-    def _learn(self, load: _ModelLoad, implied: float, alpha: float, now: float) -> None:
-        current = self._ratio(load, now)
-        load.ratio = current + alpha * (min(4.0, max(0.25, implied)) - current)
-        load.ratio_at = now
-
-    def _observe(self, load: _ModelLoad, batch1_ms: float) -> None:
-        prev = load.observed_ms
-        load.observed_ms = batch1_ms if prev is None else prev + self.alpha * (batch1_ms - prev)
+    def __post_init__(self) -> None:
+        self.corrections = Corrections(self.decay_s, self.alpha)
 
     def measured(self, model: str, profile: ModelProfile) -> None:
         """A profile measured while serving (a model the profile file lacks, or a
         new version): what was read against the old one is read again."""
         with self._lock:
             self.profile.models[model] = profile
-            self.loads.pop(model, None)  # the profile is the device as it runs now
+            self.corrections.forget(model)  # the profile is the device as it runs now
             self._forget_device(model)
 
     def forget(self, model: str) -> None:
@@ -142,44 +130,37 @@ class LatencyModel:
         model added again under its name is another build, measured again)."""
         with self._lock:
             self.profile.models.pop(model, None)
-            self.loads.pop(model, None)
+            self.corrections.forget(model)
             self._forget_device(model)
 
     def _forget_device(self, model: str) -> None:
         for key in [k for k in self._outside if k[1] == model]:
             del self._outside[key]
 
-    def base_ms(self, model: str) -> float:
+    def base_ms(self, model: str, endpoint: str | None = None) -> float:
         """Profiled (or observed) batch-1 latency, before online correction."""
         prof = self.profile.models.get(model)
         if prof is not None:
             return prof.service_ms(1)
-        load = self.loads.get(model)
-        return load.observed_ms if load and load.observed_ms else UNKNOWN_SERVICE_MS
+        return self.corrections.observed(model, endpoint) or UNKNOWN_SERVICE_MS
 
     def slowest_ms(self) -> float:
         """The slowest profiled model's current service time (the prior without one)."""
         return max((self.service_ms(m) for m in list(self.profile.models)),
                    default=UNKNOWN_SERVICE_MS)
 
-    def marginal_ms(self, model: str) -> float:
+    def marginal_ms(self, model: str, endpoint: str | None = None) -> float:
         prof = self.profile.models.get(model)
-        return prof.marginal_ms() if prof is not None else self.base_ms(model)
+        return prof.marginal_ms() if prof is not None else self.base_ms(model, endpoint)
 
-    def _ratio(self, load: _ModelLoad, now: float | None = None) -> float:
-        """The correction, relaxed towards 1.0 since its last update."""
-        if load.ratio == 1.0 or self.decay_s <= 0:
-            return load.ratio
-        age = (time.monotonic() if now is None else now) - load.ratio_at
-        keep = 0.5 ** (max(0.0, age) / self.decay_s)
-        return 1.0 + (load.ratio - 1.0) * keep
+    def service_ms(self, model: str, endpoint: str | None = None) -> float:
+        """One request's Triton time at batch 1 on ``endpoint``'s device (None: the
+        mean of the model's endpoints)."""
+        return self.base_ms(model, endpoint) * self.corrections.factor(model, endpoint)
 
-    def service_ms(self, model: str) -> float:
-        return self.base_ms(model) * self._ratio(self._load(model))
-
-    def cost_ms(self, model: str) -> float:
+    def cost_ms(self, model: str, endpoint: str | None = None) -> float:
         """Device time one more request of ``model`` adds when the device is busy."""
-        return self.marginal_ms(model) * self._ratio(self._load(model))
+        return self.marginal_ms(model, endpoint) * self.corrections.factor(model, endpoint)
 
     def _at(self, endpoint: str) -> list[Ticket]:
         """This gateway's requests in flight at ``endpoint`` (a snapshot)."""
@@ -209,7 +190,7 @@ class LatencyModel:
         left = (self.busy_until.get(endpoint, now) - now) * 1e3
         # Overdue (the device is slower than predicted right now): something is still
         # running, progress unknown; expect half of it, not nothing.
-        return max(left, 0.5 * max(self.service_ms(t.model) for t in here))
+        return max(left, 0.5 * max(self.service_ms(t.model, endpoint) for t in here))
 
     def backlog_ms(self, endpoint: str = LOCAL) -> float:
         """Work queued or running on ``endpoint``'s device: this gateway's own, or
@@ -222,17 +203,17 @@ class LatencyModel:
         if report is None:
             return own
         asked, pending = report
-        shared = sum(n * self.cost_ms(m) for m, n in pending.items() if n > 0)
+        shared = sum(n * self.cost_ms(m, endpoint) for m, n in pending.items() if n > 0)
         waiting = [m for m, n in pending.items() if n > 0]
         if waiting:  # a batch is running ahead of them (not in the count): half of one
-            shared += 0.5 * max(self.service_ms(m) for m in waiting)
-        shared += sum(self.cost_ms(t.model) for t in mine if t.admitted_at > asked)
+            shared += 0.5 * max(self.service_ms(m, endpoint) for m in waiting)
+        shared += sum(self.cost_ms(t.model, endpoint) for t in mine if t.admitted_at > asked)
         shared += self.others_rate.get(endpoint, 0.0) * max(0.0, time.monotonic() - asked)
         return max(own, shared)
 
     def predict_ms(self, model: str, endpoint: str = LOCAL) -> float:
         """Triton time for a request admitted now (queue + service)."""
-        return self.backlog_ms(endpoint) + self.service_ms(model)
+        return self.backlog_ms(endpoint) + self.service_ms(model, endpoint)
 
     def observe_queues(self, queues: Mapping[str, tuple[float, QueueReport]]) -> None:
         """What each endpoint's Triton reported (``EndpointPool.queues``): its queue,
@@ -249,7 +230,7 @@ class LatencyModel:
                 last = self._last.get(url)
                 if last is not None and asked > last[0]:
                     high = {m: max(n, last[1].get(m, n)) for m, n in others.items()}
-                    work = sum(self.cost_ms(m) * (n - last[1].get(m, n))
+                    work = sum(self.cost_ms(m, url) * (n - last[1].get(m, n))
                                for m, n in high.items())
                     rate = work / (asked - last[0])
                     prev = self.others_rate.get(url)
@@ -291,7 +272,7 @@ class LatencyModel:
         pending = self._answers.get((url, model), [])
         counted = [observed for observed, at in pending if at <= window.at]
         self._answers[url, model] = [(o, at) for o, at in pending if at > window.at]
-        load, prof = self._load(model), self.profile.models.get(model)
+        load, prof = self.corrections.at(model, url), self.profile.models.get(model)
         if prof is not None and window.compute_ms is not None:
             if window.batch <= max(prof.batch_ms):  # beyond it the profile is a guess
                 self._read_device(url, model, window, window.compute_ms, counted)
@@ -303,9 +284,10 @@ class LatencyModel:
         for observed in counted:
             served_ms = max(0.0, observed - window.queue_ms)
             if prof is not None:
-                self._learn(load, served_ms / prof.service_ms(batch), self.alpha, window.at)
+                implied = served_ms / prof.service_ms(batch)
+                self.corrections.learn(load, implied, self.alpha, window.at)
             else:  # no profile: take batches as a CPU runs them, image after image
-                self._observe(load, served_ms / batch)
+                self.corrections.observe(load, served_ms / batch)
 
     def _read_device(self, url: str, model: str, window: DeviceWindow, run_ms: float,
                      answers: list[float]) -> None:
@@ -319,13 +301,13 @@ class LatencyModel:
         and batches bias nothing. Each request the window counts moves the
         estimate as one answer did (``alpha``). ``run_ms``: the window's mean
         run per request."""
-        load = self._load(model)
+        load = self.corrections.at(model, url)
         prof = self.profile.models[model]
         one = prof.service_ms(1)
         run_1 = run_ms * one / prof.per_request_ms(window.batch)
         outside = self._outside.get((url, model))
         if outside is None:
-            outside = max(0.0, one * self._ratio(load, window.at) - run_1)
+            outside = max(0.0, one * self.corrections.ratio(load, window.at) - run_1)
         if answers and len(answers) == window.requests and not window.foreign:
             for observed in answers:
                 # Bounded: one answer held up outside (a pause, a retransmit) is no trend.
@@ -333,7 +315,7 @@ class LatencyModel:
                 outside += self.alpha * (max(0.0, rest) - outside)
         self._outside[url, model] = outside
         weight = 1.0 - (1.0 - self.alpha) ** window.requests
-        self._learn(load, (outside + run_1) / one, weight, window.at)
+        self.corrections.learn(load, (outside + run_1) / one, weight, window.at)
 
     def idle(self, endpoint: str = LOCAL) -> bool:
         """Nothing of this gateway's in flight at ``endpoint``, and nothing queued
@@ -352,9 +334,10 @@ class LatencyModel:
         with self._lock:
             now = time.monotonic()
             ticket = Ticket(model, self.predict_ms(model, endpoint), self.idle(endpoint),
-                            self._ratio(self._load(model)), endpoint, now)
+                            self.corrections.factor(model, endpoint), endpoint, now)
             ahead = self.own_ms(endpoint, now)
-            cost = self.cost_ms(model) if ahead > 0 else self.service_ms(model)
+            cost = (self.cost_ms(model, endpoint) if ahead > 0
+                    else self.service_ms(model, endpoint))
             self.busy_until[endpoint] = now + (ahead + cost) / 1e3
             self.sent[endpoint, model] = self.sent.get((endpoint, model), 0) + 1
             self.flight.add(ticket)
@@ -364,10 +347,10 @@ class LatencyModel:
         """Release an admitted request; learn from its latency if it completed."""
         with self._lock:
             self.flight.discard(ticket)
-            left = sum(self.cost_ms(t.model) for t in self._at(ticket.endpoint))
+            left = sum(self.cost_ms(t.model, t.endpoint) for t in self._at(ticket.endpoint))
             self.busy_until[ticket.endpoint] = time.monotonic() + left / 1e3
             self._returned[ticket.endpoint] = time.monotonic()
-            load = self._load(ticket.model)
+            load = self.corrections.at(ticket.model, ticket.endpoint)
             if observed_ms is None or ticket.predicted_ms <= 0:
                 return
             now = time.monotonic()
@@ -379,6 +362,7 @@ class LatencyModel:
                 del answers[:-MAX_PENDING_ANSWERS]
             elif prof is not None:
                 implied = ticket.ratio * observed_ms / ticket.predicted_ms
-                self._learn(load, implied, self.alpha if ticket.idle else self.busy_alpha, now)
+                alpha = self.alpha if ticket.idle else self.busy_alpha
+                self.corrections.learn(load, implied, alpha, now)
             elif ticket.idle:
-                self._observe(load, observed_ms)
+                self.corrections.observe(load, observed_ms)

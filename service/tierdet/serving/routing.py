@@ -4,21 +4,17 @@ For every candidate the router predicts when the answer would be ready:
 
     predicted = elapsed (decode so far)
               + backlog (work queued on the endpoint's device, all models)
-              + service time of this model at batch 1
+              + service time of this model at batch 1 on that device
               + fixed gateway overhead
 
 and picks the highest-AP model whose prediction, with a safety margin,
 fits the budget, on the endpoint (Triton server) where it would finish
 first. Each endpoint's device is treated as shared: on a CPU (and largely on
 one GPU) every model's requests compete for the same cores, so a long D1
-backlog slows a D0 answer too. A backlog is the larger of this gateway's
-own work in flight there and what Triton last reported queued (every
-gateway's work, ``observe_queues``) plus the work sent there since: this
-gateway's, and the other gateways' at the rate Triton's counts show.
-Service times come from the measured profile, corrected online by the
-ratio of observed to predicted Triton latency (EWMA per model). When
-nothing fits the request is shed at once (or, where its tier allows, served
-by the fastest model and marked degraded): work that cannot make its
+backlog slows a D0 answer too. Backlogs and service times are the latency
+model's (``latency``: every gateway's work at Triton, each device's speed).
+When nothing fits the request is shed at once (or, where its tier allows,
+served by the fastest model and marked degraded): work that cannot make its
 deadline is never queued.
 
 Among the models that fit, each is worth its AP times the chance that its
@@ -28,10 +24,8 @@ accurate one with room to spare. A bigger one is worth its accuracy only if its
 extra device time does not push other requests out of their budgets: each
 candidate's AP is discounted by the AP expected to be lost to requests with
 tighter budgets that would arrive while its work is queued (from the budgets
-seen recently). Under light load, or with only loose budgets around, the
-discount is near zero; with frequent tight requests, loose ones take small
-models and the tight ones keep fitting. A load governor also keeps the
-projected device utilization under a target.
+seen recently). A load governor also keeps the projected device utilization
+under a target.
 
 AP measured on different data sets does not compare (a model fine-tuned on
 six shapes scores 85 where a COCO detector scores 30): the router ranks only
@@ -56,6 +50,8 @@ from tierdet.serving.latency import LOCAL, Dispatch, LatencyModel
 from tierdet.serving.tiers import Tier, TierConfig
 
 Placement = Mapping[str, Iterable[str]]  # model -> endpoints that have it ready
+# Two endpoints' estimates for a model closer than this ratio read like devices.
+LIKE_DEVICES = 1.25
 
 
 @dataclass(frozen=True)
@@ -147,7 +143,8 @@ class Router:
         return self.latency.idle(endpoint)
 
     def service_ms(self, model: str) -> float:
-        """The current estimate of one request's Triton time at batch 1."""
+        """The current estimate of one request's Triton time at batch 1 (the mean
+        over the endpoints that serve it)."""
         return self.latency.service_ms(model)
 
     def profiled(self, model: str) -> bool:
@@ -158,7 +155,7 @@ class Router:
         """How many more views of the decided model (tiles, in the same batch) fit
         in what its budget leaves beside the prediction, and what each adds:
         the model's marginal device time plus ``view_extra_ms`` (its letterbox)."""
-        per_view = self.latency.cost_ms(decision.model) + view_extra_ms
+        per_view = self.latency.cost_ms(decision.model, decision.endpoint) + view_extra_ms
         factor = self.calibration.factor
         spare = decision.budget_ms - elapsed_ms - self.margin_ms - decision.predicted_ms * factor
         return (int(spare / factor // per_view) if spare > 0 else 0), per_view
@@ -213,13 +210,18 @@ class Router:
                        "that only one label set has")
 
     def _nearest(self, model: str, endpoints: Iterable[str]) -> tuple[str, float]:
-        """The endpoint where ``model``'s work would start first, and its backlog.
-        Ties (an idle pool) go to the one with the fewest of our requests, then
-        to the one chosen least recently, so steady load spreads evenly."""
-        ranked = [(self.latency.backlog_ms(e), self.latency.inflight(e),
-                   self._picked.get(e, 0), e) for e in (list(endpoints) or [LOCAL])]
-        backlog, _, _, best = min(ranked)
-        return best, backlog
+        """The endpoint where ``model``'s answer would come first, and the device
+        time until it does there (backlog + service). Among devices alike for
+        the model (``LIKE_DEVICES``: their reads differ by noise) the work that
+        starts first wins; ties (an idle pool) go to the one with the fewest of
+        our requests, then the one chosen least recently: load spreads evenly."""
+        service = {e: self.latency.service_ms(model, e) for e in list(endpoints) or [LOCAL]}
+        fastest = min(service.values())
+        _, _, _, best, device_ms = min(
+            (backlog + (fastest if ms <= LIKE_DEVICES * fastest else ms),
+             self.latency.inflight(e), self._picked.get(e, 0), e, backlog + ms)
+            for e, ms in service.items() for backlog in [self.latency.backlog_ms(e)])
+        return best, device_ms
 
     def _pick(self, decision: Decision) -> Decision:
         self._picks += 1
@@ -232,10 +234,9 @@ class Router:
         endpoint."""
         predicted, where = {}, {}
         for m in candidates:
-            where[m], backlog = self._nearest(m, ready.get(m, ()))
-            device_ms = (backlog + self.latency.service_ms(m)) * self._stretch(m, candidates,
-                                                                              ready)
-            predicted[m] = elapsed_ms + self.overhead_ms + device_ms
+            where[m], device_ms = self._nearest(m, ready.get(m, ()))
+            predicted[m] = (elapsed_ms + self.overhead_ms
+                            + device_ms * self._stretch(m, candidates, ready))
         return predicted, where
 
     @staticmethod
@@ -383,10 +384,9 @@ class Router:
         endpoints = [e for e in ready.get(decision.model, ()) if e not in set(tried)]
         if not endpoints:
             return None
-        endpoint, backlog = self._nearest(decision.model, endpoints)
-        predicted = elapsed_ms + self.overhead_ms + (
-            backlog + self.latency.service_ms(decision.model)
-        ) * self._stretch(decision.model, [decision.model], ready)
+        endpoint, device_ms = self._nearest(decision.model, endpoints)
+        predicted = elapsed_ms + self.overhead_ms + device_ms * self._stretch(
+            decision.model, [decision.model], ready)
         if not decision.degraded and not self.fits(predicted, decision.budget_ms):
             return None
         return self._pick(replace(decision, endpoint=endpoint, predicted_ms=predicted))
