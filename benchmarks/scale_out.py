@@ -23,10 +23,16 @@ Also, in the same run:
 - a run where one tritonserver is killed half-way and restarted: every
   request's outcome, and how soon the restarted server gets traffic again.
 
+``--slow-b F`` (emulated devices) measures instead one gateway before two
+Tritons whose devices differ: b's runs F times slower than a's (a neighbour
+on b's node, or a smaller GPU). Rows: both alike, then b slowed, each at the
+loads given, as multiples of the pair's capacity measured as it runs.
+
 Bounded: at most --requests per row and --max-seconds of arrivals. Example:
 
     python benchmarks/scale_out.py                       # emulated devices (80 + 20 ms/image)
     python benchmarks/scale_out.py --device d0           # D0 on this machine's cores
+    python benchmarks/scale_out.py --slow-b 3 --loads 0.5,0.8,1.0
 """
 
 from __future__ import annotations
@@ -291,15 +297,41 @@ def kill_run(servers: list[LocalTriton], image: bytes, rate: float, budgets: lis
 
 
 def repository_for(device: str, device_ms: str, home: Path, work: Path) -> Path:
+    """The server's model repository; an emulated device's is its own (its speed
+    is a file in it: ``set_device``)."""
     (built,) = ensure_built([MODEL], WeightsSource.parse("random:0"), home)
     if device == "d0":
         return assemble([built], home / "scale-out", "cpu-local", intra_op_threads=1)
     repository = assemble([built], work / "home", "cpu-local", intra_op_threads=1)
-    version = repository / MODEL / "1"
-    shutil.copy(HERE / "instant" / "model.py", version / "model.py")
-    base, per_image = (float(x) for x in device_ms.split(","))
-    (version / "device.json").write_text(json.dumps({"base_ms": base, "per_image_ms": per_image}))
+    shutil.copy(HERE / "instant" / "model.py", repository / MODEL / "1" / "model.py")
+    set_device(repository, device_ms)
     return repository
+
+
+def set_device(repository: Path, device_ms: str, factor: float = 1.0) -> None:
+    """The emulated device's speed from its next batch on: ``device_ms`` x ``factor``."""
+    base, per_image = (float(x) * factor for x in device_ms.split(","))
+    path = repository / MODEL / "1" / "device.json"
+    path.with_suffix(".tmp").write_text(json.dumps({"base_ms": base, "per_image_ms": per_image}))
+    path.with_suffix(".tmp").replace(path)
+
+
+def slow_b_rows(servers: list[LocalTriton], repositories: list[Path], image: bytes,
+                budgets: list[float], work: Path, profile: Path, args) -> list[dict]:
+    """One gateway before both servers: alike, then b's device ``--slow-b`` x slower."""
+    rows = []
+    for factor in (1.0, args.slow_b):
+        set_device(repositories[1], args.device_ms, factor)
+        deployment = Deployment(servers, 1, work / f"slow-b-{factor}", profile)
+        deployment.name = f"1 gw x 2 triton, b at {factor:g}x"
+        try:
+            cap = capacity(deployment, image)
+            print(f"capacity (closed loop), b at {factor:g}x: {cap:.1f} img/s")
+            for mult in (float(x) for x in args.loads.split(",")):
+                rows.append(measure_row(deployment, image, mult * cap, mult, budgets, args)[0])
+        finally:
+            deployment.stop()
+    return rows
 
 
 def main() -> int:
@@ -311,11 +343,17 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=120, help="max requests per row")
     p.add_argument("--max-seconds", type=float, default=15.0, help="max arrival span per row")
     p.add_argument("--home", type=Path, default=default_home())
+    p.add_argument("--slow-b", type=float, metavar="F",
+                   help="only: one gateway, b's emulated device F x slower than a's")
     args = p.parse_args()
+    if args.slow_b and args.device != "emulated":
+        p.error("--slow-b slows an emulated device")
     require("hey")
     work = Path(tempfile.mkdtemp(prefix="tierdet-scale-out-"))
-    repository = repository_for(args.device, args.device_ms, args.home, work)
-    servers = [start_server(repository, work / name) for name in ("a", "b")]
+    repositories = [repository_for(args.device, args.device_ms, args.home, work / name)
+                    for name in ("a", "b")]
+    servers = [start_server(r, work / name) for r, name in zip(repositories, ("a", "b"),
+                                                               strict=True)]
     image = photo_720p()
     try:
         profile = work / "profile.json"
@@ -339,6 +377,10 @@ def main() -> int:
               f"{budgets[0]:.0f} / {budgets[1]:.0f} ms (4x / 10x), equal shares")
         print(f"capacity (closed loop): 1 triton {caps[1]:.1f} img/s, "
               f"2 tritons {caps[2]:.1f} img/s")
+        if args.slow_b:
+            print()
+            print_rows(slow_b_rows(servers, repositories, image, budgets, work, profile, args))
+            return 0
         rows, notes = [], []
         for i, (gateways, n_servers, variant) in enumerate((
                 (1, 1, ""), (2, 1, ""), (2, 1, "own work only"), (2, 1, "fixed margin"),
