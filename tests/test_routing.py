@@ -492,6 +492,16 @@ def test_the_governor_mixes_rather_than_all_or_nothing():
     assert 0.4 < upgrades < 0.9 and mean <= 90.0
 
 
+def test_other_gateways_work_at_the_device_leaves_less_room_for_upgrades():
+    """Gateways sharing a Triton each see only their own arrivals; the others'
+    work, read from Triton's arrival counts, takes its share of the device."""
+    r = router()
+    loose = RouteRequest(sla_ms=5000)
+    assert r.decide(loose, 3.0, READY).model == "slow"
+    r.latency.others_rate["local"] = 450.0  # device ms a second: 0.45 of the device
+    assert r.decide(loose, 3.0, READY).model == "fast"
+
+
 def test_arrival_rate_decays():
     from tierdet.serving.governor import LoadGovernor
 

@@ -61,9 +61,12 @@ class LoadGovernor:
         with self._lock:
             return [b for t, b in self.recent if now - t <= self.window_s]
 
-    def affordable(self, cost_ms: float, devices: int = 1) -> bool:
+    def affordable(self, cost_ms: float, devices: int = 1, others: float = 0.0) -> bool:
+        """Whether a request of ``cost_ms`` keeps the projected utilization of
+        ``devices`` under the target; ``others``: the share of them (in devices)
+        other clients' work takes (other gateways sharing the Triton servers)."""
         mixed = self.weight * cost_ms + (1 - self.weight) * self.mean_cost_ms
-        return self.rate * mixed / 1e3 <= self.target * max(1, devices)
+        return self.rate * mixed / 1e3 + others <= self.target * max(1, devices)
 
     def _work(self, model: str, now: float) -> float:
         rate, at = self.work.get(model, (0.0, now))

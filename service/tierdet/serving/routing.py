@@ -354,10 +354,10 @@ class Router:
         self.governor.arrival()
         fitting = [m for m in candidates if self.fits(predicted[m], budget)]
         if fitting:
-            devices = self._devices(candidates, ready)
-            affordable = ([m for m in fitting
-                           if self.governor.affordable(self.latency.cost_ms(m), devices)]
-                          if req.model is None else fitting)
+            endpoints = {e for m in candidates for e in ready.get(m, ())}
+            others = sum(self.latency.others_rate.get(e, 0.0) for e in endpoints) / 1e3
+            affordable = [m for m in fitting if req.model is not None or self.governor.affordable(
+                self.latency.cost_ms(m), len(endpoints), others)]
             pool = affordable or [min(fitting, key=self.latency.cost_ms)]
             backlog = min(self.latency.backlog_ms(where[m]) for m in candidates)
             loss = self._displacement(pool, candidates, backlog)
