@@ -591,6 +591,16 @@ def test_each_endpoint_reads_its_own_device():
         (r.latency.service_ms("mid", "a") + r.latency.service_ms("mid", "b")) / 2)
 
 
+def test_an_endpoint_that_left_the_pool_no_longer_speaks_for_the_others():
+    r = router()
+    _started(r, "a", "b")
+    _device_speed(r, "b", 135.0, reports=12)
+    r.latency.left("b")
+    assert r.latency.service_ms("mid", "c") == pytest.approx(r.latency.service_ms("mid", "a"))
+    assert r.latency.service_ms("mid", "b") == pytest.approx(50.0)  # back: read afresh
+    assert not any("b" in key for key in (*r.latency.sent, *r.latency._served))
+
+
 def test_endpoints_read_a_little_apart_still_take_turns():
     """Two reads of like devices differ by their noise: within a quarter of each
     other they share the load (and both reads stay fresh)."""

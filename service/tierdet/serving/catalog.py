@@ -221,6 +221,7 @@ class Catalog:
             # 0 first: with workers the series' file outlives remove(), at its last value.
             self.metrics.triton_endpoint_up.labels(url).set(0)
             self.metrics.triton_endpoint_up.remove(url)
+            self.router.latency.left(url)
         self._endpoints_shown = set(self.pool.endpoints)
         for url, endpoint in self.pool.endpoints.items():
             self.metrics.triton_endpoint_up.labels(url).set(1 if endpoint.up else 0)

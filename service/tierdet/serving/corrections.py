@@ -84,3 +84,8 @@ class Corrections:
 
     def forget(self, model: str) -> None:
         self.by_model.pop(model, None)
+
+    def left(self, endpoint: str) -> None:
+        """``endpoint`` left the pool: its reads no longer speak for the others."""
+        for there in self.by_model.values():
+            there.pop(endpoint, None)

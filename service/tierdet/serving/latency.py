@@ -133,6 +133,17 @@ class LatencyModel:
             self.corrections.forget(model)
             self._forget_device(model)
 
+    def left(self, endpoint: str) -> None:
+        """``endpoint`` left the pool (a pod gone): what was read of its device and
+        counted of its work goes with it (a pod that comes back is read afresh)."""
+        with self._lock:
+            self.corrections.left(endpoint)
+            for table in (self.busy_until, self.others_rate, self._last, self._returned):
+                table.pop(endpoint, None)
+            for keyed in (self.sent, self._served, self._answers, self._outside):
+                for key in [k for k in keyed if k[0] == endpoint]:
+                    del keyed[key]
+
     def _forget_device(self, model: str) -> None:
         for key in [k for k in self._outside if k[1] == model]:
             del self._outside[key]
