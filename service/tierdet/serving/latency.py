@@ -205,8 +205,8 @@ class LatencyModel:
 
     def backlog_ms(self, endpoint: str = LOCAL) -> float:
         """Work queued or running on ``endpoint``'s device: this gateway's own, or
-        what Triton reported queued (all gateways') plus what this gateway sent
-        since, whichever is more. Triton's count leaves out the batch it is
+        what Triton reported queued (all gateways', run down since) plus what was
+        sent since, whichever is more. Triton's count leaves out the batch it is
         running, so one's own work is a floor."""
         mine = self._at(endpoint)
         own = self.own_ms(endpoint)
@@ -214,12 +214,16 @@ class LatencyModel:
         if report is None:
             return own
         asked, pending = report
-        shared = sum(n * self.cost_ms(m, endpoint) for m, n in pending.items() if n > 0)
+        queued = sum(n * self.cost_ms(m, endpoint) for m, n in pending.items() if n > 0)
         waiting = [m for m, n in pending.items() if n > 0]
         if waiting:  # a batch is running ahead of them (not in the count): half of one
-            shared += 0.5 * max(self.service_ms(m, endpoint) for m in waiting)
+            queued += 0.5 * max(self.service_ms(m, endpoint) for m in waiting)
+        since_s = max(0.0, time.monotonic() - asked)
+        # The device has worked on that queue since the report (polls come up to a
+        # tenth of a second apart: as long as the queue itself, under load).
+        shared = max(0.0, queued - since_s * 1e3)
         shared += sum(self.cost_ms(t.model, endpoint) for t in mine if t.admitted_at > asked)
-        shared += self.others_rate.get(endpoint, 0.0) * max(0.0, time.monotonic() - asked)
+        shared += self.others_rate.get(endpoint, 0.0) * since_s
         return max(own, shared)
 
     def predict_ms(self, model: str, endpoint: str = LOCAL) -> float:
