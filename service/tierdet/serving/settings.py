@@ -91,7 +91,8 @@ class Settings(BaseModel):
         "(backlog + service) / (1 - share)"))
     route_utilization_target: float = Field(LoadGovernor.target, gt=0.0, le=1.0, description=(
         "the share of the device the router lets upgrades fill: a bigger model is chosen "
-        "only while the arrival rate x the mean device time per request stays under it"))
+        "only while the arrival rate x the mean device time per request, plus other "
+        "gateways' work at the same Triton servers, stays under it"))
     route_calibrate_quantile: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "scale predictions by this quantile of actual / predicted time (at least 1.0) "
         "over the last 400 requests admitted near their budget (predicted at least half "
