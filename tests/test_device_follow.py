@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from conftest import REPO, TEST_MODEL, encode, photos
 from tierdet.build.models import assemble
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
+from tierdet.serving.routing import LIKE_DEVICES
+from tierdet.serving.security import hash_key
 from waiting import wait_until
 
 # The router's estimate includes the gateway's own CPU time per answer: beside
@@ -32,6 +35,7 @@ from waiting import wait_until
 pytestmark = pytest.mark.alone
 JPEG = encode(photos()["coffee"])
 BASE_MS = 40.0
+ADMIN = "admin-3f9d02"  # Triton addresses are on /metrics for the admin only
 
 
 def set_device(path: Path, base_ms: float) -> None:
@@ -85,7 +89,8 @@ def emulated_pair(built_d0, tmp_path_factory) -> Iterator[tuple[dict, GatewayPro
         for name in ("a", "b"):
             pair[name] = _emulated_triton(built_d0, work / name)
         gateway = GatewayProcess.start(",".join(s.endpoint for s, _ in pair.values()),
-                                       work / "gateway.log", models=TEST_MODEL)
+                                       work / "gateway.log", models=TEST_MODEL,
+                                       admin_key_sha256=hash_key(ADMIN))
         try:
             yield pair, gateway
         finally:
@@ -183,3 +188,17 @@ def test_of_two_endpoints_the_one_whose_device_slowed_down_is_left_while_the_oth
         went.append(_served_by(gateway, pair))
     print(f"after b slowed down: {went}")
     assert went[-8:] == ["a"] * 8 and went.count("b") <= 3, went
+    # Operators see it too: the estimate per endpoint on /metrics.
+    a, b = (pair[n][0].grpc_url for n in ("a", "b"))
+    estimates = wait_until(lambda: (e := _route_service(gateway)) and a in e and b in e and e,
+                           "the estimates of both endpoints on /metrics")
+    assert estimates[b] > LIKE_DEVICES * estimates[a], estimates
+
+
+def _route_service(gateway: GatewayProcess) -> dict[str, float]:
+    """Endpoint -> the router's service estimate for the test model (as the admin,
+    who sees endpoint addresses)."""
+    text = httpx.get(gateway.http + "/metrics", headers={"x-admin-key": ADMIN}, timeout=10).text
+    found = re.findall(r'tierdet_route_service_seconds\{endpoint="([^"]+)",model="'
+                       + TEST_MODEL + r'"\} (\S+)', text)
+    return {endpoint: float(value) for endpoint, value in found}

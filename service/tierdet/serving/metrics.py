@@ -140,6 +140,11 @@ class Metrics:
             "tierdet_triton_queued_requests", "Requests waiting in Triton's schedulers for "
             "each model (every endpoint, every client), as the router last read them.",
             ["model"], multiprocess_mode=SAME, registry=r)
+        self.route_service = Gauge(
+            "tierdet_route_service_seconds", "The router's estimate of one request's device "
+            "time at batch 1 for each model on each Triton endpoint (its profile, corrected "
+            "by what the router read of that device), as of the last queue read.",
+            ["model", "endpoint"], multiprocess_mode=SAME, registry=r)
         self.triton_requests = Counter(
             "tierdet_triton_requests", "Calls to each Triton endpoint, by outcome "
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
@@ -192,9 +197,14 @@ class Metrics:
                         before[metric])
             self.ap_time.labels(model, tier, dataset, source).set(latest.timestamp)
 
-    def observe_queues(self, pending: dict[str, int]) -> None:
+    def observe_queues(self, pending: dict[str, int],
+                       service_ms: dict[tuple[str, str], float]) -> None:
+        """Triton's queues per model, and the router's service estimate per (model,
+        endpoint) read with them."""
         for model, count in pending.items():
             self.triton_queued.labels(model).set(count)
+        for (model, endpoint), ms in service_ms.items():
+            self.route_service.labels(model, endpoint).set(ms / 1e3)
 
     def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
                    stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:

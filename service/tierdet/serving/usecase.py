@@ -183,10 +183,13 @@ class Detector:
         queues = self.pool.queues(max_age_s=1.0)
         self.router.observe_queues(queues)
         pending: dict[str, int] = {}
-        for _, report in queues.values():
+        service: dict[tuple[str, str], float] = {}
+        for url, (_, report) in queues.items():
             for model, count in report.pending.items():
                 pending[model] = pending.get(model, 0) + count
-        self.metrics.observe_queues(pending)
+            for model in report.served:
+                service[model, url] = self.router.latency.service_ms(model, url)
+        self.metrics.observe_queues(pending, service)
 
     async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
         """Ask the backend again, then ``ready()`` (the model watcher's call)."""
