@@ -61,6 +61,9 @@ OVERVIEW = (
         ("{{model}}", "histogram_quantile(0.5, sum by (model, le) "
                       "(rate(tierdet_latency_prediction_ratio_bucket[5m])))"),
     )),
+    Panel("Router's service estimate per device (batch 1)", "s", (
+        ("{{model}} at {{endpoint}}", "max by (model, endpoint) (tierdet_route_service_seconds)"),
+    )),
     Panel("In-flight requests", "short", (("in flight", "sum(tierdet_inflight_requests)"),)),
     Panel("Measured AP by model and tier (latest evaluation)", "percentunit",
           (("{{model}} {{tier}} {{dataset}}", 'tierdet_model_ap{metric="AP"}'),), "stat"),
