@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 from tierdet.contract.errors import ApiError, ErrorCode
 from tierdet.registry.profile import LatencyProfile, ModelProfile
 from tierdet.registry.specs import SPECS
+from tierdet.serving import latency as latency_module
 from tierdet.serving.backend import QueueReport, Served
 from tierdet.serving.latency import LatencyModel
 from tierdet.serving.routing import Router, RouteRequest
@@ -498,8 +500,18 @@ def test_other_gateways_work_at_the_device_leaves_less_room_for_upgrades():
     r = router()
     loose = RouteRequest(sla_ms=5000)
     assert r.decide(loose, 3.0, READY).model == "slow"
+    r.latency.observe_queues({"local": (time.monotonic(), QueueReport({}, {}))})
     r.latency.others_rate["local"] = 450.0  # device ms a second: 0.45 of the device
     assert r.decide(loose, 3.0, READY).model == "fast"
+
+
+def test_other_gateways_work_read_long_ago_says_nothing_of_now():
+    """Triton's metrics have not answered for seconds: the rate last read is not
+    counted against upgrades (nor is the queue)."""
+    r = router()
+    r.latency.observe_queues({"local": (time.monotonic() - 5.0, QueueReport({}, {}))})
+    r.latency.others_rate["local"] = 450.0
+    assert r.decide(RouteRequest(sla_ms=5000), 3.0, READY).model == "slow"
 
 
 def test_arrival_rate_decays():
@@ -560,20 +572,21 @@ def test_idle_endpoints_take_turns():
     assert sorted(chosen) == ["a"] * 3 + ["b"] * 3
 
 
-def _device_speed(r: Router, endpoint: str, run_ms: float, reports: int = 1) -> None:
-    """``reports`` windows in which ``endpoint``'s device ran one ``mid`` in ``run_ms``
-    (plus 5 ms outside the run)."""
+def _device_speed(r: Router, endpoint: str, run_ms: float, reports: int = 1,
+                  model: str = "mid") -> None:
+    """``reports`` windows in which ``endpoint``'s device ran one ``model`` in
+    ``run_ms`` (plus 5 ms outside the run)."""
     for _ in range(reports):
-        r.latency.finish(r.latency.admit("mid", endpoint), observed_ms=run_ms + 5.0)
-        _device(r, 1, 0.0, 1, endpoint=endpoint, run_ms=run_ms)
+        r.latency.finish(r.latency.admit(model, endpoint), observed_ms=run_ms + 5.0)
+        _device(r, 1, 0.0, 1, model=model, endpoint=endpoint, run_ms=run_ms)
 
 
-def _started(r: Router, *endpoints: str) -> None:
+def _started(r: Router, *endpoints: str, model: str = "mid") -> None:
     """Each endpoint's first report (a start to count from) and one idle answer at
-    the profile's speed (45 ms run + 5 outside)."""
+    the profile's speed (its time less 5 ms of run, + 5 outside)."""
     for e in endpoints:
-        _device(r, 0, 0.0, 1, endpoint=e)
-        _device_speed(r, e, 45.0)
+        _device(r, 0, 0.0, 1, model=model, endpoint=e)
+        _device_speed(r, e, ZOO[model][1] - 5.0, model=model)
 
 
 def test_each_endpoint_reads_its_own_device():
@@ -595,10 +608,43 @@ def test_an_endpoint_that_left_the_pool_no_longer_speaks_for_the_others():
     r = router()
     _started(r, "a", "b")
     _device_speed(r, "b", 135.0, reports=12)
+    late = r.latency.admit("mid", "b")  # sent before it left: answered after
     r.latency.left("b")
+    r.latency.finish(late, observed_ms=400.0)
     assert r.latency.service_ms("mid", "c") == pytest.approx(r.latency.service_ms("mid", "a"))
     assert r.latency.service_ms("mid", "b") == pytest.approx(50.0)  # back: read afresh
     assert not any("b" in key for key in (*r.latency.sent, *r.latency._served))
+    assert "b" not in {*r.latency.busy_until, *r.latency._returned}
+
+
+def test_an_endpoint_not_read_yet_is_expected_to_run_like_the_others():
+    """a runs the model at twice its profile; b joins: it starts from a's speed,
+    and its first reads move from there, not from the profile."""
+    r = router()
+    _started(r, "a")
+    _device_speed(r, "a", 95.0, reports=20)
+    assert r.latency.service_ms("mid", "a") == pytest.approx(100.0, rel=0.05)
+    assert r.latency.service_ms("mid", "b") == pytest.approx(r.latency.service_ms("mid", "a"))
+    _device(r, 0, 0.0, 1, endpoint="b")
+    _device_speed(r, "b", 95.0)
+    assert r.latency.service_ms("mid", "b") == pytest.approx(100.0, rel=0.05)
+
+
+def test_a_model_without_profile_is_expected_at_its_other_endpoints_speed():
+    r = Router(AP_TABLE, TIERS, LatencyModel(LatencyProfile()), default_budget_ms=10_000)
+    r.latency.corrections.at("mid", "b")  # known at b before anything was observed
+    r.latency.finish(r.latency.admit("mid", "a"), observed_ms=30.0)
+    assert r.latency.service_ms("mid", "b") == pytest.approx(30.0)
+
+
+def test_the_governor_costs_a_request_on_the_device_it_goes_to():
+    """b runs ``slow`` at 3x: a request placed on a costs a's time, not the mean."""
+    r = router()
+    _started(r, "a", "b", model="slow")
+    _device_speed(r, "b", 325.0, reports=12, model="slow")
+    r.governor.rate = 60.0  # 0.9 of two devices: 110 ms each fits, the mean does not
+    d = r.decide(RouteRequest(sla_ms=5000), 3.0, TWO)
+    assert (d.model, d.endpoint) == ("slow", "a")
 
 
 def test_endpoints_read_a_little_apart_still_take_turns():
@@ -632,11 +678,14 @@ def test_own_work_sent_after_tritons_report_is_added_to_it():
     assert r.latency.backlog_ms("a") == pytest.approx(50.0 + 25.0 + 50.0, abs=1.0)
 
 
-def test_a_queue_triton_reported_runs_down_as_the_device_works():
-    """Triton counted 3 ``mid`` waiting 60 ms ago: the device has worked on them since."""
+def test_a_queue_triton_reported_runs_down_as_the_device_works(monkeypatch):
+    """Triton's count of 3 ``mid`` waiting came back 60 ms ago (its scrape took
+    0.2 s): the device has worked on them since the count was read."""
     r = router()
-    r.latency.observe_queues({"a": (time.monotonic() - 0.06,
+    r.latency.observe_queues({"a": (time.monotonic() - 0.2,
                                     QueueReport({"mid": 3}, {"mid": 3}))})
+    read = time.monotonic()
+    monkeypatch.setattr(latency_module, "time", SimpleNamespace(monotonic=lambda: read + 0.06))
     # 3 waiting, half of the batch running ahead of them, less the 60 ms worked since
     assert r.latency.backlog_ms("a") == pytest.approx(3 * 50.0 + 25.0 - 60.0, abs=2.0)
 

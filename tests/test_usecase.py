@@ -423,3 +423,14 @@ def test_a_cancelled_image_is_logged_as_cancelled(tmp_path):
     asyncio.run(run())
     (line,) = map(json.loads, log.read_text().splitlines())
     assert (line["code"], line["status"]) == ("cancelled", "CANCELLED")
+
+
+def test_estimates_of_a_retired_model_or_an_endpoint_that_left_leave_the_metrics():
+    metrics = Metrics()
+    metrics.observe_queues({}, {("a", "e1"): 20.0, ("a", "e2"): 30.0, ("b", "e1"): 10.0,
+                                ("b", "e2"): 40.0})
+    metrics.drop_route_service(endpoint="e1")
+    metrics.drop_route_service(model="a")
+    shown = [line for line in generate_latest(metrics.registry).decode().splitlines()
+             if line.startswith("tierdet_route_service_seconds{")]
+    assert shown == ['tierdet_route_service_seconds{endpoint="e2",model="b"} 0.04']

@@ -181,6 +181,7 @@ class Catalog:
         (Until now the router kept its AP for the requests validated before.)"""
         self.router.ap.pop(model, None)
         self.router.latency.forget(model)
+        self.metrics.drop_route_service(model=model)
         self.states.pop(model, None)
         self.recorded.pop(model, None)
 
@@ -222,6 +223,7 @@ class Catalog:
             self.metrics.triton_endpoint_up.labels(url).set(0)
             self.metrics.triton_endpoint_up.remove(url)
             self.router.latency.left(url)
+            self.metrics.drop_route_service(endpoint=url)
         self._endpoints_shown = set(self.pool.endpoints)
         for url, endpoint in self.pool.endpoints.items():
             self.metrics.triton_endpoint_up.labels(url).set(1 if endpoint.up else 0)

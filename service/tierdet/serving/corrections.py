@@ -59,7 +59,13 @@ class Corrections:
         return sum(self.ratio(k, now) for k in known) / len(known) if known else 1.0
 
     def observed(self, model: str, endpoint: str | None) -> float | None:
-        seen = [k.observed_ms for k in self._known(model, endpoint) if k.observed_ms]
+        """A model without profile: its batch-1 time at ``endpoint``, or (none read
+        there yet) the mean of its endpoints'."""
+        own = self.by_model.get(model, {}).get(endpoint) if endpoint is not None else None
+        if own is not None and own.observed_ms is not None:
+            return own.observed_ms
+        seen = [c.observed_ms for c in self.by_model.get(model, {}).values()
+                if c.observed_ms is not None]
         return sum(seen) / len(seen) if seen else None
 
     def ratio(self, c: Correction, now: float | None = None) -> float:

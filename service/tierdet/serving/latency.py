@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tierdet.registry.profile import LatencyProfile, ModelProfile
@@ -83,9 +83,7 @@ class LatencyModel:
     queueing: a model's own service time is learned at full weight only from
     requests admitted to an idle device, so a burst cannot inflate the
     estimate (and an inflated estimate sheds the very requests that would
-    correct it); requests admitted behind others refine it slowly. Every
-    correction decays back towards the profile (half-life ``decay_s``) when
-    no new evidence arrives.
+    correct it); requests admitted behind others refine it slowly.
     """
 
     profile: LatencyProfile
@@ -112,6 +110,10 @@ class LatencyModel:
     _outside: dict[tuple[str, str], float] = field(default_factory=dict)
     # endpoint -> time.monotonic() this gateway's last request there came back
     _returned: dict[str, float] = field(default_factory=dict)
+    # endpoint -> time.monotonic() its last queue report was read (the scrape's reply)
+    _read_at: dict[str, float] = field(default_factory=dict)
+    # endpoints that left the pool with requests of ours still in flight there
+    _gone: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -138,8 +140,11 @@ class LatencyModel:
         counted of its work goes with it (a pod that comes back is read afresh)."""
         with self._lock:
             self.corrections.left(endpoint)
-            for table in (self.busy_until, self.others_rate, self._last, self._returned):
+            for table in (self.busy_until, self.others_rate, self._last, self._returned,
+                          self._read_at):
                 table.pop(endpoint, None)
+            if self._at(endpoint):  # its answers still to come are not read
+                self._gone.add(endpoint)
             for keyed in (self.sent, self._served, self._answers, self._outside):
                 for key in [k for k in keyed if k[0] == endpoint]:
                     del keyed[key]
@@ -219,12 +224,19 @@ class LatencyModel:
         if waiting:  # a batch is running ahead of them (not in the count): half of one
             queued += 0.5 * max(self.service_ms(m, endpoint) for m in waiting)
         since_s = max(0.0, time.monotonic() - asked)
-        # The device has worked on that queue since the report (polls come up to a
-        # tenth of a second apart: as long as the queue itself, under load).
-        shared = max(0.0, queued - since_s * 1e3)
+        # The device has worked on that queue since the report was read (polls come
+        # up to a tenth of a second apart: as long as the queue itself, under load).
+        read_s = max(0.0, time.monotonic() - self._read_at.get(endpoint, asked))
+        shared = max(0.0, queued - read_s * 1e3)
         shared += sum(self.cost_ms(t.model, endpoint) for t in mine if t.admitted_at > asked)
         shared += self.others_rate.get(endpoint, 0.0) * since_s
         return max(own, shared)
+
+    def others_share(self, endpoints: Iterable[str]) -> float:
+        """The share of a device (summed over ``endpoints``) that other clients'
+        work takes, from fresh reports only (a stale rate says nothing of now)."""
+        return sum(self.others_rate.get(e, 0.0) for e in endpoints
+                   if self._report(e) is not None) / 1e3
 
     def predict_ms(self, model: str, endpoint: str = LOCAL) -> float:
         """Triton time for a request admitted now (queue + service)."""
@@ -256,6 +268,8 @@ class LatencyModel:
                     foreign = set(others)  # nothing to compare with: assume some
                 self._last[url] = (asked, others)
                 self._observe_device(url, asked, report.served, foreign)
+            self._read_at.update({url: time.monotonic() for url in queues})
+            self._gone -= set(queues)  # it answers again: back in the pool
             self.queues = {url: (asked, dict(report.pending))
                            for url, (asked, report) in queues.items()}
 
@@ -306,16 +320,13 @@ class LatencyModel:
 
     def _read_device(self, url: str, model: str, window: DeviceWindow, run_ms: float,
                      answers: list[float]) -> None:
-        """The device's speed from the time Triton says it ran the model: a
-        batch-1 answer is that run, scaled to batch 1 by the profile, plus the
-        time spent outside Triton's queue and the run. That outside part is
-        read from windows in which every request answered was this gateway's
-        and no other client's arrived (so Triton's mean queue wait is theirs);
-        until there is one, it is what the current estimate leaves beside the
-        first run read. Answers among other clients' are not read: their queue
-        and batches bias nothing. Each request the window counts moves the
-        estimate as one answer did (``alpha``). ``run_ms``: the window's mean
-        run per request."""
+        """The device's speed from the time Triton says it ran the model: a batch-1
+        answer is that run (``run_ms``: the window's mean per request), scaled to
+        batch 1 by the profile, plus the time outside Triton's queue and the run,
+        read from windows where every request answered was ours and no other
+        client's arrived (until one: what the estimate leaves beside the first
+        run). Each request the window counts moves the estimate as one answer
+        did (``alpha``)."""
         load = self.corrections.at(model, url)
         prof = self.profile.models[model]
         one = prof.service_ms(1)
@@ -362,12 +373,16 @@ class LatencyModel:
         """Release an admitted request; learn from its latency if it completed."""
         with self._lock:
             self.flight.discard(ticket)
+            if ticket.endpoint in self._gone:  # sent before it left: nothing to keep
+                if not self._at(ticket.endpoint):
+                    self._gone.discard(ticket.endpoint)
+                return
             left = sum(self.cost_ms(t.model, t.endpoint) for t in self._at(ticket.endpoint))
             self.busy_until[ticket.endpoint] = time.monotonic() + left / 1e3
             self._returned[ticket.endpoint] = time.monotonic()
-            load = self.corrections.at(ticket.model, ticket.endpoint)
             if observed_ms is None or ticket.predicted_ms <= 0:
                 return
+            load = self.corrections.at(ticket.model, ticket.endpoint)
             now = time.monotonic()
             prof = self.profile.models.get(ticket.model)
             key = (ticket.endpoint, ticket.model)

@@ -145,6 +145,7 @@ class Metrics:
             "time at batch 1 for each model on each Triton endpoint (its profile, corrected "
             "by what the router read of that device), as of the last queue read.",
             ["model", "endpoint"], multiprocess_mode=SAME, registry=r)
+        self._route_shown: set[tuple[str, str]] = set()
         self.triton_requests = Counter(
             "tierdet_triton_requests", "Calls to each Triton endpoint, by outcome "
             "(ok, unavailable: it left the pool and the call went elsewhere or failed, error).",
@@ -205,6 +206,14 @@ class Metrics:
             self.triton_queued.labels(model).set(count)
         for (model, endpoint), ms in service_ms.items():
             self.route_service.labels(model, endpoint).set(ms / 1e3)
+            self._route_shown.add((model, endpoint))
+
+    def drop_route_service(self, model: str | None = None, endpoint: str | None = None) -> None:
+        """The estimates of a retired model, or of an endpoint that left, go."""
+        for labels in [k for k in self._route_shown
+                       if model in (None, k[0]) and endpoint in (None, k[1])]:
+            self._route_shown.discard(labels)
+            self.route_service.remove(*labels)
 
     def observe_ok(self, protocol: str, tier: str | None, model: str, total_s: float,
                    stages: dict[str, float], in_slo: bool, predicted_s: float) -> None:

@@ -239,11 +239,6 @@ class Router:
                             + device_ms * self._stretch(m, candidates, ready))
         return predicted, where
 
-    @staticmethod
-    def _devices(models: Iterable[str], ready: Placement) -> int:
-        """How many endpoints' devices ``models`` share."""
-        return len({e for m in models for e in ready.get(m, ())})
-
     def _stretch(self, model: str, candidates: Iterable[str], ready: Placement) -> float:
         """How much longer ``model``'s work takes while other models' arrive and
         run beside it (``shared_device``: a CPU, where Triton runs each model's
@@ -252,11 +247,12 @@ class Router:
         without ``shared_device`` or other work."""
         if not self.shared_device:
             return 1.0
-        others = self.governor.others_load(model, self._devices(candidates, ready))
+        devices = len({e for m in candidates for e in ready.get(m, ())})
+        others = self.governor.others_load(model, devices)
         return 1.0 / (1.0 - min(0.75, others))
 
-    def _displacement(self, pool: list[str], candidates: list[str], backlog: float
-                      ) -> dict[str, float]:
+    def _displacement(self, pool: list[str], candidates: list[str], backlog: float,
+                      where: Mapping[str, str]) -> dict[str, float]:
         """AP expected to be lost to other requests if this one takes ``m``.
 
         On a shared device, a bigger model's extra work delays everything
@@ -270,12 +266,12 @@ class Router:
         upgrades look free and feed itself.
         """
         budgets = self.governor.recent_budgets()
-        fastest = min(candidates, key=self.latency.service_ms)
-        base = self.overhead_ms + self.latency.service_ms(fastest)
-        base_cost = self.latency.cost_ms(fastest)
+        fastest = min(candidates, key=lambda m: self.latency.service_ms(m, where[m]))
+        base = self.overhead_ms + self.latency.service_ms(fastest, where[fastest])
+        base_cost = self.latency.cost_ms(fastest, where[fastest])
         loss: dict[str, float] = {}
         for m in pool:
-            cost = self.latency.cost_ms(m)
+            cost = self.latency.cost_ms(m, where[m])
             extra = cost - base_cost
             if extra <= 0 or not budgets:
                 loss[m] = 0.0
@@ -355,23 +351,24 @@ class Router:
         fitting = [m for m in candidates if self.fits(predicted[m], budget)]
         if fitting:
             endpoints = {e for m in candidates for e in ready.get(m, ())}
-            others = sum(self.latency.others_rate.get(e, 0.0) for e in endpoints) / 1e3
+            others = self.latency.others_share(endpoints)
+            cost = {m: self.latency.cost_ms(m, where[m]) for m in candidates}
             affordable = [m for m in fitting if req.model is not None or self.governor.affordable(
-                self.latency.cost_ms(m), len(endpoints), others)]
-            pool = affordable or [min(fitting, key=self.latency.cost_ms)]
+                cost[m], len(endpoints), others)]
+            pool = affordable or [min(fitting, key=cost.__getitem__)]
             backlog = min(self.latency.backlog_ms(where[m]) for m in candidates)
-            loss = self._displacement(pool, candidates, backlog)
+            loss = self._displacement(pool, candidates, backlog, where)
             # A pinned model may not be ranked (yet): it is the only candidate anyway.
             best = max(pool, key=lambda m: (self._expected_ap(m, predicted[m], budget, req)
                                             - loss[m], -predicted[m]))
-            self.governor.admitted(self.latency.cost_ms(best), best)
+            self.governor.admitted(cost[best], best)
             self.governor.saw_budget(budget)
             return self._pick(Decision(best, tier.name if tier else None, budget,
                                        predicted[best], False, priority, where[best]))
         self.governor.saw_budget(budget)
         fastest = min(candidates, key=lambda m: predicted[m])
         if tier is not None and self._degradable(req, tier):
-            self.governor.admitted(self.latency.cost_ms(fastest), fastest)
+            self.governor.admitted(self.latency.cost_ms(fastest, where[fastest]), fastest)
             return self._pick(Decision(fastest, tier.name, budget, predicted[fastest], True,
                                        priority, where[fastest]))
         raise self._shed(budget, fastest, predicted[fastest])

@@ -187,7 +187,7 @@ class Detector:
         for url, (_, report) in queues.items():
             for model, count in report.pending.items():
                 pending[model] = pending.get(model, 0) + count
-            for model in report.served:
+            for model in filter(self.catalog.serves, report.served):  # not others' models
                 service[model, url] = self.router.latency.service_ms(model, url)
         self.metrics.observe_queues(pending, service)
 
