@@ -142,10 +142,10 @@ class Router:
         gateway knows of (its own work, Triton's last queue report)."""
         return self.latency.idle(endpoint)
 
-    def service_ms(self, model: str) -> float:
-        """The current estimate of one request's Triton time at batch 1 (the mean
-        over the endpoints that serve it)."""
-        return self.latency.service_ms(model)
+    def service_ms(self, model: str, endpoint: str | None = None) -> float:
+        """The current estimate of one request's Triton time at batch 1 on
+        ``endpoint`` (None: the mean over the endpoints that serve it)."""
+        return self.latency.service_ms(model, endpoint)
 
     def profiled(self, model: str) -> bool:
         return model in self.latency.profile.models

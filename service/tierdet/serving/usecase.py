@@ -188,7 +188,7 @@ class Detector:
             for model, count in report.pending.items():
                 pending[model] = pending.get(model, 0) + count
             for model in filter(self.catalog.serves, report.served):  # not others' models
-                service[model, url] = self.router.latency.service_ms(model, url)
+                service[model, url] = self.router.service_ms(model, url)
         self.metrics.observe_queues(pending, service)
 
     async def readiness(self) -> tuple[bool, ErrorCode | None, str]:
