@@ -223,10 +223,11 @@ class LatencyModel:
         waiting = [m for m, n in pending.items() if n > 0]
         if waiting:  # a batch is running ahead of them (not in the count): half of one
             queued += 0.5 * max(self.service_ms(m, endpoint) for m in waiting)
-        since_s = max(0.0, time.monotonic() - asked)
+        now = time.monotonic()
+        since_s = max(0.0, now - asked)
         # The device has worked on that queue since the report was read (polls come
         # up to a tenth of a second apart: as long as the queue itself, under load).
-        read_s = max(0.0, time.monotonic() - self._read_at.get(endpoint, asked))
+        read_s = max(0.0, now - self._read_at.get(endpoint, asked))
         shared = max(0.0, queued - read_s * 1e3)
         shared += sum(self.cost_ms(t.model, endpoint) for t in mine if t.admitted_at > asked)
         shared += self.others_rate.get(endpoint, 0.0) * since_s

@@ -210,11 +210,10 @@ class Router:
                        "that only one label set has")
 
     def _nearest(self, model: str, endpoints: Iterable[str]) -> tuple[str, float]:
-        """The endpoint where ``model``'s answer would come first, and the device
-        time until it does there (backlog + service). Among devices alike for
-        the model (``LIKE_DEVICES``: their reads differ by noise) the work that
-        starts first wins; ties (an idle pool) go to the one with the fewest of
-        our requests, then the one chosen least recently: load spreads evenly."""
+        """The endpoint where ``model``'s answer would come first, and the device time
+        until then (backlog + service). Among devices alike for it (``LIKE_DEVICES``:
+        reads apart by noise) the work that starts first wins; ties (an idle pool) go
+        to the fewest of our requests, then the least recently chosen: load spreads."""
         service = {e: self.latency.service_ms(model, e) for e in list(endpoints) or [LOCAL]}
         fastest = min(service.values())
         _, _, _, best, device_ms = min(
@@ -247,8 +246,7 @@ class Router:
         without ``shared_device`` or other work."""
         if not self.shared_device:
             return 1.0
-        devices = len({e for m in candidates for e in ready.get(m, ())})
-        others = self.governor.others_load(model, devices)
+        others = self.governor.others_load(model, len(_endpoints(candidates, ready)))
         return 1.0 / (1.0 - min(0.75, others))
 
     def _displacement(self, pool: list[str], candidates: list[str], backlog: float,
@@ -350,7 +348,7 @@ class Router:
         self.governor.arrival()
         fitting = [m for m in candidates if self.fits(predicted[m], budget)]
         if fitting:
-            endpoints = {e for m in candidates for e in ready.get(m, ())}
+            endpoints = _endpoints(candidates, ready)
             others = self.latency.others_share(endpoints)
             cost = {m: self.latency.cost_ms(m, where[m]) for m in candidates}
             affordable = [m for m in fitting if req.model is not None or self.governor.affordable(
@@ -387,6 +385,11 @@ class Router:
         if not decision.degraded and not self.fits(predicted, decision.budget_ms):
             return None
         return self._pick(replace(decision, endpoint=endpoint, predicted_ms=predicted))
+
+
+def _endpoints(models: Iterable[str], ready: Placement) -> set[str]:
+    """The endpoints whose devices ``models`` share."""
+    return {e for m in models for e in ready.get(m, ())}
 
 
 def placement(ready: Placement | Iterable[str]) -> dict[str, list[str]]:
