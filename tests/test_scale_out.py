@@ -20,12 +20,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import TEST_MODEL, encode, photos
+from prometheus_client import generate_latest
 from tierdet.build.models import assemble
 from tierdet.devstack.stack import GatewayProcess, free_port
 from tierdet.devstack.triton import LocalTriton
+from tierdet.serving.metrics import Metrics
 from tierdet.serving.pool import EndpointPool, Target
 from tierdet.serving.security import hash_key
+from tierdet.serving.settings import Settings
 from tierdet.serving.triton import TritonClient
+from tierdet.serving.usecase import Detector
 from waiting import wait_until
 
 JPEG = encode(photos()["astronaut"])
@@ -236,3 +240,34 @@ def test_endpoints_join_and_leave_as_a_name_resolves(pair):
     assert seen == [{TEST_MODEL: ["127.0.0.1:8001"]},
                     {TEST_MODEL: ["127.0.0.1:8001", "127.0.0.2:8001"]},
                     {TEST_MODEL: ["127.0.0.2:8001"]}]
+
+
+def test_an_endpoint_that_leaves_the_pool_leaves_the_router_and_the_metrics(pair):
+    """A Triton pod gone from the headless Service's name: what the router read of
+    its device, and its series on /metrics, go with it."""
+    addresses = {"127.0.0.1": pair[0], "127.0.0.2": pair[1]}
+    answer = list(addresses)
+
+    def connect(target: Target) -> TritonClient:
+        server = addresses[target.url.rsplit(":", 1)[0]]
+        return TritonClient(server.grpc_url, shared_memory=False, api_key=server.api_key)
+
+    pool = EndpointPool(connect, names=[("triton-headless", 8001)], resolve_s=0.0,
+                        resolver=lambda name, port: list(answer))
+    detector = Detector(Settings(models=(TEST_MODEL,)), pool, Metrics())
+    gone = "127.0.0.2:8001"
+
+    async def scenario() -> None:
+        try:
+            await detector.catalog.refresh()
+            latency = detector.router.latency
+            latency.finish(latency.admit(TEST_MODEL, gone), observed_ms=30.0)
+            detector.metrics.observe_queues({}, {(TEST_MODEL, gone): 30.0})
+            answer[:] = ["127.0.0.1"]
+            await detector.catalog.refresh()
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+    assert gone not in {*detector.router.latency.busy_until, *detector.router.latency._returned}
+    assert gone not in generate_latest(detector.metrics.registry).decode()

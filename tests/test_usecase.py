@@ -23,7 +23,6 @@ from tierdet.registry.specs import SPECS
 from tierdet.serving.catalog import PROBE_BATCH
 from tierdet.serving.latency import UNKNOWN_SERVICE_MS
 from tierdet.serving.metrics import Metrics
-from tierdet.serving.pool import EndpointPool
 from tierdet.serving.security import hash_key
 from tierdet.serving.settings import Settings
 from tierdet.serving.usecase import Detector
@@ -435,28 +434,3 @@ def test_estimates_of_a_retired_model_or_an_endpoint_that_left_leave_the_metrics
     shown = [line for line in generate_latest(metrics.registry).decode().splitlines()
              if line.startswith("tierdet_route_service_seconds{")]
     assert shown == ['tierdet_route_service_seconds{endpoint="e2",model="b"} 0.04']
-
-
-def test_an_endpoint_that_leaves_the_pool_leaves_the_router_and_the_metrics():
-    """A Triton pod gone from the headless Service's name: what the router read of
-    its device, and its series on /metrics, go with it."""
-    answer = ["127.0.0.1", "127.0.0.2"]
-    backends = {host: FakeBackend({D0: D0_ROWS}) for host in answer}
-    pool = EndpointPool(lambda target: backends[target.url.rsplit(":", 1)[0]],
-                        names=[("triton-headless", 8001)], resolve_s=0.0,
-                        resolver=lambda name, port: list(answer))
-    detector = Detector(Settings(models=(D0,)), pool, Metrics())
-    gone = "127.0.0.2:8001"
-
-    async def scenario() -> None:
-        await detector.catalog.refresh()
-        latency = detector.router.latency
-        latency.finish(latency.admit(D0, gone), observed_ms=30.0)
-        detector.metrics.observe_queues({}, {(D0, gone): 30.0})
-        answer[:] = ["127.0.0.1"]
-        await detector.catalog.refresh()
-        await pool.close()
-
-    asyncio.run(scenario())
-    assert gone not in {*detector.router.latency.busy_until, *detector.router.latency._returned}
-    assert gone not in generate_latest(detector.metrics.registry).decode()
